@@ -1,0 +1,93 @@
+"""The KV compressor of CSA (m=4, overlapping 8-slot windows) and HCA (m=128), v4-architecture.md §3.
+
+Entry w pools, per channel, a softmax over its slots of (kv, gate + ape[pos mod m]):
+  HCA: the m tokens of window w.
+  CSA: the A-halves of window w-1 (4 slots) and the B-halves of window w (4 slots); for w=0 the
+       A slots are absent (zero weight, as in the reference).
+then RMSNorm, RoPE at position m*w, and (reference rounding) FP8 for main entries or
+Hadamard + FP4 for indexer keys.
+
+A call consumes the new tokens of one request, carries the open window and the overlap in the
+request's CompressorState, and returns the entries that closed. Projections and pooling run in
+float32, as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import CSA
+from .modules import Norm, Proj, f32_param
+from .numerics import pointwise, seq_sum
+from .quant import fp4_e2m1_block_qdq, fp8_e4m3_block_qdq, hadamard
+from .rope import apply_rope, cos_sin
+from .state import CompressorState
+
+
+class Compressor(nn.Module):
+    def __init__(self, hidden: int, width: int, ratio: int, eps: float):
+        super().__init__()
+        self.ratio, self.width = ratio, width
+        self.overlap = ratio == CSA
+        c = 2 if self.overlap else 1
+        self.wkv = Proj(hidden, c * width, torch.float32)
+        self.wgate = Proj(hidden, c * width, torch.float32)
+        self.ape = f32_param(ratio, c * width)
+        self.norm = Norm(width, eps)
+
+    def forward(self, x: torch.Tensor, start: int, state: CompressorState, freqs: torch.Tensor,
+                rounding: str | None) -> torch.Tensor:
+        """x [S, d] are the tokens at positions start..start+S-1; returns closed entries [n, width]."""
+        m, S = self.ratio, x.shape[0]
+        pos = torch.arange(start, start + S, device=x.device)
+        kv = self.wkv(x.float())
+        score = self.wgate(x.float()) + self.ape[pos % m]
+        kv = torch.cat([state.open_kv, kv])
+        score = torch.cat([state.open_score, score])
+        n_win = kv.shape[0] // m
+        used = n_win * m
+        state.open_kv, state.open_score = kv[used:].clone(), score[used:].clone()
+        if n_win == 0:
+            return kv.new_empty(0, self.width)
+        kv = kv[:used].view(n_win, m, -1)
+        score = score[:used].view(n_win, m, -1)
+        if self.overlap:
+            kv, score = self._overlap_slots(kv, score, state)
+        pooled = softmax_pool(kv, score)
+        first = start // m  # the open window carried in began at (start // m) * m
+        entries = self.norm(pooled)
+        cos, sin = cos_sin(freqs, (torch.arange(n_win, device=x.device) + first) * m)
+        entries = apply_rope(entries, cos, sin)
+        if rounding == "main":
+            entries = round_main_key(entries, self.width - 2 * freqs.shape[0])
+        elif rounding == "index":
+            entries = fp4_e2m1_block_qdq(hadamard(entries), 32)
+        return entries
+
+    def _overlap_slots(self, kv: torch.Tensor, score: torch.Tensor, state: CompressorState):
+        """[n, 4, 2w] windows -> [n, 8, w] slots: A-halves of the previous window, B-halves of this one."""
+        w = self.width
+        a_kv, b_kv = kv[..., :w], kv[..., w:]
+        a_sc, b_sc = score[..., :w], score[..., w:]
+        if state.overlap_kv is None:  # window 0 of the sequence: no previous window, zero weight
+            prev_kv = torch.zeros_like(a_kv[:1])
+            prev_sc = torch.full_like(a_sc[:1], float("-inf"))
+        else:
+            prev_kv, prev_sc = state.overlap_kv[None], state.overlap_score[None]
+        state.overlap_kv, state.overlap_score = a_kv[-1].clone(), a_sc[-1].clone()
+        prev_kv = torch.cat([prev_kv, a_kv[:-1]])
+        prev_sc = torch.cat([prev_sc, a_sc[:-1]])
+        return torch.cat([prev_kv, b_kv], dim=1), torch.cat([prev_sc, b_sc], dim=1)
+
+
+def softmax_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Per-channel softmax over the slot dim of [n, slots, C]; sums in a fixed slot order."""
+    mx = score.amax(dim=1, keepdim=True)
+    e = pointwise(torch.exp, score - mx)
+    return seq_sum(e * kv, 1) / seq_sum(e, 1)
+
+
+def round_main_key(x: torch.Tensor, nope: int) -> torch.Tensor:
+    """Reference rounding of a main key: FP8 (block 64, power-of-two scales) on the non-RoPE dims."""
+    return torch.cat([fp8_e4m3_block_qdq(x[..., :nope], 64), x[..., nope:]], dim=-1)

@@ -1,0 +1,51 @@
+"""Manifold-constrained hyper-connections (v4-architecture.md §5, "mHC").
+
+The residual is hc_mult streams per token [N, hc, d]. Before a sub-layer, a projection of the
+normalised streams gives `pre` (collapse weights), `post` (expand weights) and `comb` (stream
+mixing, made doubly stochastic by Sinkhorn iterations). After it:
+    stream_k <- post_k * f(sum_j pre_j x_j) + sum_j comb[j, k] x_j
+All of this runs in float32; the small sums over streams run in a fixed order (numerics.seq_sum).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .numerics import linear, pointwise, rms_norm, seq_sum
+
+
+def hc_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+               iters: int, hc_eps: float, norm_eps: float):
+    """Returns pre [N, hc], post [N, hc], comb [N, hc, hc] (comb[j, k]: from stream j to k)."""
+    N, hc, d = streams.shape
+    mix = linear(rms_norm(streams.reshape(N, hc * d).float(), None, norm_eps), fn.float())
+    pre = pointwise(torch.sigmoid, mix[:, :hc] * scale[0] + base[:hc]) + hc_eps
+    post = 2 * pointwise(torch.sigmoid, mix[:, hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    comb = mix[:, 2 * hc :].view(N, hc, hc) * scale[2] + base[2 * hc :].view(hc, hc)
+    comb = torch.softmax(comb, dim=-1) + hc_eps
+    comb = comb / (seq_sum(comb, 1)[:, None, :] + hc_eps)
+    for _ in range(iters - 1):
+        comb = comb / (seq_sum(comb, 2)[:, :, None] + hc_eps)
+        comb = comb / (seq_sum(comb, 1)[:, None, :] + hc_eps)
+    return pre, post, comb
+
+
+def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """sum_j pre_j x_j -> [N, d]."""
+    return seq_sum(pre[:, :, None] * streams.float(), 1).to(streams.dtype)
+
+
+def expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """New streams: post_k * out + sum_j comb[j, k] * x_j  -> [N, hc, d]."""
+    dtype = streams.dtype
+    mixed = seq_sum(comb.to(dtype)[:, :, :, None] * streams[:, :, None, :], 1)
+    return post.to(dtype)[:, :, None] * out[:, None, :] + mixed
+
+
+def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+            hc_eps: float, norm_eps: float) -> torch.Tensor:
+    """Final collapse of the streams before the output norm."""
+    N, hc, d = streams.shape
+    mix = linear(rms_norm(streams.reshape(N, hc * d).float(), None, norm_eps), fn.float())
+    pre = pointwise(torch.sigmoid, mix * scale.float() + base.float()) + hc_eps
+    return collapse(streams, pre)

@@ -1,0 +1,117 @@
+"""The DeepSeek-V4 model: embeddings -> blocks (mHC + attention, mHC + MoE) -> hc_head -> norm -> head.
+
+`forward` takes a batch of requests, each with new tokens and its RequestState, runs them as one
+flat token batch (projections, MoE, mHC) and per request where state is involved (attention,
+compressors), appends to every state, and returns logits. A token's logits are the same bits
+whether its request is prefilled in one call, in chunks of any size, decoded, or batched with
+other requests (numerics.py, attention.py say how).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention, Segment
+from .config import ModelConfig
+from .mhc import collapse, expand, hc_head, hc_weights
+from .modules import Norm, Proj, f32_param
+from .moe import MoE
+from .state import RequestState
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
+        super().__init__()
+        hc, d = cfg.hc_mult, cfg.hidden_size
+        self.cfg = cfg
+        self.attn_norm, self.ffn_norm = Norm(d, cfg.rms_norm_eps), Norm(d, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer, dtype)
+        self.ffn = MoE(cfg, layer, dtype)
+        for site in ("attn", "ffn"):
+            setattr(self, f"hc_{site}_fn", f32_param((2 + hc) * hc, hc * d))
+            setattr(self, f"hc_{site}_base", f32_param((2 + hc) * hc))
+            setattr(self, f"hc_{site}_scale", f32_param(3))
+
+    def _hc(self, site: str, streams: torch.Tensor):
+        c = self.cfg
+        return hc_weights(streams, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
+                          getattr(self, f"hc_{site}_scale"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+
+    def forward(self, streams, token_ids, positions, segments, states, rounding):
+        pre, post, comb = self._hc("attn", streams)
+        a = self.attn(self.attn_norm(collapse(streams, pre)), positions, segments, states, rounding)
+        streams = expand(streams, a, post, comb)
+        pre, post, comb = self._hc("ffn", streams)
+        f = self.ffn(self.ffn_norm(collapse(streams, pre)), token_ids)
+        return expand(streams, f, post, comb)
+
+
+class V4Model(nn.Module):
+    """`rounding=True` reproduces the reference's FP8 window/compressed keys and FP4 indexer."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, rounding: bool = False):
+        super().__init__()
+        self.cfg, self.dtype, self.rounding = cfg, dtype, rounding
+        d, hc = cfg.hidden_size, cfg.hc_mult
+        self.embed = Proj(d, cfg.vocab_size, dtype)  # used as a table: weight [V, d]
+        self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
+        self.norm = Norm(d, cfg.rms_norm_eps)
+        self.head = Proj(d, cfg.vocab_size, dtype)
+        self.hc_head_fn = f32_param(hc, hc * d)
+        self.hc_head_base = f32_param(hc)
+        self.hc_head_scale = f32_param(1)
+
+    def new_state(self) -> RequestState:
+        return RequestState(self.cfg, dtype=self.dtype, device=self.head.weight.device)
+
+    @torch.no_grad()
+    def forward(self, batch: list[tuple[RequestState, torch.Tensor]], all_logits: bool = False) -> list[torch.Tensor]:
+        """batch: (state, new token ids [S]) per request. Returns per request the float32 logits of
+        its last token [V] (or of every new token [S, V] with all_logits)."""
+        device = self.head.weight.device
+        segments, pos, ids, states = [], [], [], []
+        row = 0
+        for state, tokens in batch:
+            tokens = torch.as_tensor(tokens, dtype=torch.int64, device=device).reshape(-1)
+            if tokens.numel() == 0:
+                raise ValueError("a request in the batch has no new tokens")
+            if state.num_tokens + tokens.numel() > self.cfg.max_position_embeddings:
+                raise ValueError(f"position {state.num_tokens + tokens.numel()} exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
+            segments.append(Segment(row=row, length=tokens.numel(), start=state.num_tokens))
+            pos.append(torch.arange(state.num_tokens, state.num_tokens + tokens.numel(), device=device))
+            ids.append(tokens)
+            states.append(state)
+            row += tokens.numel()
+        ids_t, pos_t = torch.cat(ids), torch.cat(pos)
+        if int(ids_t.max()) >= self.cfg.vocab_size or int(ids_t.min()) < 0:
+            raise ValueError(f"token id outside [0, {self.cfg.vocab_size})")
+        x = self.embed.weight[ids_t]
+        streams = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
+        for i, block in enumerate(self.layers):
+            streams = block(streams, ids_t, pos_t, segments, [s.layers[i] for s in states], self.rounding)
+        for state, seg in zip(states, segments):
+            state.num_tokens += seg.length
+        if all_logits:
+            keep = torch.arange(row, device=device)
+        else:
+            keep = torch.tensor([s.row + s.length - 1 for s in segments], device=device)
+        c = self.cfg
+        h = hc_head(streams[keep], self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.rms_norm_eps)
+        logits = self.head(self.norm(h)).float()
+        if all_logits:
+            return [logits[s.row : s.row + s.length] for s in segments]
+        return list(logits)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> "V4Model":
+        """Copy native-named tensors in (cast to each parameter's dtype); names and shapes must match."""
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, dst in own.items():
+            src = weights[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"{name}: shape {list(src.shape)} != expected {list(dst.shape)}")
+            dst.copy_(src.to(dst.dtype))
+        return self

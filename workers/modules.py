@@ -1,0 +1,36 @@
+"""Parameter holders named like the DeepSeek checkpoint (`wq_a.weight`, `norm.weight`, ...), so the
+model's state_dict keys are the released tensor names and loading needs no renaming."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .numerics import linear, rms_norm
+
+
+class Proj(nn.Module):
+    """A bias-free projection [out, in]; row-invariant (see numerics.linear)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x.to(self.weight.dtype), self.weight)
+
+
+class Norm(nn.Module):
+    """Weighted RMSNorm; the weight stays float32 like the reference's."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def f32_param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, dtype=torch.float32), requires_grad=False)

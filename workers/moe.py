@@ -1,0 +1,71 @@
+"""Mixture of experts (v4-architecture.md §5, "MoE").
+
+Router scores are sqrt(softplus(x W^T)). Hash layers take their experts from a frozen
+token-id -> experts table; the other layers take the top-k of scores + bias (bias only
+selects). Weights are the selected scores normalised to sum 1, times routed_scaling_factor.
+Experts and the shared expert are SwiGLU with gate <= limit and |up| <= limit.
+A token's expert outputs are added in expert-index order, whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .modules import Proj, f32_param
+from .numerics import linear, pointwise, seq_sum
+
+
+class Expert(nn.Module):
+    def __init__(self, d: int, inter: int, limit: float, dtype: torch.dtype):
+        super().__init__()
+        self.w1, self.w3 = Proj(d, inter, dtype), Proj(d, inter, dtype)
+        self.w2 = Proj(inter, d, dtype)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.w1(x).clamp(max=self.limit)
+        up = self.w3(x).clamp(min=-self.limit, max=self.limit)
+        return self.w2(pointwise(F.silu, gate) * up)
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig, hashed: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.hashed, self.k, self.scale = hashed, cfg.num_experts_per_tok, cfg.routed_scaling_factor
+        if hashed:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.int64))
+        else:
+            self.bias = f32_param(cfg.n_routed_experts)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids [N, k] and their weights [N, k] (float32)."""
+        scores = pointwise(F.softplus, linear(x, self.weight).float()).sqrt()
+        if self.hashed:
+            experts = self.tid2eid[token_ids]
+        else:
+            experts = torch.topk(scores + self.bias, self.k, dim=-1, sorted=False).indices
+        picked = scores.gather(1, experts)
+        weights = picked / (seq_sum(picked, 1)[:, None] + 1e-20) * self.scale
+        return experts, weights
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
+        super().__init__()
+        d, inter, lim = cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit
+        self.gate = Gate(cfg, cfg.is_hash_layer(layer), dtype)
+        self.experts = nn.ModuleList(Expert(d, inter, lim, dtype) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = Expert(d, inter * cfg.n_shared_experts, lim, dtype)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        experts, weights = self.gate(x, token_ids)
+        routed = torch.zeros_like(x)
+        for e in experts.unique().tolist():
+            tok, slot = (experts == e).nonzero(as_tuple=True)
+            y = self.experts[e](x[tok]) * weights[tok, slot, None].to(x.dtype)
+            routed.index_add_(0, tok, y)
+        return routed + self.shared_experts(x)
