@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_oracle import hf_greedy, hf_logits, hf_model_from
+from load_tests.transformers_peer import hf_greedy, hf_logits, hf_model_from
 from model_configs import ALL
 from workers.init import random_weights
 from workers.model import V4Model

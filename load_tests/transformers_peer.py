@@ -1,4 +1,6 @@
-"""transformers' DeepseekV4ForCausalLM built from the same config and weights as ours.
+"""The peer implementation: transformers' DeepseekV4ForCausalLM built from our config and weights.
+
+Used as the correctness oracle by the tests and as the baseline by the benchmarks.
 
 The weights go through transformers' own checkpoint conversion (native names -> its module
 names), so the name mapping is theirs, not ours.
