@@ -23,10 +23,10 @@ def hc_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scal
     post = 2 * pointwise(torch.sigmoid, mix[:, hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
     comb = mix[:, 2 * hc :].view(N, hc, hc) * scale[2] + base[2 * hc :].view(hc, hc)
     comb = torch.softmax(comb, dim=-1) + hc_eps
-    comb = comb / (seq_sum(comb, 1)[:, None, :] + hc_eps)
+    comb = comb / (comb.sum(dim=1, keepdim=True) + hc_eps)
     for _ in range(iters - 1):
-        comb = comb / (seq_sum(comb, 2)[:, :, None] + hc_eps)
-        comb = comb / (seq_sum(comb, 1)[:, None, :] + hc_eps)
+        comb = comb / (comb.sum(dim=2, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(dim=1, keepdim=True) + hc_eps)
     return pre, post, comb
 
 
