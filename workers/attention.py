@@ -20,7 +20,7 @@ from .indexer import Indexer
 from .modules import Norm, Proj, f32_param
 from .numerics import linear, rms_norm
 from .rope import apply_rope, cos_sin, inv_freq
-from .state import LayerState
+from .state import CompressorState, LayerState, empty_compressor
 
 QUERY_BLOCK = 256  # queries per attention call: bounds the per-query key gather [G, keys, D]
 
@@ -32,6 +32,7 @@ class Segment:
     row: int
     length: int
     start: int
+    replay_end: int | None = None  # entries below this position exist already (prefix-cache replay)
 
 
 class Attention(nn.Module):
@@ -71,13 +72,15 @@ class Attention(nn.Module):
         for seg, ls in zip(segments, states, strict=True):
             rows = slice(seg.row, seg.row + seg.length)
             ext, base = self._extend_window(kv[rows], ls)
-            if self.ratio != SWA:
-                new = self.compressor(x[rows], seg.start, ls.compressors["main"], self.freqs, "main" if rounding else None)
-                ls.entries["main"].append(new.to(kv.dtype))
+            compressors = [("main", self.compressor, "main")] if self.ratio != SWA else []
             if self.ratio == CSA:
-                new = self.indexer.compressor(x[rows], seg.start, ls.compressors["index"], self.freqs,
-                                              "index" if rounding else None)
-                ls.entries["index"].append(new.to(kv.dtype))
+                compressors.append(("index", self.indexer.compressor, "index"))
+            for family, comp, rnd in compressors:
+                if seg.replay_end is None:
+                    new = comp(x[rows], seg.start, ls.compressors[family], self.freqs, rnd if rounding else None)
+                    ls.append_entries(family, new.to(kv.dtype))
+                elif seg.start + seg.length == seg.replay_end:
+                    ls.compressors[family] = replayed_compressor_state(comp, x[rows], seg.start, self.freqs)
             for b in range(0, seg.length, QUERY_BLOCK):
                 blk = torch.arange(b, min(seg.length, b + QUERY_BLOCK), device=x.device)
                 flat = blk + seg.row
@@ -95,18 +98,18 @@ class Attention(nn.Module):
         Advances the stored tail to the last W-1 keys.
         """
         W = self.cfg.sliding_window
-        ext = torch.cat([ls.window, kv])
-        base = ls.window.shape[0] - (W - 1)
-        ls.window = ext[-(W - 1) :].clone()
-        return ext, base
+        prev = ls.window()
+        ext = torch.cat([prev, kv])
+        ls.push_window(kv, W)
+        return ext, prev.shape[0] - (W - 1)
 
     def _attend(self, q, pos, win_keys, win_valid, ls: LayerState, index_queries) -> torch.Tensor:
         if self.ratio == SWA:
             return attend(q, win_keys, win_valid, self.attn_sink)
-        entries = ls.entries["main"].view()
+        entries = ls.entries("main")
         if self.ratio == CSA:
             iq, iw = index_queries
-            picked = self.indexer.select(iq, iw, ls.entries["index"].view(), pos)
+            picked = self.indexer.select(iq, iw, ls.entries("index"), pos)
             if entries.shape[0] == 0:  # nothing to pick yet; every compressed slot is masked anyway
                 entries = entries.new_zeros(1, entries.shape[1])
             keys = torch.cat([win_keys, entries[picked.clamp(min=0)]], dim=1)
@@ -129,6 +132,23 @@ class Attention(nn.Module):
         grouped = o.reshape(o.shape[0], g, -1)
         w = self.wo_a.weight.view(g, r, -1)
         return torch.cat([linear(grouped[:, i].to(w.dtype), w[i]) for i in range(g)], dim=-1)
+
+
+def replayed_compressor_state(comp: Compressor, x: torch.Tensor, start: int, freqs: torch.Tensor) -> CompressorState:
+    """The compressor state at the end of x (positions start..start+len-1) without its history.
+
+    The state at position T is the open window (T mod m tokens) plus, for CSA, the A-halves of the
+    last complete window; both are projections of the last tokens only. Feeding those tokens to
+    an empty compressor rebuilds it exactly (the entries it emits on the way are discarded: they
+    lack their overlap, and the cached ones are the real ones).
+    """
+    end = start + x.shape[0]
+    first = max(0, (end // comp.ratio) * comp.ratio - (comp.ratio if comp.overlap else 0))
+    if first < start:
+        raise ValueError(f"replay segment [{start}, {end}) does not reach back to position {first}")
+    state = empty_compressor(comp.ratio, comp.width, x.device)
+    comp(x[first - start :], first, state, freqs, None)
+    return state
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:

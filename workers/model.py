@@ -78,7 +78,9 @@ class V4Model(nn.Module):
                 raise ValueError("a request in the batch has no new tokens")
             if state.num_tokens + tokens.numel() > self.cfg.max_position_embeddings:
                 raise ValueError(f"position {state.num_tokens + tokens.numel()} exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
-            segments.append(Segment(row=row, length=tokens.numel(), start=state.num_tokens))
+            if state.replay_end is not None and state.num_tokens + tokens.numel() > state.replay_end:
+                raise ValueError("a replay segment must end at or before replay_end")
+            segments.append(Segment(row=row, length=tokens.numel(), start=state.num_tokens, replay_end=state.replay_end))
             pos.append(torch.arange(state.num_tokens, state.num_tokens + tokens.numel(), device=device))
             ids.append(tokens)
             states.append(state)
@@ -92,6 +94,8 @@ class V4Model(nn.Module):
             streams = block(streams, ids_t, pos_t, segments, [s.layers[i] for s in states], self.rounding)
         for state, seg in zip(states, segments):
             state.num_tokens += seg.length
+            if state.replay_end == state.num_tokens:
+                state.replay_end = None
         if all_logits:
             keep = torch.arange(row, device=device)
         else:

@@ -15,7 +15,7 @@ Snapshots are a msgpack header followed by the raw tensor bytes (never pickle).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 import torch
@@ -61,11 +61,29 @@ class CompressorState:
     overlap_score: torch.Tensor | None = None
 
 
-@dataclass
 class LayerState:
-    window: torch.Tensor
-    entries: dict[str, GrowingRows] = field(default_factory=dict)
-    compressors: dict[str, CompressorState] = field(default_factory=dict)
+    """One layer's state, as the model reads and appends it (the paged state has the same methods)."""
+
+    def __init__(self, window: torch.Tensor):
+        self._window = window
+        self._entries: dict[str, GrowingRows] = {}
+        self.compressors: dict[str, CompressorState] = {}
+
+    def window(self) -> torch.Tensor:
+        """Keys of the positions before the current one that a query may still see, oldest first."""
+        return self._window
+
+    def push_window(self, keys: torch.Tensor, window: int) -> None:
+        self._window = torch.cat([self._window, keys])[-(window - 1) :].clone()
+
+    def entries(self, family: str) -> torch.Tensor:
+        return self._entries[family].view()
+
+    def append_entries(self, family: str, rows: torch.Tensor) -> None:
+        self._entries[family].append(rows)
+
+    def families(self) -> list[str]:
+        return list(self._entries)
 
 
 class RequestState:
@@ -74,15 +92,18 @@ class RequestState:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.num_tokens = 0
+        # Positions below replay_end already have their compressed entries (a prefix-cache hit
+        # being rebuilt): the forward recomputes only window state there (see Attention).
+        self.replay_end: int | None = None
         self.layers: list[LayerState] = []
         for ratio in cfg.compress_ratios:
-            ls = LayerState(window=torch.empty(0, cfg.head_dim, dtype=dtype, device=device))
+            ls = LayerState(torch.empty(0, cfg.head_dim, dtype=dtype, device=device))
             if ratio in (CSA, HCA):
-                ls.entries["main"] = GrowingRows(cfg.head_dim, dtype, device)
-                ls.compressors["main"] = _empty_compressor(ratio, cfg.head_dim, device)
+                ls._entries["main"] = GrowingRows(cfg.head_dim, dtype, device)
+                ls.compressors["main"] = empty_compressor(ratio, cfg.head_dim, device)
             if ratio == CSA:
-                ls.entries["index"] = GrowingRows(cfg.index_head_dim, dtype, device)
-                ls.compressors["index"] = _empty_compressor(ratio, cfg.index_head_dim, device)
+                ls._entries["index"] = GrowingRows(cfg.index_head_dim, dtype, device)
+                ls.compressors["index"] = empty_compressor(ratio, cfg.index_head_dim, device)
             self.layers.append(ls)
 
     # ---- snapshot ------------------------------------------------------------------------
@@ -99,8 +120,8 @@ class RequestState:
         layers = []
         for ls in self.layers:
             layers.append({
-                "window": ref(ls.window),
-                "entries": {k: ref(v.view()) for k, v in ls.entries.items()},
+                "window": ref(ls.window()),
+                "entries": {k: ref(ls.entries(k)) for k in ls.families()},
                 "compressors": {
                     k: [ref(c.open_kv), ref(c.open_score), ref(c.overlap_kv), ref(c.overlap_score)]
                     for k, c in ls.compressors.items()
@@ -151,9 +172,9 @@ class RequestState:
         state = cls(cfg, dtype=dtype or (first_window.dtype if first_window is not None else torch.float32), device=device)
         state.num_tokens = header["num_tokens"]
         for ls, h in zip(state.layers, header["layers"], strict=True):
-            ls.window = get(h["window"]).to(state.dtype)
+            ls._window = get(h["window"]).to(state.dtype)
             for k, i in h["entries"].items():
-                ls.entries[k].append(get(i).to(state.dtype))
+                ls.append_entries(k, get(i).to(state.dtype))
             for k, (a, b, c, d) in h["compressors"].items():
                 ls.compressors[k] = CompressorState(get(a), get(b), get(c), get(d))
         state.check()
@@ -163,17 +184,18 @@ class RequestState:
         """Raise SnapshotError if the per-layer sizes contradict num_tokens."""
         T, W = self.num_tokens, self.cfg.sliding_window
         for i, (ls, ratio) in enumerate(zip(self.layers, self.cfg.compress_ratios)):
-            if ls.window.shape[0] != min(T, W - 1):
-                raise SnapshotError(f"layer {i}: window has {ls.window.shape[0]} keys, expected {min(T, W - 1)}")
-            for fam, rows in ls.entries.items():
-                if rows.n != T // ratio:
-                    raise SnapshotError(f"layer {i}: {rows.n} {fam} entries, expected {T // ratio}")
+            if ls.window().shape[0] != min(T, W - 1):
+                raise SnapshotError(f"layer {i}: window has {ls.window().shape[0]} keys, expected {min(T, W - 1)}")
+            for fam in ls.families():
+                n = ls.entries(fam).shape[0]
+                if n != T // ratio:
+                    raise SnapshotError(f"layer {i}: {n} {fam} entries, expected {T // ratio}")
             for name, c in ls.compressors.items():
                 if c.open_kv.shape[0] != T % ratio:
                     raise SnapshotError(f"layer {i}: {name} compressor holds {c.open_kv.shape[0]} open tokens, expected {T % ratio}")
 
 
-def _empty_compressor(ratio: int, width: int, device) -> CompressorState:
+def empty_compressor(ratio: int, width: int, device) -> CompressorState:
     c = 2 if ratio == CSA else 1
     empty = torch.empty(0, c * width, dtype=torch.float32, device=device)
     return CompressorState(open_kv=empty, open_score=empty.clone())
