@@ -146,8 +146,10 @@ class ModelConfig(BaseModel):
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a binary file fails before JSON parsing
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
         return parse_config(raw, name=path.parent.name)
 
 
@@ -181,7 +183,7 @@ def parse_config(raw: dict[str, Any], name: str | None = None) -> ModelConfig:
     n_layers = d.get("num_hidden_layers")
     if not isinstance(n_layers, int) or n_layers <= 0:
         raise ConfigError(f"num_hidden_layers must be a positive integer, got {n_layers!r}")
-    n_mtp = int(d.get("num_nextn_predict_layers", 0) or 0)
+    n_mtp = _typed(d, "num_nextn_predict_layers", int, 0)
 
     # --- layer schedule: transformers `layer_types` or legacy `compress_ratios` -------------
     rates = d.get("compress_rates")
@@ -190,18 +192,19 @@ def parse_config(raw: dict[str, Any], name: str | None = None) -> ModelConfig:
         if not isinstance(rates, dict) or any(rates.get(k, v) != v for k, v in expect.items()):
             raise ConfigError(f"unknown compress ratio(s) in compress_rates={rates}; supported: CSA 4, HCA 128")
     if d.get("layer_types") is not None:
-        kinds = d["layer_types"]
-        unknown = sorted({k for k in kinds if k not in _KIND_BY_NAME})
+        kinds = _typed(d, "layer_types", list)
+        unknown = sorted({repr(k) for k in kinds if not isinstance(k, str) or k not in _KIND_BY_NAME})
         if unknown:
-            raise ConfigError(f"unknown layer type(s) {unknown} in layer_types")
+            raise ConfigError(f"unknown layer type(s) [{', '.join(unknown)}] in layer_types")
         ratios = [_KIND_BY_NAME[k] for k in kinds]
         if len(ratios) != n_layers:
             raise ConfigError(f"layer_types has {len(ratios)} entries; num_hidden_layers is {n_layers}")
     elif d.get("compress_ratios") is not None:
-        ratios = list(d["compress_ratios"])
-        bad = sorted({r for r in ratios if r not in KNOWN_RATIOS}, key=str)
+        ratios = _typed(d, "compress_ratios", list)
+        # repr: entries may be unhashable JSON (lists, objects); `type is int` rejects booleans.
+        bad = sorted({repr(r) for r in ratios if type(r) is not int or r not in KNOWN_RATIOS})
         if bad:
-            raise ConfigError(f"unknown compress ratio(s) {bad} in compress_ratios; supported: 0, 4, 128")
+            raise ConfigError(f"unknown compress ratio(s) [{', '.join(bad)}] in compress_ratios; supported: 0, 4, 128")
         extra = ratios[n_layers:]
         # Trailing entries describe MTP / DSpark stages (all SWA-only); we do not run them.
         allowed_extra = len(extra) == n_mtp or any(k.startswith("dspark") for k in d)
@@ -217,7 +220,7 @@ def parse_config(raw: dict[str, Any], name: str | None = None) -> ModelConfig:
 
     # --- hash-MoE layers --------------------------------------------------------------------
     if d.get("mlp_layer_types") is not None:
-        mlp = list(d["mlp_layer_types"])[:n_layers]
+        mlp = _typed(d, "mlp_layer_types", list)[:n_layers]
         n_hash = sum(1 for t in mlp if t == "hash_moe")
         if mlp != ["hash_moe"] * n_hash + ["moe"] * (n_layers - n_hash):
             raise ConfigError(f"mlp_layer_types must be hash_moe layers followed by moe layers, got {mlp}")
@@ -230,11 +233,16 @@ def parse_config(raw: dict[str, Any], name: str | None = None) -> ModelConfig:
     if "qk_rope_head_dim" in d:
         out["qk_rope_head_dim"] = d["qk_rope_head_dim"]
     elif d.get("partial_rotary_factor") is not None:
-        out["qk_rope_head_dim"] = int(round(head_dim * d["partial_rotary_factor"]))
-    rp = d.get("rope_parameters")
-    if isinstance(rp, dict) and isinstance(rp.get("main"), dict):
-        out["rope_theta"] = rp["main"].get("rope_theta", d.get("rope_theta", 10000.0))
-        comp = rp.get("compress", {})
+        try:
+            out["qk_rope_head_dim"] = int(round(head_dim * d["partial_rotary_factor"]))
+        except TypeError:  # a non-numeric factor or head_dim
+            raise ConfigError(f"partial_rotary_factor={d['partial_rotary_factor']!r} with head_dim={head_dim!r} "
+                              "does not give a number of RoPE dims") from None
+    rp = _typed(d, "rope_parameters", dict, {})
+    if "main" in rp:
+        main = _typed(rp, "main", dict, {}, "rope_parameters.main")
+        out["rope_theta"] = main.get("rope_theta", d.get("rope_theta", 10000.0))
+        comp = _typed(rp, "compress", dict, {}, "rope_parameters.compress")
         out["compress_rope_theta"] = comp.get("rope_theta", d.get("compress_rope_theta", 160000.0))
         out["yarn"] = _yarn_from(comp)
     else:
@@ -242,12 +250,12 @@ def parse_config(raw: dict[str, Any], name: str | None = None) -> ModelConfig:
             out["rope_theta"] = d["rope_theta"]
         if "compress_rope_theta" in d:
             out["compress_rope_theta"] = d["compress_rope_theta"]
-        out["yarn"] = _yarn_from(d.get("rope_scaling") or rp or {})
+        out["yarn"] = _yarn_from(_typed(d, "rope_scaling", dict, {}) or rp)
 
     # --- checkpoint formats -----------------------------------------------------------------
-    q = d.get("quantization_config") or {}
+    q = _typed(d, "quantization_config", dict, {})
     if q:
-        if q.get("quant_method") != "fp8" or list(q.get("weight_block_size", [128, 128])) != [128, 128]:
+        if q.get("quant_method") != "fp8" or q.get("weight_block_size", [128, 128]) != [128, 128]:
             raise ConfigError(f"unsupported quantization_config {q}; expected fp8 with 128x128 blocks")
         out["weight_format"] = "fp8"
         out["expert_format"] = q.get("expert_dtype") or d.get("expert_dtype") or "fp8"
@@ -258,7 +266,7 @@ def parse_config(raw: dict[str, Any], name: str | None = None) -> ModelConfig:
         raise ConfigError(f"unsupported expert_dtype {out['expert_format']!r}")
 
     eos = d.get("eos_token_id", 1)
-    if isinstance(eos, list):
+    if isinstance(eos, list) and eos:  # an empty list is left for the field validation to reject
         eos = eos[0]
     out["eos_token_id"] = eos
     if d.get("bos_token_id") is not None:
@@ -288,13 +296,25 @@ def parse_config(raw: dict[str, Any], name: str | None = None) -> ModelConfig:
         raise ConfigError(f"invalid model config ({where}): {first['msg']}") from None
 
 
-def _yarn_from(rs: dict[str, Any]) -> YarnScaling | None:
+def _typed(d: dict[str, Any], key: str, kind: type, default: Any = None, label: str | None = None) -> Any:
+    """d[key] checked to be a JSON array/object/integer, so malformed input ends as one ConfigError."""
+    v = d.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, kind) or isinstance(v, bool):
+        names = {list: "a list", dict: "an object", int: "an integer"}
+        raise ConfigError(f"{label or key} must be {names[kind]}, got {v!r:.80}")
+    return v
+
+
+def _yarn_from(rs: dict[str, Any]) -> dict[str, Any] | None:
+    """YarnScaling fields; validated with the rest of ModelConfig so bad values give a ConfigError."""
     kind = rs.get("rope_type", rs.get("type"))
     if kind in (None, "default"):
         return None
     if kind != "yarn":
         raise ConfigError(f"unsupported rope scaling type {kind!r}; V4 uses yarn on CSA/HCA layers")
-    return YarnScaling(
+    return dict(
         factor=rs.get("factor", 16.0),
         original_max_position_embeddings=rs.get("original_max_position_embeddings", 65536),
         beta_fast=rs.get("beta_fast") or 32.0,

@@ -5,7 +5,6 @@ UTF-8 text round-trips exactly.
 
 from __future__ import annotations
 
-import codecs
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
@@ -21,23 +20,20 @@ class TokenizerError(ValueError):
     """A missing or unreadable tokenizer.json; the message names the path."""
 
 
-def _byte_chars() -> list[str]:
-    """The printable stand-in character of each byte, in ByteLevel's (GPT-2's) mapping."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
+def byte_chars() -> list[str]:
+    """The printable stand-in character of each byte in ByteLevel's (GPT-2's) mapping: bytes that
+    are printable Latin-1 stand for themselves, the others take U+0100 onwards in byte order."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
 def build_byte_tokenizer() -> HFTokenizer:
+    """Byte-level BPE without merges: BOS, EOS, then one token per byte."""
     vocab = {BOS_TEXT: 0, EOS_TEXT: 1}
-    vocab.update({ch: BYTE_OFFSET + b for b, ch in enumerate(_byte_chars())})
+    vocab.update({ch: BYTE_OFFSET + b for b, ch in enumerate(byte_chars())})
     tk = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    # No regex split and no prefix space: the text is only mapped to bytes, nothing is added or lost.
     tk.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(BOS_TEXT, special=True), AddedToken(EOS_TEXT, special=True)])
@@ -45,25 +41,34 @@ def build_byte_tokenizer() -> HFTokenizer:
 
 
 class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the BOS/EOS ids of the model config."""
+
     def __init__(self, tk: HFTokenizer, cfg: ModelConfig):
         self.tk, self.bos_id, self.eos_id = tk, cfg.bos_token_id, cfg.eos_token_id
         self.vocab_size = tk.get_vocab_size()
-        self._special = {i for t, i in tk.get_vocab(with_added_tokens=True).items() if t in (BOS_TEXT, EOS_TEXT)}
-        self._special |= {self.bos_id, self.eos_id}
+        # Text is text: a prompt that spells out "<｜end▁of▁sentence｜>" gets its bytes, not EOS, so
+        # users cannot inject control tokens and every string round-trips. Special ids enter only
+        # as ids (add_bos, or a caller assembling ids).
+        self.tk.encode_special_tokens = True
 
     @classmethod
     def from_dir(cls, path: str | Path, cfg: ModelConfig) -> "Tokenizer":
         file = Path(path) / "tokenizer.json"
-        if not file.exists():
-            raise TokenizerError(f"no tokenizer.json in {path}")
-        return cls.from_json(file.read_text(), cfg, where=str(file))
+        try:
+            text = file.read_text()
+        except FileNotFoundError:
+            raise TokenizerError(f"no tokenizer.json in {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read {file}: {e}") from None
+        return cls.from_json(text, cfg, where=str(file))
 
     @classmethod
     def from_json(cls, text: str, cfg: ModelConfig, where: str = "tokenizer.json") -> "Tokenizer":
         try:
-            return cls(HFTokenizer.from_str(text), cfg)
-        except Exception as e:  # the tokenizers library raises plain Exception subclasses
+            tk = HFTokenizer.from_str(text)
+        except Exception as e:  # the tokenizers library raises plain Exception
             raise TokenizerError(f"{where} is not a valid tokenizer: {e}") from None
+        return cls(tk, cfg)
 
     def to_json(self) -> str:
         return self.tk.to_str()
@@ -75,39 +80,35 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
 
-    def is_special(self, token_id: int) -> bool:
-        return token_id in self._special
-
 
 class IncrementalDecoder:
     """Turns a token stream into text deltas without ever emitting half a UTF-8 character.
 
-    Byte-level tokenizers (DeepSeek's, the tiny one): each token maps to bytes, fed through an
-    incremental UTF-8 decoder. Others: re-decode the tokens so far and emit what grew, holding
-    back while the text ends in an incomplete character.
+    Each step decodes two short id windows that start at the same token, the text already
+    emitted and that plus the new tokens, and emits the difference. While the longer one ends in
+    U+FFFD (the decoder's rendering of an incomplete byte sequence) the new tokens are held back.
+    Decoding windows rather than single tokens keeps whatever the tokenizer's decoder does across
+    token boundaries (added tokens, leading-space rules) identical to `Tokenizer.decode`.
     """
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
-        self._byte_level = isinstance(tok.tk.decoder, decoders.ByteLevel)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._inverse = {ch: b for b, ch in enumerate(_byte_chars())}
         self._ids: list[int] = []
-        self._emitted = 0
+        self._start = 0  # first id of the windows
+        self._done = 0  # ids up to here are emitted
 
     def feed(self, token_id: int) -> str:
-        if self.tok.is_special(token_id):
-            return ""
-        if self._byte_level:
-            piece = self.tok.tk.id_to_token(token_id) or ""
-            return self._utf8.decode(bytes(self._inverse[c] for c in piece if c in self._inverse))
         self._ids.append(token_id)
-        text = self.tok.decode(self._ids)
-        if text.endswith("\ufffd"):
+        emitted = self.tok.decode(self._ids[self._start : self._done])
+        text = self.tok.decode(self._ids[self._start :])
+        if text.endswith("\ufffd") or len(text) <= len(emitted):
             return ""
-        delta, self._emitted = text[self._emitted :], len(text)
-        return delta
+        self._start, self._done = self._done, len(self._ids)
+        return text[len(emitted) :]
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character becomes U+FFFD)."""
-        return self._utf8.decode(b"", final=True) if self._byte_level else ""
+        emitted = self.tok.decode(self._ids[self._start : self._done])
+        text = self.tok.decode(self._ids[self._start :])
+        self._start = self._done = len(self._ids)
+        return text[len(emitted) :]
