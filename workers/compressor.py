@@ -74,7 +74,8 @@ class Compressor(nn.Module):
             prev_kv = torch.zeros_like(a_kv[:1])
             prev_sc = torch.full_like(a_sc[:1], float("-inf"))
         else:
-            prev_kv, prev_sc = state.overlap_kv[None], state.overlap_score[None]
+            # copies: the state may be a view of pool memory, overwritten just below
+            prev_kv, prev_sc = state.overlap_kv[None].clone(), state.overlap_score[None].clone()
         state.overlap_kv, state.overlap_score = a_kv[-1].clone(), a_sc[-1].clone()
         prev_kv = torch.cat([prev_kv, a_kv[:-1]])
         prev_sc = torch.cat([prev_sc, a_sc[:-1]])
@@ -89,5 +90,8 @@ def softmax_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
 
 
 def round_main_key(x: torch.Tensor, nope: int) -> torch.Tensor:
-    """Reference rounding of a main key: FP8 (block 64, power-of-two scales) on the non-RoPE dims."""
-    return torch.cat([fp8_e4m3_block_qdq(x[..., :nope], 64), x[..., nope:]], dim=-1)
+    """Reference rounding of a main key: FP8 (block 64, power-of-two scales) on the non-RoPE dims,
+    BF16 on the RoPE dims (the reference keeps keys in BF16). The result is exactly what the
+    compact cache layout stores, so caching it loses nothing."""
+    rope = x[..., nope:].to(torch.bfloat16).to(x.dtype)
+    return torch.cat([fp8_e4m3_block_qdq(x[..., :nope], 64), rope], dim=-1)

@@ -1,0 +1,288 @@
+"""The engine one replica runs: continuous batching over paged state, with chunked prefill,
+prefix reuse and preemption.
+
+Each `step()` schedules one forward: first every decoding request (one token each), then prefill
+chunks of running requests, then newly admitted ones, up to `max_batch_tokens`. Prefill chunks end
+on 256-position block boundaries, so every boundary is reached exactly at a chunk end (where the
+prefix cache records blocks and checkpoints). When pages run out the engine evicts unused cached
+blocks, then preempts the youngest running request (its pages are freed; it is recomputed later,
+through the prefix cache when possible). Admission waits rather than preempting anyone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .model import V4Model
+from .paged_state import PagedRequestState
+from .pools import BLOCK, KVPools, OutOfPages, size_pools
+from .prefix_cache import POLICIES, PrefixCache
+from .sampling import SamplingParams, make_generator, sample
+from .sequence import Sequence, Status
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    budget_bytes: int = Field(256 << 20, gt=0)
+    policy: str = "checkpoint"
+    checkpoint_interval: int = Field(16, ge=1)  # in 256-token blocks
+    layout: str = "float"
+    max_requests: int = Field(16, ge=1)
+    max_batch_tokens: int = Field(1024, ge=BLOCK)
+    prefill_chunk: int = Field(512, ge=BLOCK)
+    max_model_len: int | None = None
+    prefix_cache: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.prefill_chunk % BLOCK:
+            raise ValueError(f"prefill_chunk must be a multiple of {BLOCK}")
+        if self.layout not in ("compact", "float"):
+            raise ValueError("layout must be 'compact' or 'float'")
+        return self
+
+
+class EngineInputError(ValueError):
+    """A request rejected before it took any resource; the message names the problem."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    preemptions: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model: V4Model, config: EngineConfig | None = None, tokenizer=None, model_id: str = "v4"):
+        self.model, self.cfg, self.config = model, model.cfg, config or EngineConfig()
+        c = self.config
+        dtype_bytes = torch.finfo(model.dtype).bits // 8
+        # without a prefix cache nothing is kept per cached block: size as `recompute` does
+        sizes = size_pools(self.cfg, c.budget_bytes, c.policy if c.prefix_cache else "recompute", c.max_requests,
+                           c.checkpoint_interval, c.layout, dtype_bytes)
+        self.pools = KVPools(self.cfg, sizes, c.layout, model.dtype, model.head.weight.device)
+        self.cache = PrefixCache(self.pools, c.policy, model_id, c.checkpoint_interval) if c.prefix_cache else None
+        self.max_model_len = min(c.max_model_len or self.cfg.max_position_embeddings, sizes.blocks * BLOCK)
+        self.tokenizer = tokenizer
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams | dict | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue; raises EngineInputError before taking any page."""
+        try:
+            params = params if isinstance(params, SamplingParams) else SamplingParams(**(params or {}))
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise EngineInputError(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
+        prompt = list(prompt)
+        if not prompt:
+            raise EngineInputError("prompt is empty")
+        if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
+            raise EngineInputError(f"prompt has token ids outside [0, {self.cfg.vocab_size})")
+        if len(prompt) > self.max_model_len:
+            raise EngineInputError(f"prompt has {len(prompt)} tokens; the context limit is {self.max_model_len}")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise EngineInputError(f"max_tokens={params.max_tokens} exceeds the {self.max_model_len - len(prompt)} "
+                                   f"positions left after a {len(prompt)}-token prompt")
+        if params.stop and self.tokenizer is None:
+            raise EngineInputError("stop strings need an engine with a tokenizer")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise EngineInputError(f"request id {rid!r} is already in use")
+        seq = Sequence(rid, prompt, params, arrival=next(self._ids),
+                       generator=make_generator(params, self.model.head.weight.device))
+        if self.tokenizer is not None:
+            from .tokenizer import IncrementalDecoder
+
+            seq.decoder = IncrementalDecoder(self.tokenizer)
+        self.seqs[rid] = seq
+        self.waiting.append(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its pages are freed at once. False if it is unknown or already done."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status == Status.FINISHED:
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self._schedule()
+        if not batch:
+            return []
+        self.stats.steps += 1
+        chunks = [(seq.state, seq.tokens[seq.computed : seq.computed + n]) for seq, n in batch]
+        for seq, n in batch:
+            if seq.prefilling:
+                self.stats.prefill_tokens += n
+            else:
+                self.stats.decode_tokens += n
+        logits = self.model(chunks)
+        outputs = []
+        for (seq, n), lg in zip(batch, logits):
+            st = seq.state
+            if self.cache is not None and st.replay_end is None:
+                self.cache.on_progress(st, seq.tokens, len(seq.prompt))
+            st.release_old_window()
+            if seq.pending == 0:
+                outputs.append(self._sample(seq, lg))
+        return outputs
+
+    def run(self) -> dict[str, list[int]]:
+        """Step until every queued request finishes; returns output token ids per request."""
+        while self.has_unfinished():
+            self.step()
+        return {rid: s.output for rid, s in self.seqs.items()}
+
+    # ---- scheduling ---------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        batch: list[tuple[Sequence, int]] = []
+        budget = self.config.max_batch_tokens
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq.prefilling or seq.status != Status.RUNNING:
+                continue
+            if self._reserve(seq, 1, preempt=True):
+                batch.append((seq, 1))
+                budget -= 1
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if not seq.prefilling or budget <= 0:
+                continue
+            n = self._chunk(seq, budget)
+            if n == 0 or not self._reserve(seq, n, preempt=False):
+                break
+            batch.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and self.pools.comp_pool.num_free > 0:
+            seq = self.waiting[0]
+            seq.state = PagedRequestState(self.pools, keep_all_window=self.config.policy == "full_store")
+            resume = self.cache.lookup(seq.tokens) if self.cache is not None else None
+            if resume is not None:
+                self.cache.attach(seq.state, resume)
+            n = self._chunk(seq, budget)
+            if n == 0 or not self._reserve(seq, n, preempt=False):
+                seq.state.free()
+                seq.state = None
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            seq.cached = resume.matched if resume else 0
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of the next prefill chunk: up to the budget, ending on a block boundary unless it
+        reaches the end of what is pending (or of a replay)."""
+        start, st = seq.computed, seq.state
+        limit = len(seq.tokens) if st.replay_end is None else st.replay_end
+        capture = self.cache.next_capture(start, len(seq.prompt)) if self.cache is not None else None
+        if capture is not None and st.replay_end is None:
+            limit = min(limit, capture)
+        end = min(limit, start + min(budget, self.config.prefill_chunk))
+        if end < limit:
+            end = (end // BLOCK) * BLOCK
+        return max(0, end - start)
+
+    def _reserve(self, seq: Sequence, n: int, preempt: bool) -> bool:
+        """Pages for n more tokens of seq: evict cached blocks, then (if allowed) preempt the
+        youngest running requests. False when seq has to wait (or was itself preempted)."""
+        while True:
+            try:
+                seq.state.reserve(n)
+                return True
+            except OutOfPages:
+                need_b, need_s = seq.state.pages_needed(n)
+                if self.cache is not None and self.cache.evict(blocks=need_b, swa=need_s):
+                    continue
+                if not preempt:
+                    return False
+                victim = max((s for s in self.running if s.status == Status.RUNNING), key=lambda s: s.arrival)
+                self._preempt(victim)
+                if victim is seq:
+                    return False
+
+    def _preempt(self, seq: Sequence) -> None:
+        seq.state.free()
+        seq.state = None
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.stats.preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    # ---- sampling and stopping ------------------------------------------------------------------
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+        p = seq.params
+        tok = sample(logits, p, seq.generator)
+        seq.output.append(tok)
+        reason, before = None, len(seq.text)
+        if tok in p.stop_token_ids or (tok == self.cfg.eos_token_id and not p.ignore_eos):
+            reason = "stop"
+        else:
+            if seq.decoder is not None:
+                seq.text += seq.decoder.feed(tok)
+                hits = [seq.text.index(s) for s in p.stop if s in seq.text]
+                if hits:
+                    seq.text, reason = seq.text[: min(hits)], "stop"
+            if reason is None and len(seq.output) >= p.max_tokens:
+                reason = "length"
+        out = RequestOutput(seq.request_id, [tok], seq.text[before:], reason is not None, reason,
+                            len(seq.prompt), len(seq.output), seq.cached)
+        if reason is not None:
+            self._finish(seq, reason)
+        return out
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.state is not None:
+            seq.state.free()
+            seq.state = None
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    # ---- accounting -----------------------------------------------------------------------------
+    def pages_in_use(self) -> dict[str, int]:
+        """Pages held by something other than the prefix cache (0 everywhere when idle)."""
+        held = {p.name: 0 for p in self.pools.all_pools()}
+        if self.cache is not None:
+            for blk in self.cache.blocks.values():
+                held["blocks"] += 1
+                held["swa"] += len(blk.window)
+                held["overlap"] += blk.overlap is not None
+        return {p.name: p.num_pages - p.num_free - held[p.name] for p in self.pools.all_pools()}

@@ -1,0 +1,244 @@
+"""A request's state held in the shared pools, read and appended through its page tables.
+
+It offers the model the same methods as the in-memory RequestState (state.py), so the forward is
+the same code; only where the bytes live differs. Pages must be reserved by the scheduler before a
+forward (`pages_needed` / `reserve`); the forward itself never allocates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import CSA, HCA
+from .pools import BLOCK, SWA_PAGE, KVPools, OutOfPages
+from .state import CompressorState
+
+
+class SlotCompressor:
+    """One compressor's state inside the request's float32 slot of the `comp` pool."""
+
+    def __init__(self, buf: torch.Tensor, ratio: int, width: int):
+        c = 2 if ratio == CSA else 1
+        m = ratio
+        sizes = [m * c * width, m * c * width] + ([m * width, m * width] if ratio == CSA else [])
+        views = list(torch.split(buf, sizes))
+        self._open_kv, self._open_score = views[0].view(m, c * width), views[1].view(m, c * width)
+        self._ov_kv = views[2].view(m, width) if ratio == CSA else None
+        self._ov_score = views[3].view(m, width) if ratio == CSA else None
+        self.n_open, self.has_overlap = 0, False
+
+    # CompressorState's fields, as properties over the slot
+    @property
+    def open_kv(self):
+        return self._open_kv[: self.n_open]
+
+    @property
+    def open_score(self):
+        return self._open_score[: self.n_open]
+
+    @property
+    def overlap_kv(self):
+        return self._ov_kv if self.has_overlap else None
+
+    @property
+    def overlap_score(self):
+        return self._ov_score if self.has_overlap else None
+
+    def set(self, open_kv, open_score, overlap_kv, overlap_score) -> None:
+        self.n_open = open_kv.shape[0]
+        self._open_kv[: self.n_open] = open_kv
+        self._open_score[: self.n_open] = open_score
+        self.has_overlap = overlap_kv is not None
+        if self.has_overlap:
+            self._ov_kv.copy_(overlap_kv)
+            self._ov_score.copy_(overlap_score)
+
+    def __setattr__(self, name, value):
+        # The compressor assigns CompressorState fields one or two at a time; keep both views consistent.
+        if name in ("open_kv", "open_score"):
+            if name == "open_kv":
+                self.n_open = value.shape[0]
+                self._open_kv[: self.n_open] = value
+            else:
+                self._open_score[: value.shape[0]] = value
+        elif name in ("overlap_kv", "overlap_score"):
+            if value is None:
+                object.__setattr__(self, "has_overlap", False)
+            else:
+                (self._ov_kv if name == "overlap_kv" else self._ov_score).copy_(value)
+                object.__setattr__(self, "has_overlap", True)
+        else:
+            object.__setattr__(self, name, value)
+
+
+class _Compressors(dict):
+    """name -> SlotCompressor; assigning a CompressorState copies it into the slot."""
+
+    def __setitem__(self, name, state: CompressorState):
+        self[name].set(state.open_kv, state.open_score, state.overlap_kv, state.overlap_score)
+
+
+class PagedLayerState:
+    def __init__(self, req: "PagedRequestState", layer: int):
+        self.req, self.layer = req, layer
+        self.ratio = req.cfg.compress_ratios[layer]
+        self.slot = req.pools.slot_of[layer]
+        self.count = {f: 0 for f in self.families()}
+        self.compressors = _Compressors()
+
+    def families(self) -> list[str]:
+        return {0: [], CSA: ["main", "index"], HCA: ["main"]}[self.ratio]
+
+    # ---- sliding window -----------------------------------------------------------------
+    def window(self) -> torch.Tensor:
+        req, W = self.req, self.req.cfg.sliding_window
+        lo = max(req.window_start, req.num_tokens - (W - 1))
+        pos = torch.arange(lo, req.num_tokens)
+        pages = torch.tensor([req.swa[int(p) // SWA_PAGE] for p in pos], dtype=torch.long)
+        raw = req.pools.swa[pages, self.layer, pos % SWA_PAGE] if pos.numel() else req.pools.swa[:0, self.layer, 0]
+        return req.pools.decode_main(raw)
+
+    def push_window(self, keys: torch.Tensor, window: int) -> None:
+        req = self.req
+        start = req.num_tokens
+        keep_from = 0 if req.keep_all_window else max(0, keys.shape[0] - (window - 1))
+        pos = torch.arange(start + keep_from, start + keys.shape[0])
+        if pos.numel():
+            pages = torch.tensor([req.swa[int(p) // SWA_PAGE] for p in pos], dtype=torch.long)
+            req.pools.swa[pages, self.layer, pos % SWA_PAGE] = req.pools.encode_main(keys[keep_from:])
+
+    # ---- compressed entries -------------------------------------------------------------
+    def _table(self, family: str):
+        pools = self.req.pools
+        if self.ratio == HCA:
+            return pools.hca_main, BLOCK // HCA, pools.decode_main, pools.encode_main
+        if family == "main":
+            return pools.csa_main, BLOCK // CSA, pools.decode_main, pools.encode_main
+        return pools.csa_index, BLOCK // CSA, pools.decode_index, pools.encode_index
+
+    def entries(self, family: str) -> torch.Tensor:
+        store, per_page, decode, _ = self._table(family)
+        n = self.count[family]
+        pages = torch.tensor(self.req.blocks[: -(-n // per_page)], dtype=torch.long)
+        raw = store[pages, self.slot].reshape(-1, store.shape[-1])[:n]
+        return decode(raw)
+
+    def append_entries(self, family: str, rows: torch.Tensor) -> None:
+        if rows.shape[0] == 0:
+            return
+        store, per_page, _, encode = self._table(family)
+        idx = torch.arange(self.count[family], self.count[family] + rows.shape[0])
+        pages = torch.tensor([self.req.blocks[int(e) // per_page] for e in idx], dtype=torch.long)
+        store[pages, self.slot, idx % per_page] = encode(rows)
+        self.count[family] += rows.shape[0]
+
+
+class PagedRequestState:
+    """Page tables and positions of one request. `blocks[i]` holds positions [256 i, 256 (i+1))."""
+
+    def __init__(self, pools: KVPools, keep_all_window: bool = False):
+        self.cfg, self.pools = pools.cfg, pools
+        self.num_tokens = 0
+        self.replay_end: int | None = None
+        self.window_start = 0  # lowest position whose window key is stored
+        self.keep_all_window = keep_all_window  # full_store: every key is kept, not just the window
+        self.published_blocks = 0  # blocks [0, n) are in the prefix cache (or were offered to it)
+        self.blocks: list[int] = []
+        self.swa: dict[int, int] = {}  # swa page index (position // 64) -> page id
+        self.comp_page = pools.comp_pool.alloc()
+        self.layers = [PagedLayerState(self, i) for i in range(self.cfg.num_hidden_layers)]
+        self._bind_compressors()
+
+    def _bind_compressors(self) -> None:
+        slot = self.pools.comp[self.comp_page]
+        off = 0
+        D, Di = self.cfg.head_dim, self.cfg.index_head_dim
+        for ls in self.layers:
+            for family, width in (("main", D), ("index", Di)):
+                if family not in ls.families():
+                    continue
+                c = 2 if ls.ratio == CSA else 1
+                n = 2 * ls.ratio * c * width + (2 * ls.ratio * width if ls.ratio == CSA else 0)
+                dict.__setitem__(ls.compressors, family, SlotCompressor(slot[off : off + n], ls.ratio, width))
+                off += n
+
+    # ---- page accounting ------------------------------------------------------------------
+    def pages_needed(self, n_new: int) -> tuple[int, int]:
+        """(block pages, swa pages) to allocate before a forward of n_new more tokens."""
+        end = self.num_tokens + n_new
+        blocks = max(0, -(-end // BLOCK) - len(self.blocks))
+        first = self.num_tokens if self.keep_all_window else max(self.num_tokens, end - (self.cfg.sliding_window - 1))
+        swa = sum(1 for p in range(first // SWA_PAGE, -(-end // SWA_PAGE)) if p not in self.swa)
+        return blocks, swa
+
+    def reserve(self, n_new: int) -> None:
+        """Allocate the pages a forward of n_new tokens writes (raises OutOfPages, leaving nothing half-done)."""
+        nb, ns = self.pages_needed(n_new)
+        if nb > self.pools.block_pool.num_free or ns > self.pools.swa_pool.num_free:
+            raise OutOfPages("blocks" if nb > self.pools.block_pool.num_free else "swa")
+        end = self.num_tokens + n_new
+        for _ in range(nb):
+            self.blocks.append(self.pools.block_pool.alloc())
+        first = self.num_tokens if self.keep_all_window else max(self.num_tokens, end - (self.cfg.sliding_window - 1))
+        for p in range(first // SWA_PAGE, -(-end // SWA_PAGE)):
+            if p not in self.swa:
+                self.swa[p] = self.pools.swa_pool.alloc()
+
+    def release_old_window(self, held: set[int] = frozenset()) -> None:
+        """Drop window pages no query can see any more (the prefix cache keeps its own refs)."""
+        lo = self.num_tokens - (self.cfg.sliding_window - 1)
+        for p in [p for p in self.swa if (p + 1) * SWA_PAGE <= lo]:
+            self.pools.swa_pool.decref(self.swa.pop(p))
+
+    def free(self) -> None:
+        """Give back every page this request holds (shared pages just lose a reference)."""
+        for b in self.blocks:
+            self.pools.block_pool.decref(b)
+        for page in self.swa.values():
+            self.pools.swa_pool.decref(page)
+        if self.comp_page is not None:
+            self.pools.comp_pool.decref(self.comp_page)
+        self.blocks, self.swa, self.comp_page = [], {}, None
+
+    # ---- prefix-cache attach ----------------------------------------------------------------
+    def attach_prefix(self, blocks: list[int], upto: int) -> None:
+        """Share cached block pages covering [0, upto); entries exist up to `upto`."""
+        assert not self.blocks and self.num_tokens == 0
+        for b in blocks:
+            self.pools.block_pool.incref(b)
+        self.blocks = list(blocks)
+        self.published_blocks = len(blocks)
+        for ls in self.layers:
+            for f in ls.families():
+                ls.count[f] = upto // ls.ratio
+
+    def attach_window(self, pages: dict[int, int], start: int) -> None:
+        """Share cached window pages (page index -> id) holding keys from position `start` on."""
+        for idx, page in pages.items():
+            self.pools.swa_pool.incref(page)
+            self.swa[idx] = page
+        self.window_start = start
+
+    def _overlaps(self):
+        """(compressor, width, offset) of every CSA overlap in an overlap record, in record order."""
+        off = 0
+        for ls in self.layers:
+            if ls.ratio == CSA:
+                for family, width in (("main", self.cfg.head_dim), ("index", self.cfg.index_head_dim)):
+                    yield ls.compressors[family], width, off
+                    off += 2 * CSA * width
+
+    def load_overlaps(self, record: torch.Tensor) -> None:
+        """Restore the CSA overlap state at a block boundary (open windows are empty there)."""
+        for comp, width, off in self._overlaps():
+            n = CSA * width
+            kv, sc = record[off : off + n].view(CSA, width), record[off + n : off + 2 * n].view(CSA, width)
+            empty = kv.new_empty(0, 2 * width)
+            comp.set(empty, empty, kv, sc)
+
+    def save_overlaps(self, record: torch.Tensor) -> None:
+        for comp, width, off in self._overlaps():
+            n = CSA * width
+            assert comp.n_open == 0 and comp.has_overlap, "overlaps are saved at block boundaries only"
+            record[off : off + n] = comp.overlap_kv.reshape(-1)
+            record[off + n : off + 2 * n] = comp.overlap_score.reshape(-1)

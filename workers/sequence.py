@@ -1,0 +1,52 @@
+"""One request inside the engine: its tokens, sampling state, status and paged state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .paged_state import PagedRequestState
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival: int
+    generator: torch.Generator | None
+    output: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    state: PagedRequestState | None = None
+    finish_reason: str | None = None
+    text: str = ""
+    decoder: object | None = None  # IncrementalDecoder when the engine has a tokenizer
+    preemptions: int = 0
+    cached: int = 0  # prompt tokens served from the prefix cache at the last admission
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every token whose state must exist before the next sample: prompt, then outputs."""
+        return self.prompt + self.output
+
+    @property
+    def computed(self) -> int:
+        return self.state.num_tokens if self.state is not None else 0
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return len(self.tokens) - self.computed
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pending > 1 or not self.output
