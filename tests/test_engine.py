@@ -193,3 +193,16 @@ def test_compact_layout_with_reference_rounding_is_exact(model):
         assert_idle(eng)
     finally:
         model.rounding = False
+
+
+def test_hit_accounting_counts_admitted_hits_once(model):
+    eng = engine(model, policy="full_store")
+    shared = tokens(600, 40)
+    eng.add_request(shared + [3], GREEDY)
+    eng.run()
+    eng.add_request(shared + [4], GREEDY)
+    eng.run()
+    assert eng.cache.stats.hit_tokens == 512 and eng.cache.stats.recomputed_tokens == 0
+    held = eng.cache.held_bytes()
+    assert held["window_bytes"] > 0 and held["overlap_bytes"] > 0
+    assert_idle(eng)

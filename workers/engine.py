@@ -92,6 +92,7 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self._last_batch = 0  # requests in the last forward (0: nothing could be scheduled)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | dict | None = None,
@@ -141,6 +142,7 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self._schedule()
+        self._last_batch = len(batch)
         if not batch:
             return []
         self.stats.steps += 1
@@ -165,6 +167,8 @@ class Engine:
         """Step until every queued request finishes; returns output token ids per request."""
         while self.has_unfinished():
             self.step()
+            if self._last_batch == 0:
+                raise RuntimeError("no request can be scheduled: the pools are too small for what is queued")
         return {rid: s.output for rid, s in self.seqs.items()}
 
     # ---- scheduling ---------------------------------------------------------------------------
@@ -199,6 +203,8 @@ class Engine:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             seq.cached = resume.matched if resume else 0
+            if resume is not None:
+                self.cache.count_hit(resume)
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n

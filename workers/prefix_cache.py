@@ -117,6 +117,9 @@ class PrefixCache:
             state.window_start = r.replay_from
         state.num_tokens = r.replay_from
         state.replay_end = r.matched if r.replay_from < r.matched else None
+
+    def count_hit(self, r: Resume) -> None:
+        """Account a hit once the request holding it is admitted."""
         self.stats.hit_tokens += r.matched
         self.stats.recomputed_tokens += r.matched - r.replay_from
 
