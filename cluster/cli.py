@@ -46,8 +46,29 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    print("v4serve serve: the Ray Serve application is not built yet (issue 4)", file=sys.stderr)
-    return 2
+    import time
+
+    import ray
+    from ray import serve
+
+    from .app import build_app
+    from .profiles import EndpointProfile, ProfileError, bundled
+
+    try:
+        profile = EndpointProfile.from_yaml(args.config) if args.config else bundled(args.profile, model=args.model)
+    except ProfileError as e:
+        print(f"v4serve serve: {e}", file=sys.stderr)
+        return 2
+    ray.init(include_dashboard=False, configure_logging=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(profile), name="v4serve", route_prefix="/")
+    print(f"v4serve: profile {profile.name!r}, model {profile.model_name!r} on http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 
     capacity_cmd.add_parser(sub)
 
-    s = sub.add_parser("serve", help="start the Ray Serve application")
+    s = sub.add_parser("serve", help="start a local Ray cluster serving the OpenAI-compatible endpoint")
+    s.add_argument("--profile", default="chat", help="bundled endpoint profile")
+    s.add_argument("--config", help="endpoint profile YAML file (instead of --profile)")
+    s.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=_serve)
 
     args = ap.parse_args(argv)

@@ -33,6 +33,7 @@ def alone(model, prompt, params=GREEDY) -> list[int]:
 def engine(model, **kw) -> Engine:
     kw.setdefault("budget_bytes", 48 << 20)
     kw.setdefault("max_requests", 8)
+    kw.setdefault("layout", "float")  # exact for the transformers-parity numerics these tests use
     return Engine(model, EngineConfig(**kw))
 
 
@@ -140,7 +141,7 @@ def test_cancelling_a_request_frees_its_pages_at_once(model):
 
 def test_tokens_stream_one_step_at_a_time_with_finish_reasons(model):
     tok = Tokenizer(build_byte_tokenizer(), TINY)
-    eng = Engine(model, EngineConfig(budget_bytes=16 << 20, max_requests=4), tokenizer=tok)
+    eng = Engine(model, EngineConfig(budget_bytes=16 << 20, max_requests=4, layout="float"), tokenizer=tok)
     prompt = tokens(50, 3)
     want = alone(model, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     a = eng.add_request(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
@@ -206,3 +207,8 @@ def test_hit_accounting_counts_admitted_hits_once(model):
     held = eng.cache.held_bytes()
     assert held["window_bytes"] > 0 and held["overlap_bytes"] > 0
     assert_idle(eng)
+
+
+def test_the_compact_layout_refuses_a_model_without_reference_rounding(model):
+    with pytest.raises(ValueError, match="rounding=True"):
+        Engine(model, EngineConfig(layout="compact"))

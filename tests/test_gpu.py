@@ -25,7 +25,7 @@ def test_tiny_engine_on_cuda_matches_the_monolithic_model_on_cuda(dtype):
     model = V4Model(TINY, dtype=dtype).load_weights(random_weights(TINY, 0)).cuda()
     ps = prompts(TINY, [700, 129, 5, 300])
     alone = [[s.token_id for s in generate_ids(model, p, GREEDY)] for p in ps]
-    eng = Engine(model, EngineConfig(budget_bytes=256 << 20, max_requests=4))
+    eng = Engine(model, EngineConfig(budget_bytes=256 << 20, max_requests=4, layout="float"))
     ids = [eng.add_request(p, GREEDY) for p in ps]
     out = eng.run()
     assert [out[i] for i in ids] == alone

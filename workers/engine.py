@@ -32,7 +32,7 @@ class EngineConfig(BaseModel):
     budget_bytes: int = Field(256 << 20, gt=0)
     policy: str = "checkpoint"
     checkpoint_interval: int = Field(16, ge=1)  # in 256-token blocks
-    layout: str = "float"
+    layout: str = "compact"  # "float": model-dtype entries, for models run without reference rounding
     max_requests: int = Field(16, ge=1)
     max_batch_tokens: int = Field(1024, ge=BLOCK)
     prefill_chunk: int = Field(512, ge=BLOCK)
@@ -79,6 +79,9 @@ class Engine:
     def __init__(self, model: V4Model, config: EngineConfig | None = None, tokenizer=None, model_id: str = "v4"):
         self.model, self.cfg, self.config = model, model.cfg, config or EngineConfig()
         c = self.config
+        if c.layout == "compact" and not model.rounding:
+            raise ValueError("the compact cache layout stores reference-rounded keys (FP8/BF16, FP4): build the "
+                             "model with rounding=True, or use layout='float'")
         dtype_bytes = torch.finfo(model.dtype).bits // 8
         # without a prefix cache nothing is kept per cached block: size as `recompute` does
         sizes = size_pools(self.cfg, c.budget_bytes, c.policy if c.prefix_cache else "recompute", c.max_requests,
@@ -95,15 +98,13 @@ class Engine:
         self._last_batch = 0  # requests in the last forward (0: nothing could be scheduled)
 
     # ---- requests -------------------------------------------------------------------------
-    def add_request(self, prompt: list[int], params: SamplingParams | dict | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate and queue; raises EngineInputError before taking any page."""
+    def validate(self, prompt: list[int], params: SamplingParams | dict | None = None) -> SamplingParams:
+        """Check a request without queueing it; raises EngineInputError naming the problem."""
         try:
             params = params if isinstance(params, SamplingParams) else SamplingParams(**(params or {}))
         except ValidationError as e:
             err = e.errors()[0]
             raise EngineInputError(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
-        prompt = list(prompt)
         if not prompt:
             raise EngineInputError("prompt is empty")
         if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
@@ -115,6 +116,13 @@ class Engine:
                                    f"positions left after a {len(prompt)}-token prompt")
         if params.stop and self.tokenizer is None:
             raise EngineInputError("stop strings need an engine with a tokenizer")
+        return params
+
+    def add_request(self, prompt: list[int], params: SamplingParams | dict | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue; raises EngineInputError before taking any page."""
+        prompt = list(prompt)
+        params = self.validate(prompt, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise EngineInputError(f"request id {rid!r} is already in use")
@@ -127,6 +135,12 @@ class Engine:
         self.seqs[rid] = seq
         self.waiting.append(seq)
         return rid
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request (its record, not its cached prefix)."""
+        seq = self.seqs.get(request_id)
+        if seq is not None and seq.status == Status.FINISHED:
+            del self.seqs[request_id]
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request; its pages are freed at once. False if it is unknown or already done."""

@@ -63,3 +63,15 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
 def _build(cfg: ModelConfig, weights, dtype, device, rounding) -> V4Model:
     model = V4Model(cfg, dtype=dtype, rounding=rounding).load_weights(weights)
     return model.to(device)
+
+
+def load_tokenizer(spec: str) -> tuple[ModelConfig, Tokenizer]:
+    """The config and tokenizer of `spec` without loading any weights (for front ends)."""
+    path = Path(spec)
+    if spec in PRESETS and not path.is_dir():
+        cfg = preset(spec)
+        return cfg, Tokenizer(build_byte_tokenizer(), cfg)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory")
+    cfg = ModelConfig.from_file(path)
+    return cfg, Tokenizer.from_dir(path, cfg)

@@ -1,0 +1,129 @@
+"""The OpenAI-compatible endpoint on a local Ray cluster, through the official `openai` client."""
+
+import asyncio
+import socket
+
+import pytest
+import requests
+
+from cluster.app import build_app
+from cluster.openai_api import ChatMessage, chat_prompt
+from cluster.profiles import EndpointProfile
+from workers.engine import Engine
+from workers.loader import load_model
+from workers.sampling import SamplingParams
+from workers.tokenizer import EOS_TEXT
+
+PROFILE = EndpointProfile(name="test", model="tiny", replicas=2, kv_budget_gib=0.05, max_context=4096,
+                          max_running_per_replica=8, max_queued_per_replica=64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"V4SERVE_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "1"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(PROFILE), name="v4serve", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("V4SERVE_CACHE", str(tmp_path_factory.mktemp("refcache")))
+    model, tok = load_model("tiny", rounding=True)
+    engine = Engine(model, PROFILE.engine_config(), tokenizer=tok)
+
+    def complete(ids: list[int], max_tokens: int) -> str:
+        rid = engine.add_request(ids, SamplingParams(max_tokens=max_tokens, temperature=0))
+        engine.run()
+        return engine.seqs[rid].text
+
+    return tok, complete
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+def test_completions_plain_and_streamed_equal_the_in_process_engine(client, reference):
+    tok, complete = reference
+    want = complete(tok.encode("The sliding window"), 12)
+    got = client.completions.create(model="tiny", prompt="The sliding window", max_tokens=12, temperature=0)
+    assert got.choices[0].text == want
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(tok.encode("The sliding window")), 12)
+    chunks = list(client.completions.create(model="tiny", prompt="The sliding window", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == 12
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_plain_and_streamed_equal_the_in_process_engine(client, reference):
+    tok, complete = reference
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a window size."}]
+    prompt = chat_prompt([ChatMessage(**m) for m in messages], EOS_TEXT)
+    want = complete(tok.encode(prompt, add_bos=True), 10)
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert got.choices[0].message.content == want and got.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+
+
+def test_32_concurrent_requests_all_complete_with_their_own_tokens(server, reference):
+    openai = pytest.importorskip("openai")
+    tok, complete = reference
+    prompts = [f"request {i} " * (1 + i % 7) for i in range(32)]
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(*[aclient.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0)
+                                      for p in prompts])
+
+    results = asyncio.run(run())
+    assert [r.choices[0].text for r in results] == [complete(tok.encode(p), 6) for p in prompts]
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"model": "tiny", "prompt": "x", "top_p": 3}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n=1"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400, "max_tokens=5000"),
+    ({"model": "tiny", "prompt": "x" * 5000}, 400, "context limit"),
+    ({"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
+    ({"model": "other", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "tiny"}, 400, "prompt"),
+])
+def test_bad_requests_get_openai_error_bodies(server, body, status, fragment):
+    r = requests.post(server + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"]
+
+
+def test_models_and_health(server):
+    assert requests.get(server + "/health", timeout=30).json() == {"status": "ok"}
+    models = requests.get(server + "/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    r = requests.post(server + "/v1/chat/completions", data=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
