@@ -37,6 +37,7 @@ class EndpointProfile(BaseModel):
     window_policy: Literal["full_store", "checkpoint", "recompute"] = "checkpoint"
     checkpoint_interval: int = Field(16, ge=1)
     replicas: int = Field(1, ge=1)  # engine replicas (each prefills and decodes its own requests)
+    router: Literal["prefix_aware", "round_robin", "least_loaded"] = "prefix_aware"
     max_running_per_replica: int = Field(16, ge=1)
     max_queued_per_replica: int = Field(64, ge=0)  # beyond this, new requests get 429
     default_max_tokens: int = Field(256, ge=1)

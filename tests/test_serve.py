@@ -127,3 +127,14 @@ def test_models_and_health(server):
     r = requests.post(server + "/v1/chat/completions", data=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_prefix_aware_routing_sends_a_shared_prefix_to_the_replica_holding_it(client):
+    import time
+
+    prefix = "shared repository context " * 40  # 1080 tokens: 4 full blocks
+    client.completions.create(model="tiny", prompt=prefix + "first", max_tokens=2, temperature=0)
+    time.sleep(1.5)  # replicas publish their prefix caches to the directory every 0.2 s
+    hits = [client.completions.create(model="tiny", prompt=prefix + f"question {i}", max_tokens=2, temperature=0)
+            .usage.prompt_tokens_details.cached_tokens for i in range(4)]
+    assert hits == [4 * 256] * 4  # round-robin over 2 replicas would miss about half of these

@@ -27,6 +27,7 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
+        self._cache_events: list[tuple[str, bytes]] = []  # prefix-cache inserts/evictions, for the directory
 
     async def generate(self, prompt: list[int], params: SamplingParams | dict | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -110,4 +111,19 @@ class AsyncEngine:
             results.append((out.request_id, out))
             if out.finished:
                 self.engine.release(out.request_id)
+        if self.engine.cache is not None:
+            events = self.engine.cache.drain_events()
+            with self._lock:
+                self._cache_events += events
         return results
+
+    def take_cache_events(self) -> list[tuple[str, bytes]]:
+        with self._lock:
+            events, self._cache_events = self._cache_events, []
+        return events
+
+    def cached_keys(self) -> list[bytes]:
+        """Every block key in the prefix cache now (a full listing for a rebuilt directory)."""
+        with self._lock:
+            self._cache_events = []  # the listing supersedes them
+            return list(self.engine.cache.blocks) if self.engine.cache is not None else []

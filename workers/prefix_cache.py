@@ -76,6 +76,8 @@ class PrefixCache:
         self.blocks: dict[bytes, CachedBlock] = {}
         self._index: dict[bytes, int] = {}  # block key -> block number in its sequence
         self.stats = CacheStats()
+        # ("insert" | "evict", key) since the last drain, for a global directory of cached blocks
+        self.events: list[tuple[str, bytes]] = []
         self._clock = 0
         self.receptive_field = (pools.cfg.sliding_window - 1) * pools.cfg.num_hidden_layers
 
@@ -143,6 +145,7 @@ class PrefixCache:
                 self.pools.block_pool.incref(state.blocks[idx])
                 blk = CachedBlock(key=key, parent=parent, page=state.blocks[idx])
                 self.blocks[key], self._index[key] = blk, idx
+                self.events.append(("insert", key))
                 if parent is not None:
                     self.blocks[parent].children += 1
                 self.stats.inserted_blocks += 1
@@ -200,7 +203,12 @@ class PrefixCache:
             self._drop(min(victims, key=lambda b: b.last_used))
         return True
 
+    def drain_events(self) -> list[tuple[str, bytes]]:
+        events, self.events = self.events, []
+        return events
+
     def _drop(self, blk: CachedBlock) -> None:
+        self.events.append(("evict", blk.key))
         del self.blocks[blk.key]
         del self._index[blk.key]
         if blk.parent is not None and blk.parent in self.blocks:

@@ -1,0 +1,94 @@
+"""Choosing the engine replica for a request: prefix-aware, with two baselines.
+
+`prefix_aware` estimates each replica's time to first token in tokens to compute: the uncached
+prompt tokens already sent to it and not yet answered, plus this prompt's tokens it does not hold
+in its prefix cache (the global directory says how many leading blocks each replica holds), plus
+the replay a hit costs under the `recompute` window policy. The lowest estimate wins.
+`round_robin` and `least_loaded` (fewest outstanding prompt tokens) are the baselines.
+
+This runs inside Ray Serve's request routing (in the caller's process), once per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from workers.pools import BLOCK
+from workers.prefix_cache import block_hashes
+
+from .directory import directory_handle
+
+MODES = ("prefix_aware", "round_robin", "least_loaded")
+
+
+def estimate_costs(prompt_len: int, matches: dict[str, int], outstanding: dict[str, int],
+                   replicas: list[str], replay_tokens: int) -> dict[str, int]:
+    """Tokens each replica must compute before this request's first token."""
+    costs = {}
+    for r in replicas:
+        hit = matches.get(r, 0) * BLOCK
+        costs[r] = outstanding.get(r, 0) + (prompt_len - hit) + (min(replay_tokens, hit) if hit else 0)
+    return costs
+
+
+class PrefixAwareRouter(RequestRouter):
+    def initialize_state(self, mode: str = "prefix_aware", model_id: str = "v4", replay_tokens: int = 0):
+        if mode not in MODES:
+            raise ValueError(f"router mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.model_id, self.replay_tokens = mode, model_id, replay_tokens
+        self._turn = itertools.count()
+        self._outstanding: dict[str, int] = {}  # replica -> uncached prompt tokens sent, not yet done
+        self._sent: dict[str, tuple[str, int]] = {}  # internal request id -> (replica, tokens)
+        self._quotes: dict[str, dict[str, int]] = {}  # internal request id -> replica -> its tokens
+        self._directory = None
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ids = sorted(by_id)
+        if self.mode == "round_robin":
+            i = next(self._turn) % len(ids)
+            order = ids[i:] + ids[:i]
+        else:
+            prompt = _prompt_of(pending_request)
+            matches = await self._matches(prompt) if self.mode == "prefix_aware" else {}
+            costs = estimate_costs(len(prompt), matches, self._outstanding, ids, self.replay_tokens)
+            order = sorted(ids, key=lambda r: (costs[r], self._outstanding.get(r, 0), r))
+            if pending_request is not None:  # this request's own share, per replica, for the accounting
+                self._quotes[pending_request.metadata.internal_request_id] = {
+                    r: costs[r] - self._outstanding.get(r, 0) for r in ids}
+        return [[by_id[r]] for r in order]
+
+    async def _matches(self, prompt: list[int]) -> dict[str, int]:
+        hashes = block_hashes(prompt[: max(0, len(prompt) - 1)], self.model_id)
+        if not hashes:
+            return {}
+        try:
+            if self._directory is None:
+                self._directory = directory_handle()
+            return await asyncio.wait_for(self._directory.match.remote(hashes), timeout=1.0)
+        except Exception:  # no directory (or a slow one): route by load alone, never fail the request
+            self._directory = None
+            return {}
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        rid = pending_request.metadata.internal_request_id
+        quote = self._quotes.pop(rid, {})
+        tokens = max(0, quote.get(replica_id.unique_id, len(_prompt_of(pending_request))))
+        self._sent[rid] = (replica_id.unique_id, tokens)
+        self._outstanding[replica_id.unique_id] = self._outstanding.get(replica_id.unique_id, 0) + tokens
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        replica, tokens = self._sent.pop(internal_request_id, (replica_id.unique_id, 0))
+        self._outstanding[replica] = max(0, self._outstanding.get(replica, 0) - tokens)
+
+
+def _prompt_of(pending_request: PendingRequest | None) -> list[int]:
+    if pending_request is None or not pending_request.args or not isinstance(pending_request.args[0], dict):
+        return []
+    return pending_request.args[0].get("prompt_ids", [])
