@@ -2,8 +2,10 @@
 
 `prefix_aware` estimates each replica's time to first token in tokens to compute: the uncached
 prompt tokens already sent to it and not yet answered, plus this prompt's tokens it does not hold
-in its prefix cache (the global directory says how many leading blocks each replica holds), plus
-the replay a hit costs under the `recompute` window policy. The lowest estimate wins.
+in its prefix cache (the global directory, and this router's own recent decisions for prefixes
+still being prefilled, say how many leading blocks each replica holds), plus the replay a hit
+costs under the `recompute` window policy. Among replicas within one prompt's worth of the
+lowest estimate, the one holding the longest prefix wins.
 `round_robin` and `least_loaded` (fewest outstanding prompt tokens) are the baselines.
 
 This runs inside Ray Serve's request routing (in the caller's process), once per request.
@@ -22,6 +24,7 @@ from workers.prefix_cache import block_hashes
 from .directory import directory_handle
 
 MODES = ("prefix_aware", "round_robin", "least_loaded")
+AFFINITY_KEYS = 1 << 16
 
 
 def estimate_costs(prompt_len: int, matches: dict[str, int], outstanding: dict[str, int],
@@ -44,6 +47,10 @@ class PrefixAwareRouter(RequestRouter):
         self._sent: dict[str, tuple[str, int]] = {}  # internal request id -> (replica, tokens)
         self._quotes: dict[str, dict[str, int]] = {}  # internal request id -> replica -> its tokens
         self._directory = None
+        # block key -> replica this router last sent it to: a prefix being prefilled is not in the
+        # directory yet, but the next request sharing it should follow it (bounded, oldest dropped)
+        self._affinity: dict[bytes, str] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # internal request id -> its block keys
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -56,16 +63,38 @@ class PrefixAwareRouter(RequestRouter):
             order = ids[i:] + ids[:i]
         else:
             prompt = _prompt_of(pending_request)
-            matches = await self._matches(prompt) if self.mode == "prefix_aware" else {}
+            hashes = block_hashes(prompt[: max(0, len(prompt) - 1)], self.model_id) if self.mode == "prefix_aware" else []
+            matches = self._local_matches(hashes)
+            for r, n in (await self._matches(hashes)).items():
+                matches[r] = max(n, matches.get(r, 0))
+            if pending_request is not None and hashes:
+                self._hashes[pending_request.metadata.internal_request_id] = hashes
             costs = estimate_costs(len(prompt), matches, self._outstanding, ids, self.replay_tokens)
             order = sorted(ids, key=lambda r: (costs[r], self._outstanding.get(r, 0), r))
+            if matches:
+                # Affinity within a slack of one prompt: a replica already holding (or prefilling)
+                # the prefix keeps it unless that costs more than computing the prompt elsewhere
+                # again; otherwise every burst on a hot prefix would scatter it over all replicas.
+                slack = costs[order[0]] + max(len(prompt), BLOCK)
+                near = [r for r in order if costs[r] <= slack]
+                best = max(near, key=lambda r: (matches.get(r, 0), -costs[r]))
+                order.remove(best)
+                order.insert(0, best)
             if pending_request is not None:  # this request's own share, per replica, for the accounting
                 self._quotes[pending_request.metadata.internal_request_id] = {
                     r: costs[r] - self._outstanding.get(r, 0) for r in ids}
         return [[by_id[r]] for r in order]
 
-    async def _matches(self, prompt: list[int]) -> dict[str, int]:
-        hashes = block_hashes(prompt[: max(0, len(prompt) - 1)], self.model_id)
+    def _local_matches(self, hashes: list[bytes]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i, key in enumerate(hashes):
+            r = self._affinity.get(key)
+            if r is None or (i and out.get(r) != i):
+                break
+            out[r] = i + 1
+        return out
+
+    async def _matches(self, hashes: list[bytes]) -> dict[str, int]:
         if not hashes:
             return {}
         try:
@@ -81,6 +110,11 @@ class PrefixAwareRouter(RequestRouter):
         quote = self._quotes.pop(rid, {})
         tokens = max(0, quote.get(replica_id.unique_id, len(_prompt_of(pending_request))))
         self._sent[rid] = (replica_id.unique_id, tokens)
+        for key in self._hashes.pop(rid, []):
+            self._affinity.pop(key, None)  # re-insert: most recent last
+            self._affinity[key] = replica_id.unique_id
+        while len(self._affinity) > AFFINITY_KEYS:
+            self._affinity.pop(next(iter(self._affinity)))
         self._outstanding[replica_id.unique_id] = self._outstanding.get(replica_id.unique_id, 0) + tokens
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

@@ -212,3 +212,15 @@ def test_hit_accounting_counts_admitted_hits_once(model):
 def test_the_compact_layout_refuses_a_model_without_reference_rounding(model):
     with pytest.raises(ValueError, match="rounding=True"):
         Engine(model, EngineConfig(layout="compact"))
+
+
+def test_a_request_waits_for_a_running_prefill_of_its_prefix_instead_of_duplicating_it(model):
+    shared = tokens(1100, 61)
+    eng = engine(model, policy="checkpoint", max_batch_tokens=256, prefill_chunk=256)
+    first = eng.add_request(shared + [1], GREEDY)
+    eng.step()  # the first request is prefilling the shared blocks
+    second = eng.add_request(shared + [2], GREEDY)
+    out = eng.run()
+    assert eng.seqs[second].cached == 1024  # it waited, then hit every full shared block
+    assert out[first] == alone(model, shared + [1]) and out[second] == alone(model, shared + [2])
+    assert_idle(eng)

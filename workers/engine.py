@@ -203,8 +203,12 @@ class Engine:
                 break
             batch.append((seq, n))
             budget -= n
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and self.pools.comp_pool.num_free > 0:
             seq = self.waiting[0]
+            if self._prefix_in_flight(seq):
+                deferred.append(self.waiting.popleft())
+                continue
             seq.state = PagedRequestState(self.pools, keep_all_window=self.config.policy == "full_store")
             resume = self.cache.lookup(seq.tokens) if self.cache is not None else None
             if resume is not None:
@@ -222,7 +226,24 @@ class Engine:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return batch
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """True when a running request is still prefilling blocks this one would reuse: waiting for
+        it turns a duplicate prefill into a cache hit."""
+        if self.cache is None:
+            return False
+        keys = seq.block_keys(self.cache.model_id)
+        cached = next((i for i, k in enumerate(keys) if k not in self.cache.blocks), len(keys))
+        for other in self.running:
+            if not other.prefilling or other.state is None:
+                continue
+            theirs = other.block_keys(self.cache.model_id)
+            shared = next((i for i, (a, b) in enumerate(zip(keys, theirs)) if a != b), min(len(keys), len(theirs)))
+            if shared > cached and other.computed < shared * BLOCK:
+                return True
+        return False
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of the next prefill chunk: up to the budget, ending on a block boundary unless it

@@ -33,6 +33,16 @@ class Sequence:
     preemptions: int = 0
     cached: int = 0  # prompt tokens served from the prefix cache at the last admission
 
+    _block_keys: list[bytes] | None = None
+
+    def block_keys(self, model_id: str) -> list[bytes]:
+        """Prefix-cache keys of the prompt's full blocks (the last token excluded, as in lookups)."""
+        if self._block_keys is None:
+            from .prefix_cache import block_hashes
+
+            self._block_keys = block_hashes(self.prompt[: len(self.prompt) - 1], model_id)
+        return self._block_keys
+
     @property
     def tokens(self) -> list[int]:
         """Every token whose state must exist before the next sample: prompt, then outputs."""
