@@ -242,3 +242,72 @@ class PagedRequestState:
             assert comp.n_open == 0 and comp.has_overlap, "overlaps are saved at block boundaries only"
             record[off : off + n] = comp.overlap_kv.reshape(-1)
             record[off + n : off + 2 * n] = comp.overlap_score.reshape(-1)
+
+    # ---- transfer (the narrow interface kv_transfer uses) -----------------------------------
+    def export_layer(self, layer: int) -> list[tuple[str, torch.Tensor]]:
+        """Layer `layer`'s state at num_tokens, as (family, tensor) in stored form: compressed
+        entries (exactly the filled ones), the window keys a next query sees, and the float32
+        compressor state (open tokens + overlap)."""
+        ls, pools, T = self.layers[layer], self.pools, self.num_tokens
+        out: list[tuple[str, torch.Tensor]] = []
+        for family in ls.families():
+            store, per_page, _, _ = ls._table(family)
+            n = ls.count[family]
+            pages = torch.tensor(self.blocks[: -(-n // per_page)], dtype=torch.long)
+            out.append((f"entries.{family}", store[pages, ls.slot].reshape(-1, store.shape[-1])[:n].clone()))
+        lo = max(self.window_start, T - (self.cfg.sliding_window - 1))
+        pos = torch.arange(lo, T)
+        pages = torch.tensor([self.swa[int(p) // SWA_PAGE] for p in pos], dtype=torch.long)
+        out.append(("window", pools.swa[pages, layer, pos % SWA_PAGE].clone() if pos.numel() else pools.swa[:0, layer, 0]))
+        for family, comp in ls.compressors.items():
+            parts = [comp.open_kv.reshape(-1), comp.open_score.reshape(-1)]
+            if comp.has_overlap:
+                parts += [comp.overlap_kv.reshape(-1), comp.overlap_score.reshape(-1)]
+            out.append((f"compressor.{family}", torch.cat(parts).clone()))
+        return out
+
+    def prepare_import(self, num_tokens: int) -> None:
+        """Reserve the pages a transferred state at position num_tokens lands in (raises OutOfPages)."""
+        assert self.num_tokens == 0 and not self.blocks
+        W = self.cfg.sliding_window
+        nb = -(-num_tokens // BLOCK)
+        window_pages = range(max(0, num_tokens - (W - 1)) // SWA_PAGE, -(-num_tokens // SWA_PAGE))
+        if nb > self.pools.block_pool.num_free or len(window_pages) > self.pools.swa_pool.num_free:
+            raise OutOfPages("blocks" if nb > self.pools.block_pool.num_free else "swa")
+        self.blocks = [self.pools.block_pool.alloc() for _ in range(nb)]
+        for p in window_pages:
+            self.swa[p] = self.pools.swa_pool.alloc()
+        self.num_tokens = num_tokens
+        self.window_start = max(0, num_tokens - (W - 1))
+        self.published_blocks = num_tokens // BLOCK
+
+    def import_layer(self, layer: int, family: str, data: torch.Tensor) -> None:
+        """Write one exported piece into this state's reserved pages (see export_layer)."""
+        ls, T = self.layers[layer], self.num_tokens
+        kind, _, sub = family.partition(".")
+        if kind == "entries":
+            store, per_page, _, _ = ls._table(sub)
+            n = data.shape[0]
+            if n != T // ls.ratio:
+                raise ValueError(f"layer {layer} {sub}: {n} entries for position {T}, expected {T // ls.ratio}")
+            idx = torch.arange(n)
+            pages = torch.tensor([self.blocks[int(e) // per_page] for e in idx], dtype=torch.long)
+            store[pages, ls.slot, idx % per_page] = data.to(store.dtype)
+            ls.count[sub] = n
+        elif kind == "window":
+            pos = torch.arange(T - data.shape[0], T)
+            pages = torch.tensor([self.swa[int(p) // SWA_PAGE] for p in pos], dtype=torch.long)
+            if pos.numel():
+                self.pools.swa[pages, layer, pos % SWA_PAGE] = data.to(self.pools.swa.dtype)
+        elif kind == "compressor":
+            comp = ls.compressors[sub]
+            width = comp._ov_kv.shape[1] if comp._ov_kv is not None else comp._open_kv.shape[1]
+            cw = comp._open_kv.shape[1]
+            n_open = T % ls.ratio
+            k = n_open * cw
+            open_kv, open_score = data[:k].view(n_open, cw), data[k : 2 * k].view(n_open, cw)
+            rest = data[2 * k :]
+            overlap = (rest[: CSA * width].view(CSA, width), rest[CSA * width :].view(CSA, width)) if rest.numel() else (None, None)
+            comp.set(open_kv, open_score, *overlap)
+        else:
+            raise ValueError(f"unknown state family {family!r}")
