@@ -224,3 +224,30 @@ def test_a_request_waits_for_a_running_prefill_of_its_prefix_instead_of_duplicat
     assert eng.seqs[second].cached == 1024  # it waited, then hit every full shared block
     assert out[first] == alone(model, shared + [1]) and out[second] == alone(model, shared + [2])
     assert_idle(eng)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)],
+                         ids=["greedy", "seeded"])
+def test_prefill_on_one_engine_and_decode_on_another_equals_one_engine(model, params):
+    """The disaggregated path inside one process: prefill-only on engine A, the state exported
+    layer by layer and imported into engine B's pages, decoding on B."""
+    prompts = [tokens(n, 80 + n) for n in (700, 129, 5, 256)]
+    prefill, decode = engine(model), engine(model)
+    got = {}
+    for p in prompts:
+        rid = prefill.add_prefill(p, params)
+        first = prefill.run()[rid][0]
+        assert prefill.seqs[rid].finish_reason == "prefilled"
+        state, gen = prefill.take_handoff(rid)
+        landing = decode.new_import_state(state.num_tokens)
+        for layer in range(TINY.num_hidden_layers):
+            for family, t in state.export_layer(layer):
+                landing.import_layer(layer, family, t)
+        state.free()
+        out = decode.add_imported(p, params, first, landing, generator=gen)
+        assert out.new_token_ids == [first]
+        got[out.request_id] = p
+    outs = decode.run()
+    assert [outs[rid] for rid in got] == [alone(model, p, params) for p in got.values()]
+    assert_idle(prefill)
+    assert_idle(decode)

@@ -96,6 +96,8 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._last_batch = 0  # requests in the last forward (0: nothing could be scheduled)
+        # prefill-only requests that finished: request id -> (state at the prompt end, sampler)
+        self.handoffs: dict[str, tuple[PagedRequestState, torch.Generator | None]] = {}
 
     # ---- requests -------------------------------------------------------------------------
     def validate(self, prompt: list[int], params: SamplingParams | dict | None = None) -> SamplingParams:
@@ -135,6 +137,50 @@ class Engine:
         self.seqs[rid] = seq
         self.waiting.append(seq)
         return rid
+
+    def add_prefill(self, prompt: list[int], params: SamplingParams | dict | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a disaggregated prefill: it ends after its first token with finish_reason
+        "prefilled", and its state waits in `handoffs` for the transfer (then `take_handoff`)."""
+        rid = self.add_request(prompt, params, request_id)
+        self.seqs[rid].prefill_only = True
+        return rid
+
+    def take_handoff(self, request_id: str) -> tuple[PagedRequestState, torch.Generator | None]:
+        """The state and sampler of a finished prefill; the caller frees the state once it is sent."""
+        return self.handoffs.pop(request_id)
+
+    def new_import_state(self, num_tokens: int) -> PagedRequestState:
+        """Pages for a state arriving from a prefill replica (raises OutOfPages when full)."""
+        state = PagedRequestState(self.pools, keep_all_window=self.config.policy == "full_store")
+        try:
+            state.prepare_import(num_tokens)
+        except OutOfPages:
+            state.free()
+            raise
+        return state
+
+    def add_imported(self, prompt: list[int], params: SamplingParams | dict | None, first_token: int,
+                     state: PagedRequestState, request_id: str | None = None,
+                     generator: torch.Generator | None = None) -> RequestOutput:
+        """Continue a request prefilled elsewhere: `state` holds its prompt's state and
+        `first_token` was sampled there. Returns the first token's output; decoding goes on in step()."""
+        prompt = list(prompt)
+        params = self.validate(prompt, params)
+        if state.num_tokens != len(prompt):
+            state.free()
+            raise EngineInputError(f"imported state is at {state.num_tokens} tokens; the prompt has {len(prompt)}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        seq = Sequence(rid, prompt, params, arrival=next(self._ids),
+                       generator=generator if generator is not None else make_generator(params, self.model.head.weight.device))
+        if self.tokenizer is not None:
+            from .tokenizer import IncrementalDecoder
+
+            seq.decoder = IncrementalDecoder(self.tokenizer)
+        seq.state, seq.status = state, Status.RUNNING
+        self.seqs[rid] = seq
+        self.running.append(seq)
+        return self._accept(seq, first_token)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request (its record, not its cached prefix)."""
@@ -287,8 +333,11 @@ class Engine:
 
     # ---- sampling and stopping ------------------------------------------------------------------
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+        return self._accept(seq, sample(logits, seq.params, seq.generator))
+
+    def _accept(self, seq: Sequence, tok: int) -> RequestOutput:
+        """Append a sampled token, stream it, and end the request on a stop condition."""
         p = seq.params
-        tok = sample(logits, p, seq.generator)
         seq.output.append(tok)
         reason, before = None, len(seq.text)
         if tok in p.stop_token_ids or (tok == self.cfg.eos_token_id and not p.ignore_eos):
@@ -301,6 +350,8 @@ class Engine:
                     seq.text, reason = seq.text[: min(hits)], "stop"
             if reason is None and len(seq.output) >= p.max_tokens:
                 reason = "length"
+        if reason is None and seq.prefill_only:
+            reason = "prefilled"
         out = RequestOutput(seq.request_id, [tok], seq.text[before:], reason is not None, reason,
                             len(seq.prompt), len(seq.output), seq.cached)
         if reason is not None:
@@ -308,9 +359,11 @@ class Engine:
         return out
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq.state is not None:
+        if seq.state is not None and reason == "prefilled":
+            self.handoffs[seq.request_id] = (seq.state, seq.generator)  # the caller ships it, then frees it
+        elif seq.state is not None:
             seq.state.free()
-            seq.state = None
+        seq.state = None
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:

@@ -32,6 +32,7 @@ class Sequence:
     decoder: object | None = None  # IncrementalDecoder when the engine has a tokenizer
     preemptions: int = 0
     cached: int = 0  # prompt tokens served from the prefix cache at the last admission
+    prefill_only: bool = False  # disaggregated prefill: stop after the first token, hand the state over
 
     _block_keys: list[bytes] | None = None
 
