@@ -11,16 +11,28 @@ from .replica import EngineReplica
 
 
 def build_app(profile: EndpointProfile) -> Application:
-    router = RequestRouterConfig(
-        request_router_class="cluster.router:PrefixAwareRouter",
-        request_router_kwargs={"mode": profile.router, "model_id": profile.model_name,
-                               "replay_tokens": _replay_tokens(profile)},
-        request_routing_stats_period_s=0.5,
-    )
-    engine = EngineReplica.options(num_replicas=profile.replicas, max_ongoing_requests=1000,
-                                   request_router_config=router,
-                                   ray_actor_options=_resources(profile)).bind(profile.model_dump())
-    return Ingress.options(max_ongoing_requests=10000).bind(engine, profile.model_dump())
+    """Aggregated (engine replicas prefill and decode) or, with prefill_replicas > 0, a prefill
+    group routed by prefix and a decode group routed by load, the state moving between them."""
+    def router(mode: str) -> RequestRouterConfig:
+        return RequestRouterConfig(
+            request_router_class="cluster.router:PrefixAwareRouter",
+            request_router_kwargs={"mode": mode, "model_id": profile.model_name, "replay_tokens": _replay_tokens(profile)},
+            request_routing_stats_period_s=0.5,
+        )
+
+    args = profile.model_dump()
+    if profile.prefill_replicas == 0:
+        engine = EngineReplica.options(num_replicas=profile.replicas, max_ongoing_requests=1000,
+                                       request_router_config=router(profile.router),
+                                       ray_actor_options=_resources(profile)).bind(args)
+        return Ingress.options(max_ongoing_requests=10000).bind(engine, args)
+    prefill = EngineReplica.options(name="PrefillReplica", num_replicas=profile.prefill_replicas,
+                                    max_ongoing_requests=1000, request_router_config=router(profile.router),
+                                    ray_actor_options=_resources(profile)).bind(args)
+    decode = EngineReplica.options(name="DecodeReplica", num_replicas=profile.replicas, max_ongoing_requests=1000,
+                                   request_router_config=router("least_loaded"),
+                                   ray_actor_options=_resources(profile)).bind(args)
+    return Ingress.options(max_ongoing_requests=10000).bind(decode, args, prefill)
 
 
 def _replay_tokens(profile: EndpointProfile) -> int:

@@ -33,11 +33,12 @@ def _error(e: _Refused) -> JSONResponse:
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, engine: DeploymentHandle, profile: dict):
+    def __init__(self, engine: DeploymentHandle, profile: dict, prefill: DeploymentHandle | None = None):
+        """engine: the replicas that decode (and prefill, unless a prefill group is given)."""
         from workers.loader import load_tokenizer
         from workers.tokenizer import EOS_TEXT
 
-        self.engine = engine
+        self.engine, self.prefill = engine, prefill
         self.profile = EndpointProfile(**profile)
         self.cfg, self.tokenizer = load_tokenizer(self.profile.model)
         self.eos_text = EOS_TEXT
@@ -96,7 +97,13 @@ class Ingress:
         except ValidationError as e:
             err = e.errors()[0]
             raise _Refused(400, f"{err['loc'][0]}: {err['msg']}", param=str(err["loc"][0])) from None
-        stream = self.engine.options(stream=True).generate.remote({"prompt_ids": ids, "params": params})
+        request = {"prompt_ids": ids, "params": params}
+        if self.prefill is not None and len(ids) > self.profile.local_prefill_max_tokens:
+            request = await self._prefill_elsewhere(ids, params)
+        if "finished" in request:  # done on its first token at the prefill replica
+            stream = _Single(request["finished"])
+        else:
+            stream = self.engine.options(stream=True).generate.remote(request)
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
@@ -118,6 +125,28 @@ class Ingress:
         use = oa.usage(last["prompt_tokens"], last["output_tokens"], last["cached_tokens"])
         body = (oa.chat_body if chat else oa.completion_body)(rid, model, text, last["finish_reason"], use)
         return JSONResponse(body)
+
+    async def _prefill_elsewhere(self, ids: list[int], params: dict) -> dict:
+        """Reserve pages on a decode replica, have a prefill replica compute and stream the state
+        there; answers the decode request to send (or the finished output)."""
+        try:
+            slot = await self.engine.reserve.remote({"num_tokens": len(ids), "prompt_ids": ids})
+        except Exception as e:
+            raise _Refused(503, f"no decode replica could take the request: {type(e).__name__}", "server_error") from None
+        if "error" in slot:
+            raise _Refused(slot["status"], slot["error"], "server_error")
+        try:
+            done = await self.prefill.prefill.remote({"prompt_ids": ids, "params": params, "dest": slot})
+        except Exception as e:
+            done = {"error": f"the prefill replica failed: {type(e).__name__}", "status": 503}
+        if "error" in done or "finished" in done:
+            await self.engine.cancel_reservation.remote({"ticket": slot["ticket"], "replica": slot["replica"]})
+        if "error" in done:
+            raise _Refused(done["status"], done["error"], "invalid_request_error" if done["status"] == 400 else "server_error")
+        if "finished" in done:
+            return done
+        return {"prompt_ids": ids, "params": params, "ticket": slot["ticket"], "replica": slot["replica"],
+                "first_token": done["first_token"], "generator_state": done["generator_state"]}
 
     async def _sse(self, rid, model, first, stream, chat, include_usage):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -142,3 +171,22 @@ class Ingress:
             yield oa.sse(oa.error_body(f"the request failed: {type(e).__name__}", "server_error"))
         finally:
             stream.cancel()  # client gone or finished: the replica aborts and frees the pages
+
+
+class _Single:
+    """A one-output stream (a request that finished on its prefill replica)."""
+
+    def __init__(self, out: dict):
+        self.out = out
+
+    async def __anext__(self):
+        if self.out is None:
+            raise StopAsyncIteration
+        out, self.out = self.out, None
+        return out
+
+    def __aiter__(self):
+        return self
+
+    def cancel(self) -> None:
+        pass

@@ -36,7 +36,10 @@ class EndpointProfile(BaseModel):
     max_batch_tokens: int = Field(2048, ge=256)
     window_policy: Literal["full_store", "checkpoint", "recompute"] = "checkpoint"
     checkpoint_interval: int = Field(16, ge=1)
-    replicas: int = Field(1, ge=1)  # engine replicas (each prefills and decodes its own requests)
+    replicas: int = Field(1, ge=1)  # engine replicas (decode replicas when prefill_replicas > 0)
+    prefill_replicas: int = Field(0, ge=0)  # > 0: disaggregated prefill -> decode with state transfer
+    local_prefill_max_tokens: int = Field(0, ge=0)  # shorter prompts are prefilled on the decode replica
+    transfer_timeout_s: float = Field(30.0, gt=0)
     router: Literal["prefix_aware", "round_robin", "least_loaded"] = "prefix_aware"
     max_running_per_replica: int = Field(16, ge=1)
     max_queued_per_replica: int = Field(64, ge=0)  # beyond this, new requests get 429

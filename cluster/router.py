@@ -58,6 +58,9 @@ class PrefixAwareRouter(RequestRouter):
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ids = sorted(by_id)
+        target = _request_of(pending_request).get("replica")
+        if target is not None:  # the continuation of a request that holds pages on that replica
+            return [[by_id[target]]] if target in by_id else [[by_id[ids[0]]]]  # gone: it answers "unknown ticket"
         if self.mode == "round_robin":
             i = next(self._turn) % len(ids)
             order = ids[i:] + ids[:i]
@@ -122,7 +125,11 @@ class PrefixAwareRouter(RequestRouter):
         self._outstanding[replica] = max(0, self._outstanding.get(replica, 0) - tokens)
 
 
-def _prompt_of(pending_request: PendingRequest | None) -> list[int]:
+def _request_of(pending_request: PendingRequest | None) -> dict:
     if pending_request is None or not pending_request.args or not isinstance(pending_request.args[0], dict):
-        return []
-    return pending_request.args[0].get("prompt_ids", [])
+        return {}
+    return pending_request.args[0]
+
+
+def _prompt_of(pending_request: PendingRequest | None) -> list[int]:
+    return _request_of(pending_request).get("prompt_ids", [])

@@ -24,9 +24,10 @@ def send_state(ch: PairChannel, request: str, state, layers: range | None = None
     return sent
 
 
-def recv_state(ch: PairChannel, request: str, state) -> dict:
+def recv_state(ch: PairChannel, request: str, state, free_on_failure: bool = True) -> dict:
     """Receive into `state` (pages reserved with prepare_import). On any failure the state's pages
-    are freed and TransferError raised; returns the closing frame."""
+    are freed (unless the caller frees them on its own thread) and TransferError raised; returns
+    the closing frame."""
     try:
         sums: dict[str, int] = {}
         received = 0
@@ -44,7 +45,8 @@ def recv_state(ch: PairChannel, request: str, state) -> dict:
             sums[f"{h['layer']}.{h['family']}"] = checksum(t)
             received += h["nbytes"]
     except Exception as e:
-        state.free()
+        if free_on_failure:
+            state.free()
         if isinstance(e, TransferError):
             raise
         raise TransferError(f"transfer of {request!r} failed: {e}") from None

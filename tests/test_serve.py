@@ -30,7 +30,7 @@ def server(tmp_path_factory):
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+    ray.init(num_cpus=12, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"V4SERVE_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(PROFILE), name="v4serve", route_prefix="/")
@@ -138,3 +138,29 @@ def test_prefix_aware_routing_sends_a_shared_prefix_to_the_replica_holding_it(cl
     hits = [client.completions.create(model="tiny", prompt=prefix + f"question {i}", max_tokens=2, temperature=0)
             .usage.prompt_tokens_details.cached_tokens for i in range(4)]
     assert hits == [4 * 256] * 4  # round-robin over 2 replicas would miss about half of these
+
+
+def test_disaggregated_prefill_and_decode_give_the_in_process_tokens(server, reference):
+    """A second application: 2 prefill + 2 decode replicas, each request's state moving from its
+    prefill replica to its decode replica over a gloo pair channel."""
+    openai = pytest.importorskip("openai")
+    from ray import serve
+
+    tok, complete = reference
+    profile = PROFILE.model_copy(update={"name": "pd", "prefill_replicas": 2, "replicas": 2})
+    serve.run(build_app(profile), name="pd", route_prefix="/pd")
+    try:
+        prompts = [f"disaggregated {i} " * (1 + 9 * (i % 4)) for i in range(16)]
+
+        async def run():
+            aclient = openai.AsyncOpenAI(base_url=server + "/pd/v1", api_key="unused", max_retries=0)
+            return await asyncio.gather(*[aclient.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0)
+                                          for p in prompts])
+
+        results = asyncio.run(run())
+        assert [r.choices[0].text for r in results] == [complete(tok.encode(p), 6) for p in prompts]
+        client = openai.OpenAI(base_url=server + "/pd/v1", api_key="unused", max_retries=0)
+        chunks = client.completions.create(model="tiny", prompt=prompts[3], max_tokens=6, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in chunks) == complete(tok.encode(prompts[3]), 6)
+    finally:
+        serve.delete("pd")

@@ -29,14 +29,32 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._cache_events: list[tuple[str, bytes]] = []  # prefix-cache inserts/evictions, for the directory
 
-    async def generate(self, prompt: list[int], params: SamplingParams | dict | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs. Invalid requests raise EngineInputError before anything is queued."""
+    def generate(self, prompt: list[int], params: SamplingParams | dict | None = None,
+                 request_id: str | None = None, prefill_only: bool = False) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs. Invalid requests raise EngineInputError before anything is
+        queued. prefill_only: stop after the first token and keep the state for a transfer."""
         params = self.engine.validate(list(prompt), params)
         rid = request_id or f"async-{next(self._ids)}"
+        return self._stream(rid, ("add", rid, list(prompt), params, prefill_only))
+
+    def continue_imported(self, prompt: list[int], params, first_token: int, state, generator=None,
+                          request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request prefilled elsewhere whose state was imported (see Engine.add_imported)."""
+        rid = request_id or f"async-{next(self._ids)}"
+        return self._stream(rid, ("import", rid, list(prompt), params, first_token, state, generator))
+
+    async def call(self, fn):
+        """Run fn(engine) on the engine's thread between steps (pool and queue mutations live there)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._submit(("call", fn, fut, asyncio.get_running_loop()))
+        return await fut
+
+    async def _stream(self, rid: str, command) -> AsyncIterator[RequestOutput]:
+        """Queue `command` for request rid and yield its outputs until it finishes; a caller that
+        stops listening aborts the request."""
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
-        self._submit(("add", rid, list(prompt), params))
+        self._submit(command)
         finished = False
         try:
             while not finished:
@@ -92,11 +110,27 @@ class AsyncEngine:
         results: list[tuple[str, object]] = []
         for cmd in commands:
             if cmd[0] == "add":
-                _, rid, prompt, params = cmd
+                _, rid, prompt, params, prefill_only = cmd
                 try:
-                    self.engine.add_request(prompt, params, request_id=rid)
+                    (self.engine.add_prefill if prefill_only else self.engine.add_request)(prompt, params, request_id=rid)
                 except Exception as e:  # surfaced to that caller, the loop goes on
                     results.append((rid, e))
+            elif cmd[0] == "import":
+                _, rid, prompt, params, first, state, gen = cmd
+                try:
+                    out = self.engine.add_imported(prompt, params, first, state, request_id=rid, generator=gen)
+                    results.append((rid, out))
+                    if out.finished:
+                        self.engine.release(rid)
+                except Exception as e:
+                    results.append((rid, e))
+            elif cmd[0] == "call":
+                _, fn, fut, loop = cmd
+                try:
+                    value = fn(self.engine)
+                    loop.call_soon_threadsafe(lambda f=fut, v=value: f.done() or f.set_result(v))
+                except Exception as e:
+                    loop.call_soon_threadsafe(lambda f=fut, x=e: f.done() or f.set_exception(x))
             else:
                 self.engine.abort(cmd[1])
                 self.engine.release(cmd[1])
