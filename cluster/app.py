@@ -28,10 +28,10 @@ def build_app(profile: EndpointProfile) -> Application:
         return Ingress.options(max_ongoing_requests=10000).bind(engine, args)
     prefill = EngineReplica.options(name="PrefillReplica", num_replicas=profile.prefill_replicas,
                                     max_ongoing_requests=1000, request_router_config=router(profile.router),
-                                    ray_actor_options=_resources(profile)).bind(args)
+                                    ray_actor_options=_resources(profile, profile.prefill_resources)).bind(args)
     decode = EngineReplica.options(name="DecodeReplica", num_replicas=profile.replicas, max_ongoing_requests=1000,
                                    request_router_config=router("least_loaded"),
-                                   ray_actor_options=_resources(profile)).bind(args)
+                                   ray_actor_options=_resources(profile, profile.decode_resources)).bind(args)
     return Ingress.options(max_ongoing_requests=10000).bind(decode, args, prefill)
 
 
@@ -45,8 +45,11 @@ def _replay_tokens(profile: EndpointProfile) -> int:
     return (cfg.sliding_window - 1) * cfg.num_hidden_layers
 
 
-def _resources(profile: EndpointProfile) -> dict:
-    return {"num_gpus": 1} if profile.device == "cuda" else {"num_cpus": 1}
+def _resources(profile: EndpointProfile, extra: dict[str, float] | None = None) -> dict:
+    opts = {"num_gpus": 1} if profile.device == "cuda" else {"num_cpus": 1}
+    if extra:
+        opts["resources"] = dict(extra)
+    return opts
 
 
 def app_builder(args: dict) -> Application:

@@ -40,6 +40,9 @@ class EndpointProfile(BaseModel):
     prefill_replicas: int = Field(0, ge=0)  # > 0: disaggregated prefill -> decode with state transfer
     local_prefill_max_tokens: int = Field(0, ge=0)  # shorter prompts are prefilled on the decode replica
     transfer_timeout_s: float = Field(30.0, gt=0)
+    # extra Ray resources per group, to pin groups to node pools (e.g. {"prefill_node": 1})
+    prefill_resources: dict[str, float] = {}
+    decode_resources: dict[str, float] = {}
     router: Literal["prefix_aware", "round_robin", "least_loaded"] = "prefix_aware"
     max_running_per_replica: int = Field(16, ge=1)
     max_queued_per_replica: int = Field(64, ge=0)  # beyond this, new requests get 429

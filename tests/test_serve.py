@@ -26,17 +26,22 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """One Ray cluster for these tests: two simulated nodes (ray.cluster_utils), node_a and node_b."""
     ray = pytest.importorskip("ray")
     from ray import serve
+    from ray.cluster_utils import Cluster
 
+    env = {"V4SERVE_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "1"}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 6, "resources": {"node_a": 100}})
+    cluster.add_node(num_cpus=6, resources={"node_b": 100})
+    ray.init(address=cluster.address, include_dashboard=False, configure_logging=False, runtime_env={"env_vars": env})
     port = free_port()
-    ray.init(num_cpus=12, include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": {"V4SERVE_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(PROFILE), name="v4serve", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +146,14 @@ def test_prefix_aware_routing_sends_a_shared_prefix_to_the_replica_holding_it(cl
 
 
 def test_disaggregated_prefill_and_decode_give_the_in_process_tokens(server, reference):
-    """A second application: 2 prefill + 2 decode replicas, each request's state moving from its
-    prefill replica to its decode replica over a gloo pair channel."""
+    """A second application: 2 prefill replicas on node_a, 2 decode replicas on node_b, each
+    request's state moving between nodes over a gloo pair channel."""
     openai = pytest.importorskip("openai")
     from ray import serve
 
     tok, complete = reference
-    profile = PROFILE.model_copy(update={"name": "pd", "prefill_replicas": 2, "replicas": 2})
+    profile = PROFILE.model_copy(update={"name": "pd", "prefill_replicas": 2, "replicas": 2,
+                                         "prefill_resources": {"node_a": 1}, "decode_resources": {"node_b": 1}})
     serve.run(build_app(profile), name="pd", route_prefix="/pd")
     try:
         prompts = [f"disaggregated {i} " * (1 + 9 * (i % 4)) for i in range(16)]
@@ -164,3 +170,31 @@ def test_disaggregated_prefill_and_decode_give_the_in_process_tokens(server, ref
         assert "".join(c.choices[0].text for c in chunks) == complete(tok.encode(prompts[3]), 6)
     finally:
         serve.delete("pd")
+
+
+def test_a_replica_killed_mid_stream_ends_that_request_with_an_error_and_serving_goes_on(server):
+    import time
+
+    import ray
+
+    body = {"model": "tiny", "prompt": "a long answer please", "max_tokens": 3000, "temperature": 0,
+            "stream": True}
+    with requests.post(server + "/v1/completions", json=body, stream=True, timeout=120) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith(b"data:"))
+        assert b"text_completion" in first
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if "EngineReplica" in a["name"] and "v4serve#" in a["name"]]
+        assert replicas
+        for a in replicas:  # the one serving this stream is among them
+            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+        rest = [line for line in lines if line.startswith(b"data:")]
+    assert any(b'"error"' in line for line in rest), rest[-3:]
+    deadline = time.time() + 120
+    while True:  # Serve replaces the replicas; new requests are served again
+        ok = requests.post(server + "/v1/completions", json={"model": "tiny", "prompt": "again", "max_tokens": 3},
+                           timeout=120)
+        if ok.status_code == 200 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
