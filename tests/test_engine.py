@@ -251,3 +251,25 @@ def test_prefill_on_one_engine_and_decode_on_another_equals_one_engine(model, pa
     assert [outs[rid] for rid in got] == [alone(model, p, params) for p in got.values()]
     assert_idle(prefill)
     assert_idle(decode)
+
+
+def test_a_stream_closed_by_its_caller_aborts_the_request_and_frees_its_pages(model):
+    import asyncio
+
+    from workers.async_engine import AsyncEngine
+
+    eng = engine(model, prefix_cache=False)
+    front = AsyncEngine(eng)
+
+    async def run():
+        stream = front.generate(tokens(400, 5), SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+        async for _ in stream:
+            break  # the client goes away after its first token
+        await stream.aclose()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not eng.running and not eng.waiting:
+                break
+
+    asyncio.run(run())
+    assert_idle(eng)
