@@ -80,7 +80,7 @@ class Attention(nn.Module):
                     new = comp(x[rows], seg.start, ls.compressors[family], self.freqs, rnd if rounding else None)
                     ls.append_entries(family, new.to(kv.dtype))
                 elif seg.start + seg.length == seg.replay_end:
-                    ls.compressors[family] = replayed_compressor_state(comp, x[rows], seg.start, self.freqs)
+                    ls.compressors[family].copy_from(replayed_compressor_state(comp, x[rows], seg.start, self.freqs))
             for b in range(0, seg.length, QUERY_BLOCK):
                 blk = torch.arange(b, min(seg.length, b + QUERY_BLOCK), device=x.device)
                 flat = blk + seg.row

@@ -47,7 +47,7 @@ class Compressor(nn.Module):
         score = torch.cat([state.open_score, score])
         n_win = kv.shape[0] // m
         used = n_win * m
-        state.open_kv, state.open_score = kv[used:].clone(), score[used:].clone()
+        state.set_open(kv[used:].clone(), score[used:].clone())
         if n_win == 0:
             return kv.new_empty(0, self.width)
         kv = kv[:used].view(n_win, m, -1)
@@ -76,7 +76,7 @@ class Compressor(nn.Module):
         else:
             # copies: the state may be a view of pool memory, overwritten just below
             prev_kv, prev_sc = state.overlap_kv[None].clone(), state.overlap_score[None].clone()
-        state.overlap_kv, state.overlap_score = a_kv[-1].clone(), a_sc[-1].clone()
+        state.set_overlap(a_kv[-1].clone(), a_sc[-1].clone())
         prev_kv = torch.cat([prev_kv, a_kv[:-1]])
         prev_sc = torch.cat([prev_sc, a_sc[:-1]])
         return torch.cat([prev_kv, b_kv], dim=1), torch.cat([prev_sc, b_sc], dim=1)

@@ -44,38 +44,20 @@ class SlotCompressor:
     def overlap_score(self):
         return self._ov_score if self.has_overlap else None
 
-    def set(self, open_kv, open_score, overlap_kv, overlap_score) -> None:
-        self.n_open = open_kv.shape[0]
-        self._open_kv[: self.n_open] = open_kv
-        self._open_score[: self.n_open] = open_score
-        self.has_overlap = overlap_kv is not None
+    def set_open(self, kv: torch.Tensor, score: torch.Tensor) -> None:
+        self.n_open = kv.shape[0]
+        self._open_kv[: self.n_open] = kv
+        self._open_score[: self.n_open] = score
+
+    def set_overlap(self, kv: torch.Tensor | None, score: torch.Tensor | None) -> None:
+        self.has_overlap = kv is not None
         if self.has_overlap:
-            self._ov_kv.copy_(overlap_kv)
-            self._ov_score.copy_(overlap_score)
+            self._ov_kv.copy_(kv)
+            self._ov_score.copy_(score)
 
-    def __setattr__(self, name, value):
-        # The compressor assigns CompressorState fields one or two at a time; keep both views consistent.
-        if name in ("open_kv", "open_score"):
-            if name == "open_kv":
-                self.n_open = value.shape[0]
-                self._open_kv[: self.n_open] = value
-            else:
-                self._open_score[: value.shape[0]] = value
-        elif name in ("overlap_kv", "overlap_score"):
-            if value is None:
-                object.__setattr__(self, "has_overlap", False)
-            else:
-                (self._ov_kv if name == "overlap_kv" else self._ov_score).copy_(value)
-                object.__setattr__(self, "has_overlap", True)
-        else:
-            object.__setattr__(self, name, value)
-
-
-class _Compressors(dict):
-    """name -> SlotCompressor; assigning a CompressorState copies it into the slot."""
-
-    def __setitem__(self, name, state: CompressorState):
-        self[name].set(state.open_kv, state.open_score, state.overlap_kv, state.overlap_score)
+    def copy_from(self, other: CompressorState) -> None:
+        self.set_open(other.open_kv, other.open_score)
+        self.set_overlap(other.overlap_kv, other.overlap_score)
 
 
 class PagedLayerState:
@@ -84,7 +66,7 @@ class PagedLayerState:
         self.ratio = req.cfg.compress_ratios[layer]
         self.slot = req.pools.slot_of[layer]
         self.count = {f: 0 for f in self.families()}
-        self.compressors = _Compressors()
+        self.compressors: dict[str, SlotCompressor] = {}
 
     def families(self) -> list[str]:
         return {0: [], CSA: ["main", "index"], HCA: ["main"]}[self.ratio]
@@ -94,7 +76,7 @@ class PagedLayerState:
         req, W = self.req, self.req.cfg.sliding_window
         lo = max(req.window_start, req.num_tokens - (W - 1))
         pos = torch.arange(lo, req.num_tokens)
-        pages = torch.tensor([req.swa[int(p) // SWA_PAGE] for p in pos], dtype=torch.long)
+        pages = req.window_pages(pos)
         raw = req.pools.swa[pages, self.layer, pos % SWA_PAGE] if pos.numel() else req.pools.swa[:0, self.layer, 0]
         return req.pools.decode_main(raw)
 
@@ -104,7 +86,7 @@ class PagedLayerState:
         keep_from = 0 if req.keep_all_window else max(0, keys.shape[0] - (window - 1))
         pos = torch.arange(start + keep_from, start + keys.shape[0])
         if pos.numel():
-            pages = torch.tensor([req.swa[int(p) // SWA_PAGE] for p in pos], dtype=torch.long)
+            pages = req.window_pages(pos)
             req.pools.swa[pages, self.layer, pos % SWA_PAGE] = req.pools.encode_main(keys[keep_from:])
 
     # ---- compressed entries -------------------------------------------------------------
@@ -128,7 +110,7 @@ class PagedLayerState:
             return
         store, per_page, _, encode = self._table(family)
         idx = torch.arange(self.count[family], self.count[family] + rows.shape[0])
-        pages = torch.tensor([self.req.blocks[int(e) // per_page] for e in idx], dtype=torch.long)
+        pages = torch.tensor(self.req.blocks, dtype=torch.long)[idx // per_page]
         store[pages, self.slot, idx % per_page] = encode(rows)
         self.count[family] += rows.shape[0]
 
@@ -159,8 +141,17 @@ class PagedRequestState:
                     continue
                 c = 2 if ls.ratio == CSA else 1
                 n = 2 * ls.ratio * c * width + (2 * ls.ratio * width if ls.ratio == CSA else 0)
-                dict.__setitem__(ls.compressors, family, SlotCompressor(slot[off : off + n], ls.ratio, width))
+                ls.compressors[family] = SlotCompressor(slot[off : off + n], ls.ratio, width)
                 off += n
+
+    def window_pages(self, pos: torch.Tensor) -> torch.Tensor:
+        """Page ids holding the window keys of positions `pos` (a contiguous, increasing range)."""
+        idx = pos // SWA_PAGE
+        if not idx.numel():
+            return idx
+        first = int(idx[0])
+        table = torch.tensor([self.swa[p] for p in range(first, int(idx[-1]) + 1)], dtype=torch.long)
+        return table[idx - first]
 
     # ---- page accounting ------------------------------------------------------------------
     def pages_needed(self, n_new: int) -> tuple[int, int]:
@@ -234,7 +225,8 @@ class PagedRequestState:
             n = CSA * width
             kv, sc = record[off : off + n].view(CSA, width), record[off + n : off + 2 * n].view(CSA, width)
             empty = kv.new_empty(0, 2 * width)
-            comp.set(empty, empty, kv, sc)
+            comp.set_open(empty, empty)
+            comp.set_overlap(kv, sc)
 
     def save_overlaps(self, record: torch.Tensor) -> None:
         for comp, width, off in self._overlaps():
@@ -257,7 +249,7 @@ class PagedRequestState:
             out.append((f"entries.{family}", store[pages, ls.slot].reshape(-1, store.shape[-1])[:n].clone()))
         lo = max(self.window_start, T - (self.cfg.sliding_window - 1))
         pos = torch.arange(lo, T)
-        pages = torch.tensor([self.swa[int(p) // SWA_PAGE] for p in pos], dtype=torch.long)
+        pages = self.window_pages(pos)
         out.append(("window", pools.swa[pages, layer, pos % SWA_PAGE].clone() if pos.numel() else pools.swa[:0, layer, 0]))
         for family, comp in ls.compressors.items():
             parts = [comp.open_kv.reshape(-1), comp.open_score.reshape(-1)]
@@ -291,12 +283,12 @@ class PagedRequestState:
             if n != T // ls.ratio:
                 raise ValueError(f"layer {layer} {sub}: {n} entries for position {T}, expected {T // ls.ratio}")
             idx = torch.arange(n)
-            pages = torch.tensor([self.blocks[int(e) // per_page] for e in idx], dtype=torch.long)
+            pages = torch.tensor(self.blocks, dtype=torch.long)[idx // per_page]
             store[pages, ls.slot, idx % per_page] = data.to(store.dtype)
             ls.count[sub] = n
         elif kind == "window":
             pos = torch.arange(T - data.shape[0], T)
-            pages = torch.tensor([self.swa[int(p) // SWA_PAGE] for p in pos], dtype=torch.long)
+            pages = self.window_pages(pos)
             if pos.numel():
                 self.pools.swa[pages, layer, pos % SWA_PAGE] = data.to(self.pools.swa.dtype)
         elif kind == "compressor":
@@ -308,6 +300,7 @@ class PagedRequestState:
             open_kv, open_score = data[:k].view(n_open, cw), data[k : 2 * k].view(n_open, cw)
             rest = data[2 * k :]
             overlap = (rest[: CSA * width].view(CSA, width), rest[CSA * width :].view(CSA, width)) if rest.numel() else (None, None)
-            comp.set(open_kv, open_score, *overlap)
+            comp.set_open(open_kv, open_score)
+            comp.set_overlap(*overlap)
         else:
             raise ValueError(f"unknown state family {family!r}")

@@ -60,6 +60,17 @@ class CompressorState:
     overlap_kv: torch.Tensor | None = None  # CSA: [m, width] A-halves of the last complete window
     overlap_score: torch.Tensor | None = None
 
+    # The compressor writes through these (the paged state's slot implements the same three).
+    def set_open(self, kv: torch.Tensor, score: torch.Tensor) -> None:
+        self.open_kv, self.open_score = kv, score
+
+    def set_overlap(self, kv: torch.Tensor | None, score: torch.Tensor | None) -> None:
+        self.overlap_kv, self.overlap_score = kv, score
+
+    def copy_from(self, other: "CompressorState") -> None:
+        self.set_open(other.open_kv, other.open_score)
+        self.set_overlap(other.overlap_kv, other.overlap_score)
+
 
 class LayerState:
     """One layer's state, as the model reads and appends it (the paged state has the same methods)."""
