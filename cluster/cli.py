@@ -7,7 +7,7 @@ import sys
 
 from . import capacity_cmd
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--device", default="cpu")
     g.add_argument("--bos", action="store_true", help="prepend the BOS token")
     g.add_argument("--reference-rounding", action="store_true",

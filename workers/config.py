@@ -155,15 +155,6 @@ class ModelConfig(BaseModel):
 
 # Keys that only V4.1-style (different architecture) configs carry.
 _FOREIGN_ARCH_KEYS = ("kv_source_layer_ids", "engram_config", "engram_layer_ids", "vision_config")
-_IGNORED_KEYS = {
-    "architectures", "model_type", "num_key_value_heads", "torch_dtype", "dtype", "transformers_version",
-    "attention_bias", "attention_dropout", "hidden_act", "initializer_range", "use_cache", "pad_token_id",
-    "tie_word_embeddings", "norm_topk_prob", "output_router_logits", "router_aux_loss_coef",
-    "router_jitter_noise", "mlp_bias", "auto_map", "v4serve_name", "topk_method", "n_group", "topk_group",
-    "first_k_dense_replace", "moe_layer_freq", "ep_size", "kv_lora_rank", "qk_nope_head_dim",
-    "v_head_dim", "generation_config", "chunk_size_feed_forward", "id2label", "label2id",
-    "return_dict", "output_hidden_states", "output_attentions", "is_encoder_decoder",
-}
 
 
 def parse_config(raw: dict[str, Any], name: str | None = None) -> ModelConfig:
@@ -282,12 +273,8 @@ def parse_config(raw: dict[str, Any], name: str | None = None) -> ModelConfig:
         "compress_rope_theta", "quantization_config", "expert_dtype", "eos_token_id", "bos_token_id",
         "num_key_value_heads", "scoring_func",
     }
-    fields = set(ModelConfig.model_fields)
-    for k, v in d.items():
-        if k in handled or k in _IGNORED_KEYS or k.startswith("dspark"):
-            continue
-        if k in fields and k not in out:
-            out[k] = v
+    # Everything else: keys named like our fields are taken as they are; unknown keys are ignored.
+    out.update({k: d[k] for k in set(ModelConfig.model_fields) - handled - out.keys() if k in d})
     try:
         return ModelConfig(**out)
     except ValidationError as e:
