@@ -98,7 +98,8 @@ def test_prefix_hits_give_the_cold_tokens_on_and_off_boundaries(model, policy):
 def test_requests_sharing_a_cached_prefix_run_together_and_match_alone(model, policy):
     shared = tokens(800, 21)
     eng = engine(model, policy=policy, checkpoint_interval=1)
-    eng.run() if eng.add_request(shared + [5], GREEDY) else None
+    eng.add_request(shared + [5], GREEDY)
+    eng.run()
     prompts = [shared + tokens(n, 30 + n) for n in (1, 60, 300, 2)]
     ids = [eng.add_request(p, GREEDY) for p in prompts]
     eng.step()

@@ -95,18 +95,22 @@ def test_chat_plain_and_streamed_equal_the_in_process_engine(client, reference):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == want
 
 
-def test_32_concurrent_requests_all_complete_with_their_own_tokens(server, reference):
+def concurrent_texts(base_url: str, prompts: list[str], max_tokens: int) -> list[str]:
+    """Greedy completions of all prompts sent at once through the official async client."""
     openai = pytest.importorskip("openai")
-    tok, complete = reference
-    prompts = [f"request {i} " * (1 + i % 7) for i in range(32)]
 
     async def run():
-        aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
-        return await asyncio.gather(*[aclient.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0)
-                                      for p in prompts])
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        return await asyncio.gather(*[client.completions.create(model="tiny", prompt=p, max_tokens=max_tokens,
+                                                                temperature=0) for p in prompts])
 
-    results = asyncio.run(run())
-    assert [r.choices[0].text for r in results] == [complete(tok.encode(p), 6) for p in prompts]
+    return [r.choices[0].text for r in asyncio.run(run())]
+
+
+def test_32_concurrent_requests_all_complete_with_their_own_tokens(server, reference):
+    tok, complete = reference
+    prompts = [f"request {i} " * (1 + i % 7) for i in range(32)]
+    assert concurrent_texts(server + "/v1", prompts, 6) == [complete(tok.encode(p), 6) for p in prompts]
 
 
 @pytest.mark.parametrize("body, status, fragment", [
@@ -157,14 +161,7 @@ def test_disaggregated_prefill_and_decode_give_the_in_process_tokens(server, ref
     serve.run(build_app(profile), name="pd", route_prefix="/pd")
     try:
         prompts = [f"disaggregated {i} " * (1 + 9 * (i % 4)) for i in range(16)]
-
-        async def run():
-            aclient = openai.AsyncOpenAI(base_url=server + "/pd/v1", api_key="unused", max_retries=0)
-            return await asyncio.gather(*[aclient.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0)
-                                          for p in prompts])
-
-        results = asyncio.run(run())
-        assert [r.choices[0].text for r in results] == [complete(tok.encode(p), 6) for p in prompts]
+        assert concurrent_texts(server + "/pd/v1", prompts, 6) == [complete(tok.encode(p), 6) for p in prompts]
         client = openai.OpenAI(base_url=server + "/pd/v1", api_key="unused", max_retries=0)
         chunks = client.completions.create(model="tiny", prompt=prompts[3], max_tokens=6, temperature=0, stream=True)
         assert "".join(c.choices[0].text for c in chunks) == complete(tok.encode(prompts[3]), 6)
