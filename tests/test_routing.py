@@ -38,3 +38,10 @@ def test_estimate_prefers_the_replica_holding_the_prefix_unless_it_is_busier_tha
 def test_estimate_charges_the_replay_of_the_recompute_policy():
     costs = estimate_costs(4096, {"a": 12}, {}, ["a", "b"], replay_tokens=635)
     assert costs["a"] == 4096 - 12 * BLOCK + 635
+
+
+def test_a_hash_chain_extended_from_a_known_prefix_equals_one_computed_whole():
+    tokens = list(range(5 * BLOCK + 7))
+    head = block_hashes(tokens[: 2 * BLOCK], "m")
+    assert block_hashes(tokens, "m", head) == block_hashes(tokens, "m")
+    assert block_hashes(tokens, "m", head)[:2] == head and len(block_hashes(tokens, "m")) == 5

@@ -125,6 +125,7 @@ class PagedRequestState:
         self.window_start = 0  # lowest position whose window key is stored
         self.keep_all_window = keep_all_window  # full_store: every key is kept, not just the window
         self.published_blocks = 0  # blocks [0, n) are in the prefix cache (or were offered to it)
+        self.block_keys: list[bytes] = []  # hash chain of this request's full blocks, grown as they fill
         self.blocks: list[int] = []
         self.swa: dict[int, int] = {}  # swa page index (position // 64) -> page id
         self.comp_page = pools.comp_pool.alloc()

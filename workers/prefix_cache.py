@@ -25,10 +25,12 @@ from .pools import BLOCK, SWA_PAGE, KVPools, OutOfPages
 POLICIES = ("full_store", "checkpoint", "recompute")
 
 
-def block_hashes(tokens: list[int], model_id: str) -> list[bytes]:
-    """Chained hashes of the full 256-token blocks of `tokens`."""
-    out, parent = [], model_id.encode()
-    for i in range(len(tokens) // BLOCK):
+def block_hashes(tokens: list[int], model_id: str, known: list[bytes] = ()) -> list[bytes]:
+    """Chained hashes of the full 256-token blocks of `tokens`; `known` (the chain of a prefix of
+    them, already computed) is extended rather than recomputed."""
+    out = list(known)
+    parent = out[-1] if out else model_id.encode()
+    for i in range(len(out), len(tokens) // BLOCK):
         h = hashlib.blake2b(parent, digest_size=16)
         h.update(b"".join(t.to_bytes(4, "little") for t in tokens[i * BLOCK : (i + 1) * BLOCK]))
         parent = h.digest()
@@ -135,7 +137,7 @@ class PrefixCache:
         done = state.num_tokens // BLOCK
         if done <= state.published_blocks:
             return
-        keys = block_hashes(tokens[: done * BLOCK], self.model_id)
+        keys = state.block_keys = block_hashes(tokens[: done * BLOCK], self.model_id, state.block_keys)
         for idx in range(state.published_blocks, done):
             key, parent = keys[idx], keys[idx - 1] if idx else None
             blk = self.blocks.get(key)
