@@ -1,0 +1,46 @@
+"""Which implementation runs: the Triton kernel or its pure-torch reference.
+
+`V4SERVE_KERNELS` chooses: `auto` (the default) runs Triton on CUDA tensors when Triton imports
+and the reference everywhere else; `torch` always runs the reference (to compare, or to debug a
+kernel); `triton` always runs Triton and fails loudly when it cannot (CPU tests set it together
+with `TRITON_INTERPRET=1`, which runs the kernels in Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+MODES = ("auto", "torch", "triton")
+
+
+def mode() -> str:
+    m = os.environ.get("V4SERVE_KERNELS", "auto")
+    if m not in MODES:
+        raise ValueError(f"V4SERVE_KERNELS must be one of {MODES}, got {m!r}")
+    return m
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Run the Triton kernel for an operation whose main input is `t`?"""
+    m = mode()
+    if m == "torch":
+        return False
+    if m == "triton":
+        if not triton_available():
+            raise RuntimeError("V4SERVE_KERNELS=triton but triton does not import")
+        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("V4SERVE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
+        return True
+    return t.is_cuda and triton_available()
