@@ -26,12 +26,12 @@ def build_app(profile: EndpointProfile) -> Application:
                                        request_router_config=router(profile.router),
                                        ray_actor_options=_resources(profile)).bind(args)
         return Ingress.options(max_ongoing_requests=10000).bind(engine, args)
+    decode = EngineReplica.options(name="DecodeReplica", num_replicas=profile.replicas, max_ongoing_requests=1000,
+                                   request_router_config=router("decode_capacity"),
+                                   ray_actor_options=_resources(profile, profile.decode_resources)).bind(args)
     prefill = EngineReplica.options(name="PrefillReplica", num_replicas=profile.prefill_replicas,
                                     max_ongoing_requests=1000, request_router_config=router(profile.router),
-                                    ray_actor_options=_resources(profile, profile.prefill_resources)).bind(args)
-    decode = EngineReplica.options(name="DecodeReplica", num_replicas=profile.replicas, max_ongoing_requests=1000,
-                                   request_router_config=router("least_loaded"),
-                                   ray_actor_options=_resources(profile, profile.decode_resources)).bind(args)
+                                    ray_actor_options=_resources(profile, profile.prefill_resources)).bind(args, decode)
     return Ingress.options(max_ongoing_requests=10000).bind(decode, args, prefill)
 
 

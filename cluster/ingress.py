@@ -6,6 +6,7 @@ with the matching status: 400 bad request, 404 unknown model, 429 at capacity, 5
 """
 
 
+import asyncio
 import json
 
 from fastapi import FastAPI, Request
@@ -135,12 +136,16 @@ class Ingress:
             raise _Refused(503, f"no decode replica could take the request: {type(e).__name__}", "server_error") from None
         if "error" in slot:
             raise _Refused(slot["status"], slot["error"], "server_error")
+        cancel = {"ticket": slot["ticket"], "replica": slot["replica"]}
         try:
             done = await self.prefill.prefill.remote({"prompt_ids": ids, "params": params, "dest": slot})
+        except asyncio.CancelledError:  # the client left: give the decode pages back now
+            self.engine.cancel_reservation.remote(cancel)
+            raise
         except Exception as e:
             done = {"error": f"the prefill replica failed: {type(e).__name__}", "status": 503}
         if "error" in done or "finished" in done:
-            await self.engine.cancel_reservation.remote({"ticket": slot["ticket"], "replica": slot["replica"]})
+            await self.engine.cancel_reservation.remote(cancel)
         if "error" in done:
             raise _Refused(done["status"], done["error"], "invalid_request_error" if done["status"] == 400 else "server_error")
         if "finished" in done:

@@ -12,10 +12,11 @@ import concurrent.futures
 import dataclasses
 import itertools
 import socket
+import threading
 
 from ray import serve
 
-from kv_transfer import PairChannel, TransferError, recv_state, send_state
+from kv_transfer import ChannelSender, Landing, PairChannel, StateStream, TransferError, finish
 from workers.async_engine import AsyncEngine
 from workers.engine import EngineInputError
 from workers.pools import OutOfPages
@@ -28,7 +29,8 @@ PUBLISH_PERIOD_S = 0.2
 
 @serve.deployment
 class EngineReplica:
-    def __init__(self, profile: dict):
+    def __init__(self, profile: dict, decode=None):
+        """decode: on a prefill replica, the handle of the decode group (to open channels to it)."""
         import ray
         import torch
 
@@ -46,7 +48,11 @@ class EngineReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.host = ray.util.get_node_ip_address()
         self._publisher: asyncio.Task | None = None
+        self.decode = decode
+        self.landing = Landing()  # reservations waiting for their state (decode side)
         self._receiving: dict[str, tuple[object, concurrent.futures.Future]] = {}  # ticket -> (state, receipt)
+        self._senders: dict[str, ChannelSender] = {}  # decode replica -> channel to it (prefill side)
+        self._channel_locks: dict[str, asyncio.Lock] = {}
         self._tickets = itertools.count()
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="kv-transfer")
 
@@ -70,65 +76,118 @@ class EngineReplica:
 
     # ---- disaggregated: the prefill side --------------------------------------------------------
     async def prefill(self, request: dict) -> dict:
-        """Compute the prompt's state, stream it to request["dest"] (a decode replica's reservation),
-        and answer the first token and the sampler state."""
+        """Compute the prompt's state and stream it to request["dest"] (a decode replica's
+        reservation) while computing: the entries each chunk closes leave right after it, the
+        rest at the end. Answers the first token and the sampler state."""
         self._ensure_publisher()
         rid = f"prefill-{next(self._tickets)}"
+        dest = request["dest"]
+        try:
+            sender = await self._sender_to(dest)
+        except TransferError as e:
+            return {"error": f"state transfer failed: {e}", "status": 503}
+        stream = StateStream(dest["ticket"], self._transfer_device())
+        sent: list[concurrent.futures.Future] = []
+        failed: list[Exception] = []
+
+        def on_chunk(state) -> None:  # on the engine's thread, right after a chunk's forward
+            try:
+                frame = stream.ready_frame(state)
+                if frame is not None:
+                    sent.append(sender.submit(frame))
+            except Exception as e:  # kept for the end: raising here would fail the whole batch
+                failed.append(e)
+
         try:
             outs = [o async for o in self.async_engine.generate(request["prompt_ids"], request.get("params"),
-                                                                  request_id=rid, prefill_only=True)]
+                                                                  request_id=rid, prefill_only=True, on_chunk=on_chunk)]
         except EngineInputError as e:
             return {"error": str(e), "status": 400}
         first = outs[-1]
         if first.finish_reason != "prefilled":  # finished on its first token: nothing to ship
             return {"finished": dataclasses.asdict(first)}
         state, gen = await self.async_engine.call(lambda e: e.take_handoff(rid))
-        dest = request["dest"]
         gen_state = gen.get_state().numpy().tobytes() if gen is not None else None
+        loop = asyncio.get_running_loop()
 
-        def ship():
-            ch = PairChannel(dest["host"], dest["port"], 1, timeout_s=self.profile.transfer_timeout_s)
-            return send_state(ch, dest["ticket"], state, extra={"first_token": first.new_token_ids[0]})
+        def free(st) -> None:  # from the transfer thread: the engine's thread frees
+            loop.call_soon_threadsafe(lambda: loop.create_task(self.async_engine.call(lambda e: st.free())))
 
-        try:
-            sent = await asyncio.get_running_loop().run_in_executor(self._io, ship)
+        if failed:
+            free(state)
+            return {"error": f"state transfer failed: packing a frame failed: {failed[0]}", "status": 503}
+        try:  # the last frames read the handed-over state (ours alone now) and sync the device once
+            await loop.run_in_executor(self._io, lambda: finish(sender, stream, state, sent,
+                                                                {"first_token": first.new_token_ids[0]}, free))
         except TransferError as e:
             return {"error": f"state transfer failed: {e}", "status": 503}
-        finally:
-            await self.async_engine.call(lambda e: state.free())
-        return {"first_token": first.new_token_ids[0], "generator_state": gen_state, "bytes": sent}
+        return {"first_token": first.new_token_ids[0], "generator_state": gen_state, "bytes": stream.bytes,
+                "frames": stream.frames}
+
+    async def _sender_to(self, dest: dict) -> ChannelSender:
+        """The channel to a decode replica: made on first use (the decode side connects back to a
+        store this replica hosts), then kept for every later transfer to it."""
+        key = dest["replica"]
+        async with self._channel_locks.setdefault(key, asyncio.Lock()):
+            sender = self._senders.get(key)
+            if sender is not None and not sender.broken:
+                return sender
+            port = _free_port()
+            timeout = self.profile.transfer_timeout_s
+            opening = asyncio.get_running_loop().run_in_executor(
+                self._io, lambda: PairChannel(self.host, port, 0, timeout_s=timeout, device=self._transfer_device()))
+            try:
+                await self.decode.connect.remote({"replica": key, "host": self.host, "port": port})
+            except Exception as e:  # the opening side gives up at its own time-out
+                raise TransferError(f"decode replica {key} did not connect: {type(e).__name__}: {e}") from None
+            sender = ChannelSender(await opening)
+            self._senders[key] = sender
+            return sender
+
+    def _transfer_device(self) -> str:
+        return "cuda" if self.device.startswith("cuda") else "cpu"
 
     # ---- disaggregated: the decode side ---------------------------------------------------------
     async def reserve(self, request: dict) -> dict:
-        """Reserve pages for a state of request["num_tokens"] tokens and start listening for it."""
-        deadline = asyncio.get_running_loop().time() + self.profile.transfer_timeout_s
+        """Reserve pages for a state of request["num_tokens"] tokens; frames for it may arrive on
+        any channel until the transfer time-out, after which the pages are freed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.profile.transfer_timeout_s
         while True:  # admission waits for pages (finishing requests free theirs), up to the time-out
             try:
                 state = await self.async_engine.call(lambda e: e.new_import_state(request["num_tokens"]))
                 break
             except OutOfPages:
-                if asyncio.get_running_loop().time() > deadline:
+                if loop.time() > deadline:
                     return {"error": "no free pages on this decode replica", "status": 503}
                 await asyncio.sleep(0.05)
         ticket = f"{self.replica_id}-{next(self._tickets)}"
-        port = _free_port()
 
-        def receive():
-            ch = PairChannel(self.host, port, 0, timeout_s=self.profile.transfer_timeout_s)
-            return recv_state(ch, ticket, state, free_on_failure=False)
+        def free_pages(st) -> None:  # from a timer or receive thread: the engine's thread frees
+            loop.call_soon_threadsafe(lambda: loop.create_task(self.async_engine.call(lambda e: st.free())))
 
-        receipt = self._io.submit(receive)
+        receipt = self.landing.expect(ticket, state, self.profile.transfer_timeout_s, free_pages)
         self._receiving[ticket] = (state, receipt)
-        loop = asyncio.get_running_loop()
-        # A transfer that fails before anyone asks for it frees its pages by itself.
-        receipt.add_done_callback(lambda f: f.exception() is None or loop.call_soon_threadsafe(self._drop, ticket))
-        return {"ticket": ticket, "host": self.host, "port": port, "replica": self.replica_id}
+        # a state that arrived but is never asked for (its caller vanished) is freed after a while
+        receipt.add_done_callback(lambda f: loop.call_soon_threadsafe(
+            loop.call_later, self.profile.transfer_timeout_s, self._expire_unclaimed, ticket))
+        return {"ticket": ticket, "host": self.host, "replica": self.replica_id}
 
-    def _drop(self, ticket: str) -> None:
-        entry = self._receiving.pop(ticket, None)
-        if entry is not None:
+    def _expire_unclaimed(self, ticket: str) -> None:
+        entry = self._receiving.get(ticket)
+        if entry is not None and entry[1].exception() is None:
+            del self._receiving[ticket]
             state = entry[0]
             asyncio.get_running_loop().create_task(self.async_engine.call(lambda e: state.free()))
+
+    async def connect(self, request: dict) -> dict:
+        """Join the channel a prefill replica opened (request: host, port) and receive on it."""
+        timeout = self.profile.transfer_timeout_s
+        ch = await asyncio.get_running_loop().run_in_executor(
+            self._io, lambda: PairChannel(request["host"], request["port"], 1, timeout_s=timeout,
+                                          device=self._transfer_device()))
+        threading.Thread(target=self.landing.serve, args=(ch,), name="kv-recv", daemon=True).start()
+        return {"connected": True}
 
     async def _generate_imported(self, request: dict):
         import torch
@@ -140,8 +199,7 @@ class EngineReplica:
         state, receipt = self._receiving.pop(ticket)
         try:
             await asyncio.wrap_future(receipt)
-        except Exception as e:
-            await self.async_engine.call(lambda eng: state.free())
+        except Exception as e:  # the landing freed the pages already
             yield {"error": f"state transfer failed: {e}", "status": 503}
             return
         gen = None
@@ -156,13 +214,16 @@ class EngineReplica:
             yield {"error": str(e), "status": 400}
 
     async def cancel_reservation(self, request: dict) -> None:
-        """Give up a reservation (its prefill failed or finished early): the pages are freed once
-        the listening side has ended (at once, or when its receive times out)."""
-        entry = self._receiving.get(request["ticket"])
+        """Give up a reservation (its prefill failed, finished early, or its client left): pages
+        still receiving are freed by the landing, a completed one's here."""
+        entry = self._receiving.pop(request["ticket"], None)
         if entry is None:
             return
-        loop = asyncio.get_running_loop()
-        entry[1].add_done_callback(lambda f: loop.call_soon_threadsafe(self._drop, request["ticket"]))
+        state, receipt = entry
+        if receipt.done() and receipt.exception() is None:
+            await self.async_engine.call(lambda e: state.free())
+        else:
+            self.landing.cancel(request["ticket"])
 
     # ---- routing and health -------------------------------------------------------------------
     def _ensure_publisher(self) -> None:

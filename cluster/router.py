@@ -7,6 +7,9 @@ still being prefilled, say how many leading blocks each replica holds), plus the
 costs under the `recompute` window policy. Among replicas within one prompt's worth of the
 lowest estimate, the one holding the longest prefix wins.
 `round_robin` and `least_loaded` (fewest outstanding prompt tokens) are the baselines.
+`decode_capacity` places a state arriving from a prefill replica: among decode replicas with
+room for its pages, the smallest batch, then the most free pages (from each replica's polled
+stats, corrected by the reservations this router sent since, which those stats may not show yet).
 
 This runs inside Ray Serve's request routing (in the caller's process), once per request.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -23,8 +27,21 @@ from workers.prefix_cache import block_hashes
 
 from .directory import directory_handle
 
-MODES = ("prefix_aware", "round_robin", "least_loaded")
+MODES = ("prefix_aware", "round_robin", "least_loaded", "decode_capacity")
 AFFINITY_KEYS = 1 << 16
+PENDING_KEPT = 4096  # routing decisions remembered for requests not yet routed
+RECENT_S = 2.0  # reservations younger than this may be missing from a replica's polled stats
+
+
+def decode_order(need_blocks: int, stats: dict[str, dict], recent: dict[str, list[int]], replicas: list[str]) -> list[str]:
+    """Decode replicas best first: those with room for need_blocks, then the smallest batch
+    (running + waiting + reservations sent lately), then the most free blocks left."""
+    def key(r: str):
+        st = stats.get(r, {})
+        free = st.get("free_blocks", 0) - sum(recent.get(r, [])) - need_blocks
+        batch = st.get("running", 0) + st.get("waiting", 0) + len(recent.get(r, []))
+        return (free < 0, batch, -free, r)
+    return sorted(replicas, key=key)
 
 
 def estimate_costs(prompt_len: int, matches: dict[str, int], outstanding: dict[str, int],
@@ -51,6 +68,7 @@ class PrefixAwareRouter(RequestRouter):
         # directory yet, but the next request sharing it should follow it (bounded, oldest dropped)
         self._affinity: dict[bytes, str] = {}
         self._hashes: dict[str, list[bytes]] = {}  # internal request id -> its block keys
+        self._recent: dict[str, list[tuple[float, int]]] = {}  # decode replica -> (time, blocks) reserved lately
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -64,6 +82,11 @@ class PrefixAwareRouter(RequestRouter):
         if self.mode == "round_robin":
             i = next(self._turn) % len(ids)
             order = ids[i:] + ids[:i]
+        elif self.mode == "decode_capacity":
+            now = time.monotonic()
+            recent = {r: [b for t, b in self._recent.get(r, []) if now - t < RECENT_S] for r in ids}
+            need = -(-_request_of(pending_request).get("num_tokens", 0) // BLOCK)
+            order = decode_order(need, {r: by_id[r].routing_stats or {} for r in ids}, recent, ids)
         else:
             prompt = _prompt_of(pending_request)
             hashes = block_hashes(prompt[: max(0, len(prompt) - 1)], self.model_id) if self.mode == "prefix_aware" else []
@@ -86,6 +109,9 @@ class PrefixAwareRouter(RequestRouter):
             if pending_request is not None:  # this request's own share, per replica, for the accounting
                 self._quotes[pending_request.metadata.internal_request_id] = {
                     r: costs[r] - self._outstanding.get(r, 0) for r in ids}
+                for pending in (self._quotes, self._hashes):  # requests routed never (cancelled) age out
+                    while len(pending) > PENDING_KEPT:
+                        pending.pop(next(iter(pending)))
         return [[by_id[r]] for r in order]
 
     def _local_matches(self, hashes: list[bytes]) -> dict[str, int]:
@@ -110,6 +136,12 @@ class PrefixAwareRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         rid = pending_request.metadata.internal_request_id
+        if self.mode == "decode_capacity":
+            blocks = -(-_request_of(pending_request).get("num_tokens", 0) // BLOCK)
+            now = time.monotonic()
+            mine = [(t, b) for t, b in self._recent.get(replica_id.unique_id, []) if now - t < RECENT_S]
+            self._recent[replica_id.unique_id] = mine + ([(now, blocks)] if blocks else [])
+            return
         quote = self._quotes.pop(rid, {})
         tokens = max(0, quote.get(replica_id.unique_id, len(_prompt_of(pending_request))))
         self._sent[rid] = (replica_id.unique_id, tokens)

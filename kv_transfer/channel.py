@@ -1,19 +1,32 @@
 """Per-pair channels: two replicas, one two-rank process group of their own.
 
-No global process group: a channel is made on first use from an address one side publishes (it
-hosts a TCPStore there), so replicas can come and go. Gloo moves the frames on CPU; on GPUs the
-payloads go over an NCCL group made from the same store while headers stay on gloo.
-Every operation is bounded by the channel's timeout; a dead or silent peer raises TransferError.
+No global process group: a channel is made on first use from an address the sending side
+publishes (it hosts a TCPStore there), so replicas can come and go with autoscaling; it is then
+kept for every later transfer between the same pair. Gloo carries the frame headers; the payload
+goes over gloo on CPU and over an NCCL group made from the same store on GPUs.
+
+Time-outs: every send, and a receive that is expected, is bounded by `timeout_s`; a time-out or
+a dead peer raises TransferError and leaves the channel unusable (gloo closes the pair), so the
+owner drops it. An idle receive loop waits without a bound: a peer that dies closes the
+connection, which ends the wait at once.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
+import struct
 
 import torch
 import torch.distributed as dist
 
-from .wire import as_bytes, from_bytes, pack_header, unpack_header
+from .wire import WireError, pack_header, unpack_header
+
+HEADER_SLOT = 4096  # bytes of the fixed first control message: [u32 length][header ...]
+IDLE = datetime.timedelta(days=7)  # default wait of the groups; real waits pass their own bound
+
+# An NCCL operation that times out should fail that transfer, not tear the replica down.
+os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
 
 
 class TransferError(RuntimeError):
@@ -22,42 +35,81 @@ class TransferError(RuntimeError):
 
 class PairChannel:
     def __init__(self, host: str, port: int, rank: int, timeout_s: float = 30.0, device: str = "cpu"):
-        """rank 0 hosts the store at host:port (the sender by convention), rank 1 connects."""
-        timeout = datetime.timedelta(seconds=timeout_s)
+        """rank 0 hosts the store at host:port (the sender by convention), rank 1 connects. Blocks
+        until both sides are there (or timeout_s passes)."""
+        self.timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            self.store = dist.TCPStore(host, port, 2, rank == 0, timeout=timeout)
-            self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore("ctrl", self.store), rank, 2, timeout)
+            self.store = dist.TCPStore(host, port, 2, rank == 0, timeout=self.timeout)
+            self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore("ctrl", self.store), rank, 2, IDLE)
             self.data = self.ctrl
             if device != "cpu":
                 opts = dist.ProcessGroupNCCL.Options()
-                opts._timeout = timeout
+                opts._timeout = self.timeout
                 self.data = dist.ProcessGroupNCCL(dist.PrefixStore("data", self.store), rank, 2, opts)
         except Exception as e:
-            raise TransferError(f"cannot open channel to {host}:{port}: {e}") from None
+            raise TransferError(f"cannot open channel to {host}:{port}: {_first_line(e)}") from None
         self.rank, self.peer, self.device = rank, 1 - rank, device
+        self.broken: str | None = None
 
-    def send(self, header: dict, tensor: torch.Tensor) -> None:
-        payload = as_bytes(tensor)
-        hdr = torch.frombuffer(bytearray(pack_header(header)), dtype=torch.uint8)
-        sizes = torch.tensor([hdr.numel(), payload.numel()], dtype=torch.int64)
+    def send(self, header: dict, payload: torch.Tensor) -> None:
+        """One frame: the header (one control message, two if it is long), then the payload bytes."""
+        raw = pack_header({**header, "nbytes": payload.numel()})
+        first = bytearray(HEADER_SLOT)
+        first[:4] = struct.pack("<I", len(raw))
+        head = raw[: HEADER_SLOT - 4]
+        first[4 : 4 + len(head)] = head
         try:
-            self.ctrl.send([sizes], self.peer, 0).wait()
-            self.ctrl.send([hdr], self.peer, 1).wait()
+            self._wait(self.ctrl.send([torch.frombuffer(first, dtype=torch.uint8)], self.peer, 0))
+            if len(raw) > len(head):
+                rest = torch.frombuffer(bytearray(raw[len(head):]), dtype=torch.uint8)
+                self._wait(self.ctrl.send([rest], self.peer, 1))
             if payload.numel():
-                self.data.send([payload], self.peer, 2).wait()
+                self._wait(self.data.send([payload], self.peer, 2))
         except Exception as e:
-            raise TransferError(f"send failed: {str(e).splitlines()[0][:200]}") from None
+            self.broken = f"send failed: {_first_line(e)}"
+            raise TransferError(self.broken) from None
 
-    def recv(self) -> tuple[dict, torch.Tensor]:
-        sizes = torch.empty(2, dtype=torch.int64)
+    def recv(self, idle: bool = False, out: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+        """The next frame (header, payload on this channel's device). idle: wait for its header
+        without a bound (a receive loop between transfers). out: a buffer to land the payload in."""
+        first = torch.empty(HEADER_SLOT, dtype=torch.uint8)
         try:
-            self.ctrl.recv([sizes], self.peer, 0).wait()
-            hdr = torch.empty(int(sizes[0]), dtype=torch.uint8)
-            self.ctrl.recv([hdr], self.peer, 1).wait()
-            payload = torch.empty(int(sizes[1]), dtype=torch.uint8, device=self.device)
-            if payload.numel():
-                self.data.recv([payload], self.peer, 2).wait()
+            work = self.ctrl.recv([first], self.peer, 0)
+            work.wait() if idle else self._wait(work)
+            n = struct.unpack("<I", first[:4].numpy().tobytes())[0]
+            raw = first[4 : 4 + min(n, HEADER_SLOT - 4)].numpy().tobytes()
+            if n > HEADER_SLOT - 4:
+                rest = torch.empty(n - (HEADER_SLOT - 4), dtype=torch.uint8)
+                self._wait(self.ctrl.recv([rest], self.peer, 1))
+                raw += rest.numpy().tobytes()
+            h = unpack_header(raw)
+            nbytes = int(h["nbytes"])
+            if out is not None and out.numel() >= nbytes:
+                payload = out[:nbytes]
+            else:
+                payload = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            if nbytes:
+                self._wait(self.data.recv([payload], self.peer, 2))
+        except WireError as e:
+            self.broken = str(e)
+            raise TransferError(f"corrupt frame: {e}") from None
         except Exception as e:
-            raise TransferError(f"receive failed: {str(e).splitlines()[0][:200]}") from None
-        h = unpack_header(hdr.numpy().tobytes())
-        return h, from_bytes(h, payload)
+            self.broken = f"receive failed: {_first_line(e)}"
+            raise TransferError(self.broken) from None
+        return h, payload
+
+    def _wait(self, work) -> None:
+        if not work.wait(self.timeout):
+            raise TransferError(f"no progress in {self.timeout.total_seconds():g} s")
+
+    def close(self) -> None:
+        """Release the groups (the peer's next operation fails)."""
+        for pg in {id(self.ctrl): self.ctrl, id(self.data): self.data}.values():
+            try:
+                pg.abort() if hasattr(pg, "abort") else None
+            except Exception:  # already broken: nothing left to release
+                pass
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__

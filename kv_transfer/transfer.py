@@ -1,52 +1,38 @@
-"""Sending a request's state layer by layer, and landing it in reserved pages on the other side."""
+"""Whole-state transfer of one request over a channel, for callers that already have the full
+state (a finished prefill, a benchmark): the same frames a streamed transfer sends, at once."""
 
 from __future__ import annotations
 
-import torch
-
 from .channel import PairChannel, TransferError
-from .wire import checksum, header
+from .landing import Reception
+from .stream import StateStream
 
 
-def send_state(ch: PairChannel, request: str, state, layers: range | None = None, extra: dict | None = None) -> int:
-    """Send every layer's state (or `layers`), then a closing frame carrying `extra` (e.g. the first
-    sampled token); returns the payload bytes sent."""
-    sums: dict[str, int] = {}
-    sent = 0
-    for layer in layers if layers is not None else range(len(state.layers)):
-        for family, t in state.export_layer(layer):
-            ch.send(header(request, layer, family, t), t)
-            sums[f"{layer}.{family}"] = checksum(t)
-            sent += t.numel() * t.element_size()
-    empty = torch.empty(0, dtype=torch.uint8)
-    ch.send({**header(request, -1, "done", empty), "done": True, "num_tokens": state.num_tokens,
-             "checksums": sums, "bytes": sent, **(extra or {})}, empty)
-    return sent
+def send_state(ch: PairChannel, ticket: str, state, extra: dict | None = None) -> int:
+    """Send every piece of `state`, then the closing frame carrying `extra`; returns payload bytes."""
+    stream = StateStream(ticket, ch.device)
+    for header, payload in stream.last_frames(state, extra):
+        ch.send(header, payload)
+    return stream.bytes
 
 
-def recv_state(ch: PairChannel, request: str, state, free_on_failure: bool = True) -> dict:
-    """Receive into `state` (pages reserved with prepare_import). On any failure the state's pages
-    are freed (unless the caller frees them on its own thread) and TransferError raised; returns
-    the closing frame."""
+def recv_state(ch: PairChannel, ticket: str, state, free_on_failure: bool = True) -> dict:
+    """Land a state sent with send_state (or streamed) in `state` (pages reserved with
+    prepare_import); returns the closing frame. On failure the pages are freed (unless the
+    caller frees them itself) and TransferError raised."""
+    r = Reception(ticket, state, lambda s: None)
     try:
-        sums: dict[str, int] = {}
-        received = 0
         while True:
-            h, t = ch.recv()
-            if h.get("request") != request:
-                raise TransferError(f"frame for request {h.get('request')!r} while receiving {request!r}")
-            if h.get("done"):
-                if h["num_tokens"] != state.num_tokens:
-                    raise TransferError(f"state at {h['num_tokens']} tokens, pages reserved for {state.num_tokens}")
-                if h["checksums"] != sums or h["bytes"] != received:
-                    raise TransferError("checksums or byte count differ from what arrived")
-                return h
-            state.import_layer(h["layer"], h["family"], t)
-            sums[f"{h['layer']}.{h['family']}"] = checksum(t)
-            received += h["nbytes"]
+            header, payload = ch.recv()
+            if header["ticket"] != ticket:
+                raise TransferError(f"frame for {header['ticket']!r} while receiving {ticket!r}")
+            if header.get("done"):
+                r.close(header)
+                return header
+            r.land(header, payload)
     except Exception as e:
         if free_on_failure:
             state.free()
         if isinstance(e, TransferError):
             raise
-        raise TransferError(f"transfer of {request!r} failed: {e}") from None
+        raise TransferError(f"transfer of {ticket!r} failed: {e}") from None

@@ -71,3 +71,141 @@ def test_a_silent_sender_times_out_and_the_receiver_frees_its_pages():
     assert "error" in got, got
     message, pages_free = got["error"]
     assert "receive failed" in message and pages_free
+
+
+# ---- streamed transfer: frames while the prefill runs, one receive loop, reservations ----------
+
+def open_pair(timeout_s: float = 30):
+    """Both ends of a pair channel in this process (each side's constructor waits for the other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kv_transfer import PairChannel
+
+    port = free_port()
+    with ThreadPoolExecutor(2) as ex:
+        send_end = ex.submit(PairChannel, "127.0.0.1", port, 0, timeout_s)
+        recv_end = ex.submit(PairChannel, "127.0.0.1", port, 1, timeout_s)
+        return send_end.result(), recv_end.result()
+
+
+@pytest.fixture(scope="module")
+def streaming():
+    """A rounding model, a sender and a landing joined by one channel (its receive loop running)."""
+    import threading
+
+    from kv_transfer import ChannelSender, Landing
+
+    model = V4Model(TINY, rounding=True).load_weights(random_weights(TINY, 0))
+    send_end, recv_end = open_pair()
+    landing = Landing()
+    threading.Thread(target=landing.serve, args=(recv_end,), daemon=True).start()
+    return model, ChannelSender(send_end), landing
+
+
+def engine(model, **kw):
+    from workers.engine import Engine, EngineConfig
+
+    return Engine(model, EngineConfig(budget_bytes=24 << 20, max_requests=4, prefill_chunk=256,
+                                      max_batch_tokens=256, **kw))
+
+
+def all_free(eng) -> bool:
+    return all(p.num_free == p.num_pages for p in eng.pools.all_pools())
+
+
+def test_a_state_streamed_during_a_chunked_prefill_lands_whole_and_decodes_exactly(streaming):
+    from kv_transfer import StateStream
+
+    model, sender, landing = streaming
+    P = 901
+    prompt = torch.randint(2, 258, (P,), generator=torch.Generator().manual_seed(7)).tolist()
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prefill, decode = engine(model, prefix_cache=False), engine(model, prefix_cache=False)
+    landed = decode.new_import_state(P)
+    receipt = landing.expect("stream-1", landed, 30, on_failure=lambda s: None)
+    stream, during = StateStream("stream-1", "cpu"), []
+
+    def on_chunk(state):
+        frame = stream.ready_frame(state)
+        if frame is not None:
+            during.append(sender.submit(frame))
+
+    rid = prefill.add_prefill(prompt, greedy, on_chunk=on_chunk)
+    first = prefill.run()[rid][0]
+    assert len(during) == 3  # chunks 1-3 of 4 left before the prefill ended
+    state, _ = prefill.take_handoff(rid)
+    for frame in stream.last_frames(state, {"first_token": first}):
+        sender.submit(frame).result(timeout=30)
+    assert receipt.result(timeout=30)["first_token"] == first
+    for layer in range(TINY.num_hidden_layers):  # the receiver holds what the sender held, per family
+        sent, got = dict(state.export_layer(layer)), dict(landed.export_layer(layer))
+        assert sent.keys() == got.keys()
+        for family in sent:
+            assert torch.equal(sent[family], got[family]), (layer, family)
+    assert stream.bytes == spec_bytes(TINY, P)  # streaming adds no byte to the spec's accounting
+    state.free()
+    decode.add_imported(prompt, greedy, first, landed, request_id="cont")
+    want = [s.token_id for s in generate_ids(model, prompt, greedy)]
+    assert decode.run()["cont"] == want
+    assert all_free(prefill) and all_free(decode)
+
+
+def test_a_reservation_whose_state_never_comes_times_out_and_frees_its_pages(streaming):
+    model, _, landing = streaming
+    decode = engine(model, prefix_cache=False)
+    freed = []
+    receipt = landing.expect("never", decode.new_import_state(700), 0.5, on_failure=lambda s: (s.free(), freed.append(s)))
+    with pytest.raises(Exception, match="timed out"):
+        receipt.result(timeout=10)
+    assert len(freed) == 1 and all_free(decode)
+
+
+def test_a_corrupt_frame_fails_its_request_frees_its_pages_and_the_channel_serves_the_next(streaming):
+    from kv_transfer import StateStream
+
+    model, sender, landing = streaming
+    src, dst = engine(model, prefix_cache=False), engine(model, prefix_cache=False)
+    prompt = [2 + i % 250 for i in range(300)]
+    rid = src.add_prefill(prompt, SamplingParams(max_tokens=2, temperature=0))
+    src.run()
+    state, _ = src.take_handoff(rid)
+    for ticket, corrupt in (("bad", True), ("good", False)):
+        landed = dst.new_import_state(len(prompt))
+        receipt = landing.expect(ticket, landed, 30, on_failure=lambda s: s.free())
+        frames = StateStream(ticket, "cpu").last_frames(state)
+        if corrupt:
+            frames[0][1][5] ^= 0xFF  # one flipped byte in flight, after the checksum was taken
+        for f in frames:
+            sender.submit(f).result(timeout=30)
+        if corrupt:
+            with pytest.raises(Exception, match="checksum"):
+                receipt.result(timeout=30)
+            assert all_free(dst)
+        else:
+            assert receipt.result(timeout=30)["num_tokens"] == len(prompt)
+            landed.free()
+    state.free()
+
+
+def test_a_transfer_to_a_dead_decode_replica_fails_and_the_prefill_side_frees_its_pages(streaming):
+    import time
+
+    from kv_transfer import ChannelSender, PairChannel, StateStream, TransferError, finish
+
+    model = streaming[0]
+    src = engine(model, prefix_cache=False)
+    rid = src.add_prefill([2 + i % 250 for i in range(700)], SamplingParams(max_tokens=2, temperature=0))
+    src.run()
+    state, _ = src.take_handoff(rid)
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    peer = ctx.Process(target=transfer_peers.join_and_die, args=(port, q))
+    peer.start()
+    sender = ChannelSender(PairChannel("127.0.0.1", port, 0, timeout_s=5))
+    assert q.get(timeout=60)[0] == "joined"
+    peer.join(30)
+    time.sleep(0.5)  # the connection's close reaches this side
+    with pytest.raises(TransferError):
+        finish(sender, StateStream("gone", "cpu"), state, [], None, lambda s: s.free())
+    assert all_free(src) and sender.broken

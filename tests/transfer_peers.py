@@ -57,3 +57,9 @@ def silent_sender(port: int, q) -> None:
     PairChannel("127.0.0.1", port, 0, timeout_s=30)
     q.put(("silent", True))
     time.sleep(20)
+
+
+def join_and_die(port: int, q) -> None:
+    """Joins the channel, then its process ends: the sender must fail and free its pages."""
+    PairChannel("127.0.0.1", port, 1, timeout_s=30)
+    q.put(("joined", True))

@@ -30,12 +30,14 @@ class AsyncEngine:
         self._cache_events: list[tuple[str, bytes]] = []  # prefix-cache inserts/evictions, for the directory
 
     def generate(self, prompt: list[int], params: SamplingParams | dict | None = None,
-                 request_id: str | None = None, prefill_only: bool = False) -> AsyncIterator[RequestOutput]:
+                 request_id: str | None = None, prefill_only: bool = False,
+                 on_chunk=None) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs. Invalid requests raise EngineInputError before anything is
-        queued. prefill_only: stop after the first token and keep the state for a transfer."""
+        queued. prefill_only: stop after the first token and keep the state for a transfer
+        (on_chunk: see Engine.add_prefill)."""
         params = self.engine.validate(list(prompt), params)
         rid = request_id or f"async-{next(self._ids)}"
-        return self._stream(rid, ("add", rid, list(prompt), params, prefill_only))
+        return self._stream(rid, ("add", rid, list(prompt), params, prefill_only, on_chunk))
 
     def continue_imported(self, prompt: list[int], params, first_token: int, state, generator=None,
                           request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -110,9 +112,12 @@ class AsyncEngine:
         results: list[tuple[str, object]] = []
         for cmd in commands:
             if cmd[0] == "add":
-                _, rid, prompt, params, prefill_only = cmd
+                _, rid, prompt, params, prefill_only, on_chunk = cmd
                 try:
-                    (self.engine.add_prefill if prefill_only else self.engine.add_request)(prompt, params, request_id=rid)
+                    if prefill_only:
+                        self.engine.add_prefill(prompt, params, request_id=rid, on_chunk=on_chunk)
+                    else:
+                        self.engine.add_request(prompt, params, request_id=rid)
                 except Exception as e:  # surfaced to that caller, the loop goes on
                     results.append((rid, e))
             elif cmd[0] == "import":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -139,11 +140,15 @@ class Engine:
         return rid
 
     def add_prefill(self, prompt: list[int], params: SamplingParams | dict | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, on_chunk: Callable[[PagedRequestState], None] | None = None) -> str:
         """Queue a disaggregated prefill: it ends after its first token with finish_reason
-        "prefilled", and its state waits in `handoffs` for the transfer (then `take_handoff`)."""
+        "prefilled", and its state waits in `handoffs` for the transfer (then `take_handoff`).
+        on_chunk(state) runs on the engine's thread after each prefill chunk but the last, so the
+        entries that chunk closed can leave while the next one computes. It must not raise (it
+        would fail the whole batch): a callback keeps its own errors for the caller."""
         rid = self.add_request(prompt, params, request_id)
         self.seqs[rid].prefill_only = True
+        self.seqs[rid].on_chunk = on_chunk
         return rid
 
     def take_handoff(self, request_id: str) -> tuple[PagedRequestState, torch.Generator | None]:
@@ -221,6 +226,8 @@ class Engine:
             st.release_old_window()
             if seq.pending == 0:
                 outputs.append(self._sample(seq, lg))
+            elif seq.on_chunk is not None:
+                seq.on_chunk(st)
         return outputs
 
     def run(self) -> dict[str, list[int]]:

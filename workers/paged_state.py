@@ -237,27 +237,41 @@ class PagedRequestState:
             record[off + n : off + 2 * n] = comp.overlap_score.reshape(-1)
 
     # ---- transfer (the narrow interface kv_transfer uses) -----------------------------------
-    def export_layer(self, layer: int) -> list[tuple[str, torch.Tensor]]:
-        """Layer `layer`'s state at num_tokens, as (family, tensor) in stored form: compressed
-        entries (exactly the filled ones), the window keys a next query sees, and the float32
-        compressor state (open tokens + overlap)."""
+    # A state moves as pieces: compressed entries (final as soon as they exist, so they can go
+    # while the prefill still runs) and, at the end, each layer's tail: the window keys a next
+    # query sees and the float32 compressor state (open tokens + overlap). Pieces are in stored
+    # form (compact bytes, or the float layout's values).
+    def entry_counts(self) -> dict[tuple[int, str], int]:
+        """Compressed entries that exist now, per (layer, family)."""
+        return {(ls.layer, f): ls.count[f] for ls in self.layers for f in ls.families()}
+
+    def entry_rows(self, layer: int, family: str, start: int, end: int) -> torch.Tensor:
+        """Stored rows [start, end) of a compressed family (a copy)."""
+        ls = self.layers[layer]
+        store, per_page, _, _ = ls._table(family)
+        idx = torch.arange(start, end)
+        pages = torch.tensor(self.blocks, dtype=torch.long)[idx // per_page] if end > start else idx
+        return store[pages, ls.slot, idx % per_page]
+
+    def tail(self, layer: int) -> list[tuple[str, str, torch.Tensor]]:
+        """(kind, family, tensor) of the layer's window keys and compressor states at num_tokens."""
         ls, pools, T = self.layers[layer], self.pools, self.num_tokens
-        out: list[tuple[str, torch.Tensor]] = []
-        for family in ls.families():
-            store, per_page, _, _ = ls._table(family)
-            n = ls.count[family]
-            pages = torch.tensor(self.blocks[: -(-n // per_page)], dtype=torch.long)
-            out.append((f"entries.{family}", store[pages, ls.slot].reshape(-1, store.shape[-1])[:n].clone()))
         lo = max(self.window_start, T - (self.cfg.sliding_window - 1))
         pos = torch.arange(lo, T)
         pages = self.window_pages(pos)
-        out.append(("window", pools.swa[pages, layer, pos % SWA_PAGE].clone() if pos.numel() else pools.swa[:0, layer, 0]))
+        out = [("window", "", pools.swa[pages, layer, pos % SWA_PAGE] if pos.numel() else pools.swa[:0, layer, 0])]
         for family, comp in ls.compressors.items():
             parts = [comp.open_kv.reshape(-1), comp.open_score.reshape(-1)]
             if comp.has_overlap:
                 parts += [comp.overlap_kv.reshape(-1), comp.overlap_score.reshape(-1)]
-            out.append((f"compressor.{family}", torch.cat(parts).clone()))
+            out.append(("compressor", family, torch.cat(parts)))
         return out
+
+    def export_layer(self, layer: int) -> list[tuple[str, torch.Tensor]]:
+        """Layer `layer`'s whole state as (name, tensor): every entry of each family, then the tail."""
+        ls = self.layers[layer]
+        out = [(f"entries.{f}", self.entry_rows(layer, f, 0, ls.count[f])) for f in ls.families()]
+        return out + [(f"{kind}.{family}" if family else kind, t) for kind, family, t in self.tail(layer)]
 
     def prepare_import(self, num_tokens: int) -> None:
         """Reserve the pages a transferred state at position num_tokens lands in (raises OutOfPages)."""
@@ -273,27 +287,28 @@ class PagedRequestState:
         self.num_tokens = num_tokens
         self.window_start = max(0, num_tokens - (W - 1))
         self.published_blocks = num_tokens // BLOCK
+        for ls in self.layers:  # the rows arrive in pieces; the state is used only once all are in
+            for f in ls.families():
+                ls.count[f] = num_tokens // ls.ratio
 
-    def import_layer(self, layer: int, family: str, data: torch.Tensor) -> None:
-        """Write one exported piece into this state's reserved pages (see export_layer)."""
+    def import_piece(self, layer: int, kind: str, family: str, start: int, data: torch.Tensor) -> None:
+        """Write one piece (see entry_rows / tail) into this state's reserved pages."""
         ls, T = self.layers[layer], self.num_tokens
-        kind, _, sub = family.partition(".")
         if kind == "entries":
-            store, per_page, _, _ = ls._table(sub)
+            store, per_page, _, _ = ls._table(family)
             n = data.shape[0]
-            if n != T // ls.ratio:
-                raise ValueError(f"layer {layer} {sub}: {n} entries for position {T}, expected {T // ls.ratio}")
-            idx = torch.arange(n)
+            if start < 0 or start + n > T // ls.ratio:
+                raise ValueError(f"layer {layer} {family}: rows [{start}, {start + n}) beyond the "
+                                 f"{T // ls.ratio} entries of position {T}")
+            idx = torch.arange(start, start + n)
             pages = torch.tensor(self.blocks, dtype=torch.long)[idx // per_page]
             store[pages, ls.slot, idx % per_page] = data.to(store.dtype)
-            ls.count[sub] = n
         elif kind == "window":
             pos = torch.arange(T - data.shape[0], T)
-            pages = self.window_pages(pos)
             if pos.numel():
-                self.pools.swa[pages, layer, pos % SWA_PAGE] = data.to(self.pools.swa.dtype)
+                self.pools.swa[self.window_pages(pos), layer, pos % SWA_PAGE] = data.to(self.pools.swa.dtype)
         elif kind == "compressor":
-            comp = ls.compressors[sub]
+            comp = ls.compressors[family]
             width = comp._ov_kv.shape[1] if comp._ov_kv is not None else comp._open_kv.shape[1]
             cw = comp._open_kv.shape[1]
             n_open = T % ls.ratio
@@ -304,4 +319,9 @@ class PagedRequestState:
             comp.set_open(open_kv, open_score)
             comp.set_overlap(*overlap)
         else:
-            raise ValueError(f"unknown state family {family!r}")
+            raise ValueError(f"unknown state piece kind {kind!r}")
+
+    def import_layer(self, layer: int, name: str, data: torch.Tensor) -> None:
+        """Write one piece of export_layer's output."""
+        kind, _, family = name.partition(".")
+        self.import_piece(layer, kind, family, 0, data)

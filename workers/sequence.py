@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ class Sequence:
     preemptions: int = 0
     cached: int = 0  # prompt tokens served from the prefix cache at the last admission
     prefill_only: bool = False  # disaggregated prefill: stop after the first token, hand the state over
+    on_chunk: Callable[[object], None] | None = None  # called with the state after each non-final prefill chunk
 
     _block_keys: list[bytes] | None = None
 
