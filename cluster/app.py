@@ -22,14 +22,14 @@ def build_app(profile: EndpointProfile) -> Application:
 
     args = profile.model_dump()
     if profile.prefill_replicas == 0:
-        engine = EngineReplica.options(num_replicas=profile.replicas, max_ongoing_requests=1000,
+        engine = EngineReplica.options(**profile.replica_options("engine"), max_ongoing_requests=1000,
                                        request_router_config=router(profile.router),
                                        ray_actor_options=_resources(profile)).bind(args)
         return Ingress.options(max_ongoing_requests=10000).bind(engine, args)
-    decode = EngineReplica.options(name="DecodeReplica", num_replicas=profile.replicas, max_ongoing_requests=1000,
+    decode = EngineReplica.options(name="DecodeReplica", **profile.replica_options("engine"), max_ongoing_requests=1000,
                                    request_router_config=router("decode_capacity"),
                                    ray_actor_options=_resources(profile, profile.decode_resources)).bind(args)
-    prefill = EngineReplica.options(name="PrefillReplica", num_replicas=profile.prefill_replicas,
+    prefill = EngineReplica.options(name="PrefillReplica", **profile.replica_options("prefill"),
                                     max_ongoing_requests=1000, request_router_config=router(profile.router),
                                     ray_actor_options=_resources(profile, profile.prefill_resources)).bind(args, decode)
     return Ingress.options(max_ongoing_requests=10000).bind(decode, args, prefill)

@@ -100,7 +100,8 @@ class Ingress:
             raise _Refused(400, f"{err['loc'][0]}: {err['msg']}", param=str(err["loc"][0])) from None
         request = {"prompt_ids": ids, "params": params}
         if self.prefill is not None and len(ids) > self.profile.local_prefill_max_tokens:
-            request = await self._prefill_elsewhere(ids, params)
+            # a prefill or transfer that failed (lost replica, time-out) is redone on the decode side
+            request = await self._prefill_elsewhere(ids, params) or request
         if "finished" in request:  # done on its first token at the prefill replica
             stream = _Single(request["finished"])
         else:
@@ -129,7 +130,8 @@ class Ingress:
 
     async def _prefill_elsewhere(self, ids: list[int], params: dict) -> dict:
         """Reserve pages on a decode replica, have a prefill replica compute and stream the state
-        there; answers the decode request to send (or the finished output)."""
+        there; answers the decode request to send, the finished output, or None when the prefill
+        side failed (the caller prefills on the decode side instead)."""
         try:
             slot = await self.engine.reserve.remote({"num_tokens": len(ids), "prompt_ids": ids})
         except Exception as e:
@@ -147,6 +149,8 @@ class Ingress:
         if "error" in done or "finished" in done:
             await self.engine.cancel_reservation.remote(cancel)
         if "error" in done:
+            if done["status"] == 503:
+                return None
             raise _Refused(done["status"], done["error"], "invalid_request_error" if done["status"] == 400 else "server_error")
         if "finished" in done:
             return done

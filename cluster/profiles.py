@@ -20,6 +20,29 @@ class ProfileError(ValueError):
     """A profile that cannot be served; the message names the key."""
 
 
+class Autoscaling(BaseModel):
+    """Ray Serve autoscaling of one replica group, on ongoing requests per replica: for a decode
+    replica those are the requests in its batch, for a prefill replica the prompts it holds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(300, ge=0)  # a replica's prefix cache is lost with it: scale down slowly
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+    def serve_config(self, initial: int) -> dict:
+        """Ray Serve's autoscaling_config, starting from `initial` replicas (clamped to the range)."""
+        return {**self.model_dump(), "initial_replicas": min(max(initial, self.min_replicas), self.max_replicas)}
+
+
 class EndpointProfile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -44,6 +67,9 @@ class EndpointProfile(BaseModel):
     prefill_resources: dict[str, float] = {}
     decode_resources: dict[str, float] = {}
     router: Literal["prefix_aware", "round_robin", "least_loaded"] = "prefix_aware"
+    # None: a fixed replica count (`replicas`, `prefill_replicas`); else Serve scales the group
+    autoscaling: Autoscaling | None = None  # the engine group (decode group when disaggregated)
+    prefill_autoscaling: Autoscaling | None = None
     max_running_per_replica: int = Field(16, ge=1)
     max_queued_per_replica: int = Field(64, ge=0)  # beyond this, new requests get 429
     default_max_tokens: int = Field(256, ge=1)
@@ -54,7 +80,15 @@ class EndpointProfile(BaseModel):
             raise ValueError("cache_layout 'compact' needs reference_rounding: true")
         if self.prefill_chunk % 256:
             raise ValueError("prefill_chunk must be a multiple of 256")
+        if self.prefill_autoscaling is not None and self.prefill_replicas == 0:
+            raise ValueError("prefill_autoscaling needs a prefill group (prefill_replicas > 0)")
         return self
+
+    def replica_options(self, group: str) -> dict:
+        """Serve deployment options for the replica count of `group` ("engine" or "prefill")."""
+        scaling, count = ((self.autoscaling, self.replicas) if group == "engine"
+                          else (self.prefill_autoscaling, self.prefill_replicas))
+        return {"num_replicas": count} if scaling is None else {"autoscaling_config": scaling.serve_config(count)}
 
     @property
     def model_name(self) -> str:
@@ -92,12 +126,14 @@ class EndpointProfile(BaseModel):
 BUNDLED: dict[str, dict] = {
     # Long shared prefixes (repository context, tool schemas), many turns: keep checkpoints often.
     "coding-agent": dict(window_policy="checkpoint", checkpoint_interval=4, max_context=65536, prefill_chunk=1024),
-    # Short prompts, decode-heavy: many concurrent requests, small chunks.
-    "chat": dict(window_policy="full_store", max_context=8192, prefill_chunk=256, max_running_per_replica=32),
+    # Short prompts, decode-heavy: many concurrent requests, small chunks; traffic follows the day.
+    "chat": dict(window_policy="full_store", max_context=8192, prefill_chunk=256, max_running_per_replica=32,
+                 autoscaling=dict(min_replicas=1, max_replicas=8, target_ongoing_requests=24)),
     # One-shot very long prompts, little reuse: keep only compressed state.
     "long-document": dict(window_policy="recompute", max_context=262144, prefill_chunk=2048, max_batch_tokens=4096),
-    # Throughput: large batches.
-    "batch": dict(window_policy="recompute", max_running_per_replica=64, max_batch_tokens=8192, prefill_chunk=2048),
+    # Throughput: large batches; scales to zero between jobs.
+    "batch": dict(window_policy="recompute", max_running_per_replica=64, max_batch_tokens=8192, prefill_chunk=2048,
+                  autoscaling=dict(min_replicas=0, max_replicas=8, target_ongoing_requests=48)),
 }
 
 

@@ -96,21 +96,34 @@ class ChannelSender:
         return self.channel.broken
 
     def submit(self, frame: tuple[dict, torch.Tensor]) -> concurrent.futures.Future:
+        """Queue a frame; call it on the thread that packed the frame (on a GPU, the send waits
+        for the packing work queued so far on that thread's stream, not for what comes after)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if self.channel.broken:
             fut.set_exception(TransferError(self.channel.broken))
-        else:
-            self._queue.put((frame, fut))
+            return fut
+        ready = None
+        if frame[1].is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        self._queue.put((frame, ready, fut))
         return fut
 
     def _run(self) -> None:
+        side = torch.cuda.Stream() if self.channel.device != "cpu" else None
         while True:
-            (header, payload), fut = self._queue.get()
+            (header, payload), ready, fut = self._queue.get()
             if self.channel.broken:
                 fut.set_exception(TransferError(self.channel.broken))
                 continue
             try:
-                self.channel.send(header, payload)
+                if side is not None:  # NCCL orders the send after the current stream's work: only the packing
+                    side.wait_event(ready)
+                    payload.record_stream(side)
+                    with torch.cuda.stream(side):
+                        self.channel.send(header, payload)
+                else:
+                    self.channel.send(header, payload)
                 fut.set_result(payload.numel())
             except TransferError as e:
                 fut.set_exception(e)

@@ -31,7 +31,10 @@ def test_tiny_engine_on_cuda_matches_the_monolithic_model_on_cuda(dtype):
     assert [out[i] for i in ids] == alone
 
 
-def test_flash_attn_preset_runs_in_bf16_with_the_compact_cache():
+def test_flash_attn_preset_runs_in_bf16_with_the_compact_cache(monkeypatch):
+    """The engine on pages equals the monolithic model, bit for bit, on the reference path (the
+    kernel path is compared in tests/test_kernels_engine.py)."""
+    monkeypatch.setenv("V4SERVE_KERNELS", "torch")
     cfg = preset("flash-attn")
     model = V4Model(cfg, dtype=torch.bfloat16, rounding=True).load_weights(random_weights(cfg, 0)).cuda()
     p = prompts(cfg, [1500])[0]

@@ -151,7 +151,8 @@ def test_prefix_aware_routing_sends_a_shared_prefix_to_the_replica_holding_it(cl
 
 def test_disaggregated_prefill_and_decode_give_the_in_process_tokens(server, reference):
     """A second application: 2 prefill replicas on node_a, 2 decode replicas on node_b, each
-    request's state moving between nodes over a gloo pair channel."""
+    request's state moving between nodes over a gloo pair channel (kept per pair; long prompts
+    stream their entries chunk by chunk while the prefill runs)."""
     openai = pytest.importorskip("openai")
     from ray import serve
 
@@ -161,10 +162,19 @@ def test_disaggregated_prefill_and_decode_give_the_in_process_tokens(server, ref
     serve.run(build_app(profile), name="pd", route_prefix="/pd")
     try:
         prompts = [f"disaggregated {i} " * (1 + 9 * (i % 4)) for i in range(16)]
+        prompts += [f"a long shared document, part {i}; " * 45 for i in range(2)]  # ~1400 tokens: streamed in chunks
         assert concurrent_texts(server + "/pd/v1", prompts, 6) == [complete(tok.encode(p), 6) for p in prompts]
         client = openai.OpenAI(base_url=server + "/pd/v1", api_key="unused", max_retries=0)
         chunks = client.completions.create(model="tiny", prompt=prompts[3], max_tokens=6, temperature=0, stream=True)
         assert "".join(c.choices[0].text for c in chunks) == complete(tok.encode(prompts[3]), 6)
+        # prefill replicas lost: their requests are prefilled on the decode side (or wait for the
+        # replacements), and still give the same tokens
+        import ray
+
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if "PrefillReplica" in a["name"] and "pd#" in a["name"]:
+                ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+        assert concurrent_texts(server + "/pd/v1", prompts[-3:], 6) == [complete(tok.encode(p), 6) for p in prompts[-3:]]
     finally:
         serve.delete("pd")
 

@@ -5,6 +5,12 @@ sink, inverse RoPE on the output, grouped low-rank output projection.
 
 Each query attends over its own fixed-shape key list [window W slots | compressed slots] so its
 result does not depend on which other queries share the call.
+
+Two paths compute the same thing. The reference (pure torch, any device and state) decodes keys
+and gathers per-query key lists. The kernel path (kernels/, when Triton runs and every state is
+paged in the compact layout) sends all decode rows of the batch through one call per layer that
+reads FP8/FP4 rows straight from the pages through int32 tables (workers/page_tables.py), and each
+prefill segment through the chunk attention kernel. Compressors and state updates are shared.
 """
 
 from __future__ import annotations
@@ -14,15 +20,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kernels.dispatch import use_triton
+
 from .compressor import Compressor, round_main_key
 from .config import CSA, HCA, SWA, ModelConfig
 from .indexer import Indexer
 from .modules import Norm, Proj, f32_param
 from .numerics import linear, rms_norm
+from .page_tables import block_row, decode_tables
+from .paged_state import PagedLayerState
 from .rope import apply_rope, cos_sin, inv_freq
 from .state import CompressorState, LayerState, empty_compressor
 
 QUERY_BLOCK = 256  # queries per attention call: bounds the per-query key gather [G, keys, D]
+INDEX_QUERY_BLOCK = 512  # prefill queries per indexer kernel call (kernel path)
 
 
 @dataclass
@@ -66,30 +77,50 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
         if rounding:
             kv = round_main_key(kv, cfg.nope_head_dim)
-        if self.ratio == CSA:
-            iq, iw = self.indexer.queries(qr, x, cos, sin, rounding)
+        index_queries = self.indexer.queries(qr, x, cos, sin, rounding) if self.ratio == CSA else None
+        # Kernels read the compact pages directly: every decode row of the batch goes in one call.
+        kernel_path = use_kernels(x, states)
+        decode_rows, decode_states = [], []
         out = torch.empty_like(q)
         for seg, ls in zip(segments, states, strict=True):
             rows = slice(seg.row, seg.row + seg.length)
+            if kernel_path and seg.length == 1 and whole_window_stored(ls, seg.start, cfg.sliding_window):
+                ls.push_window(kv[rows], cfg.sliding_window)  # its page holds the query's own key now
+                self._compress(x[rows], seg, ls, rounding, kv.dtype)
+                decode_rows.append(seg.row)
+                decode_states.append(ls)
+                continue
             ext, base = self._extend_window(kv[rows], ls)
-            compressors = [("main", self.compressor, "main")] if self.ratio != SWA else []
-            if self.ratio == CSA:
-                compressors.append(("index", self.indexer.compressor, "index"))
-            for family, comp, rnd in compressors:
-                if seg.replay_end is None:
-                    new = comp(x[rows], seg.start, ls.compressors[family], self.freqs, rnd if rounding else None)
-                    ls.append_entries(family, new.to(kv.dtype))
-                elif seg.start + seg.length == seg.replay_end:
-                    ls.compressors[family].copy_from(replayed_compressor_state(comp, x[rows], seg.start, self.freqs))
+            self._compress(x[rows], seg, ls, rounding, kv.dtype)
+            if kernel_path:
+                iqw = tuple(t[rows] for t in index_queries) if self.ratio == CSA else None
+                out[rows] = self._prefill_kernels(q[rows], positions[rows], ext, base, ls, iqw)
+                continue
             for b in range(0, seg.length, QUERY_BLOCK):
                 blk = torch.arange(b, min(seg.length, b + QUERY_BLOCK), device=x.device)
                 flat = blk + seg.row
                 idx = base + blk[:, None] + torch.arange(cfg.sliding_window, device=x.device)[None, :]
                 win_keys, win_valid = ext[idx.clamp(min=0)], idx >= 0
                 out[flat] = self._attend(q[flat], positions[flat], win_keys, win_valid, ls,
-                                         (iq[flat], iw[flat]) if self.ratio == CSA else None)
+                                         tuple(t[flat] for t in index_queries) if self.ratio == CSA else None)
+        if decode_rows:
+            flat = torch.tensor(decode_rows, device=x.device)
+            iqw = tuple(t[flat] for t in index_queries) if self.ratio == CSA else None
+            out[flat] = self._decode_kernels(q[flat], decode_states, iqw)
         out = apply_rope(out, cos, sin, inverse=True)
         return self.wo_b(self._grouped_out(out))
+
+    def _compress(self, x: torch.Tensor, seg: Segment, ls: LayerState, rounding: bool, dtype: torch.dtype) -> None:
+        """Feed the segment's tokens to the layer's compressors; append the entries that closed."""
+        compressors = [("main", self.compressor, "main")] if self.ratio != SWA else []
+        if self.ratio == CSA:
+            compressors.append(("index", self.indexer.compressor, "index"))
+        for family, comp, rnd in compressors:
+            if seg.replay_end is None:
+                new = comp(x, seg.start, ls.compressors[family], self.freqs, rnd if rounding else None)
+                ls.append_entries(family, new.to(dtype))
+            elif seg.start + seg.length == seg.replay_end:
+                ls.compressors[family].copy_from(replayed_compressor_state(comp, x, seg.start, self.freqs))
 
     def _extend_window(self, kv: torch.Tensor, ls: LayerState) -> tuple[torch.Tensor, int]:
         """Keys [stored tail | new] and the ext index of query 0's oldest window slot (may be < 0).
@@ -104,26 +135,55 @@ class Attention(nn.Module):
         return ext, prev.shape[0] - (W - 1)
 
     def _attend(self, q, pos, win_keys, win_valid, ls: LayerState, index_queries) -> torch.Tensor:
-        if self.ratio == SWA:
-            return attend(q, win_keys, win_valid, self.attn_sink)
-        entries = ls.entries("main")
+        entries = ls.entries("main") if self.ratio != SWA else None
+        picked = None
         if self.ratio == CSA:
             iq, iw = index_queries
             picked = self.indexer.select(iq, iw, ls.entries("index"), pos)
-            if entries.shape[0] == 0:  # nothing to pick yet; every compressed slot is masked anyway
-                entries = entries.new_zeros(1, entries.shape[1])
-            keys = torch.cat([win_keys, entries[picked.clamp(min=0)]], dim=1)
-            return attend(q, keys, torch.cat([win_valid, picked >= 0], dim=1), self.attn_sink)
-        # HCA: every entry w with 128w+127 <= t; queries that see the same count share a call.
-        visible = (pos + 1) // HCA
-        out = torch.empty_like(q)
-        for n in visible.unique().tolist():
-            sel = (visible == n).nonzero().squeeze(1)
-            g = sel.shape[0]
-            keys = torch.cat([win_keys[sel], entries[:n].expand(g, n, -1)], dim=1)
-            valid = torch.cat([win_valid[sel], win_valid.new_ones(g, n)], dim=1)
-            out[sel] = attend(q[sel], keys, valid, self.attn_sink)
-        return out
+        return attend_window_and_entries(q, pos, win_keys, win_valid, entries, picked, self.ratio, self.attn_sink)
+
+    def _prefill_kernels(self, q, pos, ext, base, ls: PagedLayerState, index_queries) -> torch.Tensor:
+        """A prefill segment through the kernels: indexer top-k read from the FP4 pages (CSA),
+        then chunk attention over the decoded window band and entries."""
+        from kernels.prefill_attention import prefill_attention
+
+        topk = None
+        if self.ratio == CSA:
+            from kernels.indexer_topk import indexer_topk
+
+            iq, iw = index_queries
+            pools, table = ls.req.pools, block_row(ls.req, q.device)[None]  # one table row for the chunk
+            # query blocks bound the kernel's int64 score scratch [queries, entries]; picks are per query
+            topk = torch.cat([
+                indexer_topk(iq[b : b + INDEX_QUERY_BLOCK], iw[b : b + INDEX_QUERY_BLOCK], pools.csa_index[:, ls.slot],
+                             table, pos[b : b + INDEX_QUERY_BLOCK], self.cfg.index_topk)
+                for b in range(0, q.shape[0], INDEX_QUERY_BLOCK)])
+        entries = ls.entries("main") if self.ratio != SWA else None
+        return prefill_attention(q, self.attn_sink, ext, base, entries, topk, pos, self.ratio, self.cfg.sliding_window)
+
+    def _decode_kernels(self, q, states: list[PagedLayerState], index_queries) -> torch.Tensor:
+        """One query per request, all requests in one call, keys read from the compact pages."""
+        from kernels.hca_decode import hca_decode
+        from kernels.sparse_decode import sparse_mqa_decode
+
+        cfg, ls = self.cfg, states[0]
+        pools, W = ls.req.pools, cfg.sliding_window
+        t = decode_tables([s.req for s in states], W, q.device)
+        swa = pools.swa[:, ls.layer]
+        if self.ratio == HCA:
+            return hca_decode(q, self.attn_sink, swa, t.swa_table, t.positions, pools.hca_main[:, ls.slot],
+                              t.block_table, W, cfg.nope_head_dim)
+        if self.ratio == CSA:
+            from kernels.indexer_topk import indexer_topk
+
+            iq, iw = index_queries
+            topk = indexer_topk(iq, iw, pools.csa_index[:, ls.slot], t.block_table, t.positions, cfg.index_topk)
+            entries = pools.csa_main[:, ls.slot]
+        else:  # window only: no entry is picked, so the entry pages are never read
+            topk = torch.full((q.shape[0], 1), -1, dtype=torch.int32, device=q.device)
+            entries = swa
+        return sparse_mqa_decode(q, self.attn_sink, swa, t.swa_table, t.positions, entries, t.block_table, topk,
+                                 W, cfg.nope_head_dim)
 
     def _grouped_out(self, o: torch.Tensor) -> torch.Tensor:
         """o [N, H, D] -> [N, groups*o_lora]: each head group has its own low-rank projection."""
@@ -132,6 +192,31 @@ class Attention(nn.Module):
         grouped = o.reshape(o.shape[0], g, -1)
         w = self.wo_a.weight.view(g, r, -1)
         return torch.cat([linear(grouped[:, i].to(w.dtype), w[i]) for i in range(g)], dim=-1)
+
+
+def use_kernels(x: torch.Tensor, states: list) -> bool:
+    """The Triton path: kernels are chosen for x, every state keeps compact pages they can read and
+    the widths are ones they tile. (Kernel modules are imported only on this path: the reference
+    runs without triton.)"""
+    return (use_triton(x) and all(isinstance(ls, PagedLayerState) and ls.req.pools.layout == "compact"
+                                  for ls in states)
+            and kernel_widths(states[0].req.cfg))
+
+
+def kernel_widths(cfg: ModelConfig) -> bool:
+    """A main key is head_dim columns (a power of two) split into nope and RoPE dims, both in FP8
+    scale blocks of 64; an indexer key is a power of two >= 32 (two nibble halves of >= 16 for
+    tl.dot); the window is whole 64-key tiles of the prefill kernel."""
+    D, r, Di = cfg.head_dim, cfg.qk_rope_head_dim, cfg.index_head_dim
+    return (D & (D - 1) == 0 and r > 0 and r % 64 == 0 and (D - r) % 64 == 0
+            and Di & (Di - 1) == 0 and Di >= 32 and cfg.sliding_window % 64 == 0)
+
+
+def whole_window_stored(ls: PagedLayerState, t: int, window: int) -> bool:
+    """Are the keys of every window position of a query at t in the pages? Not at the start of a
+    prefix-cache replay (window_start > t - W + 1), where the reference treats the missing keys as
+    invalid slots; the decode kernels would read them as stored, so those rows take the prefill path."""
+    return ls.req.window_start <= max(0, t - (window - 1))
 
 
 def replayed_compressor_state(comp: Compressor, x: torch.Tensor, start: int, freqs: torch.Tensor) -> CompressorState:
@@ -149,6 +234,31 @@ def replayed_compressor_state(comp: Compressor, x: torch.Tensor, start: int, fre
     state = empty_compressor(comp.ratio, comp.width, x.device)
     comp(x[first - start :], first, state, freqs, None)
     return state
+
+
+def attend_window_and_entries(q: torch.Tensor, pos: torch.Tensor, win_keys: torch.Tensor, win_valid: torch.Tensor,
+                              entries: torch.Tensor | None, picked: torch.Tensor | None, ratio: int,
+                              sink: torch.Tensor) -> torch.Tensor:
+    """Reference attention of a query block: q [G, H, D] at positions pos [G] over its window slots
+    win_keys [G, W, D] (valid [G, W]) and compressed entries [n, D]: for CSA the picked indices
+    [G, K] (-1 none), for HCA every entry w with 128w+127 <= t, for SWA none."""
+    if ratio == SWA:
+        return attend(q, win_keys, win_valid, sink)
+    if ratio == CSA:
+        if entries.shape[0] == 0:  # nothing to pick yet; every compressed slot is masked anyway
+            entries = entries.new_zeros(1, entries.shape[1])
+        keys = torch.cat([win_keys, entries[picked.clamp(min=0)]], dim=1)
+        return attend(q, keys, torch.cat([win_valid, picked >= 0], dim=1), sink)
+    # HCA: queries that see the same count share a call.
+    visible = (pos + 1) // HCA
+    out = torch.empty_like(q)
+    for n in visible.unique().tolist():
+        sel = (visible == n).nonzero().squeeze(1)
+        g = sel.shape[0]
+        keys = torch.cat([win_keys[sel], entries[:n].expand(g, n, -1)], dim=1)
+        valid = torch.cat([win_valid[sel], win_valid.new_ones(g, n)], dim=1)
+        out[sel] = attend(q[sel], keys, valid, sink)
+    return out
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:

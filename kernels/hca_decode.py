@@ -1,0 +1,56 @@
+"""HCA decode attention (v4-architecture.md §5, §9): each query attends over its window plus every
+visible HCA entry e < (t+1)/128, all heads in one softmax with the sink.
+
+It is the split kernel of sparse_decode.py with the compressed slots numbered 0..visible-1 instead
+of taken from a top-k list. The key list grows with the context (8,192 entries + 128 window keys
+at 1M), so the fixed split size here is larger than CSA's: a split's partial output (H x D per
+query) must stay small next to the key bytes it reads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.config import HCA
+from workers.pools import BLOCK
+
+from .dispatch import use_triton
+from .sparse_decode import gather_reference, launch_split_attention
+
+HCA_KEYS_PER_SPLIT = 512  # 299 KB of keys per split against 64 KB (bf16) of partial output
+
+
+def reference(q, sink, swa, swa_table, positions, entries, block_table, window: int, nope_dim: int):
+    ratio = BLOCK // entries.shape[1]
+    ids = torch.arange(block_table.shape[1] * entries.shape[1], device=q.device).expand(q.shape[0], -1)
+    visible = ids < ((positions.long() + 1) // ratio)[:, None]
+    return gather_reference(q, sink, swa, swa_table, positions, entries, block_table, ids, visible,
+                            window, nope_dim)
+
+
+def hca_decode(q: torch.Tensor, sink: torch.Tensor, swa: torch.Tensor, swa_table: torch.Tensor,
+               positions: torch.Tensor, entries: torch.Tensor, block_table: torch.Tensor,
+               window: int, nope_dim: int) -> torch.Tensor:
+    """HCA decode attention: q [B, H, D] at positions [B] over its window and all visible entries.
+
+    As sparse_mqa_decode, but entries is pools.hca_main[:, slot] ([P_blk, 2, row_bytes]: a page
+    holds the 2 entries of one 256-position block, so an entry covers 256/2 = 128 positions) and
+    every entry e < (t+1)//128 is attended. block_table [B, n_blk] must cover them.
+    """
+    if not use_triton(q):
+        return reference(q, sink, swa, swa_table, positions, entries, block_table, window, nope_dim)
+    return launch_split_attention(q, sink, swa, swa_table, positions, entries, block_table, None,
+                                  window, nope_dim, ratio=BLOCK // entries.shape[1],
+                                  keys_per_split=HCA_KEYS_PER_SPLIT)
+
+
+def decode_traffic(B: int, context: int, heads: int = 64, head_dim: int = 512, row_bytes: int = 584,
+                   window: int = 128, ratio: int = HCA, q_bytes: int = 2) -> tuple[int, int]:
+    """(bytes read and written, FLOPs) of one call for B queries at position context-1.
+
+    Bytes: the window and every visible entry row once, q in and out in q's dtype (split partials
+    are the kernel's overhead, not counted). FLOPs: QK and PV, 2*H*D each per key.
+    """
+    keys = window + context // ratio
+    moved = B * (keys * row_bytes + 2 * heads * head_dim * q_bytes)
+    return moved, B * 4 * heads * head_dim * keys

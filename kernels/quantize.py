@@ -1,0 +1,330 @@
+"""FP8 / FP4 quantization into the compact cache layouts, and back (workers/kv_layout.py).
+
+`encode_main` / `encode_index` write exactly the bytes of `workers.kv_layout.encode_main` /
+`encode_index`; `decode_main` / `decode_index` read them back. Every rounding step is done with
+integer arithmetic on float32 bit patterns instead of the hardware casts:
+
+  * the scale: the reference takes 2**ceil(log2(fl(amax / qmax))). With qmax = 1.75 * 2**8
+    (E4M3) or 1.5 * 2**2 (E2M1), fl(amax / qmax) <= 2**k holds exactly when amax <= qmax * 2**k
+    (the rounding slack of the division, < 1 ulp of amax, cannot cross a float32 grid point), so
+    the scale exponent is amax's exponent minus qmax's, plus one when amax's mantissa exceeds
+    qmax's. No division, hence no dependence on how a GPU rounds one.
+  * E4M3 and E2M1 codes: round-to-nearest-even on the bits (E2M1 as the reference's midpoint
+    rule); BF16: round-to-nearest-even on the top 16 bits.
+So the interpreter and the GPU run the same integer program, and the CPU test of that program
+checks what the GPU computes. The only float operation is x * 2**-k, which is exact except when
+the result is below float32's normal range; such values round to a zero code in both formats,
+with the sign kept, whether or not the GPU flushes them to zero first.
+
+Scale bytes are decoded as 2**(byte - 127) for bytes 1..254; byte 0 (2**-127) reads as 0.0, and
+the encoders never write it (the amax floor keeps scales >= 2**-22).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import triton
+import triton.language as tl
+
+from workers import kv_layout
+from workers.capacity import indexer_entry_bytes, main_entry_bytes
+
+from .dispatch import use_triton
+
+MAIN_BLOCK = kv_layout.MAIN_BLOCK  # 64 FP8 codes per scale
+INDEX_BLOCK = kv_layout.INDEX_BLOCK  # 32 FP4 codes per scale
+
+
+# ---- bit-level helpers (shared with the kernels that read the layouts) -----------------------
+
+@triton.jit
+def ue8m0_scale_byte(amax, QMAX_EXP: tl.constexpr, QMAX_MANT: tl.constexpr):
+    """Biased exponent (int32) of the power-of-two scale for a block with this float32 amax:
+    smallest 2**k with amax <= qmax * 2**k, qmax = (1 + QMAX_MANT / 2**23) * 2**QMAX_EXP."""
+    bits = tl.maximum(amax, 1e-4).to(tl.int32, bitcast=True)  # the reference's amax floor
+    exp = (bits >> 23) & 0xFF
+    return exp - QMAX_EXP + ((bits & 0x7FFFFF) > QMAX_MANT).to(tl.int32)
+
+
+@triton.jit
+def pow2_from_byte(e):
+    """2**(e - 127) as float32 for biased exponents e in 1..254 (int32)."""
+    return (e << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_code(y):
+    """float32 y with |y| <= 448 -> E4M3 code (int32 0..255), round-to-nearest-even, sign kept."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 31) & 1
+    a = bits & 0x7FFFFFFF
+    # normal E4M3 (|y| >= 2**-6): keep 3 mantissa bits, rounding on the 20 dropped ones; a carry
+    # runs into the exponent, which is what rounding up to the next binade needs
+    r = a + 0x7FFFF + ((a >> 20) & 1)
+    normal = (r >> 20) - ((127 - 7) << 3)
+    # subnormal E4M3: k * 2**-9, k = round(|y| * 2**9) = round(m * 2**(e - 141)); m < 2**24, so
+    # a shift of 25 already yields 0 and clamping it keeps the shift amounts defined
+    e = tl.maximum(a >> 23, 1)
+    m = (a & 0x7FFFFF) | ((a >> 23) > 0).to(tl.int32) << 23
+    shift = tl.minimum(141 - e, 25)
+    q = m >> shift
+    rem = m & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    up = (rem > half) | ((rem == half) & ((q & 1) == 1))
+    sub = q + up.to(tl.int32)
+    return tl.where(a >= 0x3C800000, normal, sub) | (sign << 7)
+
+
+@triton.jit
+def e4m3_value(code):
+    """E4M3 code (int32 0..255) -> float32. Codes 0x7F / 0xFF (NaN) are never written."""
+    e = (code >> 3) & 15
+    m = code & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    val = tl.where(e > 0, normal, m.to(tl.float32) * 0.001953125)  # subnormal: m * 2**-9
+    return tl.where((code & 0x80) != 0, -val, val)
+
+
+@triton.jit
+def e2m1_code(a):
+    """|y| as float32 (<= 6) -> E2M1 magnitude code 0..7: nearest of 0, .5, 1, 1.5, 2, 3, 4, 6;
+    a value on a midpoint goes to the even code (the reference's rule, workers.quant)."""
+    return ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+            + (a > 5.0).to(tl.int32))
+
+
+@triton.jit
+def e2m1_value(code):
+    """E2M1 code (int32, bit 3 = sign) -> float32. Magnitude m >= 2 is a normal number whose
+    exponent and mantissa bit are m's bits, placed in float32 bits with the bias moved; m = 1 is
+    0.5 and m = 0 is 0."""
+    m = code & 7
+    bits = tl.where(m >= 2, (m << 22) + 0x3F000000, m * 0x3F000000)
+    return (bits | ((code & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def load_f32(ptr, mask, FROM_BF16: tl.constexpr):
+    """Load float32, or BF16 given as int16 bits and widened by a shift: exact for subnormals,
+    which the interpreter's BF16 conversion flushes."""
+    if FROM_BF16:
+        return ((tl.load(ptr, mask=mask, other=0).to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def bf16_bits(x):
+    """float32 -> BF16 bit pattern (int32 0..65535), round-to-nearest-even."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+
+
+# ---- kernels ----------------------------------------------------------------------------------
+
+@triton.jit
+def _encode_main_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride,
+                        NOPE: tl.constexpr, ROPE: tl.constexpr, ROW_BYTES: tl.constexpr,
+                        NB_P: tl.constexpr, ROPE_P: tl.constexpr, PAD_P: tl.constexpr, FROM_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_row_stride
+    out_row = out_ptr + row * out_row_stride
+    NB: tl.constexpr = NOPE // 64
+    blk = tl.arange(0, NB_P)
+    j = tl.arange(0, 64)
+    in_blk = blk < NB
+    offs = blk[:, None] * 64 + j[None, :]
+    x = load_f32(x_row + offs, in_blk[:, None], FROM_BF16)
+    scale = ue8m0_scale_byte(tl.max(tl.abs(x), axis=1), 8, 0x600000)  # qmax 448 = 1.75 * 2**8
+    # |x| * 2**-k <= 448 by the choice of k, so the reference's clamp never acts
+    codes = e4m3_code(x * pow2_from_byte(254 - scale)[:, None])
+    tl.store(out_row + offs, codes.to(tl.uint8), mask=in_blk[:, None])
+
+    i = tl.arange(0, ROPE_P)
+    in_rope = i < ROPE
+    rope = bf16_bits(load_f32(x_row + NOPE + i, in_rope, FROM_BF16))
+    tl.store(out_row + NOPE + 2 * i, (rope & 0xFF).to(tl.uint8), mask=in_rope)  # little-endian
+    tl.store(out_row + NOPE + 2 * i + 1, (rope >> 8).to(tl.uint8), mask=in_rope)
+
+    tl.store(out_row + NOPE + 2 * ROPE + blk, scale.to(tl.uint8), mask=in_blk)
+    USED: tl.constexpr = NOPE + 2 * ROPE + NB
+    p = tl.arange(0, PAD_P)
+    tl.store(out_row + USED + p, tl.zeros([PAD_P], dtype=tl.uint8), mask=p < ROW_BYTES - USED)
+
+
+@triton.jit
+def _decode_main_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride,
+                        NOPE: tl.constexpr, ROPE: tl.constexpr, NB_P: tl.constexpr, ROPE_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b_row = b_ptr + row * b_row_stride
+    out_row = out_ptr + row * out_row_stride
+    NB: tl.constexpr = NOPE // 64
+    blk = tl.arange(0, NB_P)
+    j = tl.arange(0, 64)
+    in_blk = blk < NB
+    offs = blk[:, None] * 64 + j[None, :]
+    codes = tl.load(b_row + offs, mask=in_blk[:, None], other=0).to(tl.int32)
+    scale = tl.load(b_row + NOPE + 2 * ROPE + blk, mask=in_blk, other=127).to(tl.int32)
+    tl.store(out_row + offs, e4m3_value(codes) * pow2_from_byte(scale)[:, None], mask=in_blk[:, None])
+    i = tl.arange(0, ROPE_P)
+    in_rope = i < ROPE
+    lo = tl.load(b_row + NOPE + 2 * i, mask=in_rope, other=0).to(tl.int32)
+    hi = tl.load(b_row + NOPE + 2 * i + 1, mask=in_rope, other=0).to(tl.int32)
+    tl.store(out_row + NOPE + i, ((hi << 24) | (lo << 16)).to(tl.float32, bitcast=True), mask=in_rope)
+
+
+@triton.jit
+def _encode_index_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride, DI: tl.constexpr, NB_P: tl.constexpr,
+                         FROM_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_row_stride
+    out_row = out_ptr + row * out_row_stride
+    NB: tl.constexpr = DI // 32
+    blk = tl.arange(0, NB_P)
+    j = tl.arange(0, 16)  # byte j of a block packs elements 2j (low nibble) and 2j + 1
+    in_blk = blk < NB
+    even_offs = blk[:, None] * 32 + 2 * j[None, :]
+    even = load_f32(x_row + even_offs, in_blk[:, None], FROM_BF16)
+    odd = load_f32(x_row + even_offs + 1, in_blk[:, None], FROM_BF16)
+    amax = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
+    scale = ue8m0_scale_byte(amax, 2, 0x400000)  # qmax 6 = 1.5 * 2**2
+    inv = pow2_from_byte(254 - scale)[:, None]
+    # the sign comes from x's sign bit, so -0.0 keeps it (as encode_index does)
+    lo = e2m1_code(tl.abs(even * inv)) | ((even.to(tl.int32, bitcast=True) >> 28) & 8)
+    hi = e2m1_code(tl.abs(odd * inv)) | ((odd.to(tl.int32, bitcast=True) >> 28) & 8)
+    tl.store(out_row + blk[:, None] * 16 + j[None, :], (lo | (hi << 4)).to(tl.uint8), mask=in_blk[:, None])
+    tl.store(out_row + DI // 2 + blk, scale.to(tl.uint8), mask=in_blk)
+
+
+@triton.jit
+def _decode_index_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride, DI: tl.constexpr, NB_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b_row = b_ptr + row * b_row_stride
+    out_row = out_ptr + row * out_row_stride
+    NB: tl.constexpr = DI // 32
+    blk = tl.arange(0, NB_P)
+    j = tl.arange(0, 16)
+    in_blk = blk[:, None] < NB
+    packed = tl.load(b_row + blk[:, None] * 16 + j[None, :], mask=in_blk, other=0).to(tl.int32)
+    scale = pow2_from_byte(tl.load(b_row + DI // 2 + blk, mask=blk < NB, other=127).to(tl.int32))[:, None]
+    even_offs = blk[:, None] * 32 + 2 * j[None, :]
+    tl.store(out_row + even_offs, e2m1_value(packed & 15) * scale, mask=in_blk)
+    tl.store(out_row + even_offs + 1, e2m1_value(packed >> 4) * scale, mask=in_blk)
+
+
+# ---- public functions ------------------------------------------------------------------------
+
+def _main_layout(head_dim: int, nope_dim: int) -> SimpleNamespace:
+    """The config fields that kv_layout's main-entry codec reads."""
+    if nope_dim % MAIN_BLOCK or not 0 < nope_dim < head_dim:
+        raise ValueError(f"nope_dim={nope_dim} must be a positive multiple of {MAIN_BLOCK} below head_dim={head_dim}")
+    return SimpleNamespace(head_dim=head_dim, qk_rope_head_dim=head_dim - nope_dim, nope_head_dim=nope_dim)
+
+
+def _index_layout(index_dim: int) -> SimpleNamespace:
+    if index_dim % INDEX_BLOCK or index_dim <= 0:
+        raise ValueError(f"index_dim={index_dim} must be a positive multiple of {INDEX_BLOCK}")
+    return SimpleNamespace(index_head_dim=index_dim)
+
+
+def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"{what}: expected [N, width], got shape {list(x.shape)}")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _float_rows(x: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:
+    """Rows to encode as the kernels read them: BF16 as its int16 bits, other dtypes as float32."""
+    x = _rows(x, what)
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16), True
+    return x.float(), False
+
+
+def main_row_bytes(head_dim: int, nope_dim: int) -> int:
+    return main_entry_bytes(_main_layout(head_dim, nope_dim))
+
+
+def index_row_bytes(index_dim: int) -> int:
+    return indexer_entry_bytes(_index_layout(index_dim))
+
+
+def reference_encode_main(x: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    return kv_layout.encode_main(x, _main_layout(x.shape[-1], nope_dim))
+
+
+def reference_decode_main(b: torch.Tensor, head_dim: int, nope_dim: int) -> torch.Tensor:
+    return kv_layout.decode_main(b, _main_layout(head_dim, nope_dim))
+
+
+def reference_encode_index(x: torch.Tensor) -> torch.Tensor:
+    return kv_layout.encode_index(x, _index_layout(x.shape[-1]))
+
+
+def reference_decode_index(b: torch.Tensor, index_dim: int) -> torch.Tensor:
+    return kv_layout.decode_index(b, _index_layout(index_dim))
+
+
+def encode_main(x: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """Main keys x [N, D] (any float dtype) -> uint8 [N, main_row_bytes(D, nope_dim)]: FP8 E4M3
+    codes of the first nope_dim dims (scale per 64), BF16 of the rest, UE8M0 scales, zero pad."""
+    if not use_triton(x):
+        return reference_encode_main(x, nope_dim)
+    x, from_bf16 = _float_rows(x, "encode_main")
+    D = x.shape[1]
+    rb = main_row_bytes(D, nope_dim)
+    out = torch.empty(x.shape[0], rb, dtype=torch.uint8, device=x.device)
+    if x.shape[0]:
+        rope = D - nope_dim
+        pad = rb - (nope_dim + 2 * rope + nope_dim // MAIN_BLOCK)
+        _encode_main_kernel[(x.shape[0],)](
+            x, out, x.stride(0), out.stride(0), NOPE=nope_dim, ROPE=rope, ROW_BYTES=rb,
+            NB_P=triton.next_power_of_2(nope_dim // MAIN_BLOCK), ROPE_P=triton.next_power_of_2(rope),
+            PAD_P=triton.next_power_of_2(max(pad, 1)), FROM_BF16=from_bf16)
+    return out
+
+
+def decode_main(b: torch.Tensor, head_dim: int, nope_dim: int) -> torch.Tensor:
+    """uint8 [N, main_row_bytes(head_dim, nope_dim)] -> float32 keys [N, head_dim]."""
+    if not use_triton(b):
+        return reference_decode_main(b, head_dim, nope_dim)
+    b = _rows(b, "decode_main")
+    if b.shape[1] != main_row_bytes(head_dim, nope_dim):
+        raise ValueError(f"decode_main: rows of {b.shape[1]} bytes, expected {main_row_bytes(head_dim, nope_dim)}")
+    out = torch.empty(b.shape[0], head_dim, dtype=torch.float32, device=b.device)
+    if b.shape[0]:
+        rope = head_dim - nope_dim
+        _decode_main_kernel[(b.shape[0],)](
+            b, out, b.stride(0), out.stride(0), NOPE=nope_dim, ROPE=rope,
+            NB_P=triton.next_power_of_2(nope_dim // MAIN_BLOCK), ROPE_P=triton.next_power_of_2(rope))
+    return out
+
+
+def encode_index(x: torch.Tensor) -> torch.Tensor:
+    """Indexer keys x [N, Di] -> uint8 [N, Di/2 + Di/32]: packed FP4 E2M1 (element 2i in the low
+    nibble), then one UE8M0 scale per 32 elements."""
+    if not use_triton(x):
+        return reference_encode_index(x)
+    x, from_bf16 = _float_rows(x, "encode_index")
+    Di = x.shape[1]
+    out = torch.empty(x.shape[0], index_row_bytes(Di), dtype=torch.uint8, device=x.device)
+    if x.shape[0]:
+        _encode_index_kernel[(x.shape[0],)](x, out, x.stride(0), out.stride(0), DI=Di,
+                                            NB_P=triton.next_power_of_2(Di // INDEX_BLOCK), FROM_BF16=from_bf16)
+    return out
+
+
+def decode_index(b: torch.Tensor, index_dim: int) -> torch.Tensor:
+    """uint8 [N, index_row_bytes(index_dim)] -> float32 indexer keys [N, index_dim]."""
+    if not use_triton(b):
+        return reference_decode_index(b, index_dim)
+    b = _rows(b, "decode_index")
+    if b.shape[1] != index_row_bytes(index_dim):
+        raise ValueError(f"decode_index: rows of {b.shape[1]} bytes, expected {index_row_bytes(index_dim)}")
+    out = torch.empty(b.shape[0], index_dim, dtype=torch.float32, device=b.device)
+    if b.shape[0]:
+        _decode_index_kernel[(b.shape[0],)](b, out, b.stride(0), out.stride(0), DI=index_dim,
+                                            NB_P=triton.next_power_of_2(index_dim // INDEX_BLOCK))
+    return out

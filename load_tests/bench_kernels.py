@@ -1,0 +1,467 @@
+"""Decode kernels and the decode step against the roofline measured in the same run (issue 5).
+
+    python -m load_tests.bench_kernels [--sections kernels,step,prefill,hf]
+        [--contexts 8192,131072,1048576] [--batches 1,32] [--step-contexts 8192,131072,1048576]
+        [--step-batches 1,32] [--torch-step-upto 1048576] [--hf-contexts 8192,32768,131072,1048576]
+        [--prefill-chunks 8192,32768,131072] [--out results.json]
+
+One GPU, flash-attn preset (64 heads x 512, top-512, indexer 64 x 128), compact layout, bf16.
+Sections (each guarded: a failure prints its error and the others still run):
+  ceilings   HBM copy rate (a 2 GiB device-to-device copy; bytes read + written per second) and
+             bf16 matmul FLOP/s (8192^3);
+  kernels    indexer_topk, sparse_mqa_decode (CSA), hca_decode at each context and batch: median
+             time, bytes/s against the copy rate, FLOP/s against the matmul rate, the ceiling that
+             binds (the larger of bytes/copy rate and FLOPs/matmul rate) and the fraction of it
+             reached; bytes and FLOPs from each kernel module's own traffic formula;
+  step       the whole decode step of the flash-attn preset (V4Model, random weights, rounding on)
+             on states at position P whose pages hold valid encoded rows (no prefill run), with
+             the kernels and with the torch reference: ms per step and the state-bytes floor
+             (KV state a step must read / copy rate);
+  hf         transformers' DeepseekV4ForCausalLM (same config and weights, bf16) decode after a
+             prefill of P tokens, where it fits ("did not run" and the error otherwise; contexts
+             above one that ran out of memory are not tried);
+  prefill    engine prefill throughput with one chunk of 8K, 32K, 128K tokens (kernels on).
+In the kernels section pages are distinct per batch row when they fit in half the free GPU
+memory; otherwise every row's block table points at the same pages ("shared" in the output: then
+repeated reads can hit in L2, so those rows overstate bandwidth). The step section always uses
+distinct pages (its batch 32 at 1M needs about 11 GB). The ceilings run first in every
+invocation, so `--sections` can split the work over several commands and each keeps its ratios
+within one run.
+Prints a table per section and one JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+
+import torch
+
+from workers.config import preset
+
+DEVICE = "cuda"
+WARMUP, REPEAT = 3, 20
+INDEX_TOPK, WINDOW = 512, 128
+
+
+# ---- timing and ceilings ----------------------------------------------------------------------
+
+def cuda_time(fn, warmup: int = WARMUP, repeat: int = REPEAT) -> float:
+    """Median seconds of fn() between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    n = 2 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=DEVICE).random_(0, 255)
+    dst = torch.empty_like(src)
+    copy_s = cuda_time(lambda: dst.copy_(src))
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device=DEVICE)
+    b = torch.randn(m, m, dtype=torch.bfloat16, device=DEVICE)
+    mm_s = cuda_time(lambda: a @ b)
+    return {"copy_bytes_per_s": 2 * n / copy_s, "bf16_matmul_flop_per_s": 2 * m**3 / mm_s}
+
+
+def roofline(seconds: float, nbytes: int, flops: int, ceil: dict) -> dict:
+    t_mem, t_flop = nbytes / ceil["copy_bytes_per_s"], flops / ceil["bf16_matmul_flop_per_s"]
+    return {
+        "ms": seconds * 1e3, "bytes": nbytes, "flops": flops,
+        "bytes_per_s": nbytes / seconds, "of_copy_rate": t_mem / seconds,
+        "flop_per_s": flops / seconds, "of_matmul_rate": t_flop / seconds,
+        "binds": "memory" if t_mem >= t_flop else "compute", "of_binding_ceiling": max(t_mem, t_flop) / seconds,
+    }
+
+
+@contextmanager
+def kernels_mode(mode: str):
+    old = os.environ.get("V4SERVE_KERNELS")
+    os.environ["V4SERVE_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("V4SERVE_KERNELS")
+        else:
+            os.environ["V4SERVE_KERNELS"] = old
+
+
+def fits(nbytes: int, share: float = 0.5) -> bool:
+    free, _ = torch.cuda.mem_get_info()
+    return nbytes < share * free
+
+
+# ---- valid page contents ------------------------------------------------------------------------
+
+def fill_rows(store: torch.Tensor, rows: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """Every row of store [..., row_bytes] (contiguous) := a random one of `rows` [n, row_bytes]."""
+    flat = store.view(-1, store.shape[-1])
+    for s in range(0, flat.shape[0], chunk):
+        e = min(flat.shape[0], s + chunk)
+        flat[s:e] = rows[torch.randint(0, rows.shape[0], (e - s,), device=rows.device)]
+
+
+def encoded_rows(cfg, n: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """n valid compact main rows and indexer rows (encoded from Gaussian keys, as the model stores them)."""
+    from workers.kv_layout import encode_index, encode_main
+
+    main = encode_main(torch.randn(n, cfg.head_dim, device=DEVICE), cfg)
+    index = encode_index(torch.randn(n, cfg.index_head_dim, device=DEVICE), cfg)
+    return main, index
+
+
+# ---- decode kernels -------------------------------------------------------------------------------
+
+def kernel_inputs(cfg, context: int, B: int, rows: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """Per-layer page views and tables for B queries at position context-1."""
+    from workers.pools import BLOCK, SWA_PAGE
+    from workers.quant import fp4_e2m1_block_qdq
+
+    main_rows, index_rows = rows
+    RB, IB = main_rows.shape[1], index_rows.shape[1]
+    n_blk = -(-context // BLOCK)
+    per_block = 64 * (RB + IB) + 2 * RB
+    shared = not fits(B * n_blk * per_block)
+    pages = n_blk if shared else B * n_blk
+    csa_main = torch.empty(pages, 64, RB, dtype=torch.uint8, device=DEVICE)
+    csa_index = torch.empty(pages, 64, IB, dtype=torch.uint8, device=DEVICE)
+    hca_main = torch.empty(pages, 2, RB, dtype=torch.uint8, device=DEVICE)
+    swa = torch.empty(B * 3, SWA_PAGE, RB, dtype=torch.uint8, device=DEVICE)
+    for store, src in ((csa_main, main_rows), (csa_index, index_rows), (hca_main, main_rows), (swa, main_rows)):
+        fill_rows(store, src)
+    blk = torch.arange(n_blk, device=DEVICE, dtype=torch.int32)
+    block_table = blk.expand(B, -1).contiguous() if shared else (blk[None] + n_blk * torch.arange(B, device=DEVICE)[:, None]).to(torch.int32)
+    t = context - 1
+    first = max(0, t - WINDOW + 1) // SWA_PAGE
+    swa_table = torch.zeros(B, t // SWA_PAGE + 1, dtype=torch.int32, device=DEVICE)
+    for i, p in enumerate(range(first, t // SWA_PAGE + 1)):
+        swa_table[:, p] = torch.arange(B, device=DEVICE, dtype=torch.int32) * 3 + i
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    return dict(
+        shared=shared, swa=swa, swa_table=swa_table, csa_main=csa_main, csa_index=csa_index, hca_main=hca_main,
+        block_table=block_table, positions=torch.full((B,), t, dtype=torch.int32, device=DEVICE),
+        q=torch.randn(B, cfg.num_attention_heads, cfg.head_dim, device=DEVICE, generator=g).to(torch.bfloat16),
+        sink=torch.randn(cfg.num_attention_heads, device=DEVICE, generator=g),
+        # on the FP4 grid, as the model's indexer queries are (the scan needs one bf16 part for those)
+        iq=fp4_e2m1_block_qdq(torch.randn(B, cfg.index_n_heads, cfg.index_head_dim, device=DEVICE, generator=g), 32),
+        iw=torch.randn(B, cfg.index_n_heads, device=DEVICE, generator=g),
+    )
+
+
+def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> list[dict]:
+    from kernels import hca_decode as hca
+    from kernels import indexer_topk as idx
+    from kernels import sparse_decode as sparse
+
+    rows = encoded_rows(cfg)
+    nope, out = cfg.nope_head_dim, []
+    for T in contexts:
+        for B in batches:
+            try:
+                x = kernel_inputs(cfg, T, B, rows)
+            except torch.cuda.OutOfMemoryError as e:
+                out.append({"kernel": "all", "context": T, "batch": B, "error": f"out of memory: {e}"})
+                continue
+            n_vis = T // 4
+            topk = (torch.randint(0, n_vis, (B, INDEX_TOPK), device=DEVICE, dtype=torch.int32) if n_vis >= INDEX_TOPK
+                    else torch.where(torch.arange(INDEX_TOPK, device=DEVICE) < n_vis,
+                                     torch.arange(INDEX_TOPK, device=DEVICE), -1).to(torch.int32).expand(B, -1))
+            runs = {
+                "indexer_topk": (lambda: idx.indexer_topk(x["iq"], x["iw"], x["csa_index"], x["block_table"],
+                                                          x["positions"], INDEX_TOPK),
+                                 idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
+                "sparse_mqa_decode": (lambda: sparse.sparse_mqa_decode(x["q"], x["sink"], x["swa"], x["swa_table"],
+                                                                       x["positions"], x["csa_main"], x["block_table"],
+                                                                       topk, WINDOW, nope),
+                                      sparse.decode_traffic(B, T)),
+                "hca_decode": (lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
+                                                      x["hca_main"], x["block_table"], WINDOW, nope),
+                               hca.decode_traffic(B, T)),
+            }
+            for name, (fn, (nbytes, flops)) in runs.items():
+                try:
+                    r = roofline(cuda_time(fn), nbytes, flops, ceil)
+                except Exception as e:  # one kernel failing must not hide the others' figures
+                    r = {"error": f"{type(e).__name__}: {e}"}
+                out.append({"kernel": name, "context": T, "batch": B, "pages": "shared" if x["shared"] else "distinct", **r})
+            del x, topk
+            torch.cuda.empty_cache()
+    return out
+
+
+# ---- the whole decode step ----------------------------------------------------------------------
+
+def flash_model():
+    from workers.init import random_weights
+    from workers.model import V4Model
+
+    cfg = preset("flash-attn")
+    weights = random_weights(cfg, 0)
+    return cfg, weights, V4Model(cfg, dtype=torch.bfloat16, rounding=True).load_weights(weights).to(DEVICE)
+
+
+def state_bytes_per_token(cfg, T: int) -> int:
+    """KV state one decode query at position T-1 must read (v4-architecture.md §9): every layer's
+    window; CSA the top-k main entries and every indexer key; HCA every entry."""
+    from workers.capacity import indexer_entry_bytes, main_entry_bytes
+    from workers.config import CSA, HCA
+
+    main, index = main_entry_bytes(cfg), indexer_entry_bytes(cfg)
+    total = 0
+    for r in cfg.compress_ratios:
+        total += min(T, cfg.sliding_window) * main
+        if r == CSA:
+            total += min(cfg.index_topk, T // CSA) * main + (T // CSA) * index
+        elif r == HCA:
+            total += (T // HCA) * main
+    return total
+
+
+def synthetic_states(cfg, model, P: int, B: int, rows) -> list:
+    """B request states at position P on distinct pages of valid rows (compressor state random),
+    with room for 64 more tokens; as load_tests/bench_transfer.py fakes a state without a prefill."""
+    from workers.paged_state import PagedRequestState
+    from workers.pools import BLOCK, KVPools, PoolSizes
+
+    n_blk = -(-(P + 64) // BLOCK)
+    pools = KVPools(cfg, PoolSizes(blocks=B * n_blk, swa=6 * B, comp=B, overlap=1), "compact", model.dtype, DEVICE)
+    states = []
+    for _ in range(B):
+        st = PagedRequestState(pools)
+        st.prepare_import(P)
+        for ls in st.layers:
+            for f in ls.families():
+                ls.count[f] = P // ls.ratio
+            for comp in ls.compressors.values():
+                comp.n_open = P % ls.ratio
+                comp.has_overlap = comp._ov_kv is not None and P >= 4
+        states.append(st)
+    main_rows, index_rows = rows
+    for store, src in ((pools.csa_main, main_rows), (pools.csa_index, index_rows), (pools.hca_main, main_rows),
+                       (pools.swa, main_rows)):
+        fill_rows(store, src)
+    pools.comp.normal_()
+    return states
+
+
+@torch.no_grad()
+def step_time(model, states, steps: int = 8) -> float:
+    """Median seconds of one batched decode forward (reserve, forward, release as the engine does)."""
+    times = []
+    for i in range(steps + 2):
+        for st in states:
+            st.reserve(1)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model([(st, [5]) for st in states])
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+        for st in states:
+            st.release_old_window()
+    return statistics.median(times)
+
+
+def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int], torch_upto: int) -> list[dict]:
+    rows, out = encoded_rows(cfg), []
+    for P in contexts:
+        for B in batches:
+            row = {"context": P, "batch": B}
+            try:
+                states = synthetic_states(cfg, model, P, B, rows)
+                floor_s = B * state_bytes_per_token(cfg, P) / ceil["copy_bytes_per_s"]
+                row.update(state_bytes=B * state_bytes_per_token(cfg, P), floor_ms=floor_s * 1e3)
+                with kernels_mode("auto"):
+                    s = step_time(model, states)
+                row.update(kernels_ms=s * 1e3, kernels_tok_s=B / s, floor_over_kernels=floor_s / s)
+                if P <= torch_upto and B == 1:
+                    with kernels_mode("torch"):
+                        s = step_time(model, states, steps=3)
+                    row.update(torch_ms=s * 1e3, torch_tok_s=B / s)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+            out.append(row)
+            states = None
+            torch.cuda.empty_cache()
+    return out
+
+
+# ---- transformers -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def hf_section(cfg, weights, contexts: list[int], steps: int = 8) -> list[dict]:
+    """transformers' decode after its own prefill of P tokens, shortest context first; once one
+    context runs out of memory the longer ones are not tried."""
+    from .transformers_peer import hf_model_from
+
+    with tempfile.TemporaryDirectory() as d:
+        hf = hf_model_from(cfg, weights, d).to(torch.bfloat16).to(DEVICE)
+    out, oom = [], None
+    for P in sorted(contexts):
+        if oom is not None:
+            out.append({"context": P, "hf": "did not run", "error": f"out of memory at {oom} already"})
+            continue
+        cache = None
+        try:
+            ids = torch.randint(2, cfg.vocab_size, (1, P), device=DEVICE)
+            cache = hf(ids, use_cache=True, logits_to_keep=1).past_key_values
+            tok = torch.tensor([[5]], device=DEVICE)
+            times = []
+            for i in range(steps + 2):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                cache = hf(tok, past_key_values=cache, use_cache=True).past_key_values
+                torch.cuda.synchronize()
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+            s = statistics.median(times)
+            out.append({"context": P, "hf_ms": s * 1e3, "hf_tok_s": 1 / s})
+        except torch.cuda.OutOfMemoryError as e:  # the expected way for it not to run at long contexts
+            oom = P
+            out.append({"context": P, "hf": "did not run", "error": f"OutOfMemoryError: {str(e)[:200]}"})
+        cache = None
+        torch.cuda.empty_cache()
+    return out
+
+
+# ---- prefill ---------------------------------------------------------------------------------------
+
+def prefill_section(cfg, model, chunks: list[int]) -> list[dict]:
+    from workers.engine import Engine, EngineConfig
+    from workers.sampling import SamplingParams
+
+    out = []
+    for n in chunks:
+        try:
+            eng = Engine(model, EngineConfig(budget_bytes=4 << 30, max_requests=1, prefill_chunk=n,
+                                             max_batch_tokens=n, prefix_cache=False))
+            times = []
+            for i in range(3):
+                eng.add_request(torch.randint(2, cfg.vocab_size, (n,)).tolist(), SamplingParams(max_tokens=1, temperature=0))
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                eng.run()
+                torch.cuda.synchronize()
+                if i:  # the first one compiles the kernels
+                    times.append(time.perf_counter() - t)
+            s = statistics.median(times)
+            out.append({"chunk": n, "s": s, "tok_s": n / s})
+        except Exception as e:
+            out.append({"chunk": n, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        eng = None
+        torch.cuda.empty_cache()
+    return out
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+def print_tables(res: dict) -> None:
+    c = res.get("ceilings", {})
+    if c:
+        print(f"\nceilings: HBM copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {c['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
+    if res.get("kernels"):
+        print(f"\n{'kernel':18} {'ctx':>8} {'B':>3} {'pages':>8} {'ms':>8} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} {'%mm':>6} {'binds':>8} {'%bind':>6}")
+    for r in res.get("kernels", []):
+        if "error" in r:
+            print(f"{r['kernel']:18} {r['context']:>8} {r['batch']:>3} error: {r['error']}")
+            continue
+        print(f"{r['kernel']:18} {r['context']:>8} {r['batch']:>3} {r['pages']:>8} {r['ms']:8.3f} {r['bytes_per_s'] / 1e9:8.0f} "
+              f"{r['of_copy_rate']:6.1%} {r['flop_per_s'] / 1e12:8.1f} {r['of_matmul_rate']:6.1%} {r['binds']:>8} {r['of_binding_ceiling']:6.1%}")
+    hf = {r["context"]: r for r in res.get("hf", [])}
+    if res.get("step"):
+        print(f"\n{'step ctx':>9} {'B':>3} {'floor ms':>9} {'kernels ms':>11} {'floor/k':>8} {'torch ms':>9} {'hf ms':>9} {'k/hf tok/s':>11}")
+    for r in res.get("step", []):
+        if "error" in r:
+            print(f"{r['context']:>9} {r['batch']:>3} error: {r['error']}")
+            continue
+        h = hf.get(r["context"], {})
+        ratio = f"{h['hf_ms'] / r['kernels_ms'] * r['batch']:11.1f}" if "hf_ms" in h else f"{'-':>11}"
+        torch_ms = f"{r['torch_ms']:9.1f}" if "torch_ms" in r else f"{'-':>9}"
+        hf_ms = f"{h['hf_ms']:9.1f}" if "hf_ms" in h else f"{h.get('hf', '-'):>9}"
+        print(f"{r['context']:>9} {r['batch']:>3} {r['floor_ms']:9.3f} {r['kernels_ms']:11.2f} "
+              f"{r['floor_over_kernels']:8.1%} {torch_ms} {hf_ms} {ratio}")
+    for r in res.get("hf", []):
+        if "hf_ms" in r:
+            print(f"transformers decode at {r['context']}: {r['hf_ms']:.1f} ms/token")
+        else:
+            print(f"transformers decode at {r['context']}: did not run ({r.get('error', '')})")
+    for r in res.get("prefill", []):
+        print(f"prefill chunk {r['chunk']:>7}: " + (f"{r['tok_s']:10.0f} tok/s ({r['s']:.2f} s)" if "tok_s" in r else f"error: {r['error']}"))
+
+
+def guarded(res: dict, name: str, fn) -> None:
+    """res[name] = fn(); a failure is printed and recorded, and the next section still runs."""
+    try:
+        res[name] = fn()
+    except Exception as e:
+        traceback.print_exc()
+        res[name + "_error"] = f"{type(e).__name__}: {e}"
+    print(f"[{name}] done", flush=True)
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="8192,131072,1048576")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--step-contexts", default="8192,131072,1048576")
+    ap.add_argument("--step-batches", default="1,32")
+    ap.add_argument("--torch-step-upto", type=int, default=1048576, help="torch reference step for batch 1 up to this context")
+    ap.add_argument("--hf-contexts", default="8192,32768,131072,1048576")
+    ap.add_argument("--prefill-chunks", default="8192,32768,131072")
+    ap.add_argument("--sections", default="kernels,step,prefill,hf", help="which sections run (ceilings always do)")
+    ap.add_argument("--out", help="also write the JSON here")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    import triton
+
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                 "command": "python -m load_tests.bench_kernels " + " ".join(sys.argv[1:])}
+    want = set(a.sections.split(","))
+    guarded(res, "ceilings", ceilings)  # every run measures its own ceilings: ratios are within one run
+    if "ceilings" in res:
+        cfg = preset("flash-attn")
+        if "kernels" in want:
+            guarded(res, "kernels", lambda: kernel_section(cfg, res["ceilings"], ints(a.contexts), ints(a.batches)))
+        if want & {"step", "prefill", "hf"}:
+            cfg, weights, model = flash_model()
+        if "step" in want:
+            guarded(res, "step", lambda: step_section(cfg, model, res["ceilings"], ints(a.step_contexts),
+                                                      ints(a.step_batches), a.torch_step_upto))
+        if "prefill" in want:
+            guarded(res, "prefill", lambda: prefill_section(cfg, model, ints(a.prefill_chunks)))
+        if "hf" in want:
+            model = None
+            torch.cuda.empty_cache()
+            guarded(res, "hf", lambda: hf_section(cfg, weights, ints(a.hf_contexts)))
+    print_tables(res)
+    line = json.dumps(res)
+    print(line)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Decode attention kernels (kernels/main_rows.py, sparse_decode.py, hca_decode.py) against their
+pure-torch references, on real compact rows in KVPools reached through shuffled page tables.
+
+Tolerances (max abs difference of outputs whose entries are O(1)):
+  * float32 keys: 2e-5. Same math; only the summation order and the online softmax differ.
+  * bf16 keys: 2e-2 abs + 2e-2 rel. The reference rounds the normalised probabilities to bf16
+    before P@V; the kernel rounds the unnormalised ones and divides at the end, and stores
+    per-split outputs in bf16. Measured: at most 2 bf16 ulps (0.03 on outputs near 4).
+Row decoding is exact in both dtypes.
+CPU runs use small head counts and shrink the split sizes so every path (window before position
+0, page boundaries, several splits, -1 top-k slots, masked head blocks) runs in the interpreter.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kernels import hca_decode as hca_mod
+from kernels import main_rows
+from kernels import sparse_decode as sparse_mod
+from kernels.hca_decode import hca_decode
+from kernels.sparse_decode import sparse_mqa_decode
+from workers.config import preset
+from workers.kv_layout import encode_main
+from workers.pools import BLOCK, SWA_PAGE, KVPools, PoolSizes
+
+WINDOW = 128
+TOL = {torch.float32: dict(atol=2e-5, rtol=0.0), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+SMALL = preset("tiny")  # head_dim 128 = 64 FP8 dims + 64 RoPE dims, 200-byte rows
+FULL = preset("flash-attn")  # head_dim 512 = 448 + 64, 584-byte rows
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    monkeypatch.setenv("V4SERVE_KERNELS", "triton")
+
+
+@pytest.fixture
+def small_splits(monkeypatch):
+    """Splits of 64 keys: a window of 128 alone takes two, so merging always runs."""
+    monkeypatch.setattr(sparse_mod, "SPARSE_KEYS_PER_SPLIT", 64)
+    monkeypatch.setattr(hca_mod, "HCA_KEYS_PER_SPLIT", 64)
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    sink: torch.Tensor
+    swa: torch.Tensor
+    swa_table: torch.Tensor
+    positions: torch.Tensor
+    csa_rows: torch.Tensor
+    hca_rows: torch.Tensor
+    block_table: torch.Tensor
+    topk: torch.Tensor
+    nope: int
+
+    def sparse(self, rows=slice(None)):
+        return sparse_mqa_decode(self.q[rows], self.sink, self.swa, self.swa_table[rows], self.positions[rows],
+                                 self.csa_rows, self.block_table[rows], self.topk[rows], WINDOW, self.nope)
+
+    def sparse_ref(self):
+        return sparse_mod.reference(self.q, self.sink, self.swa, self.swa_table, self.positions, self.csa_rows,
+                                    self.block_table, self.topk, WINDOW, self.nope)
+
+    def hca(self, rows=slice(None)):
+        return hca_decode(self.q[rows], self.sink, self.swa, self.swa_table[rows], self.positions[rows],
+                          self.hca_rows, self.block_table[rows], WINDOW, self.nope)
+
+    def hca_ref(self):
+        return hca_mod.reference(self.q, self.sink, self.swa, self.swa_table, self.positions, self.hca_rows,
+                                 self.block_table, WINDOW, self.nope)
+
+
+def _fill(rows: torch.Tensor, cfg) -> None:
+    """Every row of a uint8 pool view gets a random key in the compact layout, page by page."""
+    for p in range(0, rows.shape[0], 256):
+        x = torch.randn(*rows[p : p + 256].shape[:-1], cfg.head_dim, device=rows.device)
+        rows[p : p + 256] = encode_main(x, cfg)
+
+
+def build_case(cfg, positions: list[int], heads: int, topk: int, dtype, device="cpu", seed=0) -> Case:
+    """Pools holding random keys; each request's pages are a shuffled draw, so a wrong page lookup
+    reads some other request's (or an unused) row. Table columns past a request's context and swa
+    columns outside its window point at random pages too: reading them changes the result."""
+    torch.manual_seed(seed)
+    B = len(positions)
+    n_blk = max(t // BLOCK for t in positions) + 2  # one padding column past the longest request
+    window_pages = 3  # 127 earlier keys and t span at most 3 pages of 64
+    pools = KVPools(cfg, PoolSizes(blocks=B * n_blk, swa=B * window_pages + 2, comp=1, overlap=1), device=device)
+    swa, csa, hca = pools.swa[:, pools.csa_layers[0]], pools.csa_main[:, 0], pools.hca_main[:, 0]
+    for rows in (swa, csa, hca):
+        _fill(rows, cfg)
+    block_table = torch.randperm(B * n_blk, device=device).view(B, n_blk).to(torch.int32)
+    n_swa = max(positions) // SWA_PAGE + 1
+    swa_table = torch.randint(0, pools.sizes.swa, (B, n_swa), device=device, dtype=torch.int32)
+    own = torch.randperm(pools.sizes.swa, device=device)[: B * window_pages].view(B, window_pages).to(torch.int32)
+    for b, t in enumerate(positions):
+        first = max(0, t - WINDOW + 1) // SWA_PAGE
+        span = t // SWA_PAGE - first + 1
+        swa_table[b, first : first + span] = own[b, :span]
+    picks = torch.full((B, topk), -1, dtype=torch.int32, device=device)
+    for b, t in enumerate(positions):
+        visible = (t + 1) // 4
+        n = min(topk, visible)
+        chosen = torch.randperm(visible, device=device)[:n].to(torch.int32)
+        slots = torch.randperm(topk, device=device)[:n]  # -1 left in scattered slots, not just at the end
+        picks[b, slots] = chosen
+    q = (2 * torch.randn(B, heads, cfg.head_dim, device=device)).to(dtype)
+    sink = torch.randn(heads, device=device)
+    pos = torch.tensor(positions, device=device)
+    return Case(q, sink, swa, swa_table, pos, csa, hca, block_table, picks, cfg.nope_head_dim)
+
+
+def assert_close(got, want, dtype):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+# ---- row decoding -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [SMALL, FULL], ids=["d128", "d512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoded_rows_equal_decode_main_exactly(triton_kernels, cfg, dtype):
+    x = 5 * torch.randn(45, cfg.head_dim)  # 45: a partial last tile of rows
+    x[3, :64] = 0.0  # an all-zero block takes the floor scale
+    rows = encode_main(x, cfg)
+    got = main_rows.decode_rows(rows, cfg.head_dim, cfg.nope_head_dim, dtype)
+    assert torch.equal(got, main_rows.reference(rows, cfg.head_dim, cfg.nope_head_dim, dtype))
+
+
+# ---- sparse (CSA) decode ------------------------------------------------------------------------
+
+# 5: window starts before position 0 and no entry is visible yet (all top-k slots -1);
+# 70 / 300: the window crosses page boundaries; 1100: more visible entries than top-k slots.
+POSITIONS = [5, 70, 300, 1100]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_decode_matches_reference_across_splits(triton_kernels, small_splits, dtype):
+    case = build_case(SMALL, POSITIONS, heads=20, topk=24, dtype=dtype)  # 20 heads: a masked head block
+    assert_close(case.sparse(), case.sparse_ref(), dtype)
+
+
+def test_sparse_decode_matches_reference_in_one_split_at_full_head_dim(triton_kernels):
+    case = build_case(FULL, [90, 700], heads=16, topk=32, dtype=torch.float32)
+    assert_close(case.sparse(), case.sparse_ref(), torch.float32)
+
+
+def test_sparse_decode_skips_every_negative_slot(triton_kernels, small_splits):
+    case = build_case(SMALL, [1100], heads=16, topk=24, dtype=torch.float32)
+    case.topk[0, ::3] = -1  # the reference drops these entries; so must the kernel
+    before = case.sparse()
+    assert_close(before, case.sparse_ref(), torch.float32)
+    case.topk[case.topk < 0] = -7  # any negative index means "no entry"
+    assert torch.equal(case.sparse(), before)
+
+
+def test_sparse_decode_of_a_query_does_not_depend_on_its_batch(triton_kernels, small_splits):
+    case = build_case(SMALL, POSITIONS, heads=16, topk=24, dtype=torch.bfloat16)
+    together = case.sparse()
+    for b in range(len(POSITIONS)):
+        assert torch.equal(case.sparse(slice(b, b + 1)), together[b : b + 1])
+
+
+# ---- HCA decode ---------------------------------------------------------------------------------
+
+# 100: no entry visible yet; 254 / 255: entry 1 closes at 255, so one entry then two;
+# 5118: 39 entries (the 40th closes one position later) over many pages and several splits.
+HCA_POSITIONS = [100, 254, 255, 5118]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hca_decode_matches_reference_across_splits(triton_kernels, small_splits, dtype):
+    case = build_case(SMALL, HCA_POSITIONS, heads=20, topk=1, dtype=dtype)
+    assert_close(case.hca(), case.hca_ref(), dtype)
+
+
+def test_hca_decode_matches_reference_in_one_split_at_full_head_dim(triton_kernels):
+    case = build_case(FULL, [127, 1300], heads=16, topk=1, dtype=torch.float32)
+    assert_close(case.hca(), case.hca_ref(), torch.float32)
+
+
+def test_hca_decode_reads_no_entry_past_the_visible_count(triton_kernels, small_splits):
+    case = build_case(SMALL, [5118], heads=16, topk=1, dtype=torch.float32)
+    before = case.hca()
+    visible = 5119 // 128
+    page, row = case.block_table[0, visible // 2].item(), visible % 2
+    case.hca_rows[page, row] = case.hca_rows[case.block_table[0, 0].item(), 0]  # entry 39 closes at t=5119
+    assert torch.equal(case.hca(), before)
+    case.hca_rows[case.block_table[0, 0].item(), 1] = case.hca_rows[page, row ^ 1]  # entry 1 is visible
+    assert not torch.allclose(case.hca(), before)
+
+
+def test_hca_decode_of_a_query_does_not_depend_on_its_batch(triton_kernels, small_splits):
+    case = build_case(SMALL, HCA_POSITIONS, heads=16, topk=1, dtype=torch.bfloat16)
+    together = case.hca()
+    for b in range(len(HCA_POSITIONS)):
+        assert torch.equal(case.hca(slice(b, b + 1)), together[b : b + 1])
+
+
+def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
+    monkeypatch.setenv("V4SERVE_KERNELS", "auto")
+    case = build_case(SMALL, [300], heads=4, topk=8, dtype=torch.float32)
+    assert torch.equal(case.sparse(), case.sparse_ref())
+    assert torch.equal(case.hca(), case.hca_ref())
+
+
+# ---- GPU: full flash-attn shapes (H 64, D 512, 584-byte rows, top-k 512) ---------------------------
+
+def _gpu_positions(context: int, batch: int) -> list[int]:
+    return [context - 1 - 37 * b for b in range(batch)]  # neighbouring but different lengths
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("context", [8192, 131072])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_gpu_sparse_decode_at_flash_shapes(context, batch):
+    case = build_case(FULL, _gpu_positions(context, batch), heads=FULL.num_attention_heads,
+                      topk=FULL.index_topk, dtype=torch.bfloat16, device="cuda")
+    assert_close(case.sparse(), case.sparse_ref(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("context", [8192, 131072])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_gpu_hca_decode_at_flash_shapes(context, batch):
+    case = build_case(FULL, _gpu_positions(context, batch), heads=FULL.num_attention_heads,
+                      topk=1, dtype=torch.bfloat16, device="cuda")
+    assert_close(case.hca(), case.hca_ref(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_is_batch_invariant_at_flash_shapes():
+    case = build_case(FULL, _gpu_positions(131072, 4), heads=FULL.num_attention_heads,
+                      topk=FULL.index_topk, dtype=torch.bfloat16, device="cuda")
+    sparse, hca = case.sparse(), case.hca()
+    for b in range(4):
+        assert torch.equal(case.sparse(slice(b, b + 1)), sparse[b : b + 1])
+        assert torch.equal(case.hca(slice(b, b + 1)), hca[b : b + 1])

@@ -1,0 +1,155 @@
+"""The model with the kernels wired in (V4SERVE_KERNELS=triton/auto) against the reference path
+(V4SERVE_KERNELS=torch), on compact paged state with reference rounding.
+
+Both paths see the same tokens (teacher forcing): prompts prefilled in chunks, with later chunks
+sharing a forward with other requests' decode rows, then batched decode steps. Tolerances:
+  * tiny, float32, interpreter: logits within 1e-3 (the kernels sum in another order, ~1e-6 per
+    attention output; the indexer's picks must be the same entries, else errors would be O(1));
+  * flash-attn, bf16, GPU: the kernels round probabilities to bf16 at other points than the
+    reference and the outputs of split key lists to bf16, so logits move by about a bf16 ulp of
+    the activations, and greedy tokens with a near-tie at the top can flip. The kernel path's
+    greedy token must therefore be one the reference ranks within NEAR_TIE (in units of the
+    reference's logit std) of its best, and the logits close overall (LOGIT_RTOL of their std).
+"""
+
+import pytest
+import torch
+
+from model_configs import TINY
+from workers.config import preset
+from workers.engine import Engine, EngineConfig
+from workers.init import random_weights
+from workers.model import V4Model
+from workers.page_tables import decode_tables
+from workers.paged_state import PagedRequestState
+from workers.pools import BLOCK, SWA_PAGE, KVPools, size_pools
+from workers.sampling import SamplingParams
+
+NEAR_TIE = 0.05
+LOGIT_RTOL = 0.05
+
+
+def prompts(cfg, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def paged_logits(model, prompt_list, steps, budget, chunk=256, follow=None):
+    """Run prompts on compact paged states: one forward per step, every request that is still
+    prefilling adds its next chunk, the others one decode token (the reference's greedy token, or
+    `follow`'s). Returns per request the logits of each sampled position [steps + 1, V] and the tokens."""
+    cfg = model.cfg
+    dtype_bytes = torch.finfo(model.dtype).bits // 8
+    pools = KVPools(cfg, size_pools(cfg, budget, "recompute", len(prompt_list), layout="compact",
+                                    dtype_bytes=dtype_bytes),
+                    "compact", model.dtype, model.head.weight.device)
+    states = [PagedRequestState(pools) for _ in prompt_list]
+    done = [0] * len(prompt_list)
+    logits = [[] for _ in prompt_list]
+    tokens = [[] for _ in prompt_list]
+    while any(len(t) <= steps for t in tokens):
+        batch, who = [], []
+        for r, (st, p) in enumerate(zip(states, prompt_list)):
+            if done[r] < len(p):
+                new = p[done[r] : done[r] + chunk]
+            elif len(tokens[r]) <= steps:
+                new = [tokens[r][-1]]
+            else:
+                continue
+            st.reserve(len(new))
+            batch.append((st, new))
+            who.append(r)
+        out = model(batch)
+        for r, (st, new), lg in zip(who, batch, out):
+            st.release_old_window()
+            done[r] += len(new) if done[r] < len(prompt_list[r]) else 0
+            if done[r] == len(prompt_list[r]):
+                logits[r].append(lg)
+                tokens[r].append(int(lg.argmax()) if follow is None else follow[r][len(tokens[r])])
+    for st in states:
+        st.free()
+    return [torch.stack(lg) for lg in logits], tokens
+
+
+def compare(model, monkeypatch, lengths, steps, budget, chunk, kernels_mode):
+    ps = prompts(model.cfg, lengths)
+    monkeypatch.setenv("V4SERVE_KERNELS", "torch")
+    want, toks = paged_logits(model, ps, steps, budget, chunk)
+    monkeypatch.setenv("V4SERVE_KERNELS", kernels_mode)
+    got, _ = paged_logits(model, ps, steps, budget, chunk, follow=toks)
+    return want, got
+
+
+def test_decode_tables_follow_each_request_and_are_rebuilt_when_a_page_is_added():
+    pools = KVPools(TINY, size_pools(TINY, 8 << 20, "recompute", 3), "compact")
+    a, b = PagedRequestState(pools), PagedRequestState(pools)
+    for st, n in ((a, 300), (b, 40)):  # interleaved allocations: the page ids are not in order
+        st.reserve(n)
+        st.num_tokens = n - 1  # the last position's key is written; its query is the decode row
+    t = decode_tables([a, b], TINY.sliding_window, torch.device("cpu"))
+    assert t.positions.tolist() == [299, 39]
+    assert t.block_table[0].tolist() == a.blocks and t.block_table[1, : len(b.blocks)].tolist() == b.blocks
+    for row, st, pos in ((0, a, 299), (1, b, 39)):
+        for p in range(max(0, pos - TINY.sliding_window + 1) // SWA_PAGE, pos // SWA_PAGE + 1):
+            assert int(t.swa_table[row, p]) == st.swa[p]
+    assert decode_tables([a, b], TINY.sliding_window, torch.device("cpu")) is t  # the next layer's call
+    a.num_tokens = 300
+    a.reserve(213)  # up to position 512: a third block, appended to the same list object
+    a.num_tokens = 2 * BLOCK
+    t2 = decode_tables([a, b], TINY.sliding_window, torch.device("cpu"))
+    assert len(a.blocks) == 3 and t2.block_table[0].tolist() == a.blocks
+    assert [int(t2.swa_table[0, p]) for p in (6, 7, 8)] == [a.swa[p] for p in (6, 7, 8)]
+
+
+@pytest.fixture(scope="module")
+def tiny_rounded():
+    return V4Model(TINY, rounding=True).load_weights(random_weights(TINY, seed=0))
+
+
+def test_tiny_kernel_path_gives_the_reference_logits_in_the_interpreter(tiny_rounded, monkeypatch):
+    """Prompts of 150 (chunks of 128 and 22: the second shares a forward with the others' decode
+    rows; one HCA entry; CSA top-16 of 37 entries), 70 and 5 tokens, then 2 batched decode steps."""
+    want, got = compare(tiny_rounded, monkeypatch, [150, 70, 5], 2, 32 << 20, 128, "triton")
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-3, rtol=1e-3)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
+
+
+# ---- GPU: flash-attn preset, bf16 --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flash_bf16():
+    cfg = preset("flash-attn")
+    return V4Model(cfg, dtype=torch.bfloat16, rounding=True).load_weights(random_weights(cfg, 0)).cuda()
+
+
+def tie_gap(want: torch.Tensor, tokens: torch.Tensor) -> float:
+    """How far below its best logit the reference ranks `tokens` [n] (rows of want [n, V]), in std."""
+    std = want.float().std(dim=-1)
+    picked = want.gather(-1, tokens.to(want.device)[:, None])[:, 0]
+    return float(((want.max(dim=-1).values - picked) / std).max())
+
+
+@pytest.mark.gpu
+def test_flash_attn_kernel_path_gives_the_reference_logits_on_cuda(flash_bf16, monkeypatch):
+    want, got = compare(flash_bf16, monkeypatch, [1500, 700, 300, 5], 16, 4 << 30, 512, "auto")
+    for w, g in zip(want, got):
+        assert tie_gap(w, g.argmax(-1)) <= NEAR_TIE
+        assert float(((g - w).abs() / w.std(dim=-1, keepdim=True)).max()) <= LOGIT_RTOL
+
+
+@pytest.mark.gpu
+def test_flash_attn_engine_with_kernels_gives_greedy_tokens_of_the_reference(flash_bf16, monkeypatch):
+    """The engine (kernels on) generates; the reference, teacher-forced with those tokens, must
+    rank each of them within NEAR_TIE of its own greedy choice (see the module docstring)."""
+    ps = prompts(flash_bf16.cfg, [1500, 700, 300, 5], seed=1)
+    greedy = SamplingParams(max_tokens=17, temperature=0, ignore_eos=True)
+    monkeypatch.setenv("V4SERVE_KERNELS", "auto")
+    eng = Engine(flash_bf16, EngineConfig(budget_bytes=4 << 30, max_requests=4, layout="compact",
+                                          prefill_chunk=512, max_batch_tokens=1024))
+    ids = [eng.add_request(p, greedy) for p in ps]
+    out = eng.run()
+    monkeypatch.setenv("V4SERVE_KERNELS", "torch")
+    want, _ = paged_logits(flash_bf16, ps, 16, 4 << 30, 512, follow=[out[i] for i in ids])
+    for w, rid in zip(want, ids):
+        assert tie_gap(w, torch.tensor(out[rid])) <= NEAR_TIE

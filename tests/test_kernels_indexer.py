@@ -1,0 +1,186 @@
+"""The lightning indexer kernel (kernels/indexer_topk.py) against workers.indexer.
+
+Tolerance: the kernel's products are exact (FP4 keys and BF16 query parts), so its scores differ
+from index_scores only by float32 summation order: |score - ref| <= 1e-5 * M, where
+M = sum_h |w_h| * sum_d |q_hd * k_d| * Di**-0.5 bounds every partial sum. Selections must equal
+Indexer.select's except for entries whose reference score is within that tolerance of the k-th
+score (there the order of two scores can flip); exact ties follow the reference exactly.
+"""
+
+import pytest
+import torch
+
+from kernels import indexer_topk as K
+from kernels.quantize import reference_decode_index, reference_encode_index
+from workers.quant import fp4_e2m1_block_qdq, hadamard
+
+RTOL = 1e-5
+
+
+@pytest.fixture
+def triton_mode(monkeypatch):
+    monkeypatch.setenv("V4SERVE_KERNELS", "triton")
+
+
+def make_cache(n_pages, Di, seed, device="cpu"):
+    """Index rows of n_pages pages holding model-like keys (Hadamard + FP4-rounded), each block of
+    32 scaled by its own power of two so that the blocks' scale bytes differ."""
+    g = torch.Generator().manual_seed(seed)
+    block_scale = torch.exp2(torch.randint(-3, 4, (n_pages * 64, Di // 32, 1), generator=g).float())
+    keys = (hadamard(torch.randn(n_pages * 64, Di, generator=g)).view(-1, Di // 32, 32) * block_scale).view(-1, Di)
+    keys = fp4_e2m1_block_qdq(keys, 32)
+    return reference_encode_index(keys).view(n_pages, 64, -1).to(device)
+
+
+def make_queries(S, Hi, Di, seed, kind, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(S, Hi, Di, generator=g)
+    if kind == "fp4":  # what the model feeds the indexer with compact caches: one BF16 part
+        q = fp4_e2m1_block_qdq(hadamard(q), 32)
+    w = torch.randn(S, Hi, generator=g) * Hi**-0.5
+    return q.to(device), w.to(device)
+
+
+def magnitude(q, w, rows, table, n_cols):
+    """M per query and entry (see the module docstring)."""
+    Di = q.shape[-1]
+    out = []
+    for i in range(q.shape[0]):
+        t = table[0 if table.shape[0] == 1 else i]
+        raw = rows[t[: -(-n_cols // 64)].long()].reshape(-1, rows.shape[-1])[:n_cols]
+        keys = reference_decode_index(raw, Di).abs()
+        out.append(torch.einsum("h,hd,nd->n", w[i].abs(), q[i].abs(), keys) * Di**-0.5)
+    return torch.stack(out)
+
+
+def assert_scores_close(q, w, rows, table, pos):
+    n_cols = 64 * table.shape[1]
+    got = K.scores_from_keys(K.index_score_keys(q, w, rows, table, pos, n_cols))
+    want = K.reference_scores(q, w, rows, table, pos, n_cols)
+    visible = torch.arange(n_cols, device=q.device)[None] < ((pos + 1) // 4)[:, None]
+    tol = RTOL * magnitude(q, w, rows, table, n_cols)
+    assert got[~visible].isnan().all(), "invisible entries must carry the sentinel"
+    err = (got - want).abs()[visible]
+    assert (err <= tol[visible]).all(), f"max error {err.max()} (tolerance {tol[visible][err.argmax()]})"
+
+
+def assert_same_selection(got, q, w, rows, table, pos, topk):
+    want = K.reference(q, w, rows, table, pos, topk)
+    n_cols = 64 * table.shape[1]
+    scores = K.reference_scores(q, w, rows, table, pos, n_cols)
+    tol = RTOL * magnitude(q, w, rows, table, n_cols)
+    for i in range(q.shape[0]):
+        g, r = set(got[i].tolist()), set(want[i].tolist())
+        assert (got[i] == -1).sum() == (want[i] == -1).sum(), f"query {i}: padding differs"
+        differ = (g ^ r) - {-1}
+        if differ:
+            kth = scores[i, want[i][want[i] >= 0][-1]]
+            for e in differ:
+                assert (scores[i, e] - kth).abs() <= tol[i, e] + tol[i].max(), \
+                    f"query {i}: entry {e} (score {scores[i, e]}) swapped though the k-th score is {kth}"
+
+
+@pytest.mark.parametrize("kind", ["fp4", "float"])  # one BF16 query part / three
+@pytest.mark.parametrize("Hi,Di", [(16, 64), (20, 128)])
+def test_scores_match_index_scores_through_a_shuffled_table(triton_mode, kind, Hi, Di):
+    rows = make_cache(10, Di, seed=1)
+    table = torch.randperm(10, generator=torch.Generator().manual_seed(2))[:6].int().repeat(3, 1)
+    pos = torch.tensor([6 * 256 - 1, 4 * 100 + 2, 2])  # full table, mid-page, nothing visible
+    q, w = make_queries(3, Hi, Di, seed=3, kind=kind)
+    assert_scores_close(q, w, rows, table, pos)
+
+
+@pytest.mark.parametrize("kind", ["fp4", "float"])
+def test_topk_selects_what_indexer_select_selects(triton_mode, kind):
+    Hi, Di, topk = 16, 64, 48
+    rows = make_cache(12, Di, seed=4)
+    g = torch.Generator().manual_seed(5)
+    table = torch.stack([torch.randperm(12, generator=g)[:5] for _ in range(4)]).int()  # a request per query
+    pos = torch.tensor([5 * 256 - 1, 700, 4 * 30 + 3, 4 * 47 + 3])  # 320, 175, 31 (< topk), 48 (= topk) visible
+    q, w = make_queries(4, Hi, Di, seed=6, kind=kind)
+    got = K.indexer_topk(q, w, rows, table, pos, topk)
+    assert got.dtype == torch.int32 and got.shape == (4, topk)
+    assert (got[2, 31:] == -1).all() and (got[2, :31] >= 0).all()
+    assert_same_selection(got, q, w, rows, table, pos, topk)
+
+
+def test_prefill_chunk_shares_one_table_row_with_causal_visibility(triton_mode):
+    Hi, Di, topk = 16, 64, 8
+    rows = make_cache(4, Di, seed=7)
+    table = torch.tensor([[3, 0, 2]], dtype=torch.int32)
+    pos = torch.arange(60, 700, 40)  # visible counts grow along the chunk, crossing pages
+    q, w = make_queries(pos.numel(), Hi, Di, seed=8, kind="fp4")
+    got = K.indexer_topk(q, w, rows, table, pos, topk)
+    assert (got < ((pos + 1) // 4)[:, None]).all(), "an entry from the query's future was selected"
+    assert_same_selection(got, q, w, rows, table, pos, topk)
+
+
+def test_exact_ties_go_to_the_lower_index_in_reference_order(triton_mode):
+    Hi, Di, topk = 16, 64, 24
+    rows = make_cache(2, Di, seed=9)
+    rows[:, 32:] = rows[:, :32]  # every key appears twice in each page
+    rows[1] = rows[0]  # and page 1 repeats page 0
+    table = torch.tensor([[1, 0]], dtype=torch.int32)
+    pos = torch.tensor([511, 300])
+    q, w = make_queries(2, Hi, Di, seed=10, kind="fp4")
+    got = K.indexer_topk(q, w, rows, table, pos, topk)
+    assert torch.equal(got, K.reference(q, w, rows, table, pos, topk))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # inf * 0 in the dot
+def test_unwritten_rows_past_the_visible_entries_are_never_used(triton_mode):
+    Hi, Di, topk = 16, 64, 40
+    rows = make_cache(3, Di, seed=11)
+    rows[2, 10:] = 0xFF  # page 2 has 10 written entries; bytes past them decode to inf (scale 255)
+    table = torch.tensor([[0, 1, 2]], dtype=torch.int32)
+    pos = torch.tensor([4 * 138 - 1])  # 138 visible = 2 full pages + 10
+    q, w = make_queries(1, Hi, Di, seed=12, kind="fp4")
+    keys = K.index_score_keys(q, w, rows, table, pos, 192)
+    assert K.scores_from_keys(keys)[0, :138].isfinite().all() and K.scores_from_keys(keys)[0, 138:].isnan().all()
+    assert_same_selection(K.indexer_topk(q, w, rows, table, pos, topk), q, w, rows, table, pos, topk)
+
+
+def test_a_query_scores_the_same_alone_in_a_batch_and_split_over_programs(triton_mode, monkeypatch):
+    Hi, Di = 16, 64
+    rows = make_cache(8, Di, seed=13)
+    g = torch.Generator().manual_seed(14)
+    table = torch.stack([torch.randperm(8, generator=g)[:7] for _ in range(3)]).int()
+    pos = torch.tensor([7 * 256 - 1, 900, 1500])
+    q, w = make_queries(3, Hi, Di, seed=15, kind="float")
+    batch = K.index_score_keys(q, w, rows, table, pos, 448)
+    alone = K.index_score_keys(q[1:2], w[1:2], rows, table[1:2], pos[1:2], 448)
+    monkeypatch.setattr(K, "_pages_per_program", lambda S, n_pages, device: 3)  # 7 pages: 3 + 3 + 1
+    split = K.index_score_keys(q, w, rows, table, pos, 448)
+    assert torch.equal(batch[1], alone[0])
+    assert torch.equal(batch, split)
+
+
+def test_scan_traffic_counts_key_rows_and_dot_flops():
+    nbytes, flops = K.scan_traffic(2, 1 << 20, 64, 128)
+    n = (1 << 20) // 4
+    assert nbytes == 2 * (n * (68 + 8) + 64 * 128 * 2 + 64 * 4)
+    assert flops == 2 * n * 64 * (2 * 128 + 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["fp4", "float"])
+def test_gpu_flash_attn_shapes_at_128k(triton_mode, kind):
+    Hi, Di, topk, n_blk = 64, 128, 512, 512  # 512 blocks = 131072 positions
+    rows = make_cache(4 * n_blk, Di, seed=16, device="cuda")
+    g = torch.Generator().manual_seed(17)
+    table = torch.stack([torch.randperm(4 * n_blk, generator=g)[:n_blk] for _ in range(4)]).int().cuda()
+    pos = torch.tensor([131071, 100_000, 4 * 513 - 1, 1000], device="cuda")
+    q, w = make_queries(4, Hi, Di, seed=18, kind=kind, device="cuda")
+    assert_scores_close(q, w, rows, table, pos)
+    assert_same_selection(K.indexer_topk(q, w, rows, table, pos, topk), q, w, rows, table, pos, topk)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
+    Hi, Di, topk = 64, 128, 512
+    rows = make_cache(40, Di, seed=19, device="cuda")
+    table = torch.randperm(40, generator=torch.Generator().manual_seed(20))[:32].int()[None].cuda()
+    pos = torch.arange(8192 - 256, 8192, device="cuda")
+    q, w = make_queries(256, Hi, Di, seed=21, kind="fp4", device="cuda")
+    got = K.indexer_topk(q, w, rows, table, pos, topk)
+    assert_same_selection(got, q, w, rows, table, pos, topk)
