@@ -32,6 +32,7 @@ class _Common(BaseModel):
     top_k: int = Field(0, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool = False  # an extension (as vLLM's): generate max_tokens whatever comes, for load tests
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -57,6 +58,7 @@ class _Common(BaseModel):
         return SamplingParams(
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=tuple(stop),
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -254,6 +254,11 @@ class EngineReplica:
     def load(self) -> dict:
         return self.async_engine.load()
 
+    async def stats(self, request: dict | None = None) -> dict:
+        """Load and the pages this replica's requests hold (request {"replica": id} routes here)."""
+        pages = await self.async_engine.call(lambda e: e.pages_in_use())
+        return {**self.async_engine.load(), "pages_in_use": pages, "replica": self.replica_id}
+
     def record_routing_stats(self) -> dict:
         """Polled by Serve's request router."""
         return self.async_engine.load()

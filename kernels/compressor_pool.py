@@ -1,5 +1,5 @@
-"""The compressor's pooling step (v4-architecture.md §3; workers/compressor.py): per channel, a
-softmax over a window's slots of kv weighted by score.
+"""The compressor's pooling step (v4-architecture.md §3; reference in compressor_pool_ref.py): per
+channel, a softmax over a window's slots of kv weighted by score.
 
   hca_pool            HCA, 128 slots per window: the windows of a prefill chunk, or at decode the
                       one window per request that closes at this step.
@@ -21,14 +21,11 @@ x * log2(e) and `/` may be approximate, a few ulp (tests allow 1e-5 of the poole
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import triton
 import triton.language as tl
 
-from workers.compressor import Compressor, softmax_pool
-
+from .compressor_pool_ref import overlap_slots, softmax_pool
 from .dispatch import use_triton
 
 BLOCK_C = 128
@@ -99,11 +96,8 @@ def hca_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
 
 def reference_csa_pool_windows(kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None,
                                prev_score: torch.Tensor | None) -> torch.Tensor:
-    """The model's own slot assembly (Compressor._overlap_slots, given the overlap state it would
-    read) followed by softmax_pool."""
-    state = SimpleNamespace(overlap_kv=prev_kv, overlap_score=prev_score, set_overlap=lambda kv, score: None)
-    slots_kv, slots_score = Compressor._overlap_slots(SimpleNamespace(width=kv.shape[-1] // 2), kv, score, state)
-    return softmax_pool(slots_kv, slots_score)
+    """The model's own slot assembly followed by its pooling."""
+    return softmax_pool(*overlap_slots(kv, score, prev_kv, prev_score))
 
 
 def csa_pool_windows(kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None,

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.config import HCA
-from workers.pools import BLOCK
-
 from .dispatch import use_triton
+from .geometry import BLOCK, HCA
 from .sparse_decode import gather_reference, launch_split_attention
 
 HCA_KEYS_PER_SPLIT = 512  # 299 KB of keys per split against 64 KB (bf16) of partial output

@@ -2,8 +2,8 @@
 
 Per query t (position p_t) and visible entry e (e < (p_t + 1) // 4):
     I[t, e] = sum_h w[t, h] * relu(q[t, h] . k_e) * Di**-0.5
-with k_e decoded from its 68-byte row (workers/kv_layout.py: packed E2M1, a UE8M0 scale per 32).
-Selection follows workers.indexer.Indexer.select: descending score, ties to the lower index, -1
+with k_e decoded from its 68-byte row (kv_layout.py: packed E2M1, a UE8M0 scale per 32).
+Selection follows indexer_topk_ref.select_topk: descending score, ties to the lower index, -1
 where fewer than topk entries are visible.
 
 The scan reads each page's 64 rows once and scores them for all Hi heads with tl.dot_scaled:
@@ -25,18 +25,17 @@ selection does not depend on its batch or on the split of pages over programs.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import triton
 import triton.language as tl
 
-from workers.indexer import Indexer, index_scores
-
 from .dispatch import use_triton
-from .quantize import index_row_bytes, reference_decode_index
+from .geometry import BLOCK, CSA
+from .indexer_topk_ref import index_scores, select_topk
+from .kv_layout import index_row_bytes
+from .quantize import reference_decode_index
 
-PAGE_ENTRIES = 64  # CSA entries per 256-position block (workers/pools.py)
+PAGE_ENTRIES = BLOCK // CSA  # CSA entries per page: one 256-position block
 SENTINEL = -(2**63)  # key of an invisible column; its top 32 bits decode to NaN
 _PROGRAMS_PER_SM = 4
 
@@ -186,7 +185,7 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
 
 def reference(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, block_table: torch.Tensor,
               positions: torch.Tensor, topk: int) -> torch.Tensor:
-    """Indexer.select over the decoded keys of each query's request."""
+    """select_topk over the decoded keys of each query's request."""
     _check(q, w, index_rows, block_table, positions)
     q, w = q.float(), w.float()
     S, _, Di = q.shape
@@ -200,13 +199,13 @@ def reference(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, block_
         n = min(int(n_vis[rows].max()), table.shape[0] * PAGE_ENTRIES) if rows.numel() else 0
         raw = index_rows[table[: -(-n // PAGE_ENTRIES)].long()].reshape(-1, index_rows.shape[-1])[:n]
         keys = reference_decode_index(raw, Di)
-        out[rows] = Indexer.select(SimpleNamespace(topk=topk), q[rows], w[rows], keys, positions[rows]).int()
+        out[rows] = select_topk(q[rows], w[rows], keys, positions[rows], topk).int()
     return out
 
 
 def reference_scores(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, block_table: torch.Tensor,
                      positions: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """workers.indexer.index_scores of each query over its request's first n_cols entries [S, n_cols]."""
+    """index_scores of each query over its request's first n_cols entries [S, n_cols]."""
     q, w = q.float(), w.float()
     S, _, Di = q.shape
     out = torch.empty(S, n_cols, dtype=torch.float32, device=q.device)

@@ -1,8 +1,8 @@
-"""Compact main rows (workers/kv_layout.py: FP8 E4M3 codes + BF16 RoPE dims + UE8M0 scales per
+"""Compact main rows (kv_layout.py: FP8 E4M3 codes + BF16 RoPE dims + UE8M0 scales per
 block of 64) decoded inside Triton kernels, so attention reads 584 bytes per key instead of 1024.
 
 `load_main_rows` is the piece the attention kernels call; `decode_rows` wraps it in a kernel of
-its own so it can be tested against `workers.kv_layout.decode_main`, its reference.
+its own so it can be tested against `kv_layout.decode_main`, its reference.
 
 Precision: codes times scales are formed in float32 and the decoded keys handed back in the
 query dtype (bf16 on GPU, then multiplied on tensor cores). The cast is exact: an E4M3 code has 3
@@ -14,15 +14,12 @@ wrong results in Triton's interpreter, whose bf16 arithmetic works on the raw bi
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import triton
 import triton.language as tl
 
-from workers.kv_layout import MAIN_BLOCK, decode_main
-
 from .dispatch import use_triton
+from .kv_layout import MAIN_BLOCK, decode_main
 
 DECODE_BLOCK_ROWS = 32  # rows per program of decode_rows
 
@@ -66,11 +63,6 @@ def _decode_rows_kernel(rows_ptr, stride_row, out_ptr, n_rows,
     tl.store(out, vals.to(out_ptr.dtype.element_ty), mask=valid[:, None])
 
 
-def row_dims(head_dim: int, nope_dim: int) -> SimpleNamespace:
-    """The config fields the kv_layout codecs read, for callers that only know the dims."""
-    return SimpleNamespace(head_dim=head_dim, qk_rope_head_dim=head_dim - nope_dim, nope_head_dim=nope_dim)
-
-
 def check_dims(head_dim: int, nope_dim: int, row_bytes: int) -> None:
     """The kernels tile a row as head_dim (a power of two) columns in blocks of 64."""
     rope = head_dim - nope_dim
@@ -82,7 +74,7 @@ def check_dims(head_dim: int, nope_dim: int, row_bytes: int) -> None:
 
 
 def reference(rows: torch.Tensor, head_dim: int, nope_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    return decode_main(rows, row_dims(head_dim, nope_dim), dtype)
+    return decode_main(rows, head_dim, nope_dim, dtype)
 
 
 def decode_rows(rows: torch.Tensor, head_dim: int, nope_dim: int, dtype: torch.dtype) -> torch.Tensor:

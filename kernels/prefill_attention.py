@@ -1,7 +1,7 @@
 """Attention of one request's prefill chunk: every query over its window band plus compressed
 entries, one softmax with the per-head sink (v4-architecture.md §2 step 5, §5).
 
-Inputs are decoded keys in the model dtype, as `workers.attention.Attention` holds them during a
+Inputs are decoded keys in the model dtype, as the model's attention holds them during a
 prefill: `window_keys` [E, D] are the stored window tail followed by the chunk's own keys, and
 query i's window is window_keys[base + i : base + i + window] (ext indices below 0 are before
 position 0: invalid). Compressed entries [n, D] are then, per query at position t,
@@ -25,10 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from workers.attention import QUERY_BLOCK, attend_window_and_entries
-from workers.config import CSA, HCA, SWA
-
 from .dispatch import use_triton
+from .geometry import CSA, HCA, SWA
+from .mqa_ref import QUERY_BLOCK, attend_window_and_entries
 
 MODES = {SWA: 0, CSA: 1, HCA: 2}  # which compressed entries a query sees (kernel constexpr)
 
@@ -44,7 +43,7 @@ def prefill_attention(q: torch.Tensor, sink: torch.Tensor, window_keys: torch.Te
 
 
 def reference(q, sink, window_keys, base, entries, topk, positions, ratio, window) -> torch.Tensor:
-    """What the model's reference path computes: per-query key lists, `workers.attention.attend`."""
+    """What the model's reference path computes: per-query key lists, `mqa_ref.attend`."""
     S = q.shape[0]
     out = torch.empty_like(q)
     for b in range(0, S, QUERY_BLOCK):

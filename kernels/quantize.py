@@ -1,7 +1,7 @@
-"""FP8 / FP4 quantization into the compact cache layouts, and back (workers/kv_layout.py).
+"""FP8 / FP4 quantization into the compact cache layouts, and back (kv_layout.py).
 
-`encode_main` / `encode_index` write exactly the bytes of `workers.kv_layout.encode_main` /
-`encode_index`; `decode_main` / `decode_index` read them back. Every rounding step is done with
+`encode_main` / `encode_index` write exactly the bytes of their reference, `kv_layout.encode_main`
+/ `encode_index`; `decode_main` / `decode_index` read them back. Every rounding step is done with
 integer arithmetic on float32 bit patterns instead of the hardware casts:
 
   * the scale: the reference takes 2**ceil(log2(fl(amax / qmax))). With qmax = 1.75 * 2**8
@@ -22,19 +22,13 @@ the encoders never write it (the amax floor keeps scales >= 2**-22).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import triton
 import triton.language as tl
 
-from workers import kv_layout
-from workers.capacity import indexer_entry_bytes, main_entry_bytes
-
+from . import kv_layout
 from .dispatch import use_triton
-
-MAIN_BLOCK = kv_layout.MAIN_BLOCK  # 64 FP8 codes per scale
-INDEX_BLOCK = kv_layout.INDEX_BLOCK  # 32 FP4 codes per scale
+from .kv_layout import INDEX_BLOCK, MAIN_BLOCK, index_row_bytes, main_row_bytes
 
 
 # ---- bit-level helpers (shared with the kernels that read the layouts) -----------------------
@@ -90,7 +84,7 @@ def e4m3_value(code):
 @triton.jit
 def e2m1_code(a):
     """|y| as float32 (<= 6) -> E2M1 magnitude code 0..7: nearest of 0, .5, 1, 1.5, 2, 3, 4, 6;
-    a value on a midpoint goes to the even code (the reference's rule, workers.quant)."""
+    a value on a midpoint goes to the even code (the reference's rule, block_quant.py)."""
     return ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
             + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
             + (a > 5.0).to(tl.int32))
@@ -216,19 +210,6 @@ def _decode_index_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride, DI: tl.co
 
 # ---- public functions ------------------------------------------------------------------------
 
-def _main_layout(head_dim: int, nope_dim: int) -> SimpleNamespace:
-    """The config fields that kv_layout's main-entry codec reads."""
-    if nope_dim % MAIN_BLOCK or not 0 < nope_dim < head_dim:
-        raise ValueError(f"nope_dim={nope_dim} must be a positive multiple of {MAIN_BLOCK} below head_dim={head_dim}")
-    return SimpleNamespace(head_dim=head_dim, qk_rope_head_dim=head_dim - nope_dim, nope_head_dim=nope_dim)
-
-
-def _index_layout(index_dim: int) -> SimpleNamespace:
-    if index_dim % INDEX_BLOCK or index_dim <= 0:
-        raise ValueError(f"index_dim={index_dim} must be a positive multiple of {INDEX_BLOCK}")
-    return SimpleNamespace(index_head_dim=index_dim)
-
-
 def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"{what}: expected [N, width], got shape {list(x.shape)}")
@@ -243,28 +224,20 @@ def _float_rows(x: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:
     return x.float(), False
 
 
-def main_row_bytes(head_dim: int, nope_dim: int) -> int:
-    return main_entry_bytes(_main_layout(head_dim, nope_dim))
-
-
-def index_row_bytes(index_dim: int) -> int:
-    return indexer_entry_bytes(_index_layout(index_dim))
-
-
 def reference_encode_main(x: torch.Tensor, nope_dim: int) -> torch.Tensor:
-    return kv_layout.encode_main(x, _main_layout(x.shape[-1], nope_dim))
+    return kv_layout.encode_main(x, x.shape[-1], nope_dim)
 
 
 def reference_decode_main(b: torch.Tensor, head_dim: int, nope_dim: int) -> torch.Tensor:
-    return kv_layout.decode_main(b, _main_layout(head_dim, nope_dim))
+    return kv_layout.decode_main(b, head_dim, nope_dim)
 
 
 def reference_encode_index(x: torch.Tensor) -> torch.Tensor:
-    return kv_layout.encode_index(x, _index_layout(x.shape[-1]))
+    return kv_layout.encode_index(x, x.shape[-1])
 
 
 def reference_decode_index(b: torch.Tensor, index_dim: int) -> torch.Tensor:
-    return kv_layout.decode_index(b, _index_layout(index_dim))
+    return kv_layout.decode_index(b, index_dim)
 
 
 def encode_main(x: torch.Tensor, nope_dim: int) -> torch.Tensor:

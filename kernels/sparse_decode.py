@@ -13,7 +13,7 @@ online softmax (running max, sum, accumulator) over its keys; a query with more 
 writes per-split partials that a second kernel merges with the sink. A query that fits in one
 split is finished by the split kernel itself.
 
-Numerics (same as workers.attention.attend up to rounding order): scores and softmax in float32,
+Numerics (same as mqa_ref.attend up to rounding order): scores and softmax in float32,
 scaled by D**-0.5; keys decoded exactly to the query dtype; probabilities rounded to the query
 dtype for P@V with a float32 accumulator. Differences from the reference: the reference rounds the
 normalised probabilities, here the unnormalised exp(s - running max) are rounded and the sum is
@@ -26,11 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from workers.attention import attend
-from workers.pools import SWA_PAGE
-
 from .dispatch import use_triton
+from .geometry import SWA_PAGE
 from .main_rows import check_dims, load_main_rows, reference as decode_rows_reference
+from .mqa_ref import attend
 
 SPARSE_KEYS_PER_SPLIT = 256  # 128 window + 512 top-k = 640 keys -> 3 splits per query
 BLOCK_N = 16  # keys per tile: fixed (it orders the sums); at D=512 a larger tile spills registers on sm90

@@ -132,8 +132,8 @@ def encoded_rows(cfg, n: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
 
 def kernel_inputs(cfg, context: int, B: int, rows: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Per-layer page views and tables for B queries at position context-1."""
+    from kernels.block_quant import fp4_e2m1_block_qdq
     from workers.pools import BLOCK, SWA_PAGE
-    from workers.quant import fp4_e2m1_block_qdq
 
     main_rows, index_rows = rows
     RB, IB = main_rows.shape[1], index_rows.shape[1]

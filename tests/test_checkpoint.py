@@ -11,9 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from kernels.block_quant import fp4_e2m1_block_qdq
 from workers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tensor_inventory
 from workers.config import preset
-from workers.quant import dequant_fp8_weight, fp4_e2m1_block_qdq, quant_fp4_weight, quant_fp8_weight
+from workers.quant import dequant_fp8_weight, quant_fp4_weight, quant_fp8_weight
 
 
 def model_tensors(cfg, seed=0):

@@ -3,7 +3,7 @@
 (kernels/page_pack.py).
 
 Tolerances: quantization and page copies are exact (bytes and float32 bit patterns equal).
-Pooling differs from workers.compressor.softmax_pool by exp and division only, so
+Pooling differs from compressor_pool_ref.softmax_pool by exp and division only, so
 |out - ref| <= rtol * softmax_pool(|kv|, score) (the pooled magnitude bounds every partial sum)
 with rtol 1e-6 in the interpreter (numpy vs SLEEF exp, ~1 ulp) and 1e-5 on the GPU (ex2.approx
 on a rounded x * log2(e)).
@@ -15,8 +15,8 @@ import torch
 from kernels import compressor_pool as P
 from kernels import page_pack as PP
 from kernels import quantize as Q
+from kernels.compressor_pool_ref import softmax_pool
 from test_kv_layout import bf16_grid, hard_blocks, on_grid_index, on_grid_main, spread
-from workers.compressor import softmax_pool
 from workers.config import preset
 
 CFGS = [preset("flash-attn"), preset("tiny")]  # D 512 / nope 448 / Di 128, and D 128 / nope 64 / Di 64

@@ -1,9 +1,9 @@
-"""The lightning indexer kernel (kernels/indexer_topk.py) against workers.indexer.
+"""The lightning indexer kernel (kernels/indexer_topk.py) against kernels/indexer_topk_ref.py.
 
 Tolerance: the kernel's products are exact (FP4 keys and BF16 query parts), so its scores differ
 from index_scores only by float32 summation order: |score - ref| <= 1e-5 * M, where
 M = sum_h |w_h| * sum_d |q_hd * k_d| * Di**-0.5 bounds every partial sum. Selections must equal
-Indexer.select's except for entries whose reference score is within that tolerance of the k-th
+select_topk's except for entries whose reference score is within that tolerance of the k-th
 score (there the order of two scores can flip); exact ties follow the reference exactly.
 """
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kernels import indexer_topk as K
+from kernels.block_quant import fp4_e2m1_block_qdq, hadamard
 from kernels.quantize import reference_decode_index, reference_encode_index
-from workers.quant import fp4_e2m1_block_qdq, hadamard
 
 RTOL = 1e-5
 

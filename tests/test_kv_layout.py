@@ -1,13 +1,10 @@
-"""Byte layouts of cached state (workers/kv_layout.py): on-grid rows round-trip bit for bit,
-off-grid rows are rounded once, within one FP8 / FP4 step."""
+"""Byte layouts of cached state (kernels/kv_layout.py, through workers/kv_layout.py's ModelConfig
+API): on-grid rows round-trip bit for bit, off-grid rows are rounded once, within one FP8 / FP4 step."""
 
 import pytest
 import torch
 
-from workers.capacity import indexer_entry_bytes, main_entry_bytes
-from workers.config import preset
-from workers.kv_layout import decode_index, decode_main, encode_index, encode_main
-from workers.quant import (
+from kernels.block_quant import (
     FP4_VALUES,
     fp4_e2m1_block_qdq,
     fp4_e2m1_block_quant,
@@ -15,6 +12,9 @@ from workers.quant import (
     fp8_e4m3_block_quant,
     unpack_fp4,
 )
+from workers.capacity import indexer_entry_bytes, main_entry_bytes
+from workers.config import preset
+from workers.kv_layout import decode_index, decode_main, encode_index, encode_main
 
 CFGS = [preset("flash-attn"), preset("tiny")]  # D=512/r=64/Di=128 (584 B), D=128/r=64/Di=64 (200 B, padded)
 IDS = [c.name for c in CFGS]

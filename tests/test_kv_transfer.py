@@ -209,3 +209,31 @@ def test_a_transfer_to_a_dead_decode_replica_fails_and_the_prefill_side_frees_it
     with pytest.raises(TransferError):
         finish(sender, StateStream("gone", "cpu"), state, [], None, lambda s: s.free())
     assert all_free(src) and sender.broken
+
+
+@pytest.mark.parametrize("policy", ["checkpoint", "recompute"])
+def test_a_prompt_that_hits_the_prefill_side_prefix_cache_streams_the_same_state(streaming, policy):
+    """Entries attached from the cache go in the first frame; under `recompute` the window is
+    replayed on the prefill side. The decode side must not be able to tell."""
+    from kv_transfer import StateStream
+
+    model, sender, landing = streaming
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    shared = torch.randint(2, 258, (768,), generator=torch.Generator().manual_seed(11)).tolist()
+    prompt = shared + [5, 6, 7] * 40
+    prefill, decode = engine(model, policy=policy), engine(model, prefix_cache=False)
+    prefill.add_request(shared + [9], greedy, request_id="primer")
+    prefill.run()
+    landed = decode.new_import_state(len(prompt))
+    receipt = landing.expect(f"hit-{policy}", landed, 30, on_failure=lambda s: None)
+    stream = StateStream(f"hit-{policy}", "cpu")
+    rid = prefill.add_prefill(prompt, greedy, on_chunk=lambda st: (f := stream.ready_frame(st)) and sender.submit(f))
+    first = prefill.run()[rid][0]
+    assert prefill.seqs[rid].cached >= 512  # it did hit
+    state, _ = prefill.take_handoff(rid)
+    for frame in stream.last_frames(state, {"first_token": first}):
+        sender.submit(frame).result(timeout=30)
+    receipt.result(timeout=30)
+    state.free()
+    decode.add_imported(prompt, greedy, first, landed, request_id="cont")
+    assert decode.run()["cont"] == [s.token_id for s in generate_ids(model, prompt, greedy)]

@@ -1,24 +1,22 @@
-"""Numerics of workers/quant.py: FP8 / FP4 block rounding, FP4 packing, Hadamard, weight codecs."""
+"""FP8 / FP4 numerics: block rounding, FP4 packing and Hadamard (kernels/block_quant.py), and the
+checkpoint weight codecs built on them (workers/quant.py)."""
 
 import math
 
 import pytest
 import torch
 
-from workers.quant import (
+from kernels.block_quant import (
     FP4_VALUES,
-    dequant_fp4_weight,
-    dequant_fp8_weight,
     fp4_e2m1_block_qdq,
     fp4_e2m1_block_quant,
     fp8_e4m3_block_qdq,
     fp8_e4m3_block_quant,
     hadamard,
     pack_fp4,
-    quant_fp4_weight,
-    quant_fp8_weight,
     unpack_fp4,
 )
+from workers.quant import dequant_fp4_weight, dequant_fp8_weight, quant_fp4_weight, quant_fp8_weight
 
 
 def spread(*shape, seed=0):

@@ -45,3 +45,13 @@ def test_a_hash_chain_extended_from_a_known_prefix_equals_one_computed_whole():
     head = block_hashes(tokens[: 2 * BLOCK], "m")
     assert block_hashes(tokens, "m", head) == block_hashes(tokens, "m")
     assert block_hashes(tokens, "m", head)[:2] == head and len(block_hashes(tokens, "m")) == 5
+
+
+def test_decode_placement_needs_room_then_prefers_the_smallest_batch_then_the_most_free_pages():
+    from cluster.router import decode_order
+
+    stats = {"full": {"free_blocks": 3, "running": 0}, "busy": {"free_blocks": 90, "running": 7},
+             "quiet": {"free_blocks": 40, "running": 2}, "roomy": {"free_blocks": 80, "running": 2}}
+    assert decode_order(10, stats, {}, list(stats)) == ["roomy", "quiet", "busy", "full"]
+    # reservations sent lately count against a replica before its polled stats show them
+    assert decode_order(10, stats, {"roomy": [40, 35]}, list(stats))[:2] == ["quiet", "busy"]

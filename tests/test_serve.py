@@ -179,6 +179,44 @@ def test_disaggregated_prefill_and_decode_give_the_in_process_tokens(server, ref
         serve.delete("pd")
 
 
+def replica_stats(app: str, deployment: str) -> list[dict]:
+    """stats() of every replica of a deployment (each addressed through the router's sticky key)."""
+    import ray
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    ids = [a["name"].rsplit("#", 1)[-1] for a in ray.util.list_named_actors(all_namespaces=True)
+           if f"{app}#{deployment}#" in a["name"]]
+    out = [handle.stats.remote({"replica": r}).result(timeout_s=30) for r in ids]
+    assert [s["replica"] for s in out] == ids, (ids, [s["replica"] for s in out])
+    return out
+
+
+def test_a_client_that_closes_its_stream_frees_the_pages_of_its_request(server):
+    import time
+
+    body = {"model": "tiny", "prompt": "a long answer please", "max_tokens": 4000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    assert not any(s["running"] for s in replica_stats("v4serve", "EngineReplica"))  # (also readies the handle)
+    with requests.post(server + "/v1/completions", json=body, stream=True, timeout=120) as r:
+        next(line for line in r.iter_lines() if line.startswith(b"data:"))
+        deadline = time.time() + 10
+        while True:  # the request holds pages while it streams (its 4000 tokens take far longer)
+            during = replica_stats("v4serve", "EngineReplica")
+            if any(s["running"] for s in during) or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        assert sum(sum(s["pages_in_use"].values()) for s in during) > 0, during
+    # the connection is closed: the ingress cancels the stream, the replica aborts and frees
+    deadline = time.time() + 30
+    while True:
+        stats = replica_stats("v4serve", "EngineReplica")
+        if all(s["running"] == 0 and not any(s["pages_in_use"].values()) for s in stats) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(s["running"] == 0 and not any(s["pages_in_use"].values()) for s in stats), stats
+
+
 def test_a_replica_killed_mid_stream_ends_that_request_with_an_error_and_serving_goes_on(server):
     import time
 

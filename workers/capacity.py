@@ -46,6 +46,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from kernels.kv_layout import index_row_bytes, main_row_bytes
+
 from .config import CSA, HCA, LAYER_KIND_NAMES, ModelConfig
 
 F32 = 4
@@ -57,12 +59,11 @@ DEFAULT_CHECKPOINT_INTERVAL = 16  # blocks of 256 tokens between prefix checkpoi
 
 
 def main_entry_bytes(cfg: ModelConfig) -> int:
-    nope, rope = cfg.nope_head_dim, cfg.qk_rope_head_dim
-    return math.ceil((nope + 2 * rope + nope // 64) / 8) * 8
+    return main_row_bytes(cfg.head_dim, cfg.nope_head_dim)
 
 
 def indexer_entry_bytes(cfg: ModelConfig) -> int:
-    return cfg.index_head_dim // 2 + cfg.index_head_dim // 32
+    return index_row_bytes(cfg.index_head_dim)
 
 
 def compressor_state_bytes(cfg: ModelConfig, ratio: int) -> int:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.block_quant import fp4_e2m1_block_qdq, fp8_e4m3_block_qdq, hadamard
+from kernels.compressor_pool_ref import overlap_slots, softmax_pool
+
 from .config import CSA
 from .modules import Norm, Proj, f32_param
-from .numerics import pointwise, seq_sum
-from .quant import fp4_e2m1_block_qdq, fp8_e4m3_block_qdq, hadamard
 from .rope import apply_rope, cos_sin
 from .state import CompressorState
 
@@ -66,27 +67,13 @@ class Compressor(nn.Module):
         return entries
 
     def _overlap_slots(self, kv: torch.Tensor, score: torch.Tensor, state: CompressorState):
-        """[n, 4, 2w] windows -> [n, 8, w] slots: A-halves of the previous window, B-halves of this one."""
+        """[n, 4, 2w] windows -> [n, 8, w] slots; carries the last window's A-halves in the state."""
         w = self.width
-        a_kv, b_kv = kv[..., :w], kv[..., w:]
-        a_sc, b_sc = score[..., :w], score[..., w:]
-        if state.overlap_kv is None:  # window 0 of the sequence: no previous window, zero weight
-            prev_kv = torch.zeros_like(a_kv[:1])
-            prev_sc = torch.full_like(a_sc[:1], float("-inf"))
-        else:
-            # copies: the state may be a view of pool memory, overwritten just below
-            prev_kv, prev_sc = state.overlap_kv[None].clone(), state.overlap_score[None].clone()
-        state.set_overlap(a_kv[-1].clone(), a_sc[-1].clone())
-        prev_kv = torch.cat([prev_kv, a_kv[:-1]])
-        prev_sc = torch.cat([prev_sc, a_sc[:-1]])
-        return torch.cat([prev_kv, b_kv], dim=1), torch.cat([prev_sc, b_sc], dim=1)
-
-
-def softmax_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """Per-channel softmax over the slot dim of [n, slots, C]; sums in a fixed slot order."""
-    mx = score.amax(dim=1, keepdim=True)
-    e = pointwise(torch.exp, score - mx)
-    return seq_sum(e * kv, 1) / seq_sum(e, 1)
+        prev_kv, prev_sc = state.overlap_kv, state.overlap_score
+        if prev_kv is not None:  # copies: the state may be a view of pool memory, overwritten just below
+            prev_kv, prev_sc = prev_kv.clone(), prev_sc.clone()
+        state.set_overlap(kv[-1, :, :w].clone(), score[-1, :, :w].clone())
+        return overlap_slots(kv, score, prev_kv, prev_sc)
 
 
 def round_main_key(x: torch.Tensor, nope: int) -> torch.Tensor:

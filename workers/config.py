@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SWA, CSA, HCA = 0, 4, 128
+from kernels.geometry import CSA, HCA, SWA
+
 KNOWN_RATIOS = (SWA, CSA, HCA)
 LAYER_KIND_NAMES = {SWA: "sliding_attention", CSA: "compressed_sparse_attention", HCA: "heavily_compressed_attention"}
 _KIND_BY_NAME = {v: k for k, v in LAYER_KIND_NAMES.items()}

@@ -1,10 +1,8 @@
 """The lightning indexer of CSA layers (v4-architecture.md §4): picks, per query, the top-k
 compressed entries by  I[t, w] = sum_h weight[t, h] * ReLU(q[t, h] . K[w]).
 
-Its keys are made by its own CSA compressor (width index_head_dim) and cached per request.
-Scores are computed against fixed blocks of KEY_BLOCK entries so a query's scores do not depend
-on how many entries exist beyond the ones it may see (chunked == one-shot, bit for bit); ties
-are broken by entry index (stable sort) for the same reason.
+Its keys are made by its own CSA compressor (width index_head_dim) and cached per request. The
+scores and the selection rule are kernels/indexer_topk_ref.py's (row-invariant, ties by index).
 """
 
 from __future__ import annotations
@@ -12,14 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.block_quant import fp4_e2m1_block_qdq, hadamard
+from kernels.indexer_topk_ref import select_topk
+
 from .compressor import Compressor
 from .config import CSA, ModelConfig
 from .modules import Proj
-from .numerics import linear
-from .quant import fp4_e2m1_block_qdq, hadamard
 from .rope import apply_rope
-
-KEY_BLOCK = 64
 
 
 class Indexer(nn.Module):
@@ -42,30 +39,4 @@ class Indexer(nn.Module):
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Top-k visible entries per query: [S, topk] entry indices, -1 where fewer are visible."""
-        S = q.shape[0]
-        scores = index_scores(q, w, keys)
-        visible = torch.arange(keys.shape[0], device=q.device)[None, :] < ((positions + 1) // CSA)[:, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        order = torch.sort(scores, dim=-1, descending=True, stable=True)
-        k = min(self.topk, keys.shape[0])
-        idx = torch.where(torch.isfinite(order.values[:, :k]), order.indices[:, :k], -1)
-        if k < self.topk:
-            idx = torch.cat([idx, idx.new_full((S, self.topk - k), -1)], dim=1)
-        return idx
-
-
-def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """I[t, j] for queries q [S, Hi, Di], head weights w [S, Hi] and keys [n, Di] -> [S, n] float32."""
-    S, H, D = q.shape
-    n = keys.shape[0]
-    out = []
-    flat_q = q.reshape(S * H, D)
-    for b0 in range(0, n, KEY_BLOCK):
-        block = keys[b0 : b0 + KEY_BLOCK].float()
-        if block.shape[0] < KEY_BLOCK:
-            block = torch.cat([block, block.new_zeros(KEY_BLOCK - block.shape[0], D)])
-        qk = linear(flat_q, block).view(S, H, KEY_BLOCK).relu() * D**-0.5
-        out.append(torch.bmm(w[:, None, :], qk)[:, 0])
-    if not out:
-        return q.new_empty(S, 0)
-    return torch.cat(out, dim=1)[:, :n]
+        return select_topk(q, w, keys, positions, self.topk)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .numerics import linear, pointwise, rms_norm, seq_sum
+from kernels.numerics import linear, pointwise, rms_norm, seq_sum
 
 
 def hc_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .numerics import linear, rms_norm
+from kernels.numerics import linear, rms_norm
 
 
 class Proj(nn.Module):

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.numerics import linear, pointwise, seq_sum
+
 from .config import ModelConfig
 from .modules import Proj, f32_param
-from .numerics import linear, pointwise, seq_sum
 
 
 class Expert(nn.Module):

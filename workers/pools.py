@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.dispatch import use_triton
+from kernels.geometry import BLOCK, SWA_PAGE
+
 from . import kv_layout
 from .capacity import indexer_entry_bytes, main_entry_bytes
 from .config import CSA, HCA, ModelConfig
 
-BLOCK = 256
-SWA_PAGE = 64
 F32 = 4
 
 
@@ -109,14 +110,28 @@ class KVPools:
         return [self.block_pool, self.swa_pool, self.comp_pool, self.overlap_pool]
 
     # ---- byte codecs: compact bytes <-> values, or the identity for the float layout ----------
+    # Rows are encoded by the Triton kernels (kernels/quantize.py, bit-exact with kv_layout) where
+    # they run; imported only then, so the reference path needs no triton.
     def encode_main(self, x: torch.Tensor) -> torch.Tensor:
-        return kv_layout.encode_main(x, self.cfg) if self.layout == "compact" else x.to(self.dtype)
+        if self.layout != "compact":
+            return x.to(self.dtype)
+        if use_triton(x):
+            from kernels.quantize import encode_main
+
+            return encode_main(x.reshape(-1, x.shape[-1]), self.cfg.nope_head_dim).view(*x.shape[:-1], -1)
+        return kv_layout.encode_main(x, self.cfg)
 
     def decode_main(self, b: torch.Tensor) -> torch.Tensor:
         return kv_layout.decode_main(b, self.cfg, self.dtype) if self.layout == "compact" else b
 
     def encode_index(self, x: torch.Tensor) -> torch.Tensor:
-        return kv_layout.encode_index(x, self.cfg) if self.layout == "compact" else x.to(self.dtype)
+        if self.layout != "compact":
+            return x.to(self.dtype)
+        if use_triton(x):
+            from kernels.quantize import encode_index
+
+            return encode_index(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+        return kv_layout.encode_index(x, self.cfg)
 
     def decode_index(self, b: torch.Tensor) -> torch.Tensor:
         return kv_layout.decode_index(b, self.cfg, self.dtype) if self.layout == "compact" else b

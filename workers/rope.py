@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels.numerics import pointwise
+
 from .config import ModelConfig, yarn_inv_freq_params
-from .numerics import pointwise
 
 
 def inv_freq(cfg: ModelConfig, compressed_layer: bool) -> torch.Tensor:
