@@ -19,6 +19,7 @@ from torch import nn
 
 from kernels.block_quant import fp4_e2m1_block_qdq, fp8_e4m3_block_qdq, hadamard
 from kernels.compressor_pool_ref import overlap_slots, softmax_pool
+from kernels.dispatch import use_triton
 
 from .config import CSA
 from .modules import Norm, Proj, f32_param
@@ -53,9 +54,7 @@ class Compressor(nn.Module):
             return kv.new_empty(0, self.width)
         kv = kv[:used].view(n_win, m, -1)
         score = score[:used].view(n_win, m, -1)
-        if self.overlap:
-            kv, score = self._overlap_slots(kv, score, state)
-        pooled = softmax_pool(kv, score)
+        pooled = self._pool(kv, score, state)
         first = start // m  # the open window carried in began at (start // m) * m
         entries = self.norm(pooled)
         cos, sin = cos_sin(freqs, (torch.arange(n_win, device=x.device) + first) * m)
@@ -66,14 +65,27 @@ class Compressor(nn.Module):
             entries = fp4_e2m1_block_qdq(hadamard(entries), 32)
         return entries
 
-    def _overlap_slots(self, kv: torch.Tensor, score: torch.Tensor, state: CompressorState):
-        """[n, 4, 2w] windows -> [n, 8, w] slots; carries the last window's A-halves in the state."""
+    def _pool(self, kv: torch.Tensor, score: torch.Tensor, state: CompressorState) -> torch.Tensor:
+        """Windows [n, m, c*w] -> pooled [n, w]. CSA pools 8 slots: the A-halves of the previous
+        window (carried in the state; absent for window 0) and the B-halves of this one, and
+        leaves this call's last A-halves in the state. The Triton kernel where it runs."""
+        triton = use_triton(kv)
+        if not self.overlap:
+            if triton:
+                from kernels.compressor_pool import hca_pool
+
+                return hca_pool(kv, score)
+            return softmax_pool(kv, score)
         w = self.width
         prev_kv, prev_sc = state.overlap_kv, state.overlap_score
         if prev_kv is not None:  # copies: the state may be a view of pool memory, overwritten just below
             prev_kv, prev_sc = prev_kv.clone(), prev_sc.clone()
         state.set_overlap(kv[-1, :, :w].clone(), score[-1, :, :w].clone())
-        return overlap_slots(kv, score, prev_kv, prev_sc)
+        if triton:
+            from kernels.compressor_pool import csa_pool_windows
+
+            return csa_pool_windows(kv, score, prev_kv, prev_sc)
+        return softmax_pool(*overlap_slots(kv, score, prev_kv, prev_sc))
 
 
 def round_main_key(x: torch.Tensor, nope: int) -> torch.Tensor:
