@@ -8,6 +8,7 @@ with the matching status: 400 bad request, 404 unknown model, 429 at capacity, 5
 
 import asyncio
 import json
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -16,6 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from . import openai_api as oa
+from .metrics import IngressMetrics
 from .profiles import EndpointProfile
 
 app = FastAPI(title="v4serve")
@@ -27,7 +29,8 @@ class _Refused(Exception):
         self.status, self.body = status, oa.error_body(message, kind, param, code)
 
 
-def _error(e: _Refused) -> JSONResponse:
+def _error(e: _Refused, metrics: "IngressMetrics") -> JSONResponse:
+    metrics.error(e.status)
     return JSONResponse(e.body, status_code=e.status)
 
 
@@ -42,6 +45,7 @@ class Ingress:
         self.engine, self.prefill = engine, prefill
         self.profile = EndpointProfile(**profile)
         self.cfg, self.tokenizer = load_tokenizer(self.profile.model)
+        self.metrics = IngressMetrics(self.profile.model_name)
         self.eos_text = EOS_TEXT
 
     @app.get("/health")
@@ -55,15 +59,17 @@ class Ingress:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
+        arrived = time.monotonic()
         try:
             req = await self._parse(request, oa.CompletionRequest)
             ids = req.prompt if isinstance(req.prompt, list) else self.tokenizer.encode(req.prompt)
-            return await self._serve(req, ids, chat=False)
+            return await self._serve(req, ids, False, arrived)
         except _Refused as e:
-            return _error(e)
+            return _error(e, self.metrics)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
+        arrived = time.monotonic()
         try:
             req = await self._parse(request, oa.ChatRequest)
             try:
@@ -71,9 +77,9 @@ class Ingress:
             except ValueError as e:
                 raise _Refused(400, str(e), param="messages") from None
             ids = self.tokenizer.encode(text, add_bos=True)
-            return await self._serve(req, ids, chat=True)
+            return await self._serve(req, ids, True, arrived)
         except _Refused as e:
-            return _error(e)
+            return _error(e, self.metrics)
 
     # ---- helpers ----------------------------------------------------------------------------
     async def _parse(self, request: Request, schema):
@@ -92,7 +98,7 @@ class Ingress:
                            param="model", code="model_not_found")
         return req
 
-    async def _serve(self, req, ids: list[int], chat: bool):
+    async def _serve(self, req, ids: list[int], chat: bool, arrived: float):
         try:
             params = req.sampling(self.profile.default_max_tokens).model_dump()
         except ValidationError as e:
@@ -115,6 +121,7 @@ class Ingress:
         if "error" in first:
             kind = "invalid_request_error" if first["status"] == 400 else "rate_limit_error"
             raise _Refused(first["status"], first["error"], kind)
+        self.metrics.first_token(time.monotonic() - arrived)
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
         model = self.profile.model_name
         if req.stream:

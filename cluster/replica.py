@@ -22,6 +22,7 @@ from workers.engine import EngineInputError
 from workers.pools import OutOfPages
 
 from .directory import directory_handle
+from .metrics import ReplicaMetrics
 from .profiles import EndpointProfile
 
 PUBLISH_PERIOD_S = 0.2
@@ -45,7 +46,9 @@ class EngineReplica:
         model, tok = load_model(p.model, dtype=getattr(torch, p.dtype), device=device, rounding=p.reference_rounding)
         self.engine = Engine(model, p.engine_config(), tokenizer=tok, model_id=p.model_name)
         self.async_engine = AsyncEngine(self.engine)
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.metrics = ReplicaMetrics(context.deployment, self.replica_id)
         self.host = ray.util.get_node_ip_address()
         self._publisher: asyncio.Task | None = None
         self.decode = decode
@@ -70,9 +73,15 @@ class EngineReplica:
             return
         try:
             async for out in self.async_engine.generate(request["prompt_ids"], request.get("params")):
-                yield dataclasses.asdict(out)
+                yield self._counted(out)
         except EngineInputError as e:
             yield {"error": str(e), "status": 400}
+
+    def _counted(self, out) -> dict:
+        d = dataclasses.asdict(out)
+        if d["finished"]:
+            self.metrics.finished(d)
+        return d
 
     # ---- disaggregated: the prefill side --------------------------------------------------------
     async def prefill(self, request: dict) -> dict:
@@ -115,12 +124,16 @@ class EngineReplica:
 
         if failed:
             free(state)
+            self.metrics.transfer_failed()
             return {"error": f"state transfer failed: packing a frame failed: {failed[0]}", "status": 503}
+        prefilled = loop.time()
         try:  # the last frames read the handed-over state (ours alone now) and sync the device once
             await loop.run_in_executor(self._io, lambda: finish(sender, stream, state, sent,
                                                                 {"first_token": first.new_token_ids[0]}, free))
         except TransferError as e:
+            self.metrics.transfer_failed()
             return {"error": f"state transfer failed: {e}", "status": 503}
+        self.metrics.transferred(stream.bytes, loop.time() - prefilled)
         return {"first_token": first.new_token_ids[0], "generator_state": gen_state, "bytes": stream.bytes,
                 "frames": stream.frames}
 
@@ -209,7 +222,7 @@ class EngineReplica:
         try:
             async for out in self.async_engine.continue_imported(request["prompt_ids"], request.get("params"),
                                                                  request["first_token"], state, generator=gen):
-                yield dataclasses.asdict(out)
+                yield self._counted(out)
         except EngineInputError as e:
             yield {"error": str(e), "status": 400}
 
@@ -249,6 +262,7 @@ class EngineReplica:
                         full = not await directory.publish.remote(self.replica_id, inserts, evicts, False)
             except Exception:  # the directory died: it is recreated and rebuilt on the next round
                 directory = None
+            self.metrics.load(self.async_engine.load())
             await asyncio.sleep(PUBLISH_PERIOD_S)
 
     def load(self) -> dict:

@@ -24,6 +24,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORTS = (free_port(), free_port())
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One Ray cluster for these tests: two simulated nodes (ray.cluster_utils), node_a and node_b."""
@@ -32,8 +35,11 @@ def server(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     env = {"V4SERVE_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "1"}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 6, "resources": {"node_a": 100}})
-    cluster.add_node(num_cpus=6, resources={"node_b": 100})
+    # each node exports metrics on a port of its own, reported every half second (see test_metrics...)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 6, "resources": {"node_a": 100}, "metrics_export_port": METRICS_PORTS[0],
+        "_system_config": {"metrics_report_interval_ms": 500}})
+    cluster.add_node(num_cpus=6, resources={"node_b": 100}, metrics_export_port=METRICS_PORTS[1])
     ray.init(address=cluster.address, include_dashboard=False, configure_logging=False, runtime_env={"env_vars": env})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -111,6 +117,41 @@ def test_32_concurrent_requests_all_complete_with_their_own_tokens(server, refer
     tok, complete = reference
     prompts = [f"request {i} " * (1 + i % 7) for i in range(32)]
     assert concurrent_texts(server + "/v1", prompts, 6) == [complete(tok.encode(p), 6) for p in prompts]
+
+
+def scrape(name: str) -> dict[str, float]:
+    """Prometheus samples of metric `name` over both nodes: labels -> value. (Ray prefixes `ray_`;
+    counters end in `_total`, histograms have `_count`, `_sum`, `_bucket` series.)"""
+    out = {}
+    for port in METRICS_PORTS:
+        for line in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+            if line.startswith(f"ray_{name}{{") or line.startswith(f"ray_{name} "):
+                labels, value = line.rsplit(" ", 1)
+                out[labels] = float(value)
+    return out
+
+
+def test_metrics_count_requests_tokens_pages_and_time_to_first_token(server):
+    import time
+
+    body = {"model": "tiny", "prompt": "count me", "max_tokens": 7, "temperature": 0, "ignore_eos": True}
+    before = sum(scrape("v4serve_output_tokens_total").values())
+    for _ in range(3):
+        assert requests.post(server + "/v1/completions", json=body, timeout=60).status_code == 200
+    assert requests.post(server + "/v1/completions", json={**body, "model": "nope"}, timeout=60).status_code == 404
+    deadline = time.time() + 30
+    while True:  # exported every 0.5 s
+        tokens = sum(scrape("v4serve_output_tokens_total").values()) - before
+        if tokens >= 21 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert tokens == 21
+    assert any('reason="length"' in k and v >= 3 for k, v in scrape("v4serve_requests_finished_total").items())
+    assert sum(scrape("v4serve_time_to_first_token_seconds_count").values()) >= 3
+    assert any('status="404"' in k for k in scrape("v4serve_request_errors_total"))
+    blocks, free = scrape("v4serve_kv_blocks"), scrape("v4serve_kv_free_blocks")
+    assert len(blocks) == 2 and all(0 < v for v in blocks.values())  # one gauge per replica
+    assert all(0 <= v <= max(blocks.values()) for v in free.values())
 
 
 @pytest.mark.parametrize("body, status, fragment", [
@@ -199,14 +240,18 @@ def test_a_client_that_closes_its_stream_frees_the_pages_of_its_request(server):
             "ignore_eos": True}
     assert not any(s["running"] for s in replica_stats("v4serve", "EngineReplica"))  # (also readies the handle)
     with requests.post(server + "/v1/completions", json=body, stream=True, timeout=120) as r:
-        next(line for line in r.iter_lines() if line.startswith(b"data:"))
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith(b"data:"))
         deadline = time.time() + 10
         while True:  # the request holds pages while it streams (its 4000 tokens take far longer)
             during = replica_stats("v4serve", "EngineReplica")
             if any(s["running"] for s in during) or time.time() > deadline:
                 break
             time.sleep(0.1)
-        assert sum(sum(s["pages_in_use"].values()) for s in during) > 0, during
+        if not sum(sum(s["pages_in_use"].values()) for s in during):  # say what the stream was instead
+            rest = [line for line in lines if line.startswith(b"data:")]
+            raise AssertionError(f"no pages held while streaming: {during}; stream {first[:200]} + {len(rest)} "
+                                 f"events, last {rest[-2:]}")
     # the connection is closed: the ingress cancels the stream, the replica aborts and frees
     deadline = time.time() + 30
     while True:
