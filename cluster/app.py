@@ -10,6 +10,11 @@ from .profiles import EndpointProfile, bundled
 from .replica import EngineReplica
 
 
+# The ingress parses, tokenizes and relays: it reserves no logical CPU, so it never waits behind the
+# engine replicas for one (and a small host runs a whole disaggregated app).
+INGRESS_OPTIONS = {"max_ongoing_requests": 10000, "ray_actor_options": {"num_cpus": 0}}
+
+
 def build_app(profile: EndpointProfile) -> Application:
     """Aggregated (engine replicas prefill and decode) or, with prefill_replicas > 0, a prefill
     group routed by prefix and a decode group routed by load, the state moving between them."""
@@ -25,14 +30,14 @@ def build_app(profile: EndpointProfile) -> Application:
         engine = EngineReplica.options(**profile.replica_options("engine"), max_ongoing_requests=1000,
                                        request_router_config=router(profile.router),
                                        ray_actor_options=_resources(profile)).bind(args)
-        return Ingress.options(max_ongoing_requests=10000).bind(engine, args)
+        return Ingress.options(**INGRESS_OPTIONS).bind(engine, args)
     decode = EngineReplica.options(name="DecodeReplica", **profile.replica_options("engine"), max_ongoing_requests=1000,
                                    request_router_config=router("decode_capacity"),
                                    ray_actor_options=_resources(profile, profile.decode_resources)).bind(args)
     prefill = EngineReplica.options(name="PrefillReplica", **profile.replica_options("prefill"),
                                     max_ongoing_requests=1000, request_router_config=router(profile.router),
                                     ray_actor_options=_resources(profile, profile.prefill_resources)).bind(args, decode)
-    return Ingress.options(max_ongoing_requests=10000).bind(decode, args, prefill)
+    return Ingress.options(**INGRESS_OPTIONS).bind(decode, args, prefill)
 
 
 def _replay_tokens(profile: EndpointProfile) -> int:
