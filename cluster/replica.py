@@ -142,9 +142,12 @@ class EngineReplica:
         store this replica hosts), then kept for every later transfer to it."""
         key = dest["replica"]
         async with self._channel_locks.setdefault(key, asyncio.Lock()):
-            sender = self._senders.get(key)
+            sender = self._senders.pop(key, None)
             if sender is not None and not sender.broken:
+                self._senders[key] = sender
                 return sender
+            if sender is not None:  # broken (its peer died or timed out): release it, open a new one
+                sender.channel.close()
             port = _free_port()
             timeout = self.profile.transfer_timeout_s
             opening = asyncio.get_running_loop().run_in_executor(

@@ -116,6 +116,7 @@ class Landing:
                 header, payload = channel.recv(idle=True)
             except TransferError as e:
                 self._fail_all_from(channel, e)
+                channel.close()
                 return
             ticket = header["ticket"]
             with self._lock:
