@@ -78,7 +78,11 @@ def _ue8m0_encode(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _ue8m0_decode(b: torch.Tensor) -> torch.Tensor:
-    return torch.ldexp(torch.ones(b.shape, device=b.device), b.long() - UE8M0_BIAS)
+    """Biased exponent bytes -> float32 2**(b - 127), built from the bits (exact on every device;
+    ldexp multiplies by pow(2, e), which a device's pow need not compute exactly). Byte 0 is the
+    subnormal 2**-127."""
+    e = b.to(torch.int32)
+    return torch.where(e == 0, torch.tensor(2.0**-127, device=b.device), (e << 23).view(torch.float32))
 
 
 def _bf16_bytes(x: torch.Tensor) -> torch.Tensor:
