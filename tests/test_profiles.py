@@ -107,3 +107,32 @@ def test_kuberay_manifests_carry_a_valid_serve_config_whose_groups_fit_their_wor
                 max_gpus = sum(have["GPU"] * g["maxReplicas"] for g, (n, have) in
                                zip(cluster["workerGroupSpecs"], groups.items()))
                 assert scaling.max_replicas <= max_gpus
+
+
+def exported_metric_names() -> set[str]:
+    """The series names Prometheus sees for cluster/metrics.py's metrics (Ray prefixes `ray_`;
+    counters gain `_total`, histograms `_bucket` / `_sum` / `_count`)."""
+    import re
+
+    source = (Path(__file__).parent.parent / "cluster" / "metrics.py").read_text()
+    suffixes = {"Counter": ["_total"], "Gauge": [""], "Histogram": ["_bucket", "_sum", "_count"]}
+    return {f"ray_{name}{s}" for kind, name in re.findall(r'metrics\.(Counter|Gauge|Histogram)\(\s*"(\w+)"', source)
+            for s in suffixes[kind]}
+
+
+def test_the_grafana_dashboard_graphs_only_metrics_the_replicas_export():
+    import re
+
+    dash = json.loads((DEPLOY / "grafana" / "v4serve.json").read_text())
+    used = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"\bray_v4serve_\w+", t["expr"])}
+    exported = exported_metric_names()
+    assert len(exported) >= 10 and used, (exported, used)  # the source was parsed at all
+    assert used <= exported, used - exported
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+
+
+def test_the_prometheus_config_keeps_ray_pods_only():
+    cfg = yaml.safe_load((DEPLOY / "prometheus" / "scrape.yaml").read_text())
+    [job] = cfg["scrape_configs"]
+    keep = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
+    assert keep and keep[0]["source_labels"] == ["__meta_kubernetes_pod_label_ray_io_is_ray_node"]
