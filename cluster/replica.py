@@ -268,9 +268,6 @@ class EngineReplica:
             self.metrics.load(self.async_engine.load())
             await asyncio.sleep(PUBLISH_PERIOD_S)
 
-    def load(self) -> dict:
-        return self.async_engine.load()
-
     async def stats(self, request: dict | None = None) -> dict:
         """Load and the pages this replica's requests hold (request {"replica": id} routes here)."""
         pages = await self.async_engine.call(lambda e: e.pages_in_use())

@@ -105,10 +105,6 @@ class Landing:
     def cancel(self, ticket: str) -> None:
         self.fail(ticket, TransferError(f"reservation {ticket!r} cancelled"))
 
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._open)
-
     def serve(self, channel: PairChannel) -> None:
         """The receive loop of one channel (run on a thread of its own until the channel dies)."""
         while True:
