@@ -116,15 +116,21 @@ def bf16_bits(x):
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
 
 
+@triton.jit
+def _row_pointers(src_ptr, dst_ptr, src_row_stride, dst_row_stride):
+    """This program's row of the source and of the destination (one program per row; int64
+    offsets, since rows x stride can pass 2**31)."""
+    row = tl.program_id(0).to(tl.int64)
+    return src_ptr + row * src_row_stride, dst_ptr + row * dst_row_stride
+
+
 # ---- kernels ----------------------------------------------------------------------------------
 
 @triton.jit
 def _encode_main_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride,
                         NOPE: tl.constexpr, ROPE: tl.constexpr, ROW_BYTES: tl.constexpr,
                         NB_P: tl.constexpr, ROPE_P: tl.constexpr, PAD_P: tl.constexpr, FROM_BF16: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_row_stride
-    out_row = out_ptr + row * out_row_stride
+    x_row, out_row = _row_pointers(x_ptr, out_ptr, x_row_stride, out_row_stride)
     NB: tl.constexpr = NOPE // 64
     blk = tl.arange(0, NB_P)
     j = tl.arange(0, 64)
@@ -151,9 +157,7 @@ def _encode_main_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride,
 @triton.jit
 def _decode_main_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride,
                         NOPE: tl.constexpr, ROPE: tl.constexpr, NB_P: tl.constexpr, ROPE_P: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b_row = b_ptr + row * b_row_stride
-    out_row = out_ptr + row * out_row_stride
+    b_row, out_row = _row_pointers(b_ptr, out_ptr, b_row_stride, out_row_stride)
     NB: tl.constexpr = NOPE // 64
     blk = tl.arange(0, NB_P)
     j = tl.arange(0, 64)
@@ -172,9 +176,7 @@ def _decode_main_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride,
 @triton.jit
 def _encode_index_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride, DI: tl.constexpr, NB_P: tl.constexpr,
                          FROM_BF16: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_row_stride
-    out_row = out_ptr + row * out_row_stride
+    x_row, out_row = _row_pointers(x_ptr, out_ptr, x_row_stride, out_row_stride)
     NB: tl.constexpr = DI // 32
     blk = tl.arange(0, NB_P)
     j = tl.arange(0, 16)  # byte j of a block packs elements 2j (low nibble) and 2j + 1
@@ -194,9 +196,7 @@ def _encode_index_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride, DI: tl.co
 
 @triton.jit
 def _decode_index_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride, DI: tl.constexpr, NB_P: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b_row = b_ptr + row * b_row_stride
-    out_row = out_ptr + row * out_row_stride
+    b_row, out_row = _row_pointers(b_ptr, out_ptr, b_row_stride, out_row_stride)
     NB: tl.constexpr = DI // 32
     blk = tl.arange(0, NB_P)
     j = tl.arange(0, 16)
