@@ -242,8 +242,9 @@ def test_prefill_on_one_engine_and_decode_on_another_equals_one_engine(model, pa
         state, gen = prefill.take_handoff(rid)
         landing = decode.new_import_state(state.num_tokens)
         for layer in range(TINY.num_hidden_layers):
-            for family, t in state.export_layer(layer):
-                landing.import_layer(layer, family, t)
+            for name, t in state.export_layer(layer):
+                kind, _, family = name.partition(".")
+                landing.import_piece(layer, kind, family, 0, t)
         state.free()
         out = decode.add_imported(p, params, first, landing, generator=gen)
         assert out.new_token_ids == [first]

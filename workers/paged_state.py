@@ -320,8 +320,3 @@ class PagedRequestState:
             comp.set_overlap(*overlap)
         else:
             raise ValueError(f"unknown state piece kind {kind!r}")
-
-    def import_layer(self, layer: int, name: str, data: torch.Tensor) -> None:
-        """Write one piece of export_layer's output."""
-        kind, _, family = name.partition(".")
-        self.import_piece(layer, kind, family, 0, data)
