@@ -78,7 +78,8 @@ def e4m3_value(code):
     m = code & 7
     normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
     val = tl.where(e > 0, normal, m.to(tl.float32) * 0.001953125)  # subnormal: m * 2**-9
-    return tl.where((code & 0x80) != 0, -val, val)
+    # the sign goes in as a bit: compiled for a GPU, `-val` is `0 - val`, which turns -0.0 into +0.0
+    return (val.to(tl.int32, bitcast=True) | ((code & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -32,6 +32,16 @@ def bits(t):
     return t.view(torch.int32)
 
 
+def assert_same_bits(got, want, rows):
+    """got == want bit for bit; otherwise the message lists the first differing elements with the
+    row bytes they were decoded from (a row's first 448 bytes are codes, its last 7 block scales)."""
+    diff = (bits(got) != bits(want)).nonzero().tolist()
+    shown = [f"[{r}, {c}]: got {float(got[r, c])!r} ({int(bits(got)[r, c]):#x}), want {float(want[r, c])!r} "
+             f"({int(bits(want)[r, c]):#x}), code byte {int(rows[r, c]) if c < 448 else None}, "
+             f"scale byte {int(rows[r, 448 + 128 + c // 64]) if c < 448 else None}" for r, c in diff[:6]]
+    assert not diff, f"{len(diff)} elements differ: " + "; ".join(shown)
+
+
 # ---- quantization -----------------------------------------------------------------------------
 
 def e4m3_ties_and_neighbours():
@@ -229,7 +239,7 @@ def test_gpu_quantize_flash_attn_rows_bit_exact(triton_mode):
     x = torch.cat([main_inputs(cfg, seed=s) for s in range(8)]).cuda()
     b = Q.encode_main(x, 448)
     assert torch.equal(b, Q.reference_encode_main(x, 448))
-    assert torch.equal(bits(Q.decode_main(b, 512, 448)), bits(Q.reference_decode_main(b, 512, 448)))
+    assert_same_bits(Q.decode_main(b, 512, 448), Q.reference_decode_main(b, 512, 448), b)
     xi = torch.cat([index_inputs(128, seed=s) for s in range(8)]).cuda()
     bi = Q.encode_index(xi)
     assert torch.equal(bi, Q.reference_encode_index(xi))

@@ -10,10 +10,13 @@ bf16 matmuls are not batch-invariant). Tolerances:
   * tiny, float32, interpreter: logits within 1e-3 (the kernels sum in another order, ~1e-6 per
     attention output; the indexer's picks must be the same entries, else errors would be O(1));
   * flash-attn, bf16, GPU: the kernels round probabilities to bf16 at other points than the
-    reference and the outputs of split key lists to bf16, so logits move by about a bf16 ulp of
-    the activations, and greedy tokens with a near-tie at the top can flip. The kernel path's
-    greedy token must therefore be one the reference ranks within NEAR_TIE (in units of the
-    reference's logit std) of its best, and the logits close overall (LOGIT_RTOL of their std).
+    reference and the outputs of split key lists to bf16, so activations move by about a bf16
+    ulp; with random weights the MoE routing turns such moves into large logit changes (the
+    reference itself, only re-chunked, moves its logits by 1.1-1.8 std on an H100). So the bound
+    is relative: the kernel path may move logits, and rank its greedy token below the
+    reference's best, by at most twice what re-chunking moves the reference (or LOGIT_RTOL /
+    NEAR_TIE of the std, if larger);
+  * flash-attn, float32, GPU: tokens equal and logits within 5e-3 (see that test).
 """
 
 import pytest
@@ -134,12 +137,27 @@ def tie_gap(want: torch.Tensor, tokens: torch.Tensor) -> float:
     return float(((want.max(dim=-1).values - picked) / std).max())
 
 
+def spread(want: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """Largest logit difference over all requests and positions, in units of want's row std."""
+    return max(float(((g - w).abs() / w.std(dim=-1, keepdim=True)).max()) for w, g in zip(want, got))
+
+
 @pytest.mark.gpu
 def test_flash_attn_kernel_path_gives_the_reference_logits_on_cuda(flash_bf16, monkeypatch):
-    want, got = compare(flash_bf16, monkeypatch, [1500, 700, 300, 5], 16, 4 << 30, 512, "auto")
+    """Bound: LOGIT_RTOL, or twice what the reference itself moves when only its prefill chunking
+    changes (512 -> 384 tokens, same tokens), whichever is larger: in bf16 on a GPU that movement is
+    the rounding noise any other summation order brings; a wrong kernel moves logits by O(1)."""
+    lengths, budget = [1500, 700, 300, 5], 4 << 30
+    want, got = compare(flash_bf16, monkeypatch, lengths, 16, budget, 512, "auto")
+    monkeypatch.setenv("V4SERVE_KERNELS", "torch")
+    toks = [w.argmax(-1).tolist() for w in want]
+    alt, _ = paged_logits(flash_bf16, prompts(flash_bf16.cfg, lengths), 16, budget, 384, follow=toks)
+    noise, moved = spread(want, alt), spread(want, got)
+    print(f"\nflash-attn bf16 logits: reference re-chunked moves {noise:.4f} std, kernels move {moved:.4f} std; "
+          f"kernel tie gap {max(tie_gap(w, g.argmax(-1)) for w, g in zip(want, got)):.4f}")
+    assert moved <= max(LOGIT_RTOL, 2 * noise)
     for w, g in zip(want, got):
-        assert tie_gap(w, g.argmax(-1)) <= NEAR_TIE
-        assert float(((g - w).abs() / w.std(dim=-1, keepdim=True)).max()) <= LOGIT_RTOL
+        assert tie_gap(w, g.argmax(-1)) <= max(NEAR_TIE, 2 * noise)
 
 
 def engine_logits(model, monkeypatch, prompt_list, steps, mode, follow=None, **config):
@@ -179,10 +197,40 @@ def test_tiny_engine_with_kernels_samples_what_the_reference_engine_samples(tiny
 def test_flash_attn_engine_with_kernels_gives_greedy_tokens_of_the_reference(flash_bf16, monkeypatch):
     """The engine on the reference path samples greedily; the engine with kernels, fed the same
     tokens (so both schedule the same batches), must pick at every position a token the reference
-    ranks within NEAR_TIE of its best (see the module docstring)."""
+    ranks within NEAR_TIE of its best, or within twice what the reference's own logits move when
+    only its prefill chunking changes (as in the test above: bf16 rounding noise, which MoE
+    routing near-ties amplify; a wrong kernel moves logits by O(1))."""
     ps = prompts(flash_bf16.cfg, [1500, 700, 300, 5], seed=1)
-    cfg = dict(budget_bytes=4 << 30, max_requests=4, prefill_chunk=512, max_batch_tokens=1024)
-    want, toks = engine_logits(flash_bf16, monkeypatch, ps, 16, "torch", **cfg)
-    got, _ = engine_logits(flash_bf16, monkeypatch, ps, 16, "auto", follow=toks, **cfg)
+    cfg = dict(budget_bytes=4 << 30, max_requests=4, max_batch_tokens=1024)
+    want, toks = engine_logits(flash_bf16, monkeypatch, ps, 16, "torch", prefill_chunk=512, **cfg)
+    alt, _ = engine_logits(flash_bf16, monkeypatch, ps, 16, "torch", follow=toks, prefill_chunk=256, **cfg)
+    got, _ = engine_logits(flash_bf16, monkeypatch, ps, 16, "auto", follow=toks, prefill_chunk=512, **cfg)
+    noise, moved = spread(want, alt), spread(want, got)
+    gap = max(tie_gap(w, g.argmax(-1)) for w, g in zip(want, got))
+    print(f"\nengine, flash-attn bf16: reference re-chunked moves logits {noise:.4f} std (tie gap "
+          f"{max(tie_gap(w, a.argmax(-1)) for w, a in zip(want, alt)):.4f}); kernels move them {moved:.4f} std "
+          f"(tie gap {gap:.4f})")
+    assert moved <= max(LOGIT_RTOL, 2 * noise)
+    assert gap <= max(NEAR_TIE, 2 * noise)
+
+
+@pytest.mark.gpu
+def test_flash_attn_float32_engine_with_kernels_gives_the_reference_tokens_and_logits(monkeypatch):
+    """Same as above in float32 (TF32 off, torch's default): here neither path rounds its
+    probabilities or partial outputs to bf16, so both differ only in summation order (~1e-6), and
+    the bf16 bound above is no excuse. Tokens equal; logits within 5e-3 (their std is about 1):
+    reference rounding quantizes every key to FP8 and every indexer key and query to FP4, so a
+    summation-order difference that lands on a rounding boundary moves one element by a code
+    step, which later layers carry to the logits (measured on an H100: 1.8e-3 at most, 479 of
+    1.16M logits above 1e-3). A wrong kernel moves them by O(1)."""
+    cfg = preset("flash-attn")
+    model = V4Model(cfg, dtype=torch.float32, rounding=True).load_weights(random_weights(cfg, 0)).cuda()
+    ps = prompts(cfg, [1500, 700, 300, 5], seed=1)
+    config = dict(budget_bytes=4 << 30, max_requests=4, prefill_chunk=512, max_batch_tokens=1024)
+    want, toks = engine_logits(model, monkeypatch, ps, 8, "torch", **config)
+    got, got_toks = engine_logits(model, monkeypatch, ps, 8, "auto", **config)
+    print(f"\nengine, flash-attn float32: kernels move logits {spread(want, got):.2e} std")
+    assert got_toks == toks
     for w, g in zip(want, got):
-        assert tie_gap(w, g.argmax(-1)) <= NEAR_TIE
+        torch.testing.assert_close(g, w, atol=5e-3, rtol=0)
+
