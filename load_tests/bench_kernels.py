@@ -46,17 +46,31 @@ import torch
 
 from workers.config import preset
 
-DEVICE = "cuda"
-WARMUP, REPEAT = 3, 20
+DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu": a smoke run of this script (small shapes, interpreter)
+WARMUP, REPEAT = (3, 20) if DEVICE == "cuda" else (0, 1)
 INDEX_TOPK, WINDOW = 512, 128
 
 
 # ---- timing and ceilings ----------------------------------------------------------------------
 
+def empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def cuda_time(fn, warmup: int = WARMUP, repeat: int = REPEAT) -> float:
-    """Median seconds of fn() between CUDA events."""
+    """Median seconds of fn() between CUDA events (wall time on the CPU smoke run)."""
     for _ in range(warmup):
         fn()
+    if DEVICE != "cuda":
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
     times = []
     for _ in range(repeat):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -68,13 +82,33 @@ def cuda_time(fn, warmup: int = WARMUP, repeat: int = REPEAT) -> float:
     return statistics.median(times)
 
 
+def graph_time(fn, calls: int = 10) -> float:
+    """Median seconds of one fn() replayed from a CUDA graph holding `calls` of them: the GPU's
+    own time, without the Python and launch overhead an eager call adds (a serving engine replays
+    its decode step the same way). fn must already be compiled and autotuned (cuda_time warms up)."""
+    if DEVICE != "cuda":
+        return cuda_time(fn)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the warm-up calls torch.cuda.graph asks for
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    t = cuda_time(g.replay) / calls
+    del g
+    return t
+
+
 def ceilings() -> dict:
-    n = 2 << 30
+    n = 2 << 30 if DEVICE == "cuda" else 64 << 20
     src = torch.empty(n, dtype=torch.uint8, device=DEVICE).random_(0, 255)
     dst = torch.empty_like(src)
     copy_s = cuda_time(lambda: dst.copy_(src))
     del src, dst
-    m = 8192
+    m = 8192 if DEVICE == "cuda" else 512
     a = torch.randn(m, m, dtype=torch.bfloat16, device=DEVICE)
     b = torch.randn(m, m, dtype=torch.bfloat16, device=DEVICE)
     mm_s = cuda_time(lambda: a @ b)
@@ -105,7 +139,7 @@ def kernels_mode(mode: str):
 
 
 def fits(nbytes: int, share: float = 0.5) -> bool:
-    free, _ = torch.cuda.mem_get_info()
+    free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 4 << 30
     return nbytes < share * free
 
 
@@ -177,7 +211,7 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
         for B in batches:
             try:
                 x = kernel_inputs(cfg, T, B, rows)
-            except torch.cuda.OutOfMemoryError as e:
+            except torch.OutOfMemoryError as e:
                 out.append({"kernel": "all", "context": T, "batch": B, "error": f"out of memory: {e}"})
                 continue
             n_vis = T // 4
@@ -187,6 +221,10 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
             runs = {
                 "indexer_topk": (lambda: idx.indexer_topk(x["iq"], x["iw"], x["csa_index"], x["block_table"],
                                                           x["positions"], INDEX_TOPK),
+                                 idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
+                # the scan alone (score keys, no top-k): what scan_traffic counts
+                "indexer_scan": (lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"],
+                                                              x["positions"], x["block_table"].shape[1] * idx.PAGE_ENTRIES),
                                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
                 "sparse_mqa_decode": (lambda: sparse.sparse_mqa_decode(x["q"], x["sink"], x["swa"], x["swa_table"],
                                                                        x["positions"], x["csa_main"], x["block_table"],
@@ -198,12 +236,15 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
             }
             for name, (fn, (nbytes, flops)) in runs.items():
                 try:
-                    r = roofline(cuda_time(fn), nbytes, flops, ceil)
+                    eager = cuda_time(fn)
+                    r = {**roofline(graph_time(fn), nbytes, flops, ceil), "eager_ms": eager * 1e3}
                 except Exception as e:  # one kernel failing must not hide the others' figures
                     r = {"error": f"{type(e).__name__}: {e}"}
+                if name in ("sparse_mqa_decode", "hca_decode"):  # which autotuned launch shape ran
+                    r["config"] = str(getattr(sparse._split_attention_tuned, "best_config", ""))
                 out.append({"kernel": name, "context": T, "batch": B, "pages": "shared" if x["shared"] else "distinct", **r})
             del x, topk
-            torch.cuda.empty_cache()
+            empty_cache()
     return out
 
 
@@ -269,10 +310,10 @@ def step_time(model, states, steps: int = 8) -> float:
     for i in range(steps + 2):
         for st in states:
             st.reserve(1)
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         model([(st, [5]) for st in states])
-        torch.cuda.synchronize()
+        sync()
         if i >= 2:
             times.append(time.perf_counter() - t)
         for st in states:
@@ -280,11 +321,28 @@ def step_time(model, states, steps: int = 8) -> float:
     return statistics.median(times)
 
 
-def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int], torch_upto: int) -> list[dict]:
+def profile_step(model, states) -> str:
+    """torch.profiler's table of one decode step (after step_time warmed it up): top GPU kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for st in states:
+        st.reserve(1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model([(st, [5]) for st in states])
+        sync()
+    for st in states:
+        st.release_old_window()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+
+
+def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int], torch_upto: int,
+                 profile: bool = False) -> list[dict]:
     rows, out = encoded_rows(cfg), []
     for P in contexts:
         for B in batches:
             row = {"context": P, "batch": B}
+            # the step's 10 timed tokens must stay below the model's last position (1M = 2**20)
+            P = min(P, cfg.max_position_embeddings - 16)
             try:
                 states = synthetic_states(cfg, model, P, B, rows)
                 floor_s = B * state_bytes_per_token(cfg, P) / ceil["copy_bytes_per_s"]
@@ -292,6 +350,10 @@ def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int]
                 with kernels_mode("auto"):
                     s = step_time(model, states)
                 row.update(kernels_ms=s * 1e3, kernels_tok_s=B / s, floor_over_kernels=floor_s / s)
+                if profile:
+                    with kernels_mode("auto"):
+                        row["profile"] = profile_step(model, states)
+                    print(f"step at {P}, batch {B}: where the time goes\n{row['profile']}", flush=True)
                 if P <= torch_upto and B == 1:
                     with kernels_mode("torch"):
                         s = step_time(model, states, steps=3)
@@ -300,7 +362,7 @@ def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int]
                 row["error"] = f"{type(e).__name__}: {e}"
             out.append(row)
             states = None
-            torch.cuda.empty_cache()
+            empty_cache()
     return out
 
 
@@ -326,19 +388,19 @@ def hf_section(cfg, weights, contexts: list[int], steps: int = 8) -> list[dict]:
             tok = torch.tensor([[5]], device=DEVICE)
             times = []
             for i in range(steps + 2):
-                torch.cuda.synchronize()
+                sync()
                 t = time.perf_counter()
                 cache = hf(tok, past_key_values=cache, use_cache=True).past_key_values
-                torch.cuda.synchronize()
+                sync()
                 if i >= 2:
                     times.append(time.perf_counter() - t)
             s = statistics.median(times)
             out.append({"context": P, "hf_ms": s * 1e3, "hf_tok_s": 1 / s})
-        except torch.cuda.OutOfMemoryError as e:  # the expected way for it not to run at long contexts
+        except torch.OutOfMemoryError as e:  # the expected way for it not to run at long contexts
             oom = P
             out.append({"context": P, "hf": "did not run", "error": f"OutOfMemoryError: {str(e)[:200]}"})
         cache = None
-        torch.cuda.empty_cache()
+        empty_cache()
     return out
 
 
@@ -356,10 +418,10 @@ def prefill_section(cfg, model, chunks: list[int]) -> list[dict]:
             times = []
             for i in range(3):
                 eng.add_request(torch.randint(2, cfg.vocab_size, (n,)).tolist(), SamplingParams(max_tokens=1, temperature=0))
-                torch.cuda.synchronize()
+                sync()
                 t = time.perf_counter()
                 eng.run()
-                torch.cuda.synchronize()
+                sync()
                 if i:  # the first one compiles the kernels
                     times.append(time.perf_counter() - t)
             s = statistics.median(times)
@@ -367,7 +429,7 @@ def prefill_section(cfg, model, chunks: list[int]) -> list[dict]:
         except Exception as e:
             out.append({"chunk": n, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         eng = None
-        torch.cuda.empty_cache()
+        empty_cache()
     return out
 
 
@@ -378,13 +440,14 @@ def print_tables(res: dict) -> None:
     if c:
         print(f"\nceilings: HBM copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {c['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
     if res.get("kernels"):
-        print(f"\n{'kernel':18} {'ctx':>8} {'B':>3} {'pages':>8} {'ms':>8} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} {'%mm':>6} {'binds':>8} {'%bind':>6}")
+        print(f"\n{'kernel':18} {'ctx':>8} {'B':>3} {'pages':>8} {'ms':>8} {'eager ms':>8} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} {'%mm':>6} {'binds':>8} {'%bind':>6}")
     for r in res.get("kernels", []):
         if "error" in r:
             print(f"{r['kernel']:18} {r['context']:>8} {r['batch']:>3} error: {r['error']}")
             continue
-        print(f"{r['kernel']:18} {r['context']:>8} {r['batch']:>3} {r['pages']:>8} {r['ms']:8.3f} {r['bytes_per_s'] / 1e9:8.0f} "
-              f"{r['of_copy_rate']:6.1%} {r['flop_per_s'] / 1e12:8.1f} {r['of_matmul_rate']:6.1%} {r['binds']:>8} {r['of_binding_ceiling']:6.1%}")
+        print(f"{r['kernel']:18} {r['context']:>8} {r['batch']:>3} {r['pages']:>8} {r['ms']:8.3f} {r['eager_ms']:8.3f} {r['bytes_per_s'] / 1e9:8.0f} "
+              f"{r['of_copy_rate']:6.1%} {r['flop_per_s'] / 1e12:8.1f} {r['of_matmul_rate']:6.1%} {r['binds']:>8} {r['of_binding_ceiling']:6.1%}"
+              f"  {r.get('config', '')}")
     hf = {r["context"]: r for r in res.get("hf", [])}
     if res.get("step"):
         print(f"\n{'step ctx':>9} {'B':>3} {'floor ms':>9} {'kernels ms':>11} {'floor/k':>8} {'torch ms':>9} {'hf ms':>9} {'k/hf tok/s':>11}")
@@ -432,11 +495,12 @@ def main() -> None:
     ap.add_argument("--prefill-chunks", default="8192,32768,131072")
     ap.add_argument("--sections", default="kernels,step,prefill,hf", help="which sections run (ceilings always do)")
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's kernel table of each decode step")
     a = ap.parse_args()
     torch.manual_seed(0)
     import triton
 
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    res: dict = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "torch": torch.__version__, "triton": triton.__version__,
                  "command": "python -m load_tests.bench_kernels " + " ".join(sys.argv[1:])}
     want = set(a.sections.split(","))
     guarded(res, "ceilings", ceilings)  # every run measures its own ceilings: ratios are within one run
@@ -448,12 +512,12 @@ def main() -> None:
             cfg, weights, model = flash_model()
         if "step" in want:
             guarded(res, "step", lambda: step_section(cfg, model, res["ceilings"], ints(a.step_contexts),
-                                                      ints(a.step_batches), a.torch_step_upto))
+                                                      ints(a.step_batches), a.torch_step_upto, a.profile))
         if "prefill" in want:
             guarded(res, "prefill", lambda: prefill_section(cfg, model, ints(a.prefill_chunks)))
         if "hf" in want:
             model = None
-            torch.cuda.empty_cache()
+            empty_cache()
             guarded(res, "hf", lambda: hf_section(cfg, weights, ints(a.hf_contexts)))
     print_tables(res)
     line = json.dumps(res)
