@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import use_triton
+from kernels.hc_sinkhorn_ref import hc_mix
 from kernels.numerics import linear, pointwise, rms_norm, seq_sum
 
 
@@ -19,15 +21,11 @@ def hc_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scal
     """Returns pre [N, hc], post [N, hc], comb [N, hc, hc] (comb[j, k]: from stream j to k)."""
     N, hc, d = streams.shape
     mix = linear(rms_norm(streams.reshape(N, hc * d).float(), None, norm_eps), fn.float())
-    pre = pointwise(torch.sigmoid, mix[:, :hc] * scale[0] + base[:hc]) + hc_eps
-    post = 2 * pointwise(torch.sigmoid, mix[:, hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
-    comb = mix[:, 2 * hc :].view(N, hc, hc) * scale[2] + base[2 * hc :].view(hc, hc)
-    comb = torch.softmax(comb, dim=-1) + hc_eps
-    comb = comb / (comb.sum(dim=1, keepdim=True) + hc_eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(dim=2, keepdim=True) + hc_eps)
-        comb = comb / (comb.sum(dim=1, keepdim=True) + hc_eps)
-    return pre, post, comb
+    if use_triton(mix):  # one launch instead of ~6 * iters small operations (kernels/hc_sinkhorn.py)
+        from kernels.hc_sinkhorn import hc_mix as hc_mix_kernel
+
+        return hc_mix_kernel(mix, base, scale, hc, iters, hc_eps)
+    return hc_mix(mix, base, scale, hc, iters, hc_eps)
 
 
 def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
