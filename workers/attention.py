@@ -81,18 +81,19 @@ class Attention(nn.Module):
         index_queries = self.indexer.queries(qr, x, cos, sin, rounding) if self.ratio == CSA else None
         # Kernels read the compact pages directly: every decode row of the batch goes in one call.
         kernel_path = use_kernels(x, states)
+        projected = self._project(x, positions)
         decode_rows, decode_states = [], []
         out = torch.empty_like(q)
         for seg, ls in zip(segments, states, strict=True):
             rows = slice(seg.row, seg.row + seg.length)
             if kernel_path and seg.length == 1 and whole_window_stored(ls, seg.start, cfg.sliding_window):
                 ls.push_window(kv[rows], cfg.sliding_window)  # its page holds the query's own key now
-                self._compress(x[rows], seg, ls, rounding, kv.dtype)
+                self._compress(x[rows], seg, ls, rounding, kv.dtype, projected, rows)
                 decode_rows.append(seg.row)
                 decode_states.append(ls)
                 continue
             ext, base = self._extend_window(kv[rows], ls)
-            self._compress(x[rows], seg, ls, rounding, kv.dtype)
+            self._compress(x[rows], seg, ls, rounding, kv.dtype, projected, rows)
             if kernel_path:
                 iqw = tuple(t[rows] for t in index_queries) if self.ratio == CSA else None
                 out[rows] = self._prefill_kernels(q[rows], positions[rows], ext, base, ls, iqw)
@@ -111,14 +112,27 @@ class Attention(nn.Module):
         out = apply_rope(out, cos, sin, inverse=True)
         return self.wo_b(self._grouped_out(out))
 
-    def _compress(self, x: torch.Tensor, seg: Segment, ls: LayerState, rounding: bool, dtype: torch.dtype) -> None:
-        """Feed the segment's tokens to the layer's compressors; append the entries that closed."""
-        compressors = [("main", self.compressor, "main")] if self.ratio != SWA else []
+    def _compressors(self) -> list[tuple[str, Compressor]]:
+        """(family, compressor) of this layer: main entries (CSA, HCA), indexer keys (CSA)."""
+        out = [("main", self.compressor)] if self.ratio != SWA else []
         if self.ratio == CSA:
-            compressors.append(("index", self.indexer.compressor, "index"))
-        for family, comp, rnd in compressors:
+            out.append(("index", self.indexer.compressor))
+        return out
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> dict:
+        """Every compressor's projections of all the forward's tokens, per family: two matmuls per
+        compressor per forward, not per request."""
+        return {family: comp.project(x, positions) for family, comp in self._compressors()}
+
+    def _compress(self, x: torch.Tensor, seg: Segment, ls: LayerState, rounding: bool, dtype: torch.dtype,
+                  projected: dict, rows: slice) -> None:
+        """Feed the segment's tokens (their rows of `projected`) to the layer's compressors;
+        append the entries that closed."""
+        for family, comp in self._compressors():
             if seg.replay_end is None:
-                new = comp(x, seg.start, ls.compressors[family], self.freqs, rnd if rounding else None)
+                kv, score = projected[family]
+                new = comp(x, seg.start, ls.compressors[family], self.freqs, family if rounding else None,
+                           projected=(kv[rows], score[rows]))
                 ls.append_entries(family, new.to(dtype))
             elif seg.start + seg.length == seg.replay_end:
                 ls.compressors[family].copy_from(replayed_compressor_state(comp, x, seg.start, self.freqs))

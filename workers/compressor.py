@@ -38,13 +38,21 @@ class Compressor(nn.Module):
         self.ape = f32_param(ratio, c * width)
         self.norm = Norm(width, eps)
 
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token kv [S, c*w] and score [S, c*w] of tokens x [S, d] at `positions` [S]. A token's
+        row does not depend on the others (numerics.linear), so a forward projects the tokens of
+        all its requests in one call and hands each request its rows."""
+        return self.wkv(x.float()), self.wgate(x.float()) + self.ape[positions % self.ratio]
+
     def forward(self, x: torch.Tensor, start: int, state: CompressorState, freqs: torch.Tensor,
-                rounding: str | None) -> torch.Tensor:
-        """x [S, d] are the tokens at positions start..start+S-1; returns closed entries [n, width]."""
-        m, S = self.ratio, x.shape[0]
-        pos = torch.arange(start, start + S, device=x.device)
-        kv = self.wkv(x.float())
-        score = self.wgate(x.float()) + self.ape[pos % m]
+                rounding: str | None, projected: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [S, d] are the tokens at positions start..start+S-1 (or `projected`: their project()
+        rows, x then unused); returns closed entries [n, width]."""
+        m = self.ratio
+        if projected is None:
+            projected = self.project(x, torch.arange(start, start + x.shape[0], device=x.device))
+        kv, score = projected
+        device = kv.device
         kv = torch.cat([state.open_kv, kv])
         score = torch.cat([state.open_score, score])
         n_win = kv.shape[0] // m
@@ -57,7 +65,7 @@ class Compressor(nn.Module):
         pooled = self._pool(kv, score, state)
         first = start // m  # the open window carried in began at (start // m) * m
         entries = self.norm(pooled)
-        cos, sin = cos_sin(freqs, (torch.arange(n_win, device=x.device) + first) * m)
+        cos, sin = cos_sin(freqs, (torch.arange(n_win, device=device) + first) * m)
         entries = apply_rope(entries, cos, sin)
         if rounding == "main":
             entries = round_main_key(entries, self.width - 2 * freqs.shape[0])
