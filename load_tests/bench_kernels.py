@@ -340,13 +340,13 @@ def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int]
     rows, out = encoded_rows(cfg), []
     for P in contexts:
         for B in batches:
-            row = {"context": P, "batch": B}
             # the step's 10 timed tokens must stay below the model's last position (1M = 2**20)
-            P = min(P, cfg.max_position_embeddings - 16)
+            pos = min(P, cfg.max_position_embeddings - 16)
+            row = {"context": P, "position": pos, "batch": B}
             try:
-                states = synthetic_states(cfg, model, P, B, rows)
-                floor_s = B * state_bytes_per_token(cfg, P) / ceil["copy_bytes_per_s"]
-                row.update(state_bytes=B * state_bytes_per_token(cfg, P), floor_ms=floor_s * 1e3)
+                states = synthetic_states(cfg, model, pos, B, rows)
+                floor_s = B * state_bytes_per_token(cfg, pos) / ceil["copy_bytes_per_s"]
+                row.update(state_bytes=B * state_bytes_per_token(cfg, pos), floor_ms=floor_s * 1e3)
                 with kernels_mode("auto"):
                     s = step_time(model, states)
                 row.update(kernels_ms=s * 1e3, kernels_tok_s=B / s, floor_over_kernels=floor_s / s)
