@@ -240,8 +240,8 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                     r = {**roofline(graph_time(fn), nbytes, flops, ceil), "eager_ms": eager * 1e3}
                 except Exception as e:  # one kernel failing must not hide the others' figures
                     r = {"error": f"{type(e).__name__}: {e}"}
-                if name in ("sparse_mqa_decode", "hca_decode"):  # which autotuned launch shape ran
-                    r["config"] = str(getattr(sparse._split_attention_tuned, "best_config", ""))
+                if name in ("sparse_mqa_decode", "hca_decode"):  # the launch shape that ran
+                    r["config"] = str(sparse._GPU_LAUNCH[name == "sparse_mqa_decode"])
                 out.append({"kernel": name, "context": T, "batch": B, "pages": "shared" if x["shared"] else "distinct", **r})
             del x, topk
             empty_cache()
