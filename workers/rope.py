@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import use_triton
 from kernels.numerics import pointwise
+from kernels.rope_ref import rotate
 
 from .config import ModelConfig, yarn_inv_freq_params
 
@@ -42,13 +44,10 @@ def cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate the trailing 2*cos.shape[-1] dims of x [N, ..., D] by per-row angles cos/sin [N, r/2]."""
-    half = cos.shape[-1]
-    rot = x[..., -2 * half :].float()
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
-    c, s = cos.reshape(shape), sin.reshape(shape)
-    if inverse:
-        s = -s
-    x0, x1 = rot[..., 0::2], rot[..., 1::2]
-    out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
-    return torch.cat([x[..., : -2 * half], out.to(x.dtype)], dim=-1)
+    """Rotate the trailing 2*cos.shape[-1] dims of x [N, ..., D] by per-row angles cos/sin [N, r/2]
+    (kernels/rope_ref.py; on the kernel path one launch, kernels/rope.py, with the same bits)."""
+    if use_triton(x):
+        from kernels.rope import rotate as rotate_kernel
+
+        return rotate_kernel(x, cos, sin, inverse)
+    return rotate(x, cos, sin, inverse)
