@@ -265,3 +265,22 @@ def test_gpu_pack_flash_attn_pages(triton_mode):
     target = torch.zeros_like(base)
     PP.unpack_pages(buf, target[:, 1], ids)
     assert torch.equal(target[ids, 1], base[ids, 1]) and not target[:, 0].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_main_key_on_the_kernel_path_gives_the_reference_bits(monkeypatch, dtype):
+    """workers.compressor.round_main_key runs encode + decode kernels on the kernel path; the
+    model relies on that being the reference rounding exactly (hard blocks and ties included)."""
+    from workers.compressor import round_main_key
+
+    cfg = CFGS[0]
+    nope = cfg.head_dim - cfg.qk_rope_head_dim
+    x = main_inputs(cfg, seed=4).to(dtype)
+    x = x[: x.shape[0] // 2 * 2].view(-1, 2, cfg.head_dim)  # leading dims fold into rows
+    monkeypatch.setenv("V4SERVE_KERNELS", "torch")
+    want = round_main_key(x, nope)
+    monkeypatch.setenv("V4SERVE_KERNELS", "triton")
+    got = round_main_key(x, nope)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))

@@ -99,6 +99,13 @@ class Compressor(nn.Module):
 def round_main_key(x: torch.Tensor, nope: int) -> torch.Tensor:
     """Reference rounding of a main key: FP8 (block 64, power-of-two scales) on the non-RoPE dims,
     BF16 on the RoPE dims (the reference keeps keys in BF16). The result is exactly what the
-    compact cache layout stores, so caching it loses nothing."""
+    compact cache layout stores, so caching it loses nothing. On the kernel path that is how it is
+    computed: the row encoder and decoder, two launches with the same bits as the ~25 torch
+    operations below (kernels/quantize.py, tested bit-exact against them)."""
+    if use_triton(x) and x.numel():
+        from kernels.quantize import decode_main, encode_main
+
+        rows = x.reshape(-1, x.shape[-1])
+        return decode_main(encode_main(rows, nope), x.shape[-1], nope).to(x.dtype).view(x.shape)
     rope = x[..., nope:].to(torch.bfloat16).to(x.dtype)
     return torch.cat([fp8_e4m3_block_qdq(x[..., :nope], 64), rope], dim=-1)
