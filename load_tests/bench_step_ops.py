@@ -1,0 +1,127 @@
+"""Operations launched per decode step with the kernels on: torch operations and Triton launches.
+
+    python -m load_tests.bench_step_ops [--context 1024] [--batches 1,4] [--top 15]
+
+On a GPU the decode step is bound by Python, not by the device (kernels/RESULTS.md: the GPU works
+4-10 ms of a 49-178 ms step), and the cost tracks the number of operations dispatched per step.
+That number does not depend on the device: without CUDA this runs the kernel path in Triton's
+interpreter (TRITON_INTERPRET=1, V4SERVE_KERNELS=triton) and counts what a GPU run would launch,
+so it measures the overhead on the 2-core dev box as well. flash-attn preset, states at position
+`context` on compact pages (as bench_kernels' step section), 4 steps (one CSA window cycle:
+every request closes a CSA entry in one of them). Torch operations are counted at the dispatcher
+(views included; those inside the interpreter's emulation of a kernel are not); Triton
+launches are counted per kernel call. Prints, per batch, each step's counts, the mean per step,
+and the growth per extra request, and the `--top` call sites of the last step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import traceback
+
+import torch
+
+if not torch.cuda.is_available():  # the kernel path, emulated: must be set before triton imports
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("BENCH_DEVICE", "cpu")
+    os.environ["V4SERVE_KERNELS"] = "triton"
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from . import bench_kernels as bk  # noqa: E402
+
+OURS = ("workers/", "kernels/")
+
+
+def call_site(stack) -> str:
+    ours = [f for f in stack if any(p in f.filename for p in OURS)]
+    if not ours:
+        return "?"
+    f = ours[-1]
+    return f"{f.filename[f.filename.rfind(ours_dir(f.filename)):]}:{f.lineno} {f.name}"
+
+
+def ours_dir(path: str) -> str:
+    return next(p for p in OURS if p in path)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts torch operations by call site, skipping those the Triton interpreter issues."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        stack = traceback.extract_stack(limit=30)
+        if not any("triton/runtime/interpreter" in f.filename for f in stack):
+            self.sites[call_site(stack)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class LaunchCounter:
+    """Counts Triton kernel launches (compiled or interpreted) while active."""
+
+    def __init__(self):
+        import triton.runtime.interpreter as interp
+        import triton.runtime.jit as jit
+
+        self.n = 0
+        self._patched = [(cls, cls.run) for cls in (jit.JITFunction, interp.InterpretedFunction)]
+
+    def __enter__(self):
+        for cls, run in self._patched:
+            def counted(fn_self, *a, _run=run, **k):
+                self.n += 1
+                return _run(fn_self, *a, **k)
+            cls.run = counted
+        return self
+
+    def __exit__(self, *exc):
+        for cls, run in self._patched:
+            cls.run = run
+
+
+@torch.no_grad()
+def count_steps(model, states, steps: int = 4) -> list[tuple[int, int, collections.Counter]]:
+    out = []
+    for _ in range(steps):
+        for st in states:
+            st.reserve(1)
+        ops = OpCounter()
+        with LaunchCounter() as launches, ops:
+            model([(st, [5]) for st in states])
+        for st in states:
+            st.release_old_window()
+        out.append((sum(ops.sites.values()), launches.n, ops.sites))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--top", type=int, default=15)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    cfg, _, model = bk.flash_model()
+    rows = bk.encoded_rows(cfg, 256)
+    means = {}
+    for B in bk.ints(a.batches):
+        steps = count_steps(model, bk.synthetic_states(cfg, model, a.context, B, rows))
+        per = [o + n for o, n, _ in steps]
+        means[B] = sum(per) / len(per)
+        print(f"batch {B}: per step torch ops + Triton launches = "
+              + ", ".join(f"{o} + {n}" for o, n, _ in steps) + f"; mean {means[B]:.0f}", flush=True)
+        for site, n in steps[-1][2].most_common(a.top):
+            print(f"    {n:5d}  {site}")
+    bs = sorted(means)
+    if len(bs) > 1:
+        lo, hi = bs[0], bs[-1]
+        print(f"per extra request: {(means[hi] - means[lo]) / (hi - lo):.0f} operations per step")
+
+
+if __name__ == "__main__":
+    main()
