@@ -17,11 +17,13 @@ from .state import CompressorState
 class SlotCompressor:
     """One compressor's state inside the request's float32 slot of the `comp` pool."""
 
-    def __init__(self, buf: torch.Tensor, ratio: int, width: int):
+    def __init__(self, buf: torch.Tensor, ratio: int, width: int, flat_base: int):
         c = 2 if ratio == CSA else 1
         m = ratio
         sizes = [m * c * width, m * c * width] + ([m * width, m * width] if ratio == CSA else [])
         views = list(torch.split(buf, sizes))
+        # where buf starts in the comp pool seen flat: append_open_rows writes many slots at once
+        self.flat_base, self.row_width, self.ratio = flat_base, c * width, ratio
         self._open_kv, self._open_score = views[0].view(m, c * width), views[1].view(m, c * width)
         self._ov_kv = views[2].view(m, width) if ratio == CSA else None
         self._ov_score = views[3].view(m, width) if ratio == CSA else None
@@ -58,6 +60,41 @@ class SlotCompressor:
     def copy_from(self, other: CompressorState) -> None:
         self.set_open(other.open_kv, other.open_score)
         self.set_overlap(other.overlap_kv, other.overlap_score)
+
+    def open_row_index(self) -> tuple[int, int]:
+        """Flat comp-pool element indices of the next open kv row and score row."""
+        kv = self.flat_base + self.n_open * self.row_width
+        return kv, kv + self.ratio * self.row_width
+
+
+def append_open_rows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: torch.Tensor,
+                     score: torch.Tensor) -> None:
+    """Append one token's projections (row i of kv / score) to the open window of slots[i], for
+    slots whose window stays open: what Compressor.forward does for such a token, as one write
+    for every request of a decode step instead of a few operations per request."""
+    if not slots:
+        return
+    assert all(sc.n_open + 1 < sc.ratio for sc in slots), "a closing window needs the compressor's pooling"
+    starts = torch.tensor([sc.open_row_index() for sc in slots], dtype=torch.long, device=comp_pool.device)
+    cols = torch.arange(slots[0].row_width, device=comp_pool.device)
+    flat = comp_pool.view(-1)
+    flat[starts[:, 0:1] + cols] = kv
+    flat[starts[:, 1:2] + cols] = score
+    for sc in slots:
+        sc.n_open += 1
+
+
+def push_decode_keys(states: list["PagedLayerState"], keys: torch.Tensor) -> None:
+    """Window key of one decode token per request (row i of keys for states[i], at position
+    states[i].req.num_tokens) in one encode and one write: push_window for a single token, for
+    every request of a decode step at once. All states are of one layer over one pool set."""
+    if not states:
+        return
+    pools, layer = states[0].req.pools, states[0].layer
+    pages = [s.req.swa[s.req.num_tokens // SWA_PAGE] for s in states]
+    offsets = [s.req.num_tokens % SWA_PAGE for s in states]
+    dev = pools.swa.device
+    pools.swa[torch.tensor(pages, device=dev), layer, torch.tensor(offsets, device=dev)] = pools.encode_main(keys)
 
 
 class PagedLayerState:
@@ -134,6 +171,7 @@ class PagedRequestState:
 
     def _bind_compressors(self) -> None:
         slot = self.pools.comp[self.comp_page]
+        base = self.comp_page * slot.numel()
         off = 0
         D, Di = self.cfg.head_dim, self.cfg.index_head_dim
         for ls in self.layers:
@@ -142,7 +180,7 @@ class PagedRequestState:
                     continue
                 c = 2 if ls.ratio == CSA else 1
                 n = 2 * ls.ratio * c * width + (2 * ls.ratio * width if ls.ratio == CSA else 0)
-                ls.compressors[family] = SlotCompressor(slot[off : off + n], ls.ratio, width)
+                ls.compressors[family] = SlotCompressor(slot[off : off + n], ls.ratio, width, base + off)
                 off += n
 
     def window_pages(self, pos: torch.Tensor) -> torch.Tensor:
