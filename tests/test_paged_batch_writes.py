@@ -30,6 +30,23 @@ def pool_set():
     return KVPools(TINY, size_pools(TINY, 16 << 20, "recompute", len(POSITIONS), layout="compact"), "compact")
 
 
+def twin_requests(ratio, seed, fed):
+    """A seeded compressor of `ratio` and two identical pool sets of requests whose main
+    compressor slot (of the first layer of that ratio) has been fed the same `fed` tokens each."""
+    layer = TINY.compress_ratios.index(ratio)
+    comp = Compressor(TINY.hidden_size, TINY.head_dim, ratio, TINY.rms_norm_eps)
+    g = torch.Generator().manual_seed(seed)
+    for p in comp.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    freqs = inv_freq(TINY, True)
+    twins = [(pools, requests(pools)) for pools in (pool_set(), pool_set())]
+    for st_a, st_b in zip(twins[0][1], twins[1][1]):
+        x = torch.randn(fed, TINY.hidden_size, generator=g)
+        for st in (st_a, st_b):
+            comp(x, 0, st.layers[layer].compressors["main"], freqs, None)
+    return layer, comp, freqs, g, twins[0], twins[1]
+
+
 def test_push_decode_keys_writes_what_push_window_writes():
     keys = torch.randn(len(POSITIONS), TINY.head_dim, generator=torch.Generator().manual_seed(0))
     layer = 1
@@ -42,19 +59,8 @@ def test_push_decode_keys_writes_what_push_window_writes():
 
 @pytest.mark.parametrize("ratio", [CSA, HCA])
 def test_append_open_rows_leaves_the_slots_as_the_compressor_does(ratio):
-    layer = TINY.compress_ratios.index(ratio)
-    comp = Compressor(TINY.hidden_size, TINY.head_dim, ratio, TINY.rms_norm_eps)
-    g = torch.Generator().manual_seed(1)
-    for p in comp.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.1
-    freqs = inv_freq(TINY, True)
-    a, b = pool_set(), pool_set()
-    ra, rb = requests(a), requests(b)
-    # bring every slot to a few open rows (fewer than ratio - 1, so the next token does not close)
-    for st_a, st_b in zip(ra, rb):
-        x = torch.randn(ratio - 2, TINY.hidden_size, generator=g)
-        for st in (st_a, st_b):
-            comp(x, 0, st.layers[layer].compressors["main"], freqs, None)
+    # every slot a few open rows (fewer than ratio - 1, so the next token does not close)
+    layer, comp, freqs, g, (a, ra), (b, rb) = twin_requests(ratio, seed=1, fed=ratio - 2)
     x = torch.randn(len(POSITIONS), TINY.hidden_size, generator=g)
     pos = torch.full((len(POSITIONS),), ratio - 2)
     kv, score = comp.project(x, pos)
@@ -74,3 +80,46 @@ def test_append_open_rows_refuses_a_token_that_closes_a_window():
     sc.n_open = CSA - 1
     with pytest.raises(AssertionError, match="closing window"):
         append_open_rows(pools.comp, [sc], torch.zeros(1, sc.row_width), torch.zeros(1, sc.row_width))
+
+
+@pytest.mark.parametrize("ratio", [CSA, HCA])
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_closing_windows_together_gives_the_compressor_entries_and_state(monkeypatch, ratio, mode):
+    """close_windows + pool_closing + finish for four requests at once = Compressor.forward of
+    the closing token request by request: the same entries, bit for bit, and the same slots."""
+    from workers.paged_state import close_windows
+
+    monkeypatch.setenv("V4SERVE_KERNELS", mode)
+    done = 2 * ratio - 1 if ratio == CSA else ratio - 1  # CSA: past window 0, so an overlap is held
+    layer, comp, freqs, g, (a, ra), (b, rb) = twin_requests(ratio, seed=2, fed=done)
+    x = torch.randn(len(POSITIONS), TINY.hidden_size, generator=g)
+    kv, score = comp.project(x, torch.full((len(POSITIONS),), done))
+    want = torch.cat([comp(x[i : i + 1], done, st.layers[layer].compressors["main"], freqs, "main",
+                           projected=(kv[i : i + 1], score[i : i + 1])) for i, st in enumerate(ra)])
+    slots = [st.layers[layer].compressors["main"] for st in rb]
+    got = comp.finish(comp.pool_closing(*close_windows(b.comp, slots, kv, score)),
+                      torch.full((len(POSITIONS),), done // ratio), freqs, "main")
+    assert want.shape == (len(POSITIONS), TINY.head_dim)
+    assert torch.equal(got, want)
+    assert torch.equal(a.comp, b.comp)
+    assert [sc.n_open for sc in slots] == [0] * len(POSITIONS)
+
+
+@pytest.mark.parametrize("family", ["main", "index"])
+def test_append_decode_entries_writes_what_append_entries_writes(family):
+    from workers.paged_state import append_decode_entries
+
+    layer = TINY.compress_ratios.index(CSA)
+    width = TINY.head_dim if family == "main" else TINY.index_head_dim
+    rows = torch.randn(len(POSITIONS), width, generator=torch.Generator().manual_seed(3))
+    a, b = pool_set(), pool_set()
+    ra, rb = requests(a), requests(b)
+    for st_a, st_b, p in zip(ra, rb, POSITIONS):  # entries already held: the new one lands mid-page
+        for st in (st_a, st_b):
+            st.layers[layer].count[family] = p // CSA
+    for i, st in enumerate(ra):
+        st.layers[layer].append_entries(family, rows[i : i + 1])
+    append_decode_entries([st.layers[layer] for st in rb], family, rows)
+    store = a.csa_main if family == "main" else a.csa_index
+    assert store.any() and torch.equal(store, b.csa_main if family == "main" else b.csa_index)
+    assert [st.layers[layer].count[family] for st in rb] == [p // CSA + 1 for p in POSITIONS]

@@ -30,7 +30,7 @@ from .config import CSA, HCA, SWA, ModelConfig
 from .indexer import Indexer
 from .modules import Norm, Proj, f32_param
 from .page_tables import block_row, decode_tables
-from .paged_state import PagedLayerState, append_open_rows, push_decode_keys
+from .paged_state import PagedLayerState, append_decode_entries, append_open_rows, close_windows, push_decode_keys
 from .rope import apply_rope, cos_sin, inv_freq
 from .state import CompressorState, LayerState, empty_compressor
 
@@ -145,19 +145,30 @@ class Attention(nn.Module):
     def _compress_decode_rows(self, x: torch.Tensor, rows: list[int], segs: list[Segment],
                               states: list[PagedLayerState], rounding: bool, dtype: torch.dtype,
                               projected: dict) -> None:
-        """_compress for one token per request (the kernel path's decode rows): tokens that leave
-        their compressor's window open are appended for all requests in one write (the usual case:
-        3 steps in 4 for CSA, 127 in 128 for HCA); a token that closes a window, or is replayed,
-        goes through the compressor as before."""
+        """_compress for one token per request (the kernel path's decode rows), batched over the
+        requests: tokens that leave their compressor's window open are appended in one write (3
+        steps in 4 for CSA, 127 in 128 for HCA); tokens that close one are pooled, finished and
+        appended as entries together. A replayed token, or one closing CSA window 0 (no overlap
+        yet), goes through the compressor alone."""
+        comp_pool = states[0].req.pools.comp if states else None
         for family, comp in self._compressors():
             kv, score = projected[family]
-            opened = [i for i, (seg, ls) in enumerate(zip(segs, states))
-                      if seg.replay_end is None and ls.compressors[family].n_open + 1 < comp.ratio]
+            slots = [ls.compressors[family] for ls in states]
+            plain = [seg.replay_end is None for seg in segs]
+            opened = [i for i, sc in enumerate(slots) if plain[i] and sc.n_open + 1 < comp.ratio]
+            closing = [i for i, sc in enumerate(slots) if plain[i] and sc.n_open + 1 == comp.ratio
+                       and (not comp.overlap or sc.has_overlap)]
             if opened:
                 idx = torch.tensor([rows[i] for i in opened], device=x.device)
-                append_open_rows(states[0].req.pools.comp, [states[i].compressors[family] for i in opened],
-                                 kv[idx], score[idx])
-            for i in sorted(set(range(len(segs))) - set(opened)):
+                append_open_rows(comp_pool, [slots[i] for i in opened], kv[idx], score[idx])
+            if closing:
+                idx = torch.tensor([rows[i] for i in closing], device=x.device)
+                windows = close_windows(comp_pool, [slots[i] for i in closing], kv[idx], score[idx])
+                entries = comp.finish(comp.pool_closing(*windows),
+                                      torch.tensor([segs[i].start // comp.ratio for i in closing], device=x.device),
+                                      self.freqs, family if rounding else None)
+                append_decode_entries([states[i] for i in closing], family, entries.to(dtype))
+            for i in sorted(set(range(len(segs))) - set(opened) - set(closing)):
                 self._compress_family(family, comp, x, segs[i], states[i], rounding, dtype, projected,
                                       slice(rows[i], rows[i] + 1))
 

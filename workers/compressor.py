@@ -64,14 +64,38 @@ class Compressor(nn.Module):
         score = score[:used].view(n_win, m, -1)
         pooled = self._pool(kv, score, state)
         first = start // m  # the open window carried in began at (start // m) * m
+        return self.finish(pooled, torch.arange(n_win, device=device) + first, freqs, rounding)
+
+    def finish(self, pooled: torch.Tensor, windows: torch.Tensor, freqs: torch.Tensor, rounding: str | None) -> torch.Tensor:
+        """Pooled rows [n, w] of windows `windows` [n] -> entries: RMSNorm, RoPE at the window's
+        first position, reference rounding. Row by row: requests may share a call."""
         entries = self.norm(pooled)
-        cos, sin = cos_sin(freqs, (torch.arange(n_win, device=device) + first) * m)
+        cos, sin = cos_sin(freqs, windows * self.ratio)
         entries = apply_rope(entries, cos, sin)
         if rounding == "main":
             entries = round_main_key(entries, self.width - 2 * freqs.shape[0])
         elif rounding == "index":
             entries = fp4_e2m1_block_qdq(hadamard(entries), 32)
         return entries
+
+    def pool_closing(self, kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None,
+                     prev_score: torch.Tensor | None) -> torch.Tensor:
+        """One closing window per request, [C, m, c*w] each (CSA: with each request's overlap
+        [C, m, w]) -> pooled [C, w]: the pooling forward does for a token that closes a window,
+        for several requests in one call (csa_pool_step / hca_pool, or their references)."""
+        if not self.overlap:
+            if use_triton(kv):
+                from kernels.compressor_pool import hca_pool
+
+                return hca_pool(kv, score)
+            return softmax_pool(kv, score)
+        if use_triton(kv):
+            from kernels.compressor_pool import csa_pool_step
+
+            return csa_pool_step(kv, score, prev_kv, prev_score)
+        # slots: the previous window's A-halves (the overlap), then this window's B-halves
+        w = self.width
+        return softmax_pool(torch.cat([prev_kv, kv[..., w:]], 1), torch.cat([prev_score, score[..., w:]], 1))
 
     def _pool(self, kv: torch.Tensor, score: torch.Tensor, state: CompressorState) -> torch.Tensor:
         """Windows [n, m, c*w] -> pooled [n, w]. CSA pools 8 slots: the A-halves of the previous

@@ -84,6 +84,53 @@ def append_open_rows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: t
         sc.n_open += 1
 
 
+def _rows_at(flat: torch.Tensor, starts: list[int], length: int) -> torch.Tensor:
+    """flat[start : start + length] for each start, stacked: [len(starts), length] (a copy)."""
+    idx = torch.tensor(starts, dtype=torch.long, device=flat.device)[:, None]
+    return flat[idx + torch.arange(length, device=flat.device)]
+
+
+def close_windows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: torch.Tensor,
+                  score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """For slots whose open window the token at row i of kv / score closes (n_open = m - 1; CSA
+    slots with an overlap): the whole windows kv, score [C, m, c*w], the overlap each carried in
+    (CSA: [C, m, w], else None), and the slot state Compressor.forward leaves after such a token:
+    the window emptied and, for CSA, this window's A-halves as the new overlap. The caller pools."""
+    m, cw, C = slots[0].ratio, slots[0].row_width, len(slots)
+    assert all(sc.n_open == m - 1 for sc in slots), "only windows this token closes"
+    flat = comp_pool.view(-1)
+    kv_w = torch.cat([_rows_at(flat, [sc.flat_base for sc in slots], (m - 1) * cw).view(C, m - 1, cw), kv[:, None]], 1)
+    score_w = torch.cat([_rows_at(flat, [sc.flat_base + m * cw for sc in slots], (m - 1) * cw).view(C, m - 1, cw),
+                         score[:, None]], 1)
+    prev_kv = prev_score = None
+    if m == CSA:
+        assert all(sc.has_overlap for sc in slots), "window 0 has no overlap: the compressor handles it"
+        w = cw // 2
+        ov = [sc.flat_base + 2 * m * cw for sc in slots]
+        prev_kv = _rows_at(flat, ov, m * w).view(C, m, w)
+        prev_score = _rows_at(flat, [o + m * w for o in ov], m * w).view(C, m, w)
+        idx = torch.tensor(ov, dtype=torch.long, device=flat.device)[:, None] + torch.arange(m * w, device=flat.device)
+        flat[idx] = kv_w[:, :, :w].reshape(C, -1)
+        flat[idx + m * w] = score_w[:, :, :w].reshape(C, -1)
+    for sc in slots:
+        sc.n_open = 0
+    return kv_w, score_w, prev_kv, prev_score
+
+
+def append_decode_entries(states: list["PagedLayerState"], family: str, rows: torch.Tensor) -> None:
+    """One new entry per request (row i for states[i]) in one encode and one write: append_entries
+    of a single row, for every request of a decode step that closed a window."""
+    if not states:
+        return
+    store, per_page, _, encode = states[0]._table(family)
+    counts = [ls.count[family] for ls in states]
+    dev = store.device
+    pages = torch.tensor([ls.req.blocks[n // per_page] for ls, n in zip(states, counts)], device=dev)
+    store[pages, states[0].slot, torch.tensor([n % per_page for n in counts], device=dev)] = encode(rows)
+    for ls in states:
+        ls.count[family] += 1
+
+
 def push_decode_keys(states: list["PagedLayerState"], keys: torch.Tensor) -> None:
     """Window key of one decode token per request (row i of keys for states[i], at position
     states[i].req.num_tokens) in one encode and one write: push_window for a single token, for
