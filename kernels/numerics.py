@@ -20,14 +20,17 @@ MIN_ROWS = 16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` over the last dim, with a result per row that does not depend on the row count."""
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, x.shape[-1])
+    """`x @ weight.T` over the last dim, with a result per row that does not depend on the row count.
+
+    Written to dispatch few operations (a decode step calls it over a hundred times): 2-D inputs
+    are not reshaped, the zero rows come from one pad, and rows are sliced off only if added."""
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     rows = flat.shape[0]
     if rows < MIN_ROWS:
-        flat = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, flat.shape[1])])
-    out = F.linear(flat, weight)[:rows]
-    return out.reshape(*lead, weight.shape[0])
+        out = F.linear(F.pad(flat, (0, 0, 0, MIN_ROWS - rows)), weight)[:rows]
+    else:
+        out = F.linear(flat, weight)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def seq_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
