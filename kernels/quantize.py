@@ -125,6 +125,14 @@ def _row_pointers(src_ptr, dst_ptr, src_row_stride, dst_row_stride):
     return src_ptr + row * src_row_stride, dst_ptr + row * dst_row_stride
 
 
+@triton.jit
+def _main_blocks(NOPE: tl.constexpr, NB_P: tl.constexpr):
+    """The FP8 part of a main row as blocks of 64: block ids [NB_P] (padded to a power of two),
+    which of them exist, and the element offsets [NB_P, 64]."""
+    blk = tl.arange(0, NB_P)
+    return blk, blk < NOPE // 64, blk[:, None] * 64 + tl.arange(0, 64)[None, :]
+
+
 # ---- kernels ----------------------------------------------------------------------------------
 
 @triton.jit
@@ -132,11 +140,7 @@ def _encode_main_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride,
                         NOPE: tl.constexpr, ROPE: tl.constexpr, ROW_BYTES: tl.constexpr,
                         NB_P: tl.constexpr, ROPE_P: tl.constexpr, PAD_P: tl.constexpr, FROM_BF16: tl.constexpr):
     x_row, out_row = _row_pointers(x_ptr, out_ptr, x_row_stride, out_row_stride)
-    NB: tl.constexpr = NOPE // 64
-    blk = tl.arange(0, NB_P)
-    j = tl.arange(0, 64)
-    in_blk = blk < NB
-    offs = blk[:, None] * 64 + j[None, :]
+    blk, in_blk, offs = _main_blocks(NOPE, NB_P)
     x = load_f32(x_row + offs, in_blk[:, None], FROM_BF16)
     scale = ue8m0_scale_byte(tl.max(tl.abs(x), axis=1), 8, 0x600000)  # qmax 448 = 1.75 * 2**8
     # |x| * 2**-k <= 448 by the choice of k, so the reference's clamp never acts
@@ -150,7 +154,7 @@ def _encode_main_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride,
     tl.store(out_row + NOPE + 2 * i + 1, (rope >> 8).to(tl.uint8), mask=in_rope)
 
     tl.store(out_row + NOPE + 2 * ROPE + blk, scale.to(tl.uint8), mask=in_blk)
-    USED: tl.constexpr = NOPE + 2 * ROPE + NB
+    USED: tl.constexpr = NOPE + 2 * ROPE + NOPE // 64
     p = tl.arange(0, PAD_P)
     tl.store(out_row + USED + p, tl.zeros([PAD_P], dtype=tl.uint8), mask=p < ROW_BYTES - USED)
 
@@ -159,11 +163,7 @@ def _encode_main_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride,
 def _decode_main_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride,
                         NOPE: tl.constexpr, ROPE: tl.constexpr, NB_P: tl.constexpr, ROPE_P: tl.constexpr):
     b_row, out_row = _row_pointers(b_ptr, out_ptr, b_row_stride, out_row_stride)
-    NB: tl.constexpr = NOPE // 64
-    blk = tl.arange(0, NB_P)
-    j = tl.arange(0, 64)
-    in_blk = blk < NB
-    offs = blk[:, None] * 64 + j[None, :]
+    blk, in_blk, offs = _main_blocks(NOPE, NB_P)
     codes = tl.load(b_row + offs, mask=in_blk[:, None], other=0).to(tl.int32)
     scale = tl.load(b_row + NOPE + 2 * ROPE + blk, mask=in_blk, other=127).to(tl.int32)
     tl.store(out_row + offs, e4m3_value(codes) * pow2_from_byte(scale)[:, None], mask=in_blk[:, None])
