@@ -71,10 +71,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     D = x.shape[-1]
     n_rows = x.numel() // D
     if n_rows:
-        bf16 = x.dtype == torch.bfloat16
-        raw = (lambda t: t.view(torch.int16)) if bf16 else (lambda t: t)
+        bf16 = x.dtype == torch.bfloat16  # handed over as int16 bits (see load_f32)
+        xs, outs = (x.view(torch.int16), out.view(torch.int16)) if bf16 else (x, out)
         _rotate_kernel[(triton.cdiv(n_rows, BLOCK),)](
-            raw(x), cos, sin, raw(out), n_rows, n_rows // x.shape[0], D, cos.stride(0), -1.0 if inverse else 1.0,
+            xs, cos, sin, outs, n_rows, n_rows // x.shape[0], D, cos.stride(0), -1.0 if inverse else 1.0,
             HALF=half, NOPE_P=triton.next_power_of_2(max(1, D - 2 * half)), BLOCK=BLOCK, BF16=bf16,
             enable_fp_fusion=False)
     return out
