@@ -101,19 +101,14 @@ class Compressor(nn.Module):
         """Windows [n, m, c*w] -> pooled [n, w]. CSA pools 8 slots: the A-halves of the previous
         window (carried in the state; absent for window 0) and the B-halves of this one, and
         leaves this call's last A-halves in the state. The Triton kernel where it runs."""
-        triton = use_triton(kv)
-        if not self.overlap:
-            if triton:
-                from kernels.compressor_pool import hca_pool
-
-                return hca_pool(kv, score)
-            return softmax_pool(kv, score)
+        if not self.overlap:  # HCA windows are independent: as if each closed alone
+            return self.pool_closing(kv, score, None, None)
         w = self.width
         prev_kv, prev_sc = state.overlap_kv, state.overlap_score
         if prev_kv is not None:  # copies: the state may be a view of pool memory, overwritten just below
             prev_kv, prev_sc = prev_kv.clone(), prev_sc.clone()
         state.set_overlap(kv[-1, :, :w].clone(), score[-1, :, :w].clone())
-        if triton:
+        if use_triton(kv):
             from kernels.compressor_pool import csa_pool_windows
 
             return csa_pool_windows(kv, score, prev_kv, prev_sc)
