@@ -17,13 +17,14 @@ from .state import CompressorState
 class SlotCompressor:
     """One compressor's state inside the request's float32 slot of the `comp` pool."""
 
-    def __init__(self, buf: torch.Tensor, ratio: int, width: int, flat_base: int):
+    def __init__(self, buf: torch.Tensor, ratio: int, width: int):
         c = 2 if ratio == CSA else 1
         m = ratio
         sizes = [m * c * width, m * c * width] + ([m * width, m * width] if ratio == CSA else [])
         views = list(torch.split(buf, sizes))
-        # where buf starts in the comp pool seen flat: append_open_rows writes many slots at once
-        self.flat_base, self.row_width, self.ratio = flat_base, c * width, ratio
+        # where buf starts in the comp pool seen flat (buf is a view of it, and the pool owns its
+        # storage from element 0): the batched writes below address many slots at once
+        self.flat_base, self.row_width, self.ratio = buf.storage_offset(), c * width, ratio
         self._open_kv, self._open_score = views[0].view(m, c * width), views[1].view(m, c * width)
         self._ov_kv = views[2].view(m, width) if ratio == CSA else None
         self._ov_score = views[3].view(m, width) if ratio == CSA else None
@@ -75,19 +76,16 @@ def append_open_rows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: t
     if not slots:
         return
     assert all(sc.n_open + 1 < sc.ratio for sc in slots), "a closing window needs the compressor's pooling"
-    starts = torch.tensor([sc.open_row_index() for sc in slots], dtype=torch.long, device=comp_pool.device)
-    cols = torch.arange(slots[0].row_width, device=comp_pool.device)
-    flat = comp_pool.view(-1)
-    flat[starts[:, 0:1] + cols] = kv
-    flat[starts[:, 1:2] + cols] = score
+    flat, rows = comp_pool.view(-1), [sc.open_row_index() for sc in slots]
+    flat[_spans([kv_at for kv_at, _ in rows], slots[0].row_width, flat.device)] = kv
+    flat[_spans([score_at for _, score_at in rows], slots[0].row_width, flat.device)] = score
     for sc in slots:
         sc.n_open += 1
 
 
-def _rows_at(flat: torch.Tensor, starts: list[int], length: int) -> torch.Tensor:
-    """flat[start : start + length] for each start, stacked: [len(starts), length] (a copy)."""
-    idx = torch.tensor(starts, dtype=torch.long, device=flat.device)[:, None]
-    return flat[idx + torch.arange(length, device=flat.device)]
+def _spans(starts: list[int], length: int, device: torch.device) -> torch.Tensor:
+    """Flat indices [len(starts), length] of the spans start .. start + length - 1."""
+    return torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.arange(length, device=device)
 
 
 def close_windows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: torch.Tensor,
@@ -99,19 +97,17 @@ def close_windows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: torc
     m, cw, C = slots[0].ratio, slots[0].row_width, len(slots)
     assert all(sc.n_open == m - 1 for sc in slots), "only windows this token closes"
     flat = comp_pool.view(-1)
-    kv_w = torch.cat([_rows_at(flat, [sc.flat_base for sc in slots], (m - 1) * cw).view(C, m - 1, cw), kv[:, None]], 1)
-    score_w = torch.cat([_rows_at(flat, [sc.flat_base + m * cw for sc in slots], (m - 1) * cw).view(C, m - 1, cw),
-                         score[:, None]], 1)
+    open_kv = _spans([sc.flat_base for sc in slots], (m - 1) * cw, flat.device)
+    kv_w = torch.cat([flat[open_kv].view(C, m - 1, cw), kv[:, None]], 1)
+    score_w = torch.cat([flat[open_kv + m * cw].view(C, m - 1, cw), score[:, None]], 1)
     prev_kv = prev_score = None
     if m == CSA:
         assert all(sc.has_overlap for sc in slots), "window 0 has no overlap: the compressor handles it"
         w = cw // 2
-        ov = [sc.flat_base + 2 * m * cw for sc in slots]
-        prev_kv = _rows_at(flat, ov, m * w).view(C, m, w)
-        prev_score = _rows_at(flat, [o + m * w for o in ov], m * w).view(C, m, w)
-        idx = torch.tensor(ov, dtype=torch.long, device=flat.device)[:, None] + torch.arange(m * w, device=flat.device)
-        flat[idx] = kv_w[:, :, :w].reshape(C, -1)
-        flat[idx + m * w] = score_w[:, :, :w].reshape(C, -1)
+        ov_kv = _spans([sc.flat_base + 2 * m * cw for sc in slots], m * w, flat.device)
+        prev_kv, prev_score = flat[ov_kv].view(C, m, w), flat[ov_kv + m * w].view(C, m, w)  # copies
+        flat[ov_kv] = kv_w[:, :, :w].reshape(C, -1)
+        flat[ov_kv + m * w] = score_w[:, :, :w].reshape(C, -1)
     for sc in slots:
         sc.n_open = 0
     return kv_w, score_w, prev_kv, prev_score
@@ -218,7 +214,6 @@ class PagedRequestState:
 
     def _bind_compressors(self) -> None:
         slot = self.pools.comp[self.comp_page]
-        base = self.comp_page * slot.numel()
         off = 0
         D, Di = self.cfg.head_dim, self.cfg.index_head_dim
         for ls in self.layers:
@@ -227,7 +222,7 @@ class PagedRequestState:
                     continue
                 c = 2 if ls.ratio == CSA else 1
                 n = 2 * ls.ratio * c * width + (2 * ls.ratio * width if ls.ratio == CSA else 0)
-                ls.compressors[family] = SlotCompressor(slot[off : off + n], ls.ratio, width, base + off)
+                ls.compressors[family] = SlotCompressor(slot[off : off + n], ls.ratio, width)
                 off += n
 
     def window_pages(self, pos: torch.Tensor) -> torch.Tensor:
