@@ -107,7 +107,7 @@ class Attention(nn.Module):
         if decode_rows:
             flat = torch.tensor(decode_rows, device=x.device)
             push_decode_keys(decode_states, kv[flat])  # each page holds its query's own key now
-            self._compress_decode_rows(x, decode_rows, decode_segs, decode_states, rounding, kv.dtype, projected)
+            self._compress_decode_rows(x, decode_rows, flat, decode_segs, decode_states, rounding, kv.dtype, projected)
             iqw = tuple(t[flat] for t in index_queries) if self.ratio == CSA else None
             out[flat] = self._decode_kernels(q[flat], decode_states, iqw)
         out = apply_rope(out, cos, sin, inverse=True)
@@ -142,33 +142,43 @@ class Attention(nn.Module):
         elif seg.start + seg.length == seg.replay_end:
             ls.compressors[family].copy_from(replayed_compressor_state(comp, x[rows], seg.start, self.freqs))
 
-    def _compress_decode_rows(self, x: torch.Tensor, rows: list[int], segs: list[Segment],
+    def _compress_decode_rows(self, x: torch.Tensor, rows: list[int], flat: torch.Tensor, segs: list[Segment],
                               states: list[PagedLayerState], rounding: bool, dtype: torch.dtype,
                               projected: dict) -> None:
-        """_compress for one token per request (the kernel path's decode rows), batched over the
-        requests: tokens that leave their compressor's window open are appended in one write (3
-        steps in 4 for CSA, 127 in 128 for HCA); tokens that close one are pooled, finished and
-        appended as entries together. A replayed token, or one closing CSA window 0 (no overlap
-        yet), goes through the compressor alone."""
-        comp_pool = states[0].req.pools.comp if states else None
+        """_compress for one token per request (the kernel path's decode rows `rows`, also on the
+        device as `flat`), batched over the requests: tokens that leave their compressor's window
+        open are appended in one write (3 steps in 4 for CSA, 127 in 128 for HCA); tokens that
+        close one are pooled, finished and appended as entries together. A replayed token, or one
+        closing CSA window 0 (no overlap yet), goes through the compressor alone."""
+        comp_pool = states[0].req.pools.comp
+
+        def on_device(picked: list[int]) -> torch.Tensor:  # rows of x for the picked requests
+            return flat if len(picked) == len(rows) else torch.tensor([rows[i] for i in picked], device=x.device)
+
         for family, comp in self._compressors():
             kv, score = projected[family]
-            slots = [ls.compressors[family] for ls in states]
-            plain = [seg.replay_end is None for seg in segs]
-            opened = [i for i, sc in enumerate(slots) if plain[i] and sc.n_open + 1 < comp.ratio]
-            closing = [i for i, sc in enumerate(slots) if plain[i] and sc.n_open + 1 == comp.ratio
-                       and (not comp.overlap or sc.has_overlap)]
+            opened, closing, alone = [], [], []
+            for i, (seg, ls) in enumerate(zip(segs, states)):
+                sc = ls.compressors[family]
+                if seg.replay_end is not None:
+                    alone.append(i)
+                elif sc.n_open + 1 < comp.ratio:
+                    opened.append(i)
+                elif not comp.overlap or sc.has_overlap:
+                    closing.append(i)
+                else:
+                    alone.append(i)
             if opened:
-                idx = torch.tensor([rows[i] for i in opened], device=x.device)
-                append_open_rows(comp_pool, [slots[i] for i in opened], kv[idx], score[idx])
+                idx = on_device(opened)
+                append_open_rows(comp_pool, [states[i].compressors[family] for i in opened], kv[idx], score[idx])
             if closing:
-                idx = torch.tensor([rows[i] for i in closing], device=x.device)
-                windows = close_windows(comp_pool, [slots[i] for i in closing], kv[idx], score[idx])
+                idx = on_device(closing)
+                windows = close_windows(comp_pool, [states[i].compressors[family] for i in closing], kv[idx], score[idx])
                 entries = comp.finish(comp.pool_closing(*windows),
                                       torch.tensor([segs[i].start // comp.ratio for i in closing], device=x.device),
                                       self.freqs, family if rounding else None)
                 append_decode_entries([states[i] for i in closing], family, entries.to(dtype))
-            for i in sorted(set(range(len(segs))) - set(opened) - set(closing)):
+            for i in alone:
                 self._compress_family(family, comp, x, segs[i], states[i], rounding, dtype, projected,
                                       slice(rows[i], rows[i] + 1))
 
