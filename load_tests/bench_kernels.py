@@ -85,7 +85,7 @@ def cuda_time(fn, warmup: int = WARMUP, repeat: int = REPEAT) -> float:
 def graph_time(fn, calls: int = 10) -> float:
     """Median seconds of one fn() replayed from a CUDA graph holding `calls` of them: the GPU's
     own time, without the Python and launch overhead an eager call adds (a serving engine replays
-    its decode step the same way). fn must already be compiled and autotuned (cuda_time warms up)."""
+    its decode step the same way). fn must already be compiled (cuda_time warms up)."""
     if DEVICE != "cuda":
         return cuda_time(fn)
     side = torch.cuda.Stream()

@@ -11,7 +11,10 @@ so it measures the overhead on the 2-core dev box as well. flash-attn preset, st
 every request closes a CSA entry in one of them). Torch operations are counted at the dispatcher
 (views included; those inside the interpreter's emulation of a kernel are not); Triton
 launches are counted per kernel call. Prints, per batch, each step's counts, the mean per step,
-and the growth per extra request, and the `--top` call sites of the last step.
+and the growth per extra request, the `--top` call sites of the last step, and the ratio to
+transformers' DeepseekV4ForCausalLM (same preset and weights) counted the same way for one
+decode token after a prefill of `context` tokens (its peer in these counts: the eager
+implementation a user would otherwise run).
 """
 
 from __future__ import annotations
@@ -36,15 +39,13 @@ OURS = ("workers/", "kernels/")
 
 
 def call_site(stack) -> str:
-    ours = [f for f in stack if any(p in f.filename for p in OURS)]
-    if not ours:
-        return "?"
-    f = ours[-1]
-    return f"{f.filename[f.filename.rfind(ours_dir(f.filename)):]}:{f.lineno} {f.name}"
-
-
-def ours_dir(path: str) -> str:
-    return next(p for p in OURS if p in path)
+    """The innermost frame of ours ("workers/attention.py:123 forward"), or "?" for others' code."""
+    for f in reversed(stack):
+        for d in OURS:
+            at = f.filename.rfind(d)
+            if at >= 0:
+                return f"{f.filename[at:]}:{f.lineno} {f.name}"
+    return "?"
 
 
 class OpCounter(TorchDispatchMode):
@@ -99,14 +100,33 @@ def count_steps(model, states, steps: int = 4) -> list[tuple[int, int, collectio
     return out
 
 
+@torch.no_grad()
+def transformers_step_ops(cfg, weights, context: int, batch: int) -> int:
+    """Operations transformers' DeepseekV4ForCausalLM (same config and weights) dispatches for one
+    decode token per sequence after a prefill of `context` tokens, batch sequences of one length."""
+    import tempfile
+
+    from .transformers_peer import hf_model_from
+
+    with tempfile.TemporaryDirectory() as d:
+        hf = hf_model_from(cfg, weights, d).to(torch.bfloat16)
+    ids = torch.randint(2, cfg.vocab_size, (batch, context))
+    cache = hf(ids, use_cache=True, logits_to_keep=1).past_key_values
+    ops = OpCounter()
+    with ops:
+        hf(torch.full((batch, 1), 5), past_key_values=cache, use_cache=True)
+    return sum(ops.sites.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers' count")
     a = ap.parse_args()
     torch.manual_seed(0)
-    cfg, _, model = bk.flash_model()
+    cfg, weights, model = bk.flash_model()
     rows = bk.encoded_rows(cfg, 256)
     means = {}
     for B in bk.ints(a.batches):
@@ -117,6 +137,10 @@ def main() -> None:
               + ", ".join(f"{o} + {n}" for o, n, _ in steps) + f"; mean {means[B]:.0f}", flush=True)
         for site, n in steps[-1][2].most_common(a.top):
             print(f"    {n:5d}  {site}")
+        if not a.no_peer:
+            peer = transformers_step_ops(cfg, weights, a.context, B)
+            print(f"    transformers, same preset and weights: {peer} operations for that step; "
+                  f"ours / transformers = {means[B] / peer:.2f}", flush=True)
     bs = sorted(means)
     if len(bs) > 1:
         lo, hi = bs[0], bs[-1]
