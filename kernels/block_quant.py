@@ -12,6 +12,8 @@ the narrow format.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FP8_MAX = 448.0
@@ -20,6 +22,13 @@ AMAX_FLOOR = 1e-4  # the reference clamps amax (not amax/qmax) before taking the
 # E2M1 magnitudes indexed by code bits 0-2; bit 3 is the sign.
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _FP4_MIDPOINTS = (FP4_VALUES[1:] + FP4_VALUES[:-1]) / 2
+
+
+@functools.cache
+def _fp4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, midpoints) on `device`, copied once: a host-to-device copy per call would cost a
+    transfer every time and cannot be recorded into a CUDA graph (workers/decode_graphs.py)."""
+    return FP4_VALUES.to(device), _FP4_MIDPOINTS.to(device)
 
 
 def pow2_ceil(v: torch.Tensor) -> torch.Tensor:
@@ -68,7 +77,7 @@ def _fp4_encode(y: torch.Tensor) -> torch.Tensor:
     bucketize puts a value equal to a midpoint in the lower bucket, and we move it up when that
     lower code is odd."""
     a = y.abs().clamp(max=FP4_MAX)
-    mids = _FP4_MIDPOINTS.to(y.device)
+    mids = _fp4_tables(y.device)[1]
     code = torch.bucketize(a, mids)
     tie = a == mids[code.clamp(max=len(mids) - 1)]
     code = code + (tie & (code % 2 == 1)).long()
@@ -78,7 +87,7 @@ def _fp4_encode(y: torch.Tensor) -> torch.Tensor:
 def _fp4_decode(codes: torch.Tensor) -> torch.Tensor:
     """float32 values of E2M1 codes (bit 3 sign, bits 0-2 magnitude index)."""
     codes = codes.long()
-    mag = FP4_VALUES.to(codes.device)[codes & 7]
+    mag = _fp4_tables(codes.device)[0][codes & 7]
     return torch.where(codes & 8 != 0, -mag, mag)
 
 

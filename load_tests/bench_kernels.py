@@ -16,7 +16,8 @@ Sections (each guarded: a failure prints its error and the others still run):
   step       the whole decode step of the flash-attn preset (V4Model, random weights, rounding on)
              on states at position P whose pages hold valid encoded rows (no prefill run), with
              the kernels and with the torch reference: ms per step and the state-bytes floor
-             (KV state a step must read / copy rate);
+             (KV state a step must read / copy rate); with the kernels, once with the decode
+             CUDA graphs (workers/decode_graphs.py) and once without ("no-graph ms");
   hf         transformers' DeepseekV4ForCausalLM (same config and weights, bf16) decode after a
              prefill of P tokens, where it fits ("did not run" and the error otherwise; contexts
              above one that ran out of memory are not tried);
@@ -332,7 +333,30 @@ def profile_step(model, states) -> str:
         sync()
     for st in states:
         st.release_old_window()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60) + host_profile(model, states)
+
+
+def host_profile(model, states) -> str:
+    """cProfile of one decode step: where the host's time goes (the step is bound by Python)."""
+    import cProfile
+    import io
+    import pstats
+
+    for st in states:
+        st.reserve(1)
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    model([(st, [5]) for st in states])
+    sync()
+    prof.disable()
+    for st in states:
+        st.release_old_window()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    return buf.getvalue()
 
 
 def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int], torch_upto: int,
@@ -349,7 +373,15 @@ def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int]
                 row.update(state_bytes=B * state_bytes_per_token(cfg, pos), floor_ms=floor_s * 1e3)
                 with kernels_mode("auto"):
                     s = step_time(model, states)
-                row.update(kernels_ms=s * 1e3, kernels_tok_s=B / s, floor_over_kernels=floor_s / s)
+                row.update(kernels_ms=s * 1e3, kernels_tok_s=B / s, floor_over_kernels=floor_s / s,
+                           graphs=len(model.graphs) if model.graphs is not None else 0)
+                if model.graphs is not None:  # the same step without the decode graphs
+                    model.cuda_graphs = False
+                    try:
+                        with kernels_mode("auto"):
+                            row["eager_ms"] = step_time(model, states, steps=4) * 1e3
+                    finally:
+                        model.cuda_graphs = True
                 if profile:
                     with kernels_mode("auto"):
                         row["profile"] = profile_step(model, states)
@@ -450,7 +482,7 @@ def print_tables(res: dict) -> None:
               f"  {r.get('config', '')}")
     hf = {r["context"]: r for r in res.get("hf", [])}
     if res.get("step"):
-        print(f"\n{'step ctx':>9} {'B':>3} {'floor ms':>9} {'kernels ms':>11} {'floor/k':>8} {'torch ms':>9} {'hf ms':>9} {'k/hf tok/s':>11}")
+        print(f"\n{'step ctx':>9} {'B':>3} {'floor ms':>9} {'kernels ms':>11} {'no-graph ms':>11} {'floor/k':>8} {'torch ms':>9} {'hf ms':>9} {'k/hf tok/s':>11}")
     for r in res.get("step", []):
         if "error" in r:
             print(f"{r['context']:>9} {r['batch']:>3} error: {r['error']}")
@@ -459,7 +491,8 @@ def print_tables(res: dict) -> None:
         ratio = f"{h['hf_ms'] / r['kernels_ms'] * r['batch']:11.1f}" if "hf_ms" in h else f"{'-':>11}"
         torch_ms = f"{r['torch_ms']:9.1f}" if "torch_ms" in r else f"{'-':>9}"
         hf_ms = f"{h['hf_ms']:9.1f}" if "hf_ms" in h else f"{h.get('hf', '-'):>9}"
-        print(f"{r['context']:>9} {r['batch']:>3} {r['floor_ms']:9.3f} {r['kernels_ms']:11.2f} "
+        eager = f"{r['eager_ms']:11.2f}" if "eager_ms" in r else f"{'-':>11}"
+        print(f"{r['context']:>9} {r['batch']:>3} {r['floor_ms']:9.3f} {r['kernels_ms']:11.2f} {eager} "
               f"{r['floor_over_kernels']:8.1%} {torch_ms} {hf_ms} {ratio}")
     for r in res.get("hf", []):
         if "hf_ms" in r:

@@ -14,7 +14,9 @@ launches are counted per kernel call. Prints, per batch, each step's counts, the
 and the growth per extra request, the `--top` call sites of the last step, and the ratio to
 transformers' DeepseekV4ForCausalLM (same preset and weights) counted the same way for one
 decode token after a prefill of `context` tokens (its peer in these counts: the eager
-implementation a user would otherwise run).
+implementation a user would otherwise run). `--graphs` counts a step as it runs on a GPU with
+the decode CUDA graphs (workers/decode_graphs.py): each recorded piece counts as its replay
+(one copy per input and the launch), everything between pieces as above.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ if not torch.cuda.is_available():  # the kernel path, emulated: must be set befo
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from workers.decode_graphs import DecodeGraphs  # noqa: E402
+
 from . import bench_kernels as bk  # noqa: E402
 
 OURS = ("workers/", "kernels/")
@@ -48,6 +52,25 @@ def call_site(stack) -> str:
     return "?"
 
 
+class ReplayedPieces(DecodeGraphs):
+    """Runs a step's state-free pieces eagerly but has the counters see what a graph replay would
+    dispatch instead: one copy per input and the replay (workers/decode_graphs.py)."""
+
+    inside = 0  # > 0 while a piece runs: its operations are not counted
+
+    def __init__(self):
+        super().__init__(capture=False)
+        self.charged: collections.Counter = collections.Counter()
+
+    def run(self, name, fn, *args):
+        self.charged["workers/decode_graphs.py replay (inputs copied + 1 launch)"] += len(args) + 1
+        ReplayedPieces.inside += 1
+        try:
+            return super().run(name, fn, *args)
+        finally:
+            ReplayedPieces.inside -= 1
+
+
 class OpCounter(TorchDispatchMode):
     """Counts torch operations by call site, skipping those the Triton interpreter issues."""
 
@@ -57,7 +80,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         stack = traceback.extract_stack(limit=30)
-        if not any("triton/runtime/interpreter" in f.filename for f in stack):
+        if not ReplayedPieces.inside and not any("triton/runtime/interpreter" in f.filename for f in stack):
             self.sites[call_site(stack)] += 1
         return func(*args, **(kwargs or {}))
 
@@ -75,7 +98,7 @@ class LaunchCounter:
     def __enter__(self):
         for cls, run in self._patched:
             def counted(fn_self, *a, _run=run, **k):
-                self.n += 1
+                self.n += not ReplayedPieces.inside
                 return _run(fn_self, *a, **k)
             cls.run = counted
         return self
@@ -92,10 +115,14 @@ def count_steps(model, states, steps: int = 4) -> list[tuple[int, int, collectio
         for st in states:
             st.reserve(1)
         ops = OpCounter()
+        if model.graphs is not None:
+            model.graphs.charged.clear()
         with LaunchCounter() as launches, ops:
             model([(st, [5]) for st in states])
         for st in states:
             st.release_old_window()
+        if model.graphs is not None:
+            ops.sites.update(model.graphs.charged)
         out.append((sum(ops.sites.values()), launches.n, ops.sites))
     return out
 
@@ -124,9 +151,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--no-peer", action="store_true", help="skip transformers' count")
+    ap.add_argument("--graphs", action="store_true",
+                    help="count a graphed step: each state-free piece as its replay (input copies + 1)")
     a = ap.parse_args()
     torch.manual_seed(0)
     cfg, weights, model = bk.flash_model()
+    if a.graphs:
+        model.graphs = ReplayedPieces()
     rows = bk.encoded_rows(cfg, 256)
     means = {}
     for B in bk.ints(a.batches):

@@ -27,6 +27,7 @@ from kernels.numerics import linear, rms_norm
 
 from .compressor import Compressor, round_main_key
 from .config import CSA, HCA, SWA, ModelConfig
+from .host_index import to_device
 from .indexer import Indexer
 from .modules import Norm, Proj, f32_param
 from .page_tables import block_row, decode_tables
@@ -69,6 +70,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment],
                 states: list[LayerState], rounding: bool) -> torch.Tensor:
         """x [N, d] flat tokens of several requests; appends to each request's layer state."""
+        p = self.prepare(x, positions, rounding)
+        return self.output(self.attend_states(x, positions, segments, states, rounding, p), p["cos"], p["sin"])
+
+    def prepare(self, x: torch.Tensor, positions: torch.Tensor, rounding: bool) -> dict:
+        """Everything computed per token before the state is touched: rotary angles, queries, the
+        new main keys, indexer queries and compressor projections. Row by row, no host sync: a
+        decode step captures it in a CUDA graph (workers/decode_graphs.py)."""
         cfg = self.cfg
         H, D = cfg.num_attention_heads, cfg.head_dim
         cos, sin = cos_sin(self.freqs, positions)
@@ -79,11 +87,25 @@ class Attention(nn.Module):
         if rounding:
             kv = round_main_key(kv, cfg.nope_head_dim)
         index_queries = self.indexer.queries(qr, x, cos, sin, rounding) if self.ratio == CSA else None
+        return {"cos": cos, "sin": sin, "q": q, "kv": kv, "index_queries": index_queries,
+                "projected": self._project(x, positions)}
+
+    def output(self, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention output [N, H, D] -> [N, d]: inverse RoPE, grouped low-rank projection."""
+        return self.wo_b(self._grouped_out(apply_rope(out, cos, sin, inverse=True)))
+
+    def attend_states(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment], states: list[LayerState],
+               rounding: bool, p: dict) -> torch.Tensor:
+        """The state-dependent part: append each request's keys and compressed entries to its
+        state and attend over it -> [N, H, D]. Rows of x beyond the segments (a graphed step's
+        padding) come out 0."""
+        cfg = self.cfg
+        q, kv, index_queries, projected = p["q"], p["kv"], p["index_queries"], p["projected"]
         # Kernels read the compact pages directly: every decode row of the batch goes in one call.
         kernel_path = use_kernels(x, states)
-        projected = self._project(x, positions)
         decode_rows, decode_segs, decode_states = [], [], []
-        out = torch.empty_like(q)
+        covered = sum(seg.length for seg in segments)
+        out = torch.empty_like(q) if covered == q.shape[0] else torch.zeros_like(q)
         for seg, ls in zip(segments, states, strict=True):
             rows = slice(seg.row, seg.row + seg.length)
             if kernel_path and seg.length == 1 and whole_window_stored(ls, seg.start, cfg.sliding_window):
@@ -105,13 +127,12 @@ class Attention(nn.Module):
                 out[flat] = self._attend(q[flat], positions[flat], win_keys, win_valid, ls,
                                          tuple(t[flat] for t in index_queries) if self.ratio == CSA else None)
         if decode_rows:
-            flat = torch.tensor(decode_rows, device=x.device)
+            flat = to_device(decode_rows, x.device)
             push_decode_keys(decode_states, kv[flat])  # each page holds its query's own key now
             self._compress_decode_rows(x, decode_rows, flat, decode_segs, decode_states, rounding, kv.dtype, projected)
             iqw = tuple(t[flat] for t in index_queries) if self.ratio == CSA else None
             out[flat] = self._decode_kernels(q[flat], decode_states, iqw)
-        out = apply_rope(out, cos, sin, inverse=True)
-        return self.wo_b(self._grouped_out(out))
+        return out
 
     def _compressors(self) -> list[tuple[str, Compressor]]:
         """(family, compressor) of this layer: main entries (CSA, HCA), indexer keys (CSA)."""
@@ -153,7 +174,7 @@ class Attention(nn.Module):
         comp_pool = states[0].req.pools.comp
 
         def on_device(picked: list[int]) -> torch.Tensor:  # rows of x for the picked requests
-            return flat if len(picked) == len(rows) else torch.tensor([rows[i] for i in picked], device=x.device)
+            return flat if len(picked) == len(rows) else to_device([rows[i] for i in picked], x.device)
 
         for family, comp in self._compressors():
             kv, score = projected[family]
@@ -175,7 +196,7 @@ class Attention(nn.Module):
                 idx = on_device(closing)
                 windows = close_windows(comp_pool, [states[i].compressors[family] for i in closing], kv[idx], score[idx])
                 entries = comp.finish(comp.pool_closing(*windows),
-                                      torch.tensor([segs[i].start // comp.ratio for i in closing], device=x.device),
+                                      to_device([segs[i].start // comp.ratio for i in closing], x.device),
                                       self.freqs, family if rounding else None)
                 append_decode_entries([states[i] for i in closing], family, entries.to(dtype))
             for i in alone:

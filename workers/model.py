@@ -10,13 +10,16 @@ other requests (numerics.py, attention.py say how).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, Segment
 from .config import ModelConfig
+from .decode_graphs import DecodeGraphs, bucket, graphs_enabled
+from .host_index import to_device
 from .mhc import collapse, expand, hc_head, hc_weights
 from .modules import Norm, Proj, f32_param
-from .moe import MoE
+from .moe import DENSE_MAX_EXPERTS, MoE
 from .state import RequestState
 
 
@@ -24,7 +27,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
         super().__init__()
         hc, d = cfg.hc_mult, cfg.hidden_size
-        self.cfg = cfg
+        self.cfg, self.index = cfg, layer
         self.attn_norm, self.ffn_norm = Norm(d, cfg.rms_norm_eps), Norm(d, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer, dtype)
         self.ffn = MoE(cfg, layer, dtype)
@@ -38,12 +41,31 @@ class Block(nn.Module):
         return hc_weights(streams, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
                           getattr(self, f"hc_{site}_scale"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, streams, token_ids, positions, segments, states, rounding):
+    def forward(self, streams, token_ids, positions, segments, states, rounding, graphs: DecodeGraphs | None = None):
+        """With `graphs` (a decode step) the two state-free pieces run through it, recorded once
+        and replayed; only attention's state updates and kernels run op by op in between."""
+        if graphs is None:
+            h = self.attention_in(streams, positions, rounding)
+            out = self.attn.attend_states(h["x"], positions, segments, states, rounding, h["attn"])
+            return self.attention_out_and_ffn(streams, out, h["post"], h["comb"], h["attn"]["cos"], h["attn"]["sin"], token_ids)
+        tag = f"layer{self.index}.rounding{int(rounding)}"
+        h = graphs.run(f"{tag}.attention_in", lambda s, p: self.attention_in(s, p, rounding), streams, positions)
+        out = self.attn.attend_states(h["x"], positions, segments, states, rounding, h["attn"])
+        return graphs.run(f"{tag}.attention_out_and_ffn",
+                          lambda *t: self.attention_out_and_ffn(*t, dense=True),
+                          streams, out, h["post"], h["comb"], h["attn"]["cos"], h["attn"]["sin"], token_ids)
+
+    def attention_in(self, streams, positions, rounding) -> dict:
+        """mHC weights, collapse and norm, then attention's per-token work (Attention.prepare)."""
         pre, post, comb = self._hc("attn", streams)
-        a = self.attn(self.attn_norm(collapse(streams, pre)), positions, segments, states, rounding)
-        streams = expand(streams, a, post, comb)
+        x = self.attn_norm(collapse(streams, pre))
+        return {"x": x, "post": post, "comb": comb, "attn": self.attn.prepare(x, positions, rounding)}
+
+    def attention_out_and_ffn(self, streams, out, post, comb, cos, sin, token_ids, dense: bool = False):
+        """Attention's output projection, mHC expand, then the MoE sub-layer with its own mHC."""
+        streams = expand(streams, self.attn.output(out, cos, sin), post, comb)
         pre, post, comb = self._hc("ffn", streams)
-        f = self.ffn(self.ffn_norm(collapse(streams, pre)), token_ids)
+        f = self.ffn(self.ffn_norm(collapse(streams, pre)), token_ids, dense)
         return expand(streams, f, post, comb)
 
 
@@ -61,6 +83,10 @@ class V4Model(nn.Module):
         self.hc_head_fn = f32_param(hc, hc * d)
         self.hc_head_base = f32_param(hc)
         self.hc_head_scale = f32_param(1)
+        # Decode steps replay CUDA graphs of their state-free pieces (decode_graphs.py) when this
+        # is set, the model is on a GPU and the preset has few enough experts; None: eager.
+        self.cuda_graphs = True
+        self.graphs: DecodeGraphs | None = None
 
     def new_state(self) -> RequestState:
         return RequestState(self.cfg, dtype=self.dtype, device=self.head.weight.device)
@@ -73,7 +99,8 @@ class V4Model(nn.Module):
         segments, pos, ids, states = [], [], [], []
         row = 0
         for state, tokens in batch:
-            tokens = torch.as_tensor(tokens, dtype=torch.int64, device=device).reshape(-1)
+            # ids and positions are gathered on the host and copied once, without a stream sync
+            tokens = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1).cpu()
             if tokens.numel() == 0:
                 raise ValueError("a request in the batch has no new tokens")
             if state.num_tokens + tokens.numel() > self.cfg.max_position_embeddings:
@@ -81,31 +108,54 @@ class V4Model(nn.Module):
             if state.replay_end is not None and state.num_tokens + tokens.numel() > state.replay_end:
                 raise ValueError("a replay segment must end at or before replay_end")
             segments.append(Segment(row=row, length=tokens.numel(), start=state.num_tokens, replay_end=state.replay_end))
-            pos.append(torch.arange(state.num_tokens, state.num_tokens + tokens.numel(), device=device))
-            ids.append(tokens)
+            pos.extend(range(state.num_tokens, state.num_tokens + tokens.numel()))
+            ids.extend(tokens.tolist())
             states.append(state)
             row += tokens.numel()
-        ids_t, pos_t = torch.cat(ids), torch.cat(pos)
-        if int(ids_t.max()) >= self.cfg.vocab_size or int(ids_t.min()) < 0:
+        if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
             raise ValueError(f"token id outside [0, {self.cfg.vocab_size})")
+        ids_t, pos_t = to_device(ids, device), to_device(pos, device)
+        graphs = self._decode_graphs(segments, all_logits)
+        if graphs is not None:  # pad to the graphs' row count: position 0, token 0 (decode_graphs.py)
+            pad = bucket(row) - row
+            ids_t, pos_t = F.pad(ids_t, (0, pad)), F.pad(pos_t, (0, pad))
         x = self.embed.weight[ids_t]
         streams = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
         for i, block in enumerate(self.layers):
-            streams = block(streams, ids_t, pos_t, segments, [s.layers[i] for s in states], self.rounding)
+            streams = block(streams, ids_t, pos_t, segments, [s.layers[i] for s in states], self.rounding, graphs)
         for state, seg in zip(states, segments):
             state.num_tokens += seg.length
             if state.replay_end == state.num_tokens:
                 state.replay_end = None
+        if graphs is not None:  # one row per request; a copy, since the graph's buffer is reused
+            return list(graphs.run("head", self._head, streams)[:row].clone())
         if all_logits:
             keep = torch.arange(row, device=device)
         else:
-            keep = torch.tensor([s.row + s.length - 1 for s in segments], device=device)
-        c = self.cfg
-        h = hc_head(streams[keep], self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.rms_norm_eps)
-        logits = self.head(self.norm(h)).float()
+            keep = to_device([s.row + s.length - 1 for s in segments], device)
+        logits = self._head(streams[keep])
         if all_logits:
             return [logits[s.row : s.row + s.length] for s in segments]
         return list(logits)
+
+    def _head(self, streams: torch.Tensor) -> torch.Tensor:
+        """Final mHC collapse, norm and output head -> float32 logits [N, V]."""
+        c = self.cfg
+        h = hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.rms_norm_eps)
+        return self.head(self.norm(h)).float()
+
+    def _decode_graphs(self, segments: list[Segment], all_logits: bool) -> DecodeGraphs | None:
+        """The graphs for this step, or None to run it eagerly: not a decode step (one token per
+        request), more requests than the largest bucket, graphs off (`cuda_graphs`, or
+        V4SERVE_CUDA_GRAPHS=0), no GPU, or too many experts for the dense MoE. Tests may set
+        `graphs` themselves (DecodeGraphs(capture=False) runs the same pieces without graphs)."""
+        if all_logits or not self.cuda_graphs or bucket(len(segments)) is None or any(s.length != 1 for s in segments):
+            return None
+        if self.graphs is None:
+            if not (graphs_enabled() and self.head.weight.is_cuda and self.cfg.n_routed_experts <= DENSE_MAX_EXPERTS):
+                return None
+            self.graphs = DecodeGraphs(capture=True)
+        return self.graphs
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> "V4Model":
         """Copy native-named tensors in (cast to each parameter's dtype); names and shapes must match."""

@@ -18,6 +18,10 @@ from kernels.numerics import linear, pointwise, seq_sum
 from .config import ModelConfig
 from .modules import Proj, f32_param
 
+# Up to this many routed experts a graphed decode step runs them all (MoE._routed_dense): the
+# weights read per token grow with the expert count, not with the picks.
+DENSE_MAX_EXPERTS = 16
+
 
 class Expert(nn.Module):
     def __init__(self, d: int, inter: int, limit: float, dtype: torch.dtype):
@@ -62,11 +66,33 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(Expert(d, inter, lim, dtype) for _ in range(cfg.n_routed_experts))
         self.shared_experts = Expert(d, inter * cfg.n_shared_experts, lim, dtype)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """`dense`: every expert runs on every token and the unpicked ones are weighted 0 (same
+        bits, see _routed_dense); for a decode step captured in a CUDA graph, which cannot ask
+        the host which experts were picked."""
         experts, weights = self.gate(x, token_ids)
+        routed = self._routed_dense(x, experts, weights) if dense else self._routed(x, experts, weights)
+        return routed + self.shared_experts(x)
+
+    def _routed(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each picked expert runs on its tokens only; their outputs are added in expert order."""
         routed = torch.zeros_like(x)
         for e in experts.unique().tolist():
             tok, slot = (experts == e).nonzero(as_tuple=True)
             y = self.experts[e](x[tok]) * weights[tok, slot, None].to(x.dtype)
             routed.index_add_(0, tok, y)
-        return routed + self.shared_experts(x)
+        return routed
+
+    def _routed_dense(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """_routed's bits without reading the picks on the host. A token's expert output does not
+        depend on the other rows (numerics.linear), an unpicked expert adds y * 0 = 0 (outputs are
+        finite: SwiGLU is clamped), and the picked ones are added in the same order (expert, then
+        slot). Reads every expert's weights per step: graphed decode steps use it only for
+        presets with at most DENSE_MAX_EXPERTS experts."""
+        routed = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            y = expert(x)
+            for s in range(experts.shape[1]):
+                w = torch.where(experts[:, s] == e, weights[:, s], 0.0)
+                routed = routed + y * w[:, None].to(x.dtype)
+        return routed

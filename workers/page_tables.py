@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .host_index import to_device
 from .paged_state import PagedRequestState
 from .pools import SWA_PAGE
 
@@ -41,11 +42,11 @@ def block_row(req: PagedRequestState, device: torch.device) -> torch.Tensor:
     """Request's block pages [len(blocks)] int32 on `device`."""
     cached = _rows.get(req)
     if cached is None or cached[0] is not req.blocks or cached[1].device != device:
-        row = torch.tensor(req.blocks, dtype=torch.int32, device=device)
+        row = to_device(req.blocks, device, torch.int32)
     else:
         row = cached[1]
         if row.numel() < len(req.blocks):
-            row = torch.cat([row, torch.tensor(req.blocks[row.numel():], dtype=torch.int32, device=device)])
+            row = torch.cat([row, to_device(req.blocks[row.numel():], device, torch.int32)])
     _rows[req] = (req.blocks, row)
     return row
 
@@ -77,8 +78,7 @@ def decode_tables(reqs: list[PagedRequestState], window: int, device: torch.devi
             b_idx.append(b)
             p_idx.append(p)
             pages.append(r.swa[p])
-    swa_table[torch.tensor(b_idx, device=device), torch.tensor(p_idx, device=device)] = torch.tensor(
-        pages, dtype=torch.int32, device=device)
-    tables = DecodeTables(block_table, swa_table, torch.tensor(pos, dtype=torch.int32, device=device))
+    swa_table[to_device(b_idx, device), to_device(p_idx, device)] = to_device(pages, device, torch.int32)
+    tables = DecodeTables(block_table, swa_table, to_device(pos, device, torch.int32))
     _last = (sig, tables)
     return tables

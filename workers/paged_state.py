@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import CSA, HCA
+from .host_index import to_device
 from .pools import BLOCK, SWA_PAGE, KVPools, OutOfPages
 from .state import CompressorState
 
@@ -85,7 +86,7 @@ def append_open_rows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: t
 
 def _spans(starts: list[int], length: int, device: torch.device) -> torch.Tensor:
     """Flat indices [len(starts), length] of the spans start .. start + length - 1."""
-    return torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.arange(length, device=device)
+    return to_device(starts, device)[:, None] + torch.arange(length, device=device)
 
 
 def close_windows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: torch.Tensor,
@@ -121,8 +122,8 @@ def append_decode_entries(states: list["PagedLayerState"], family: str, rows: to
     store, per_page, _, encode = states[0]._table(family)
     counts = [ls.count[family] for ls in states]
     dev = store.device
-    pages = torch.tensor([ls.req.blocks[n // per_page] for ls, n in zip(states, counts)], device=dev)
-    store[pages, states[0].slot, torch.tensor([n % per_page for n in counts], device=dev)] = encode(rows)
+    pages = to_device([ls.req.blocks[n // per_page] for ls, n in zip(states, counts)], dev)
+    store[pages, states[0].slot, to_device([n % per_page for n in counts], dev)] = encode(rows)
     for ls in states:
         ls.count[family] += 1
 
@@ -137,7 +138,7 @@ def push_decode_keys(states: list["PagedLayerState"], keys: torch.Tensor) -> Non
     pages = [s.req.swa[s.req.num_tokens // SWA_PAGE] for s in states]
     offsets = [s.req.num_tokens % SWA_PAGE for s in states]
     dev = pools.swa.device
-    pools.swa[torch.tensor(pages, device=dev), layer, torch.tensor(offsets, device=dev)] = pools.encode_main(keys)
+    pools.swa[to_device(pages, dev), layer, to_device(offsets, dev)] = pools.encode_main(keys)
 
 
 class PagedLayerState:

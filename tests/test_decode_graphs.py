@@ -1,0 +1,129 @@
+"""Decode steps through CUDA graphs of their state-free pieces (workers/decode_graphs.py).
+
+A graphed step differs from an eager one in three ways, each checked here against the eager path:
+rows padded to a bucket, every expert run on every row (the dense MoE) and, on a GPU, replayed
+graphs. On the CPU the first two run without graphs (DecodeGraphs(capture=False)) and must give
+the eager step's bits exactly; on a GPU the replayed graphs must give the bits of the same pieces
+run eagerly.
+"""
+
+import pytest
+import torch
+
+from model_configs import TINY, WIDE
+from test_kernels_engine import paged_logits, prompts
+from workers.config import preset
+from workers.decode_graphs import BUCKETS, DecodeGraphs, bucket, graphs_enabled
+from workers.init import random_weights
+from workers.model import V4Model
+from workers.moe import MoE
+
+
+def test_buckets_pad_up_and_stop_at_the_largest(monkeypatch):
+    assert [bucket(n) for n in (1, 16, 17, 33, BUCKETS[-1])] == [16, 16, 32, 48, BUCKETS[-1]]
+    assert bucket(BUCKETS[-1] + 1) is None
+    monkeypatch.setenv("V4SERVE_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="V4SERVE_CUDA_GRAPHS"):
+        graphs_enabled()
+
+
+def moe_layer(cfg, layer, seed):
+    torch.manual_seed(seed)
+    moe = MoE(cfg, layer, torch.float32)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.5)
+    if moe.gate.hashed:  # token 7 sends both its slots to one expert: added twice, slot by slot
+        moe.gate.tid2eid.copy_(torch.randint(0, cfg.n_routed_experts, moe.gate.tid2eid.shape))
+        moe.gate.tid2eid[7] = 3
+    return moe
+
+
+@pytest.mark.parametrize("cfg,layer", [(TINY, 0), (TINY, 3), (WIDE, 0), (WIDE, 2)])
+def test_dense_moe_gives_the_routed_moe_bits(cfg, layer):
+    """Hash layers (token-id table) and top-k layers, 5 and 20 rows (below and above numerics'
+    16-row padding): every expert on every row, weighted 0 where unpicked, adds the same bits."""
+    moe = moe_layer(cfg, layer, seed=layer)
+    assert moe.gate.hashed == cfg.is_hash_layer(layer)
+    for n in (5, 20):
+        x = torch.randn(n, cfg.hidden_size) * 3
+        ids = torch.randint(0, cfg.vocab_size, (n,))
+        ids[0] = 7
+        assert torch.equal(moe(x, ids, dense=True), moe(x, ids))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return V4Model(TINY, rounding=True).load_weights(random_weights(TINY, seed=3))
+
+
+def with_pieces(model, fn, min_steps):
+    """fn() with the decode steps run as padded pieces, no graphs (what a CPU can run); checks
+    that at least `min_steps` steps went through them (2 pieces per layer and the head)."""
+    before, model.graphs = model.graphs, DecodeGraphs(capture=False)
+    graphs = model.graphs
+    try:
+        out = fn()
+    finally:
+        model.graphs = before
+    assert graphs.runs >= min_steps * (2 * model.cfg.num_hidden_layers + 1)
+    return out
+
+
+def test_padded_decode_pieces_give_the_eager_logits(tiny_model):
+    """Prompts of 150 (two chunks), 70 and 5 tokens on compact pages, then 9 decode steps of 3
+    requests (CSA windows close in them; one request crosses position 128, where its first HCA
+    window closes): every logit equal, bit for bit, with and without the padded pieces."""
+    ps = prompts(TINY, [150, 70, 5, 125], seed=4)
+    want, toks = paged_logits(tiny_model, ps, 9, 32 << 20, chunk=128)
+    got, got_toks = with_pieces(tiny_model, lambda: paged_logits(tiny_model, ps, 9, 32 << 20, chunk=128), 8)
+    assert got_toks == toks
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+
+
+def test_padded_decode_pieces_on_the_kernel_path_in_the_interpreter(tiny_model, monkeypatch):
+    """The same on the kernel path (decode rows in one kernel call, the padding rows left out)."""
+    monkeypatch.setenv("V4SERVE_KERNELS", "triton")
+    ps = prompts(TINY, [9, 6], seed=5)
+    want, toks = paged_logits(tiny_model, ps, 3, 32 << 20, chunk=128)
+    got, got_toks = with_pieces(tiny_model, lambda: paged_logits(tiny_model, ps, 3, 32 << 20, chunk=128), 2)
+    assert got_toks == toks
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+
+
+def test_cpu_models_decode_eagerly(tiny_model):
+    paged_logits(tiny_model, prompts(TINY, [20], seed=6), 2, 32 << 20)
+    assert tiny_model.graphs is None
+
+
+# ---- GPU: replayed graphs against the same pieces run eagerly ----------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_replayed_decode_graphs_give_the_eager_pieces_bits_on_cuda(dtype):
+    """flash-attn preset, 4 and 20 requests (buckets 16 and 32), 10 decode steps (CSA windows
+    close, HCA windows stay open): graph replays give exactly the bits of the same padded pieces
+    run op by op, and graphs were in fact recorded for both buckets."""
+    cfg = preset("flash-attn")
+    model = V4Model(cfg, dtype=dtype, rounding=True).load_weights(random_weights(cfg, 0)).cuda()
+    for lengths in ([700, 300, 130, 5], [40 + 13 * i for i in range(20)]):
+        ps = prompts(cfg, lengths, seed=len(lengths))
+        eager, toks = with_pieces(model, lambda: paged_logits(model, ps, 10, 4 << 30, chunk=512), 8)
+        graphed, got_toks = paged_logits(model, ps, 10, 4 << 30, chunk=512, follow=toks)
+        assert model.graphs is not None and len(model.graphs) > 0
+        for w, g in zip(eager, graphed):
+            assert torch.equal(w, g)
+    assert {k[1][0][0][0] for k in model.graphs._recorded} == {16, 32}
+
+
+def test_bad_token_ids_are_refused_before_any_state_changes(tiny_model):
+    """Ids are checked on the host (no device sync per step): a bad id fails the whole batch
+    with nothing appended to any request's state."""
+    good, bad = tiny_model.new_state(), tiny_model.new_state()
+    for tokens in ([5, TINY.vocab_size], [-1], []):
+        with pytest.raises(ValueError, match="token id outside|no new tokens"):
+            tiny_model([(good, [3, 4]), (bad, tokens)])
+        assert good.num_tokens == 0 and bad.num_tokens == 0
+    tiny_model([(good, [3, 4])])
+    assert good.num_tokens == 2

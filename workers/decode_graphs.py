@@ -1,0 +1,97 @@
+"""CUDA graphs for the state-free pieces of a decode step.
+
+A decode step of the flash-attn preset is bound by the host, not the GPU: about 2,000 small
+operations dispatched from Python for 4 ms of GPU work (kernels/RESULTS.md). Most of them touch no
+request state: per layer, the mHC weights, norms, projections, rotary embedding and key rounding
+before attention (Attention.prepare), and the output projection, mHC and MoE after it; then the
+head. Those pieces are recorded once per batch size as CUDA graphs and replayed, and only the
+state-dependent part (appending keys and compressed entries to each request's pages, the decode
+kernels) still runs op by op (model.Block.forward).
+
+A graph has fixed shapes, so a step's rows are padded to a bucket size (BUCKETS); padded rows sit
+at position 0 with token 0, and since every piece works row by row they change nothing in the
+real rows. A graph also cannot ask the host anything, so the MoE runs every expert on every row
+(moe.MoE._routed_dense, same bits) and graphs are used only for presets with at most
+moe.DENSE_MAX_EXPERTS experts; others decode eagerly.
+
+`capture=False` runs the same padded pieces without graphs: the comparison the GPU tests make
+(replayed and eager bits equal), and the only mode a CPU has.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+# Rows per step are padded up to one of these: numerics.linear pads matmuls to 16 rows anyway,
+# so a smaller bucket would save nothing, and each bucket holds its own set of graphs.
+BUCKETS = (16, 32, 48, 64, 96, 128)
+
+
+def graphs_enabled() -> bool:
+    """`V4SERVE_CUDA_GRAPHS=0` turns decode graphs off everywhere (to compare, or to debug)."""
+    v = os.environ.get("V4SERVE_CUDA_GRAPHS", "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"V4SERVE_CUDA_GRAPHS must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def bucket(rows: int) -> int | None:
+    """The padded row count for a step of `rows` decode rows; None above the largest bucket."""
+    return next((b for b in BUCKETS if b >= rows), None)
+
+
+@dataclass
+class _Recorded:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]
+    outputs: Any
+
+
+class DecodeGraphs:
+    """Runs a step's pieces, recording each (name, input shapes) the first time it is seen and
+    replaying it afterwards. A piece is a function of tensors only, with no host sync and no side
+    effect. Its outputs are the graph's own buffers, overwritten by the next replay: callers use
+    them within the step and copy what they keep (model.V4Model clones the logits)."""
+
+    def __init__(self, capture: bool):
+        self.capture = capture
+        self.runs = 0  # pieces run (replayed or eager): how tests and benchmarks see they were used
+        self._recorded: dict[tuple, _Recorded] = {}
+
+    def __len__(self) -> int:
+        return len(self._recorded)
+
+    def run(self, name: str, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+        self.runs += 1
+        if not self.capture:
+            return fn(*args)
+        key = (name, tuple((tuple(a.shape), a.dtype, a.device) for a in args))
+        rec = self._recorded.get(key)
+        if rec is None:
+            rec = self._recorded[key] = self._record(fn, args)
+        for dst, src in zip(rec.inputs, args):
+            dst.copy_(src)
+        rec.graph.replay()
+        return rec.outputs
+
+    @staticmethod
+    def _record(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> _Recorded:
+        inputs = [a.clone() for a in args]
+        # Warm up on a side stream first (as torch.cuda.graphs asks): Triton compiles its kernels
+        # and cuBLAS sets up its workspace outside the capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a KV transfer or another thread of the worker may use the GPU meanwhile;
+        # only this thread's calls are checked against (and kept out of) the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = fn(*inputs)
+        return _Recorded(graph, inputs, outputs)
