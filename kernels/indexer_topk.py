@@ -153,9 +153,22 @@ def _check(q, w, index_rows, block_table, positions):
         raise ValueError(f"positions has shape {list(positions.shape)}, expected {[S]}")
 
 
+def query_operands(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scan's query operands: BF16 parts [S, 3, hp, Di] and part counts [S] (_query_parts),
+    head weights zero-padded to hp [S, hp]. Row by row and without host syncs, so a decode step
+    computes them inside its CUDA graph (Attention.prepare) and hands them to indexer_topk."""
+    S, Hi, _ = q.shape
+    hp = max(16, triton.next_power_of_2(Hi))
+    parts, n_parts = _query_parts(q, hp)
+    w_pad = torch.zeros(S, hp, dtype=torch.float32, device=q.device)
+    w_pad[:, :Hi] = w
+    return parts, n_parts, w_pad
+
+
 def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, block_table: torch.Tensor,
-                     positions: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """The Triton scan: int64 score keys [S, n_cols] (see the module docstring)."""
+                     positions: torch.Tensor, n_cols: int, operands: tuple | None = None) -> torch.Tensor:
+    """The Triton scan: int64 score keys [S, n_cols] (see the module docstring). `operands`:
+    query_operands(q, w), when the caller has them already."""
     _check(q, w, index_rows, block_table, positions)
     S, Hi, Di = q.shape
     if index_rows.stride(2) != 1:
@@ -164,10 +177,8 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
         raise ValueError(f"n_cols={n_cols} must be a multiple of {PAGE_ENTRIES} (whole pages)")
     if Di < 32 or Di & (Di - 1):
         raise ValueError(f"index dim {Di} must be a power of two >= 32 (whole FP4 blocks, dot tiles >= 16)")
-    hp = max(16, triton.next_power_of_2(Hi))
-    parts, n_parts = _query_parts(q, hp)
-    w_pad = torch.zeros(S, hp, dtype=torch.float32, device=q.device)
-    w_pad[:, :Hi] = w
+    parts, n_parts, w_pad = operands if operands is not None else query_operands(q, w)
+    hp = w_pad.shape[1]
     table = block_table.to(torch.int32)
     out = torch.empty(S, n_cols, dtype=torch.int64, device=q.device)
     n_pages = -(-n_cols // PAGE_ENTRIES)
@@ -221,17 +232,18 @@ def reference_scores(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
 
 
 def indexer_topk(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, block_table: torch.Tensor,
-                 positions: torch.Tensor, topk: int) -> torch.Tensor:
+                 positions: torch.Tensor, topk: int, operands: tuple | None = None) -> torch.Tensor:
     """Top-k visible CSA entries per query: [S, topk] int32 entry indices, -1 padding.
 
     q [S, Hi, Di] float32 indexer queries, w [S, Hi] float32 head weights, index_rows
     [P_blk, 64, Di/2 + Di/32] uint8 (pools.csa_index[:, slot], rows contiguous), block_table
     [S, n_blk] (or [1, n_blk] shared by all queries) int32 page ids of each query's request,
-    positions [S] the queries' positions. Entries beyond the table are never read."""
+    positions [S] the queries' positions, operands (optional) query_operands(q, w). Entries
+    beyond the table are never read."""
     if not use_triton(q):
         return reference(q, w, index_rows, block_table, positions, topk)
     n_cols = PAGE_ENTRIES * max(block_table.shape[1], -(-topk // PAGE_ENTRIES))
-    keys = index_score_keys(q, w, index_rows, block_table, positions, n_cols)
+    keys = index_score_keys(q, w, index_rows, block_table, positions, n_cols, operands)
     best, idx = torch.topk(keys, topk, dim=1, sorted=True)
     return torch.where(torch.isfinite(scores_from_keys(best)), idx, -1).to(torch.int32)
 

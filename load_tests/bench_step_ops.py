@@ -16,7 +16,7 @@ transformers' DeepseekV4ForCausalLM (same preset and weights) counted the same w
 decode token after a prefill of `context` tokens (its peer in these counts: the eager
 implementation a user would otherwise run). `--graphs` counts a step as it runs on a GPU with
 the decode CUDA graphs (workers/decode_graphs.py): each recorded piece counts as its replay
-(one copy per input and the launch), everything between pieces as above.
+(one copy per input not produced by an earlier piece, and the launch), everything between pieces as above.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ if not torch.cuda.is_available():  # the kernel path, emulated: must be set befo
     os.environ["V4SERVE_KERNELS"] = "triton"
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from workers.decode_graphs import DecodeGraphs  # noqa: E402
 
@@ -54,21 +55,27 @@ def call_site(stack) -> str:
 
 class ReplayedPieces(DecodeGraphs):
     """Runs a step's state-free pieces eagerly but has the counters see what a graph replay would
-    dispatch instead: one copy per input and the replay (workers/decode_graphs.py)."""
+    dispatch instead: one copy per input that is not an earlier piece's output, and the replay
+    (workers/decode_graphs.py)."""
 
     inside = 0  # > 0 while a piece runs: its operations are not counted
 
     def __init__(self):
         super().__init__(capture=False)
         self.charged: collections.Counter = collections.Counter()
+        self._produced: dict[int, torch.Tensor] = {}  # outputs of earlier pieces, read in place
 
     def run(self, name, fn, *args):
-        self.charged["workers/decode_graphs.py replay (inputs copied + 1 launch)"] += len(args) + 1
+        copied = sum(self._produced.get(id(a)) is not a for a in args)
+        self.charged["workers/decode_graphs.py replay (inputs copied + 1 launch)"] += copied + 1
         ReplayedPieces.inside += 1
         try:
-            return super().run(name, fn, *args)
+            out = super().run(name, fn, *args)
         finally:
             ReplayedPieces.inside -= 1
+        # eager pieces return fresh tensors each step: the ones of this step stand for the buffers
+        self._produced = {**self._produced, **{id(t): t for t in tree_leaves(out) if isinstance(t, torch.Tensor)}}
+        return out
 
 
 class OpCounter(TorchDispatchMode):
@@ -117,6 +124,7 @@ def count_steps(model, states, steps: int = 4) -> list[tuple[int, int, collectio
         ops = OpCounter()
         if model.graphs is not None:
             model.graphs.charged.clear()
+            model.graphs._produced = {}
         with LaunchCounter() as launches, ops:
             model([(st, [5]) for st in states])
         for st in states:

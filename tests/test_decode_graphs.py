@@ -7,6 +7,8 @@ the eager step's bits exactly; on a GPU the replayed graphs must give the bits o
 run eagerly.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -56,16 +58,19 @@ def tiny_model():
     return V4Model(TINY, rounding=True).load_weights(random_weights(TINY, seed=3))
 
 
-def with_pieces(model, fn, min_steps):
+def with_pieces(model, fn, min_steps, finishes=False):
     """fn() with the decode steps run as padded pieces, no graphs (what a CPU can run); checks
-    that at least `min_steps` steps went through them (2 pieces per layer and the head)."""
+    that at least `min_steps` steps went through them (2 pieces per layer and the head), and
+    (`finishes`) that closing windows were finished through them too."""
     before, model.graphs = model.graphs, DecodeGraphs(capture=False)
     graphs = model.graphs
     try:
         out = fn()
     finally:
         model.graphs = before
-    assert graphs.runs >= min_steps * (2 * model.cfg.num_hidden_layers + 1)
+    assert graphs.runs["head"] >= min_steps
+    assert sum(graphs.runs.values()) >= min_steps * (2 * model.cfg.num_hidden_layers + 1)
+    assert not finishes or {"main", "index"} <= {name.split(".")[1] for name in graphs.runs if ".finish." in name}
     return out
 
 
@@ -82,14 +87,43 @@ def test_padded_decode_pieces_give_the_eager_logits(tiny_model):
 
 
 def test_padded_decode_pieces_on_the_kernel_path_in_the_interpreter(tiny_model, monkeypatch):
-    """The same on the kernel path (decode rows in one kernel call, the padding rows left out)."""
+    """The same on the kernel path (decode rows in one kernel call, the padding rows left out),
+    where windows that close in a decode step (positions 11 and 7: CSA) are finished in a piece."""
     monkeypatch.setenv("V4SERVE_KERNELS", "triton")
     ps = prompts(TINY, [9, 6], seed=5)
     want, toks = paged_logits(tiny_model, ps, 3, 32 << 20, chunk=128)
-    got, got_toks = with_pieces(tiny_model, lambda: paged_logits(tiny_model, ps, 3, 32 << 20, chunk=128), 2)
+    got, got_toks = with_pieces(tiny_model, lambda: paged_logits(tiny_model, ps, 3, 32 << 20, chunk=128), 2,
+                                finishes=True)
     assert got_toks == toks
     for w, g in zip(want, got):
         assert torch.equal(w, g)
+
+
+def test_a_piece_that_cannot_be_recorded_runs_eagerly_from_then_on(monkeypatch, caplog):
+    """Out of memory (or any failure) while recording: a warning, the piece's eager result, and no
+    second attempt for the same shapes; other pieces still record."""
+    graphs = DecodeGraphs(capture=True)
+    attempts = []
+
+    def record(fn, args, outputs):
+        attempts.append(args[0].shape)
+        if args[0].shape[0] == 16:
+            raise torch.OutOfMemoryError("no room for the graph pool")
+        inputs = [a.clone() for a in args]  # a stand-in for a graph: replay recomputes eagerly
+        rec = SimpleNamespace(inputs=inputs, outputs=fn(*inputs))
+        rec.graph = SimpleNamespace(replay=lambda: rec.outputs.copy_(fn(*inputs)))
+        return rec
+
+    monkeypatch.setattr(graphs, "_record", record)
+    x = torch.arange(32.0).view(16, 2)
+    for _ in range(3):
+        assert torch.equal(graphs.run("piece", lambda t: t * 2, x), x * 2)
+    assert attempts == [(16, 2)] and len(graphs) == 0 and "not recorded" in caplog.text
+    y = torch.arange(64.0).view(32, 2)
+    for _ in range(2):  # 32 rows: recorded once, then replayed with the new inputs copied in
+        assert torch.equal(graphs.run("piece", lambda t: t * 2, y), y * 2)
+        y = y + 1
+    assert attempts == [(16, 2), (32, 2)] and len(graphs) == 1
 
 
 def test_cpu_models_decode_eagerly(tiny_model):
@@ -109,12 +143,12 @@ def test_replayed_decode_graphs_give_the_eager_pieces_bits_on_cuda(dtype):
     model = V4Model(cfg, dtype=dtype, rounding=True).load_weights(random_weights(cfg, 0)).cuda()
     for lengths in ([700, 300, 130, 5], [40 + 13 * i for i in range(20)]):
         ps = prompts(cfg, lengths, seed=len(lengths))
-        eager, toks = with_pieces(model, lambda: paged_logits(model, ps, 10, 4 << 30, chunk=512), 8)
+        eager, toks = with_pieces(model, lambda: paged_logits(model, ps, 10, 4 << 30, chunk=512), 8, finishes=True)
         graphed, got_toks = paged_logits(model, ps, 10, 4 << 30, chunk=512, follow=toks)
         assert model.graphs is not None and len(model.graphs) > 0
         for w, g in zip(eager, graphed):
             assert torch.equal(w, g)
-    assert {k[1][0][0][0] for k in model.graphs._recorded} == {16, 32}
+    assert {k[1][0][0][0] for k, rec in model.graphs._recorded.items() if rec is not None} == {16, 32}
 
 
 def test_bad_token_ids_are_refused_before_any_state_changes(tiny_model):

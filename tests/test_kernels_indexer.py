@@ -155,6 +155,22 @@ def test_a_query_scores_the_same_alone_in_a_batch_and_split_over_programs(triton
     assert torch.equal(batch, split)
 
 
+def test_operands_computed_ahead_give_the_same_keys_and_picks(triton_mode):
+    """query_operands (as a decode step computes them inside its graph), sliced to the queries a
+    call sees, give what the scan computes from q and w itself; a wrong slice or padding would
+    score other queries' heads."""
+    Hi, Di = 16, 64
+    rows = make_cache(8, Di, seed=16)
+    table = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(i))[:7] for i in range(3)]).int()
+    pos = torch.tensor([7 * 256 - 1, 900, 1500])
+    q, w = make_queries(3, Hi, Di, seed=17, kind="float")
+    ops = K.query_operands(q, w)
+    assert torch.equal(K.index_score_keys(q, w, rows, table, pos, 448, ops), K.index_score_keys(q, w, rows, table, pos, 448))
+    sub = tuple(t[1:] for t in ops)
+    assert torch.equal(K.indexer_topk(q[1:], w[1:], rows, table[1:], pos[1:], 40, sub),
+                       K.indexer_topk(q[1:], w[1:], rows, table[1:], pos[1:], 40))
+
+
 def test_scan_traffic_counts_key_rows_and_dot_flops():
     nbytes, flops = K.scan_traffic(2, 1 << 20, 64, 128)
     n = (1 << 20) // 4

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.dispatch import use_triton
@@ -27,6 +28,7 @@ from kernels.numerics import linear, rms_norm
 
 from .compressor import Compressor, round_main_key
 from .config import CSA, HCA, SWA, ModelConfig
+from .decode_graphs import DecodeGraphs, bucket
 from .host_index import to_device
 from .indexer import Indexer
 from .modules import Norm, Proj, f32_param
@@ -51,7 +53,7 @@ class Segment:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
         super().__init__()
-        self.cfg, self.ratio = cfg, cfg.compress_ratios[layer]
+        self.cfg, self.layer, self.ratio = cfg, layer, cfg.compress_ratios[layer]
         H, D = cfg.num_attention_heads, cfg.head_dim
         self.wq_a = Proj(cfg.hidden_size, cfg.q_lora_rank, dtype)
         self.q_norm = Norm(cfg.q_lora_rank, cfg.rms_norm_eps)
@@ -86,7 +88,15 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
         if rounding:
             kv = round_main_key(kv, cfg.nope_head_dim)
-        index_queries = self.indexer.queries(qr, x, cos, sin, rounding) if self.ratio == CSA else None
+        index_queries = None
+        if self.ratio == CSA:
+            index_queries = self.indexer.queries(qr, x, cos, sin, rounding)
+            # the scan's operands too, inside a decode step's graph rather than per call; for one
+            # query block at most (a long chunk's operands would take 768 B per head per token)
+            if use_triton(x) and x.shape[0] <= INDEX_QUERY_BLOCK:
+                from kernels.indexer_topk import query_operands
+
+                index_queries = (*index_queries, *query_operands(*index_queries))
         return {"cos": cos, "sin": sin, "q": q, "kv": kv, "index_queries": index_queries,
                 "projected": self._project(x, positions)}
 
@@ -95,10 +105,11 @@ class Attention(nn.Module):
         return self.wo_b(self._grouped_out(apply_rope(out, cos, sin, inverse=True)))
 
     def attend_states(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment], states: list[LayerState],
-               rounding: bool, p: dict) -> torch.Tensor:
+                      rounding: bool, p: dict, graphs: DecodeGraphs | None = None) -> torch.Tensor:
         """The state-dependent part: append each request's keys and compressed entries to its
         state and attend over it -> [N, H, D]. Rows of x beyond the segments (a graphed step's
-        padding) come out 0."""
+        padding) come out 0. With `graphs`, entries of windows that close are finished in a
+        graph (_finish_closing)."""
         cfg = self.cfg
         q, kv, index_queries, projected = p["q"], p["kv"], p["index_queries"], p["projected"]
         # Kernels read the compact pages directly: every decode row of the batch goes in one call.
@@ -127,9 +138,13 @@ class Attention(nn.Module):
                 out[flat] = self._attend(q[flat], positions[flat], win_keys, win_valid, ls,
                                          tuple(t[flat] for t in index_queries) if self.ratio == CSA else None)
         if decode_rows:
-            flat = to_device(decode_rows, x.device)
+            # a decode step's rows are 0..n-1: views instead of gathers and scatters
+            lo, hi = decode_rows[0], decode_rows[-1] + 1
+            contiguous = hi - lo == len(decode_rows)
+            flat = slice(lo, hi) if contiguous else to_device(decode_rows, x.device)
             push_decode_keys(decode_states, kv[flat])  # each page holds its query's own key now
-            self._compress_decode_rows(x, decode_rows, flat, decode_segs, decode_states, rounding, kv.dtype, projected)
+            self._compress_decode_rows(x, decode_rows, flat, decode_segs, decode_states, rounding, kv.dtype, projected,
+                                       graphs)
             iqw = tuple(t[flat] for t in index_queries) if self.ratio == CSA else None
             out[flat] = self._decode_kernels(q[flat], decode_states, iqw)
         return out
@@ -163,17 +178,17 @@ class Attention(nn.Module):
         elif seg.start + seg.length == seg.replay_end:
             ls.compressors[family].copy_from(replayed_compressor_state(comp, x[rows], seg.start, self.freqs))
 
-    def _compress_decode_rows(self, x: torch.Tensor, rows: list[int], flat: torch.Tensor, segs: list[Segment],
+    def _compress_decode_rows(self, x: torch.Tensor, rows: list[int], flat: torch.Tensor | slice, segs: list[Segment],
                               states: list[PagedLayerState], rounding: bool, dtype: torch.dtype,
-                              projected: dict) -> None:
-        """_compress for one token per request (the kernel path's decode rows `rows`, also on the
-        device as `flat`), batched over the requests: tokens that leave their compressor's window
+                              projected: dict, graphs: DecodeGraphs | None = None) -> None:
+        """_compress for one token per request (the kernel path's decode rows `rows`, also as
+        `flat`: their device index, or a slice where they are contiguous), batched over the requests: tokens that leave their compressor's window
         open are appended in one write (3 steps in 4 for CSA, 127 in 128 for HCA); tokens that
         close one are pooled, finished and appended as entries together. A replayed token, or one
         closing CSA window 0 (no overlap yet), goes through the compressor alone."""
         comp_pool = states[0].req.pools.comp
 
-        def on_device(picked: list[int]) -> torch.Tensor:  # rows of x for the picked requests
+        def on_device(picked: list[int]) -> torch.Tensor | slice:  # rows of x for the picked requests
             return flat if len(picked) == len(rows) else to_device([rows[i] for i in picked], x.device)
 
         for family, comp in self._compressors():
@@ -195,13 +210,28 @@ class Attention(nn.Module):
             if closing:
                 idx = on_device(closing)
                 windows = close_windows(comp_pool, [states[i].compressors[family] for i in closing], kv[idx], score[idx])
-                entries = comp.finish(comp.pool_closing(*windows),
-                                      to_device([segs[i].start // comp.ratio for i in closing], x.device),
-                                      self.freqs, family if rounding else None)
-                append_decode_entries([states[i] for i in closing], family, entries.to(dtype))
+                entries = self._finish_closing(family, comp, comp.pool_closing(*windows),
+                                               to_device([segs[i].start // comp.ratio for i in closing], x.device),
+                                               rounding, dtype, graphs)
+                append_decode_entries([states[i] for i in closing], family, entries)
             for i in alone:
                 self._compress_family(family, comp, x, segs[i], states[i], rounding, dtype, projected,
                                       slice(rows[i], rows[i] + 1))
+
+    def _finish_closing(self, family: str, comp: Compressor, pooled: torch.Tensor, windows: torch.Tensor,
+                        rounding: bool, dtype: torch.dtype, graphs: DecodeGraphs | None) -> torch.Tensor:
+        """Compressor.finish of the pooled rows of closing windows -> entries in `dtype`. In a
+        graphed step through a graph (RMSNorm, RoPE and the key rounding are about 40 operations,
+        over 100 with the indexer's Hadamard and FP4), rows padded to a bucket like the step's."""
+        def finish(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return comp.finish(p, w, self.freqs, family if rounding else None).to(dtype)
+
+        n = pooled.shape[0]
+        if graphs is None or bucket(n) is None:
+            return finish(pooled, windows)
+        pad = bucket(n) - n
+        return graphs.run(f"layer{self.layer}.{family}.finish.rounding{int(rounding)}", finish,
+                          F.pad(pooled, (0, 0, 0, pad)), F.pad(windows, (0, pad)))[:n]
 
     def _extend_window(self, kv: torch.Tensor, ls: LayerState) -> tuple[torch.Tensor, int]:
         """Keys [stored tail | new] and the ext index of query 0's oldest window slot (may be < 0).
@@ -219,7 +249,7 @@ class Attention(nn.Module):
         entries = ls.entries("main") if self.ratio != SWA else None
         picked = None
         if self.ratio == CSA:
-            iq, iw = index_queries
+            iq, iw = index_queries[:2]
             picked = self.indexer.select(iq, iw, ls.entries("index"), pos)
         return attend_window_and_entries(q, pos, win_keys, win_valid, entries, picked, self.ratio, self.attn_sink)
 
@@ -232,13 +262,14 @@ class Attention(nn.Module):
         if self.ratio == CSA:
             from kernels.indexer_topk import indexer_topk
 
-            iq, iw = index_queries
+            iq, iw, *operands = index_queries
             pools, table = ls.req.pools, block_row(ls.req, q.device)[None]  # one table row for the chunk
             # query blocks bound the kernel's int64 score scratch [queries, entries]; picks are per query
+            blocks = [slice(b, b + INDEX_QUERY_BLOCK) for b in range(0, q.shape[0], INDEX_QUERY_BLOCK)]
             topk = torch.cat([
-                indexer_topk(iq[b : b + INDEX_QUERY_BLOCK], iw[b : b + INDEX_QUERY_BLOCK], pools.csa_index[:, ls.slot],
-                             table, pos[b : b + INDEX_QUERY_BLOCK], self.cfg.index_topk)
-                for b in range(0, q.shape[0], INDEX_QUERY_BLOCK)])
+                indexer_topk(iq[b], iw[b], pools.csa_index[:, ls.slot], table, pos[b], self.cfg.index_topk,
+                             tuple(t[b] for t in operands) or None)
+                for b in blocks])
         entries = ls.entries("main") if self.ratio != SWA else None
         return prefill_attention(q, self.attn_sink, ext, base, entries, topk, pos, self.ratio, self.cfg.sliding_window)
 
@@ -257,8 +288,9 @@ class Attention(nn.Module):
         if self.ratio == CSA:
             from kernels.indexer_topk import indexer_topk
 
-            iq, iw = index_queries
-            topk = indexer_topk(iq, iw, pools.csa_index[:, ls.slot], t.block_table, t.positions, cfg.index_topk)
+            iq, iw, *operands = index_queries
+            topk = indexer_topk(iq, iw, pools.csa_index[:, ls.slot], t.block_table, t.positions, cfg.index_topk,
+                                tuple(operands) or None)
             entries = pools.csa_main[:, ls.slot]
         else:  # window only: no entry is picked, so the entry pages are never read
             topk = torch.full((q.shape[0], 1), -1, dtype=torch.int32, device=q.device)

@@ -4,9 +4,11 @@ A decode step of the flash-attn preset is bound by the host, not the GPU: about 
 operations dispatched from Python for 4 ms of GPU work (kernels/RESULTS.md). Most of them touch no
 request state: per layer, the mHC weights, norms, projections, rotary embedding and key rounding
 before attention (Attention.prepare), and the output projection, mHC and MoE after it; then the
-head. Those pieces are recorded once per batch size as CUDA graphs and replayed, and only the
-state-dependent part (appending keys and compressed entries to each request's pages, the decode
-kernels) still runs op by op (model.Block.forward).
+head; and the finishing (norm, rotary, rounding) of compressed entries whose windows close in
+the step. Those pieces are recorded once per batch size as CUDA graphs and replayed, and only
+the state-dependent part (appending keys and compressed entries to each request's pages, the
+decode kernels) still runs op by op (model.Block.forward, Attention.attend_states). A piece's
+inputs that are another graph's outputs are read where they are, not copied.
 
 A graph has fixed shapes, so a step's rows are padded to a bucket size (BUCKETS); padded rows sit
 at position 0 with token 0, and since every piece works row by row they change nothing in the
@@ -20,15 +22,21 @@ moe.DENSE_MAX_EXPERTS experts; others decode eagerly.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 # Rows per step are padded up to one of these: numerics.linear pads matmuls to 16 rows anyway,
 # so a smaller bucket would save nothing, and each bucket holds its own set of graphs.
 BUCKETS = (16, 32, 48, 64, 96, 128)
+
+log = logging.getLogger(__name__)
+_MISSING = object()
 
 
 def graphs_enabled() -> bool:
@@ -59,28 +67,44 @@ class DecodeGraphs:
 
     def __init__(self, capture: bool):
         self.capture = capture
-        self.runs = 0  # pieces run (replayed or eager): how tests and benchmarks see they were used
+        self.runs: Counter[str] = Counter()  # runs per piece name (replayed or eager): what tests check
         self._recorded: dict[tuple, _Recorded] = {}
+        self._outputs: dict[int, torch.Tensor] = {}  # id -> every recorded graph's output buffers
 
     def __len__(self) -> int:
-        return len(self._recorded)
+        """Graphs recorded (pieces that could not be recorded and run eagerly not counted)."""
+        return sum(rec is not None for rec in self._recorded.values())
 
     def run(self, name: str, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
-        self.runs += 1
+        self.runs[name] += 1
         if not self.capture:
             return fn(*args)
         key = (name, tuple((tuple(a.shape), a.dtype, a.device) for a in args))
-        rec = self._recorded.get(key)
+        rec = self._recorded.get(key, _MISSING)
+        if rec is _MISSING:
+            try:
+                rec = self._record(fn, args, self._outputs)
+                self._outputs.update((id(t), t) for t in tree_leaves(rec.outputs) if isinstance(t, torch.Tensor))
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                # out of memory for the graph's buffers, or an operation a graph cannot hold: this
+                # piece runs op by op from now on (same bits), the step and the server go on
+                log.warning("decode graph %s not recorded, running it eagerly: %s", name, e)
+                rec = None
+            self._recorded[key] = rec
         if rec is None:
-            rec = self._recorded[key] = self._record(fn, args)
+            return fn(*args)
         for dst, src in zip(rec.inputs, args):
-            dst.copy_(src)
+            if dst is not src:  # an earlier graph's output is read in place
+                dst.copy_(src)
         rec.graph.replay()
         return rec.outputs
 
     @staticmethod
-    def _record(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> _Recorded:
-        inputs = [a.clone() for a in args]
+    def _record(fn: Callable[..., Any], args: tuple[torch.Tensor, ...], outputs: dict[int, torch.Tensor]) -> _Recorded:
+        """Inputs that are another graph's outputs (fixed buffers, refilled by each replay before
+        this one runs: streams, mHC weights, rotary angles) are read in place; the others are
+        copied into buffers of this graph on every replay."""
+        inputs = [a if outputs.get(id(a)) is a else a.clone() for a in args]
         # Warm up on a side stream first (as torch.cuda.graphs asks): Triton compiles its kernels
         # and cuBLAS sets up its workspace outside the capture.
         side = torch.cuda.Stream()

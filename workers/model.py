@@ -50,7 +50,7 @@ class Block(nn.Module):
             return self.attention_out_and_ffn(streams, out, h["post"], h["comb"], h["attn"]["cos"], h["attn"]["sin"], token_ids)
         tag = f"layer{self.index}.rounding{int(rounding)}"
         h = graphs.run(f"{tag}.attention_in", lambda s, p: self.attention_in(s, p, rounding), streams, positions)
-        out = self.attn.attend_states(h["x"], positions, segments, states, rounding, h["attn"])
+        out = self.attn.attend_states(h["x"], positions, segments, states, rounding, h["attn"], graphs)
         return graphs.run(f"{tag}.attention_out_and_ffn",
                           lambda *t: self.attention_out_and_ffn(*t, dense=True),
                           streams, out, h["post"], h["comb"], h["attn"]["cos"], h["attn"]["sin"], token_ids)

@@ -7,6 +7,8 @@ forward (`pages_needed` / `reserve`); the forward itself never allocates.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .config import CSA, HCA
@@ -78,15 +80,22 @@ def append_open_rows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: t
         return
     assert all(sc.n_open + 1 < sc.ratio for sc in slots), "a closing window needs the compressor's pooling"
     flat, rows = comp_pool.view(-1), [sc.open_row_index() for sc in slots]
-    flat[_spans([kv_at for kv_at, _ in rows], slots[0].row_width, flat.device)] = kv
-    flat[_spans([score_at for _, score_at in rows], slots[0].row_width, flat.device)] = score
+    # kv rows then score rows, in one write
+    starts = [kv_at for kv_at, _ in rows] + [score_at for _, score_at in rows]
+    flat[_spans(starts, slots[0].row_width, flat.device)] = torch.cat([kv, score])
     for sc in slots:
         sc.n_open += 1
 
 
 def _spans(starts: list[int], length: int, device: torch.device) -> torch.Tensor:
     """Flat indices [len(starts), length] of the spans start .. start + length - 1."""
-    return to_device(starts, device)[:, None] + torch.arange(length, device=device)
+    return to_device(starts, device)[:, None] + _offsets(length, device)
+
+
+@functools.cache
+def _offsets(length: int, device: torch.device) -> torch.Tensor:
+    """0 .. length-1 on `device`, made once per width (a decode step asks for it per layer)."""
+    return torch.arange(length, device=device)
 
 
 def close_windows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: torch.Tensor,
