@@ -105,7 +105,7 @@ def test_a_piece_that_cannot_be_recorded_runs_eagerly_from_then_on(monkeypatch, 
     graphs = DecodeGraphs(capture=True)
     attempts = []
 
-    def record(fn, args, outputs):
+    def record(fn, args, produced):
         attempts.append(args[0].shape)
         if args[0].shape[0] == 16:
             raise torch.OutOfMemoryError("no room for the graph pool")

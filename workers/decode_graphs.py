@@ -100,11 +100,11 @@ class DecodeGraphs:
         return rec.outputs
 
     @staticmethod
-    def _record(fn: Callable[..., Any], args: tuple[torch.Tensor, ...], outputs: dict[int, torch.Tensor]) -> _Recorded:
+    def _record(fn: Callable[..., Any], args: tuple[torch.Tensor, ...], produced: dict[int, torch.Tensor]) -> _Recorded:
         """Inputs that are another graph's outputs (fixed buffers, refilled by each replay before
         this one runs: streams, mHC weights, rotary angles) are read in place; the others are
         copied into buffers of this graph on every replay."""
-        inputs = [a if outputs.get(id(a)) is a else a.clone() for a in args]
+        inputs = [a if produced.get(id(a)) is a else a.clone() for a in args]
         # Warm up on a side stream first (as torch.cuda.graphs asks): Triton compiles its kernels
         # and cuBLAS sets up its workspace outside the capture.
         side = torch.cuda.Stream()
