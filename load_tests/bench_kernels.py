@@ -21,7 +21,9 @@ Sections (each guarded: a failure prints its error and the others still run):
   hf         transformers' DeepseekV4ForCausalLM (same config and weights, bf16) decode after a
              prefill of P tokens, where it fits ("did not run" and the error otherwise; contexts
              above one that ran out of memory are not tried);
-  prefill    engine prefill throughput with one chunk of 8K, 32K, 128K tokens (kernels on).
+  prefill    engine prefill throughput with one chunk of 8K, 32K, 128K tokens (kernels on);
+  engine     (only when named) Engine.step() decoding B greedy requests after their prefills:
+             ms per step and tokens/s as a replica's user sees them (scheduling and sampling in).
 In the kernels section pages are distinct per batch row when they fit in half the free GPU
 memory; otherwise every row's block table points at the same pages ("shared" in the output: then
 repeated reads can hit in L2, so those rows overstate bandwidth). The step section always uses
@@ -465,6 +467,44 @@ def prefill_section(cfg, model, chunks: list[int]) -> list[dict]:
     return out
 
 
+# ---- engine decode -----------------------------------------------------------------------------------
+
+def engine_section(cfg, model, contexts: list[int], batches: list[int], steps: int = 12) -> list[dict]:
+    """What a user of one replica sees: Engine.step() (scheduling, the forward, sampling, stop
+    checks) over `steps` decode steps of B greedy requests after prefills of P tokens."""
+    from workers.engine import Engine, EngineConfig
+    from workers.sampling import SamplingParams
+
+    out = []
+    for P in contexts:
+        for B in batches:
+            eng = None
+            try:
+                eng = Engine(model, EngineConfig(layout="compact", budget_bytes=(B * (P + 256) * 4096) + (1 << 30),
+                                                 max_requests=B, prefill_chunk=8192, max_batch_tokens=8192,
+                                                 prefix_cache=False))
+                greedy = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+                for _ in range(B):
+                    eng.add_request(torch.randint(2, cfg.vocab_size, (P,)).tolist(), greedy)
+                while eng.waiting or any(seq.prefilling for seq in eng.running):  # every prefill done
+                    eng.step()
+                for _ in range(2):  # then two steps of every request decoding (graphs recorded)
+                    eng.step()
+                assert len(eng.running) == B, "a request finished or was preempted before the timed steps"
+                sync()
+                t = time.perf_counter()
+                for _ in range(steps):
+                    eng.step()
+                sync()
+                s = (time.perf_counter() - t) / steps
+                out.append({"context": P, "batch": B, "step_ms": s * 1e3, "tok_s": B / s})
+            except Exception as e:
+                out.append({"context": P, "batch": B, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            eng = None
+            empty_cache()
+    return out
+
+
 # ---- report ----------------------------------------------------------------------------------------
 
 def print_tables(res: dict) -> None:
@@ -499,6 +539,9 @@ def print_tables(res: dict) -> None:
             print(f"transformers decode at {r['context']}: {r['hf_ms']:.1f} ms/token")
         else:
             print(f"transformers decode at {r['context']}: did not run ({r.get('error', '')})")
+    for r in res.get("engine", []):
+        print(f"engine decode at {r['context']:>7}, batch {r['batch']:>3}: "
+              + (f"{r['step_ms']:7.2f} ms per step, {r['tok_s']:8.0f} tok/s" if "tok_s" in r else f"error: {r['error']}"))
     for r in res.get("prefill", []):
         print(f"prefill chunk {r['chunk']:>7}: " + (f"{r['tok_s']:10.0f} tok/s ({r['s']:.2f} s)" if "tok_s" in r else f"error: {r['error']}"))
 
@@ -526,6 +569,7 @@ def main() -> None:
     ap.add_argument("--torch-step-upto", type=int, default=1048576, help="torch reference step for batch 1 up to this context")
     ap.add_argument("--hf-contexts", default="8192,32768,131072,1048576")
     ap.add_argument("--prefill-chunks", default="8192,32768,131072")
+    ap.add_argument("--engine-contexts", default="8192", help="prompt lengths of the engine section (batches: --step-batches)")
     ap.add_argument("--sections", default="kernels,step,prefill,hf", help="which sections run (ceilings always do)")
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's kernel table of each decode step")
@@ -541,11 +585,13 @@ def main() -> None:
         cfg = preset("flash-attn")
         if "kernels" in want:
             guarded(res, "kernels", lambda: kernel_section(cfg, res["ceilings"], ints(a.contexts), ints(a.batches)))
-        if want & {"step", "prefill", "hf"}:
+        if want & {"step", "prefill", "hf", "engine"}:
             cfg, weights, model = flash_model()
         if "step" in want:
             guarded(res, "step", lambda: step_section(cfg, model, res["ceilings"], ints(a.step_contexts),
                                                       ints(a.step_batches), a.torch_step_upto, a.profile))
+        if "engine" in want:
+            guarded(res, "engine", lambda: engine_section(cfg, model, ints(a.engine_contexts), ints(a.step_batches)))
         if "prefill" in want:
             guarded(res, "prefill", lambda: prefill_section(cfg, model, ints(a.prefill_chunks)))
         if "hf" in want:

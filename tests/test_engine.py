@@ -62,15 +62,37 @@ def test_ten_batched_requests_get_the_tokens_each_gets_alone(model):
     assert_idle(eng)
 
 
-def test_seeded_sampling_batched_equals_alone(model):
-    prompts = [tokens(n, 50 + n) for n in (10, 200, 400, 33)]
-    params = [SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=s, ignore_eos=True)
-              for s in range(len(prompts))]
+def assert_batched_equals_alone(model, prompts, params):
     eng = engine(model)
     ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
     out = eng.run()
     assert [out[i] for i in ids] == [alone(model, p, sp) for p, sp in zip(prompts, params)]
     assert_idle(eng)
+
+
+def test_seeded_sampling_batched_equals_alone(model):
+    prompts = [tokens(n, 50 + n) for n in (10, 200, 400, 33)]
+    assert_batched_equals_alone(model, prompts, [
+        SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=s, ignore_eos=True)
+        for s in range(len(prompts))])
+
+
+def test_greedy_and_sampled_requests_in_one_batch_get_their_tokens_alone(model):
+    """Greedy requests take one batched argmax per step, the others their own draws: mixed in
+    one batch, each gets what it gets alone."""
+    assert_batched_equals_alone(model, [tokens(n, 70 + n) for n in (12, 150, 301, 7)], [
+        GREEDY, SamplingParams(max_tokens=8, temperature=0.8, seed=3, ignore_eos=True), GREEDY,
+        SamplingParams(max_tokens=8, temperature=1.2, top_k=20, seed=4, ignore_eos=True)])
+
+
+def test_batched_greedy_picks_the_first_of_tied_maxima(model):
+    eng = engine(model)
+    rows = torch.randn(5, TINY.vocab_size)
+    rows[1, [3, 200]] = rows[1].max() + 1  # a tie: index 3 wins, as argmax of the row alone
+    rows[4, [250, 7]] = 1e9
+    seqs = [type("Seq", (), {"params": GREEDY, "generator": None})() for _ in rows]
+    picked = eng._sample_tokens(list(zip(seqs, rows)))
+    assert picked == [int(r.argmax()) for r in rows] and picked[1] == 3 and picked[4] == 7
 
 
 @pytest.mark.parametrize("policy", POLICIES)

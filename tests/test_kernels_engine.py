@@ -177,12 +177,14 @@ def engine_logits(model, monkeypatch, prompt_list, steps, mode, follow=None, **c
     ids = [eng.add_request(p, greedy) for p in prompt_list]
     logits = {rid: [] for rid in ids}
 
-    def sample(seq, lg):
-        logits[seq.request_id].append(lg.float())
-        tok = int(lg.argmax()) if follow is None else follow[ids.index(seq.request_id)][len(seq.output)]
-        return eng._accept(seq, tok)
+    def sample_tokens(picks):
+        for seq, lg in picks:
+            logits[seq.request_id].append(lg.float())
+        if follow is None:
+            return [int(lg.argmax()) for _, lg in picks]
+        return [follow[ids.index(seq.request_id)][len(seq.output)] for seq, _ in picks]
 
-    eng._sample = sample
+    eng._sample_tokens = sample_tokens
     out = eng.run()
     return [torch.stack(logits[rid]) for rid in ids], [out[rid] for rid in ids]
 

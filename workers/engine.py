@@ -218,17 +218,17 @@ class Engine:
             else:
                 self.stats.decode_tokens += n
         logits = self.model(chunks)
-        outputs = []
+        picks = []
         for (seq, n), lg in zip(batch, logits):
             st = seq.state
             if self.cache is not None and st.replay_end is None:
                 self.cache.on_progress(st, seq.tokens, len(seq.prompt))
             st.release_old_window()
             if seq.pending == 0:
-                outputs.append(self._sample(seq, lg))
+                picks.append((seq, lg))
             elif seq.on_chunk is not None:
                 seq.on_chunk(st)
-        return outputs
+        return [self._accept(seq, tok) for (seq, _), tok in zip(picks, self._sample_tokens(picks))]
 
     def run(self) -> dict[str, list[int]]:
         """Step until every queued request finishes; returns output token ids per request."""
@@ -339,8 +339,21 @@ class Engine:
         self.waiting.appendleft(seq)
 
     # ---- sampling and stopping ------------------------------------------------------------------
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
-        return self._accept(seq, sample(logits, seq.params, seq.generator))
+    def _sample_tokens(self, picks: list[tuple[Sequence, torch.Tensor]]) -> list[int]:
+        """One token per (sequence, logits [V]). The greedy ones come from one argmax over their
+        stacked logits: one wait for the device per step instead of one per request (the same
+        token: argmax returns the first maximum either way). The others are drawn by sample()
+        with each request's own generator."""
+        greedy = [i for i, (seq, _) in enumerate(picks) if seq.params.greedy]
+        tokens: list[int | None] = [None] * len(picks)
+        if greedy:
+            best = torch.stack([picks[i][1] for i in greedy]).argmax(-1).tolist()
+            for i, tok in zip(greedy, best):
+                tokens[i] = tok
+        for i, (seq, lg) in enumerate(picks):
+            if tokens[i] is None:
+                tokens[i] = sample(lg, seq.params, seq.generator)
+        return tokens
 
     def _accept(self, seq: Sequence, tok: int) -> RequestOutput:
         """Append a sampled token, stream it, and end the request on a stop condition."""
