@@ -126,6 +126,15 @@ def test_a_piece_that_cannot_be_recorded_runs_eagerly_from_then_on(monkeypatch, 
     assert attempts == [(16, 2), (32, 2)] and len(graphs) == 1
 
 
+def test_moving_the_model_drops_its_recorded_graphs():
+    """Graphs read the parameters where they were when recorded; after .to() they would read
+    freed memory, so the model forgets them (and records again on its next decode step)."""
+    model = V4Model(TINY).load_weights(random_weights(TINY, seed=1))
+    model.graphs = DecodeGraphs(capture=False)
+    model.to(torch.float64)
+    assert model.graphs is None and model.head.weight.dtype == torch.float64
+
+
 def test_cpu_models_decode_eagerly(tiny_model):
     paged_logits(tiny_model, prompts(TINY, [20], seed=6), 2, 32 << 20)
     assert tiny_model.graphs is None

@@ -138,6 +138,12 @@ class V4Model(nn.Module):
             return [logits[s.row : s.row + s.length] for s in segments]
         return list(logits)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() may move the parameters: recorded graphs would still read the
+        # old buffers, so they are dropped and recorded again on the next decode step
+        self.graphs = None
+        return super()._apply(fn, *args, **kwargs)
+
     def _head(self, streams: torch.Tensor) -> torch.Tensor:
         """Final mHC collapse, norm and output head -> float32 logits [N, V]."""
         c = self.cfg
