@@ -23,7 +23,8 @@ Sections (each guarded: a failure prints its error and the others still run):
              above one that ran out of memory are not tried);
   prefill    engine prefill throughput with one chunk of 8K, 32K, 128K tokens (kernels on);
   engine     (only when named) Engine.step() decoding B greedy requests after their prefills:
-             ms per step and tokens/s as a replica's user sees them (scheduling and sampling in).
+             ms per step and tokens/s as a replica's user sees them (scheduling and sampling in),
+             against the state-bytes floor and, when hf runs too, transformers' tokens/s.
 In the kernels section pages are distinct per batch row when they fit in half the free GPU
 memory; otherwise every row's block table points at the same pages ("shared" in the output: then
 repeated reads can hit in L2, so those rows overstate bandwidth). The step section always uses
@@ -36,6 +37,7 @@ Prints a table per section and one JSON line with every figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -307,34 +309,33 @@ def synthetic_states(cfg, model, P: int, B: int, rows) -> list:
 
 
 @torch.no_grad()
-def step_time(model, states, steps: int = 8) -> float:
-    """Median seconds of one batched decode forward (reserve, forward, release as the engine does)."""
-    times = []
-    for i in range(steps + 2):
-        for st in states:
-            st.reserve(1)
-        sync()
+def decode_once(model, states, around=contextlib.nullcontext) -> float:
+    """One batched decode forward as the engine runs it (reserve a position, forward, release the
+    window page left behind), inside `around()` (a profiler); returns its seconds."""
+    for st in states:
+        st.reserve(1)
+    sync()
+    with around():
         t = time.perf_counter()
         model([(st, [5]) for st in states])
         sync()
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-        for st in states:
-            st.release_old_window()
-    return statistics.median(times)
+        t = time.perf_counter() - t
+    for st in states:
+        st.release_old_window()
+    return t
+
+
+def step_time(model, states, steps: int = 8) -> float:
+    """Median seconds of one batched decode forward, after two untimed ones."""
+    return statistics.median([decode_once(model, states) for _ in range(steps + 2)][2:])
 
 
 def profile_step(model, states) -> str:
     """torch.profiler's table of one decode step (after step_time warmed it up): top GPU kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    for st in states:
-        st.reserve(1)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model([(st, [5]) for st in states])
-        sync()
-    for st in states:
-        st.release_old_window()
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    decode_once(model, states, lambda: prof)
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60) + host_profile(model, states)
 
 
@@ -344,16 +345,8 @@ def host_profile(model, states) -> str:
     import io
     import pstats
 
-    for st in states:
-        st.reserve(1)
-    sync()
     prof = cProfile.Profile()
-    prof.enable()
-    model([(st, [5]) for st in states])
-    sync()
-    prof.disable()
-    for st in states:
-        st.release_old_window()
+    decode_once(model, states, lambda: prof)
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf)
     stats.sort_stats("tottime").print_stats(30)
@@ -469,10 +462,12 @@ def prefill_section(cfg, model, chunks: list[int]) -> list[dict]:
 
 # ---- engine decode -----------------------------------------------------------------------------------
 
-def engine_section(cfg, model, contexts: list[int], batches: list[int], steps: int = 12) -> list[dict]:
+def engine_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int], steps: int = 12) -> list[dict]:
     """What a user of one replica sees: Engine.step() (scheduling, the forward, sampling, stop
-    checks) over `steps` decode steps of B greedy requests after prefills of P tokens."""
+    checks) over `steps` decode steps of B greedy requests after prefills of P tokens, against
+    the state-bytes floor (as the step section)."""
     from workers.engine import Engine, EngineConfig
+    from workers.pools import BLOCK, page_bytes
     from workers.sampling import SamplingParams
 
     out = []
@@ -480,7 +475,9 @@ def engine_section(cfg, model, contexts: list[int], batches: list[int], steps: i
         for B in batches:
             eng = None
             try:
-                eng = Engine(model, EngineConfig(layout="compact", budget_bytes=(B * (P + 256) * 4096) + (1 << 30),
+                # every request's blocks up to its last position, and 1 GiB for windows and compressor slots
+                blocks = B * -(-(P + steps + 16) // BLOCK)
+                eng = Engine(model, EngineConfig(layout="compact", budget_bytes=blocks * page_bytes(cfg)["blocks"] + (1 << 30),
                                                  max_requests=B, prefill_chunk=8192, max_batch_tokens=8192,
                                                  prefix_cache=False))
                 greedy = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
@@ -497,7 +494,9 @@ def engine_section(cfg, model, contexts: list[int], batches: list[int], steps: i
                     eng.step()
                 sync()
                 s = (time.perf_counter() - t) / steps
-                out.append({"context": P, "batch": B, "step_ms": s * 1e3, "tok_s": B / s})
+                floor_s = B * state_bytes_per_token(cfg, P) / ceil["copy_bytes_per_s"]
+                out.append({"context": P, "batch": B, "step_ms": s * 1e3, "tok_s": B / s, "floor_ms": floor_s * 1e3,
+                            "floor_over_step": floor_s / s})
             except Exception as e:
                 out.append({"context": P, "batch": B, "error": f"{type(e).__name__}: {str(e)[:200]}"})
             eng = None
@@ -540,8 +539,13 @@ def print_tables(res: dict) -> None:
         else:
             print(f"transformers decode at {r['context']}: did not run ({r.get('error', '')})")
     for r in res.get("engine", []):
-        print(f"engine decode at {r['context']:>7}, batch {r['batch']:>3}: "
-              + (f"{r['step_ms']:7.2f} ms per step, {r['tok_s']:8.0f} tok/s" if "tok_s" in r else f"error: {r['error']}"))
+        if "tok_s" not in r:
+            print(f"engine decode at {r['context']:>7}, batch {r['batch']:>3}: error: {r['error']}")
+            continue
+        h = hf.get(r["context"], {})
+        vs_hf = f", {h['hf_ms'] / r['step_ms'] * r['batch']:.1f}x transformers' tok/s" if "hf_ms" in h else ""
+        print(f"engine decode at {r['context']:>7}, batch {r['batch']:>3}: {r['step_ms']:7.2f} ms per step, "
+              f"{r['tok_s']:8.0f} tok/s, floor {r['floor_ms']:.3f} ms ({r['floor_over_step']:.1%} of the step){vs_hf}")
     for r in res.get("prefill", []):
         print(f"prefill chunk {r['chunk']:>7}: " + (f"{r['tok_s']:10.0f} tok/s ({r['s']:.2f} s)" if "tok_s" in r else f"error: {r['error']}"))
 
@@ -591,7 +595,8 @@ def main() -> None:
             guarded(res, "step", lambda: step_section(cfg, model, res["ceilings"], ints(a.step_contexts),
                                                       ints(a.step_batches), a.torch_step_upto, a.profile))
         if "engine" in want:
-            guarded(res, "engine", lambda: engine_section(cfg, model, ints(a.engine_contexts), ints(a.step_batches)))
+            guarded(res, "engine", lambda: engine_section(cfg, model, res["ceilings"], ints(a.engine_contexts),
+                                                          ints(a.step_batches)))
         if "prefill" in want:
             guarded(res, "prefill", lambda: prefill_section(cfg, model, ints(a.prefill_chunks)))
         if "hf" in want:
