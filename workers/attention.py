@@ -69,11 +69,8 @@ class Attention(nn.Module):
             self.indexer = Indexer(cfg, dtype)
         self.register_buffer("freqs", inv_freq(cfg, self.ratio != SWA), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment],
-                states: list[LayerState], rounding: bool) -> torch.Tensor:
-        """x [N, d] flat tokens of several requests; appends to each request's layer state."""
-        p = self.prepare(x, positions, rounding)
-        return self.output(self.attend_states(x, positions, segments, states, rounding, p), p["cos"], p["sin"])
+    # No forward(): a block calls prepare -> attend_states -> output, so that the first and last
+    # can be recorded in a decode step's CUDA graphs (model.Block.forward).
 
     def prepare(self, x: torch.Tensor, positions: torch.Tensor, rounding: bool) -> dict:
         """Everything computed per token before the state is touched: rotary angles, queries, the
@@ -182,10 +179,11 @@ class Attention(nn.Module):
                               states: list[PagedLayerState], rounding: bool, dtype: torch.dtype,
                               projected: dict, graphs: DecodeGraphs | None = None) -> None:
         """_compress for one token per request (the kernel path's decode rows `rows`, also as
-        `flat`: their device index, or a slice where they are contiguous), batched over the requests: tokens that leave their compressor's window
-        open are appended in one write (3 steps in 4 for CSA, 127 in 128 for HCA); tokens that
-        close one are pooled, finished and appended as entries together. A replayed token, or one
-        closing CSA window 0 (no overlap yet), goes through the compressor alone."""
+        `flat`: their device index, or a slice where they are contiguous), batched over the
+        requests: tokens that leave their compressor's window open are appended in one write (3
+        steps in 4 for CSA, 127 in 128 for HCA); tokens that close one are pooled, finished and
+        appended as entries together. A replayed token, or one closing CSA window 0 (no overlap
+        yet), goes through the compressor alone."""
         comp_pool = states[0].req.pools.comp
 
         def on_device(picked: list[int]) -> torch.Tensor | slice:  # rows of x for the picked requests
@@ -227,9 +225,9 @@ class Attention(nn.Module):
             return comp.finish(p, w, self.freqs, family if rounding else None).to(dtype)
 
         n = pooled.shape[0]
-        if graphs is None or bucket(n) is None:
+        if graphs is None:
             return finish(pooled, windows)
-        pad = bucket(n) - n
+        pad = bucket(n) - n  # n <= the step's rows, which fit a bucket
         return graphs.run(f"layer{self.layer}.{family}.finish.rounding{int(rounding)}", finish,
                           F.pad(pooled, (0, 0, 0, pad)), F.pad(windows, (0, pad)))[:n]
 

@@ -47,6 +47,11 @@ def graphs_enabled() -> bool:
     return v == "1"
 
 
+def run_eagerly(name: str, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+    """DecodeGraphs.run's signature without graphs: what a step without them calls instead."""
+    return fn(*args)
+
+
 def bucket(rows: int) -> int | None:
     """The padded row count for a step of `rows` decode rows; None above the largest bucket."""
     return next((b for b in BUCKETS if b >= rows), None)

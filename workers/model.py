@@ -15,7 +15,7 @@ from torch import nn
 
 from .attention import Attention, Segment
 from .config import ModelConfig
-from .decode_graphs import DecodeGraphs, bucket, graphs_enabled
+from .decode_graphs import DecodeGraphs, bucket, graphs_enabled, run_eagerly
 from .host_index import to_device
 from .mhc import collapse, expand, hc_head, hc_weights
 from .modules import Norm, Proj, f32_param
@@ -42,18 +42,14 @@ class Block(nn.Module):
                           getattr(self, f"hc_{site}_scale"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
     def forward(self, streams, token_ids, positions, segments, states, rounding, graphs: DecodeGraphs | None = None):
-        """With `graphs` (a decode step) the two state-free pieces run through it, recorded once
-        and replayed; only attention's state updates and kernels run op by op in between."""
-        if graphs is None:
-            h = self.attention_in(streams, positions, rounding)
-            out = self.attn.attend_states(h["x"], positions, segments, states, rounding, h["attn"])
-            return self.attention_out_and_ffn(streams, out, h["post"], h["comb"], h["attn"]["cos"], h["attn"]["sin"], token_ids)
+        """The two state-free pieces around attention's state updates and kernels; with `graphs`
+        (a decode step) they are recorded once and replayed, and the MoE runs dense."""
+        run = graphs.run if graphs is not None else run_eagerly
         tag = f"layer{self.index}.rounding{int(rounding)}"
-        h = graphs.run(f"{tag}.attention_in", lambda s, p: self.attention_in(s, p, rounding), streams, positions)
+        h = run(f"{tag}.attention_in", lambda s, p: self.attention_in(s, p, rounding), streams, positions)
         out = self.attn.attend_states(h["x"], positions, segments, states, rounding, h["attn"], graphs)
-        return graphs.run(f"{tag}.attention_out_and_ffn",
-                          lambda *t: self.attention_out_and_ffn(*t, dense=True),
-                          streams, out, h["post"], h["comb"], h["attn"]["cos"], h["attn"]["sin"], token_ids)
+        return run(f"{tag}.attention_out_and_ffn", lambda *t: self.attention_out_and_ffn(*t, dense=graphs is not None),
+                   streams, out, h["post"], h["comb"], h["attn"]["cos"], h["attn"]["sin"], token_ids)
 
     def attention_in(self, streams, positions, rounding) -> dict:
         """mHC weights, collapse and norm, then attention's per-token work (Attention.prepare)."""
