@@ -6,15 +6,27 @@ with k_e decoded from its 68-byte row (kv_layout.py: packed E2M1, a UE8M0 scale 
 Selection follows indexer_topk_ref.select_topk: descending score, ties to the lower index, -1
 where fewer than topk entries are visible.
 
-The scan reads each page's 64 rows once and scores them for all Hi heads with tl.dot_scaled:
-the rows are already its MXFP4 operand (codes [64, Di/2], scales [64, Di/32]); the query is
-the BF16 operand [Di, Hi]. A decoded key is c * 2**s with c in {0, .5, ..., 6}, exact in BF16,
-and the query is split into BF16 parts q = q0 + q1 + q2, which is exact for any float32; so
-products are exact, sums run in float32, and scores differ from the reference only by summation
-order. A query on the BF16 grid (the model's FP4-rounded queries are) needs only q0: it is
-scored by a launch compiled for one part; the rest by a second launch doing three dots per page
-(a separate launch keeps the common kernel's register count down). The next page's bytes are
-loaded before the current page is scored, to overlap memory latency with the decode and dot.
+Two scans, each query scored by one of them (query_operands picks):
+
+* FP8 (the model's queries): a query whose heads are each exact in FP8 E4M3 after one
+  power-of-two scale s_h (FP4-rounded queries always are: E2M1 values are E4M3 values, and a
+  head's block scales differ by far less than E4M3's range) is scored on FP8 tensor cores. A key
+  code's E2M1 bits moved into an E4M3 byte (magnitude bits << 2, sign to bit 7) are the same
+  value times 2**-6: on a GPU 4 bytes (8 codes) are converted at a time in a 32-bit register by
+  inline PTX, 7 operations for 8 codes and no table, into one register of the 4 even codes and
+  one of the 4 odd ones; the query's codes are laid out in that order (_e2m1_to_e4m3,
+  fp8_k_order), which the dot's sum does not see. Per 32-element block b one dot
+  [128 keys, 32] x [32, heads] gives sum_d c_kd q'_hd; the products (2 significant bits times 2)
+  and their 32-term sums need 13 bits, so each block's sum is exact even in the FP8 tensor cores'
+  narrower accumulator (about 14 bits on Hopper, which is why blocks are not chained into one
+  dot), is scaled by the key's block scale 2**(e-127) (exact), then summed over the blocks in
+  float32. The ReLU'd head sums are weighted by w_h * s_h * 2**6 * Di**-0.5 (relu(x * s) ==
+  relu(x) * s for s > 0).
+* General: any float32 query is split into BF16 parts q = q0 + q1 + q2 (exact) and scored by
+  tl.dot_scaled with the rows as its MXFP4 operand (codes [64, Di/2], scales [64, Di/32]) against
+  the BF16 parts: three dots per page, loading the next page's bytes before scoring this one.
+Both take exact products and float32 sums, so scores differ from the reference only by summation
+order.
 
 Each score is stored as an int64 key (order-preserving bits of the float score, then
 INT32_MAX - e), so one torch.topk over the keys gives the reference's order including ties, and
@@ -29,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_quant import FP8_MAX, fp4_e2m1_block_qdq, pow2_ceil
 from .dispatch import use_triton
 from .geometry import BLOCK, CSA
 from .indexer_topk_ref import index_scores, select_topk
@@ -37,15 +50,25 @@ from .quantize import reference_decode_index
 
 PAGE_ENTRIES = BLOCK // CSA  # CSA entries per page: one 256-position block
 SENTINEL = -(2**63)  # key of an invisible column; its top 32 bits decode to NaN
-_PROGRAMS_PER_SM = 4
-# Warps per scan program. Fixed: the warp count changes the layout of the dot and so the order of
-# the score sums (keys differ in the last bits between 4 and 8 warps on an H100). 4 was fastest
-# at 128K and 1M (batch 32, 1M: 0.96 ms against 1.17 ms with 8).
+# Launch shape, fixed: the warp count changes the layout of the dots and so the order of the score
+# sums (keys differ in the last bits between 4 and 8 warps on an H100); pages per step and
+# programs do not. Swept on an H100 (`python -m load_tests.sweep_kernel_launch --only scan`, FP8
+# scan, 1M context, batch 32): 4 warps and 2 pages (128 keys) per step, 0.52 ms; 1 page 0.61 ms;
+# 4 pages 0.91 ms; 8 warps 0.83 ms. At 4 warps the FP8 scan holds 252 registers per thread, so 2
+# programs fit on an SM: its launch gives each query (2 x SMs) // queries programs, one wave
+# (a ninth program per query left a second wave of 24 programs). The general scan keeps about 4
+# programs per SM.
+FP8_PROGRAMS_PER_SM, GENERAL_PROGRAMS_PER_SM = 2, 4
 SCAN_WARPS = 4
+SCAN_STAGES = 3  # software-pipelining depth of the FP8 scan's loop (Triton's default)
+TOPK_CHUNK = 16384  # columns per first-round top-k of a long row (top_keys); 0: one round
+FP8_PAGES = 2  # pages per step of the FP8 scan
+MODE_FP8, MODE_GENERAL = 0, 3  # per-query scan (the general value is its BF16 part count)
+E2M1_TO_E4M3_SCALE = 2.0**6  # an E2M1 code moved into E4M3 bits is its value times 2**-6
 
 
 @triton.jit
-def _load_page(rows_ptr, table_row, page, valid, n_blk, page_stride, row_stride, DH: tl.constexpr):
+def _load_page(rows_ptr, table_row, page, valid, n_blk, page_stride, row_stride: tl.constexpr, DH: tl.constexpr):
     """The raw rows of one page of entries: codes [64, DH] and scales [64, DH / 16] (uint8); each
     row is DH bytes of packed E2M1 (low nibble first) then one UE8M0 byte per 32 elements, which
     is the MXFP4 operand tl.dot_scaled takes as is. Nothing is read where `valid` is false."""
@@ -65,7 +88,14 @@ def _page_keys(codes, scales, col, n_vis, q0, q_t, q_stride_part, w, inv_sqrt_di
     acc = tl.dot_scaled(codes, scales, "e2m1", q0, None, "bf16")  # [64 entries, HP heads]
     for part in tl.static_range(1, N_PARTS):  # the float32 remainder of q, re-read from cache
         acc = tl.dot_scaled(codes, scales, "e2m1", tl.load(q_t + part * q_stride_part), None, "bf16", acc)
-    score = tl.sum(w[None, :] * (tl.maximum(acc, 0.0) * inv_sqrt_di), axis=1)
+    return _keys_of(acc, w, inv_sqrt_di, col, n_vis, SENTINEL_KEY)
+
+
+@triton.jit
+def _keys_of(acc, w, head_scale, col, n_vis, SENTINEL_KEY: tl.constexpr):
+    """int64 keys [N] of head dot products acc [N entries, HP heads]: the order-preserving bits of
+    sum_h w_h * relu(acc) * head_scale_h, then INT32_MAX - col (ties to the lower entry)."""
+    score = tl.sum(w[None, :] * (tl.maximum(acc, 0.0) * head_scale), axis=1)
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties with +0.0, as in the reference sort
     bits = score.to(tl.int32, bitcast=True)
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
@@ -74,12 +104,12 @@ def _page_keys(codes, scales, col, n_vis, q0, q_t, q_stride_part, w, inv_sqrt_di
 
 
 @triton.jit
-def _scan_kernel(q_ptr, w_ptr, parts_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
-                 q_stride_s, q_stride_part, table_stride_s, page_stride, row_stride, out_stride_s,
-                 n_blk, n_cols, pages_per_prog, inv_sqrt_di,
+def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
+                 q_stride_s, q_stride_part, table_stride_s, page_stride, out_stride_s,
+                 n_blk, n_cols, pages_per_prog, inv_sqrt_di, row_stride: tl.constexpr,
                  HP: tl.constexpr, DI: tl.constexpr, N_PARTS: tl.constexpr, SENTINEL_KEY: tl.constexpr):
-    """Score keys of the visible entries of queries needing N_PARTS query parts; the N_PARTS = 1
-    launch also writes the sentinel of every invisible page."""
+    """Score keys of the visible entries of queries scored from N_PARTS BF16 query parts (the
+    general mode); the FP8 launch writes the sentinels."""
     s = tl.program_id(0)
     page_lo = tl.program_id(1) * pages_per_prog
     page_hi = tl.minimum(page_lo + pages_per_prog, tl.cdiv(n_cols, 64))
@@ -87,7 +117,7 @@ def _scan_kernel(q_ptr, w_ptr, parts_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
     vis_hi = tl.minimum(page_hi, tl.minimum(tl.cdiv(n_vis, 64), n_blk))
     n = tl.arange(0, 64)
     out_row = out_ptr + s.to(tl.int64) * out_stride_s
-    if tl.load(parts_ptr + s) == N_PARTS:  # else the other launch scores this query
+    if tl.load(mode_ptr + s) == N_PARTS:  # else the FP8 launch scores this query
         h = tl.arange(0, HP)
         q_t = q_ptr + s.to(tl.int64) * q_stride_s + h[None, :] * DI + tl.arange(0, DI)[:, None]  # part p: [DI, HP]
         q0 = tl.load(q_t)
@@ -105,9 +135,84 @@ def _scan_kernel(q_ptr, w_ptr, parts_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
             tl.store(out_row + page * 64 + n, key)
             codes, scales = next_codes, next_scales
 
-    if N_PARTS == 1:
-        for page in range(tl.maximum(vis_hi, page_lo), page_hi):
-            tl.store(out_row + page * 64 + n, tl.full([64], SENTINEL_KEY, tl.int64))
+
+@triton.jit
+def _e2m1_to_e4m3(raw, INTERPRET: tl.constexpr):
+    """Packed E2M1 codes raw uint8 [N, n] (element 2j in the low nibble of byte j) -> their E4M3
+    bytes [N, 2n] (module docstring: the value times 2**-6) in the scan's K order, which takes
+    each group of 8 elements (4 bytes) as its 4 even elements, then its 4 odd ones.
+
+    On a GPU the bytes are converted 4 at a time in 32-bit registers (inline PTX: 7 operations per
+    8 elements, and the even and odd registers are already the dot operand's groups of 4); the
+    interpreter, which runs no PTX, does the same per byte."""
+    if INTERPRET:
+        even = ((raw & 7) << 2) | ((raw & 8) << 4)
+        odd = ((raw >> 2) & 0x1C) | (raw & 0x80)
+    else:
+        even, odd = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 a, b;
+            shl.b32 a, $2, 2;
+            and.b32 a, a, 0x1C1C1C1C;
+            shl.b32 b, $2, 4;
+            and.b32 b, b, 0x80808080;
+            or.b32 $0, a, b;
+            shr.b32 a, $2, 2;
+            and.b32 a, a, 0x1C1C1C1C;
+            and.b32 b, $2, 0x80808080;
+            or.b32 $1, a, b;
+            }""",
+            "=r,=r,r", [raw], dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+    N: tl.constexpr = raw.shape[0]
+    n: tl.constexpr = raw.shape[1]
+    grouped = tl.join(even, odd).reshape(N, n // 4, 4, 2).permute(0, 1, 3, 2)
+    return grouped.reshape(N, 2 * n).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _scan_fp8_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
+                     q8_stride_s, table_stride_s, page_stride, out_stride_s,
+                     n_blk, n_cols, pages_per_prog, row_stride: tl.constexpr,
+                     HP: tl.constexpr, DI: tl.constexpr, SENTINEL_KEY: tl.constexpr,
+                     PAGES: tl.constexpr, INTERPRET: tl.constexpr):
+    """Score keys of the visible entries of FP8-mode queries (module docstring), PAGES pages per
+    step, and the sentinel of every invisible page of every query."""
+    s = tl.program_id(0)
+    page_lo = tl.program_id(1) * pages_per_prog
+    page_hi = tl.minimum(page_lo + pages_per_prog, tl.cdiv(n_cols, 64))
+    n_vis = (tl.load(pos_ptr + s).to(tl.int32) + 1) // 4
+    vis_hi = tl.minimum(page_hi, tl.minimum(tl.cdiv(n_vis, 64), n_blk))
+    out_row = out_ptr + s.to(tl.int64) * out_stride_s
+    if tl.load(mode_ptr + s) == 0:  # else the general scan scores this query
+        h = tl.arange(0, HP)
+        # q8 [S, Di/32, HP, 32]: block b of every head as a [32, HP] operand, in the K order of
+        # _e2m1_to_e4m3
+        q_t = q8_ptr + s.to(tl.int64) * q8_stride_s + h[None, :] * 32 + tl.arange(0, 32)[:, None]
+        qs = ()
+        for b in tl.static_range(DI // 32):
+            qs = qs + (tl.load(q_t + b * HP * 32),)
+        w8 = tl.load(w8_ptr + s * HP + h)  # weights x head scales x Di**-0.5 (query_operands)
+        table_row = table_ptr + s.to(tl.int64) * table_stride_s
+        entry = tl.arange(0, 64 * PAGES)
+        for page in range(page_lo, vis_hi, PAGES):
+            pg = page + entry // 64
+            in_range = pg < vis_hi  # rows of pages past vis_hi are not read
+            page_id = tl.load(table_row + tl.minimum(pg, n_blk - 1)).to(tl.int64)
+            row = rows_ptr + page_id * page_stride + (entry % 64) * row_stride
+            acc = tl.zeros([64 * PAGES, HP], tl.float32)
+            for b in tl.static_range(DI // 32):
+                raw = tl.load(row[:, None] + b * 16 + tl.arange(0, 16)[None, :], mask=in_range[:, None], other=0)
+                e = tl.load(row + DI // 2 + b, mask=in_range, other=127).to(tl.int32)
+                k_scale = tl.where(e == 0, 2.0**-127, (e << 23).to(tl.float32, bitcast=True))  # UE8M0, as kv_layout decodes
+                # one block's exact sums (fresh accumulator), times the key's block scale
+                acc += tl.dot(_e2m1_to_e4m3(raw, INTERPRET), qs[b]) * k_scale[:, None]
+            col = page * 64 + entry
+            # columns of pages past vis_hi are the sentinel loop's below
+            tl.store(out_row + col, _keys_of(acc, w8, 1.0, col, n_vis, SENTINEL_KEY), mask=col < vis_hi * 64)
+
+    n = tl.arange(0, 64)
+    for page in range(tl.maximum(vis_hi, page_lo), page_hi):
+        tl.store(out_row + page * 64 + n, tl.full([64], SENTINEL_KEY, tl.int64))
 
 
 def scores_from_keys(keys: torch.Tensor) -> torch.Tensor:
@@ -116,9 +221,9 @@ def scores_from_keys(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(top < 0, top ^ 0x7FFFFFFF, top).view(torch.float32)
 
 
-def _query_parts(q: torch.Tensor, hp: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _query_parts(q: torch.Tensor, hp: int) -> torch.Tensor:
     """q [S, Hi, Di] float32 -> BF16 parts [S, 3, hp, Di] (heads zero-padded to hp) with
-    q == part0 + part1 + part2, and the part count each query needs."""
+    q == part0 + part1 + part2 exactly (the general scan's operand)."""
     S, Hi, Di = q.shape
     parts = []
     rest = q.float()
@@ -128,16 +233,48 @@ def _query_parts(q: torch.Tensor, hp: int) -> tuple[torch.Tensor, torch.Tensor]:
         rest = rest - p.float()
     stacked = torch.zeros(S, 3, hp, Di, dtype=torch.bfloat16, device=q.device)
     stacked[:, :, :Hi] = torch.stack(parts, dim=1)
-    exact_in_one = (stacked[:, 1:] == 0).flatten(1).all(1)
-    return stacked, torch.where(exact_in_one, 1, 3).to(torch.int32)
+    return stacked
 
 
-def _pages_per_program(S: int, n_pages: int, device: torch.device) -> int:
-    """Pages per program so that the launch fills the GPU about _PROGRAMS_PER_SM times over."""
+def fp8_k_order(n: int) -> torch.Tensor:
+    """The element each position of the FP8 scan's K order holds (_e2m1_to_e4m3), for n elements:
+    in every group of 8, the even elements then the odd ones."""
+    i, t, b = torch.meshgrid(torch.arange(n // 8), torch.arange(2), torch.arange(4), indexing="ij")
+    return (8 * i + 2 * b + t).flatten()
+
+
+def _fp8_query(q: torch.Tensor, w: torch.Tensor, hp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FP8 scan's operands: q [S, Hi, Di] float32 -> E4M3 codes [S, Di/32, hp, 32] (block b of
+    head h at [:, b, h], in the scan's K order) with q == codes * s_h for a power of two s_h per
+    head; head weights w [S, Hi] times s_h * 2**6 * Di**-0.5 [S, hp] (relu(x) * s == relu(x * s)
+    for s > 0); and whether the query may take the FP8 scan [S]: every head on the FP4 grid and
+    exactly codes * s_h (else the general scan scores it)."""
+    S, Hi, Di = q.shape
+    q = q.float()
+    amax = q.abs().amax(-1, keepdim=True)
+    # the smallest power of two with amax / s <= 448 (E4M3's largest); all-zero heads take 1
+    scale = torch.where(amax > 0, pow2_ceil(amax.clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX), 1.0)
+    codes = (q / scale).to(torch.float8_e4m3fn)
+    # FP8 mode needs q on the FP4 grid (E2M1 times a power of two per block of 32), whose block
+    # sums are exact in the FP8 dot (module docstring), and exact as E4M3 codes times s_h
+    exact = ((codes.float() * scale == q) & (fp4_e2m1_block_qdq(q, 32) == q)).flatten(1).all(1)
+    q8 = torch.zeros(S, Di // 32, hp, 32, dtype=torch.float8_e4m3fn, device=q.device)
+    # the K order as a view (no index tensor: this runs inside a decode step's CUDA graph, where a
+    # host-to-device copy cannot be recorded): element 8i + 2b + t goes to position 8i + 4t + b
+    ordered = codes.view(S, Hi, Di // 32, 4, 4, 2).transpose(-1, -2).reshape(S, Hi, Di // 32, 32)
+    q8[:, :, :Hi] = ordered.transpose(1, 2)
+    w8 = torch.zeros(S, hp, dtype=torch.float32, device=q.device)
+    w8[:, :Hi] = w.float() * (scale[..., 0] * (E2M1_TO_E4M3_SCALE * Di**-0.5))
+    return q8, w8, exact
+
+
+def _pages_per_program(S: int, n_pages: int, device: torch.device, per_sm: int) -> int:
+    """Pages per program so that S queries' programs fill per_sm programs per SM (at least one
+    program per query; more queries than that run in several waves)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, -(-S * n_pages // (_PROGRAMS_PER_SM * sms)))
+    slots = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, -(-n_pages // max(1, slots // S)))
 
 
 def _check(q, w, index_rows, block_table, positions):
@@ -153,16 +290,18 @@ def _check(q, w, index_rows, block_table, positions):
         raise ValueError(f"positions has shape {list(positions.shape)}, expected {[S]}")
 
 
-def query_operands(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The scan's query operands: BF16 parts [S, 3, hp, Di] and part counts [S] (_query_parts),
-    head weights zero-padded to hp [S, hp]. Row by row and without host syncs, so a decode step
-    computes them inside its CUDA graph (Attention.prepare) and hands them to indexer_topk."""
+def query_operands(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The scan's query operands: FP8 codes and scaled head weights (_fp8_query), BF16 parts
+    (_query_parts), the scan each query takes [S] (MODE_FP8 / MODE_GENERAL), head weights
+    zero-padded to hp [S, hp]. Row by row and without host syncs, so a decode step computes them
+    inside its CUDA graph (Attention.prepare) and hands them to indexer_topk."""
     S, Hi, _ = q.shape
     hp = max(16, triton.next_power_of_2(Hi))
-    parts, n_parts = _query_parts(q, hp)
+    q8, w8, fp8_exact = _fp8_query(q, w, hp)
+    mode = torch.where(fp8_exact, MODE_FP8, MODE_GENERAL).to(torch.int32)
     w_pad = torch.zeros(S, hp, dtype=torch.float32, device=q.device)
     w_pad[:, :Hi] = w
-    return parts, n_parts, w_pad
+    return q8, w8, _query_parts(q, hp), mode, w_pad
 
 
 def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, block_table: torch.Tensor,
@@ -177,24 +316,29 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
         raise ValueError(f"n_cols={n_cols} must be a multiple of {PAGE_ENTRIES} (whole pages)")
     if Di < 32 or Di & (Di - 1):
         raise ValueError(f"index dim {Di} must be a power of two >= 32 (whole FP4 blocks, dot tiles >= 16)")
-    parts, n_parts, w_pad = operands if operands is not None else query_operands(q, w)
+    q8, w8, parts, mode, w_pad = operands if operands is not None else query_operands(q, w)
     hp = w_pad.shape[1]
     table = block_table.to(torch.int32)
     out = torch.empty(S, n_cols, dtype=torch.int64, device=q.device)
     n_pages = -(-n_cols // PAGE_ENTRIES)
-    ppp = _pages_per_program(S, n_pages, q.device)
-    if table.shape[1] == 0:  # nothing to read, and the kernel's prefetch needs a table entry
+    if table.shape[1] == 0:  # nothing to read, and the kernels' prefetch needs a table entry
         return out.fill_(SENTINEL)
     if S and n_cols:
-        # two launches, so that the common one-part scan is compiled without the registers of
-        # the three-part one; each query is scored by the launch matching its part count
-        for n_parts_launch in (1, 3):
-            _scan_kernel[(S, -(-n_pages // ppp))](
-                parts, w_pad, n_parts, positions, index_rows, table, out,
-                parts.stride(0), parts.stride(1), table.stride(0) if table.shape[0] > 1 else 0,
-                index_rows.stride(0), index_rows.stride(1), out.stride(0),
-                table.shape[1], n_cols, ppp, Di**-0.5,
-                HP=hp, DI=Di, N_PARTS=n_parts_launch, SENTINEL_KEY=SENTINEL, num_warps=SCAN_WARPS)
+        # a compile-time row stride (68 bytes at Di=128) lets Triton see 4-byte aligned rows and
+        # load the codes 4 bytes at a time; a runtime one leaves them byte by byte
+        common = (table.stride(0) if table.shape[0] > 1 else 0, index_rows.stride(0), out.stride(0),
+                  table.shape[1], n_cols)
+        # each query is scored by the launch of its mode; the FP8 one also writes the sentinels
+        ppp = _pages_per_program(S, n_pages, q.device, FP8_PROGRAMS_PER_SM)
+        _scan_fp8_kernel[(S, -(-n_pages // ppp))](
+            q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp,
+            row_stride=index_rows.stride(1), HP=hp, DI=Di, SENTINEL_KEY=SENTINEL, PAGES=FP8_PAGES,
+            INTERPRET=not q.is_cuda, num_warps=SCAN_WARPS, num_stages=SCAN_STAGES)
+        ppp = _pages_per_program(S, n_pages, q.device, GENERAL_PROGRAMS_PER_SM)
+        _scan_kernel[(S, -(-n_pages // ppp))](
+            parts, w_pad, mode, positions, index_rows, table, out, parts.stride(0), parts.stride(1), *common, ppp,
+            Di**-0.5, row_stride=index_rows.stride(1), HP=hp, DI=Di, N_PARTS=MODE_GENERAL, SENTINEL_KEY=SENTINEL,
+            num_warps=SCAN_WARPS)
     return out
 
 
@@ -244,8 +388,22 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, blo
         return reference(q, w, index_rows, block_table, positions, topk)
     n_cols = PAGE_ENTRIES * max(block_table.shape[1], -(-topk // PAGE_ENTRIES))
     keys = index_score_keys(q, w, index_rows, block_table, positions, n_cols, operands)
-    best, idx = torch.topk(keys, topk, dim=1, sorted=True)
+    best = top_keys(keys, topk)
+    # a key's low 32 bits are INT32_MAX - its column (_keys_of)
+    idx = 2147483647 - (best & 0xFFFFFFFF)
     return torch.where(torch.isfinite(scores_from_keys(best)), idx, -1).to(torch.int32)
+
+
+def top_keys(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest score keys of each row [S, k], descending. Long rows take the top k of each
+    TOPK_CHUNK columns first, then the top k of those: the same keys in the same order (keys are
+    distinct but for invisible columns, which all become -1), without one radix select over
+    hundreds of thousands of int64 keys per row."""
+    S, n = keys.shape
+    if not TOPK_CHUNK or n < 2 * TOPK_CHUNK or n % TOPK_CHUNK or k > TOPK_CHUNK:
+        return torch.topk(keys, k, dim=1, sorted=True).values
+    part = torch.topk(keys.view(S, n // TOPK_CHUNK, TOPK_CHUNK), k, dim=2, sorted=False).values
+    return torch.topk(part.view(S, -1), k, dim=1, sorted=True).values
 
 
 def scan_traffic(S: int, context: int, Hi: int, Di: int) -> tuple[int, int]:

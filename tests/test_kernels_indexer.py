@@ -1,6 +1,7 @@
 """The lightning indexer kernel (kernels/indexer_topk.py) against kernels/indexer_topk_ref.py.
 
-Tolerance: the kernel's products are exact (FP4 keys and BF16 query parts), so its scores differ
+Tolerance: the kernel's products are exact (FP4 keys against FP8 query codes or BF16 query parts),
+so its scores differ
 from index_scores only by float32 summation order: |score - ref| <= 1e-5 * M, where
 M = sum_h |w_h| * sum_d |q_hd * k_d| * Di**-0.5 bounds every partial sum. Selections must equal
 select_topk's except for entries whose reference score is within that tolerance of the k-th
@@ -127,7 +128,7 @@ def test_exact_ties_go_to_the_lower_index_in_reference_order(triton_mode):
     assert torch.equal(got, K.reference(q, w, rows, table, pos, topk))
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # inf * 0 in the dot
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in the dots, masked later
 def test_unwritten_rows_past_the_visible_entries_are_never_used(triton_mode):
     Hi, Di, topk = 16, 64, 40
     rows = make_cache(3, Di, seed=11)
@@ -149,7 +150,7 @@ def test_a_query_scores_the_same_alone_in_a_batch_and_split_over_programs(triton
     q, w = make_queries(3, Hi, Di, seed=15, kind="float")
     batch = K.index_score_keys(q, w, rows, table, pos, 448)
     alone = K.index_score_keys(q[1:2], w[1:2], rows, table[1:2], pos[1:2], 448)
-    monkeypatch.setattr(K, "_pages_per_program", lambda S, n_pages, device: 3)  # 7 pages: 3 + 3 + 1
+    monkeypatch.setattr(K, "_pages_per_program", lambda *args: 3)  # 7 pages: 3 + 3 + 1
     split = K.index_score_keys(q, w, rows, table, pos, 448)
     assert torch.equal(batch[1], alone[0])
     assert torch.equal(batch, split)
@@ -169,6 +170,69 @@ def test_operands_computed_ahead_give_the_same_keys_and_picks(triton_mode):
     sub = tuple(t[1:] for t in ops)
     assert torch.equal(K.indexer_topk(q[1:], w[1:], rows, table[1:], pos[1:], 40, sub),
                        K.indexer_topk(q[1:], w[1:], rows, table[1:], pos[1:], 40))
+
+
+def test_model_queries_take_the_fp8_scan_and_others_the_general_one(triton_mode):
+    """FP4-rounded queries (the model's) are exact as E4M3 codes times a power of two per head;
+    float32 queries, a head whose values span more than E4M3's range, or one exact in E4M3 but
+    off the FP4 grid (its block sums would need more bits than the FP8 dot keeps exactly) are not
+    and must take the general scan. A batch mixing them gives each query the keys it gets alone."""
+    Hi, Di = 16, 64
+    fp4, _ = make_queries(2, Hi, Di, seed=20, kind="fp4")
+    flt, _ = make_queries(1, Hi, Di, seed=21, kind="float")
+    wide = fp4[:1].clone()
+    wide[0, 3, 0], wide[0, 3, 1] = 1.0, 2.0**-20  # 2**20 apart in one head: no E4M3 code holds both
+    e4m3 = fp4[:1].clone()
+    # 1.25 = 1.01b times a power of two below the head's largest value: an E4M3 code at the
+    # head's scale, but no E2M1 value (mantissas 1.0 and 1.5) at any block scale
+    e4m3[0, 5, 7] = 1.25 * torch.exp2(e4m3[0, 5].abs().max().log2().floor() - 1)
+    q = torch.cat([fp4, flt, wide, e4m3])
+    w = torch.randn(5, Hi, generator=torch.Generator().manual_seed(22))
+    q8, w8, _, mode, _ = K.query_operands(q, w)
+    assert mode.tolist() == [K.MODE_FP8, K.MODE_FP8, K.MODE_GENERAL, K.MODE_GENERAL, K.MODE_GENERAL]
+    codes = torch.empty(2, q8.shape[2], Di // 32, 32)  # back to [S, Hi, Di] from the scan's K order
+    codes[..., K.fp8_k_order(32)] = q8[:2].float().transpose(1, 2)
+    head_scale = w8[:2, :Hi] / (w[:2] * K.E2M1_TO_E4M3_SCALE * Di**-0.5)
+    assert torch.equal(head_scale, torch.exp2(head_scale.log2().round()))  # powers of two
+    assert torch.equal(codes.flatten(2)[:, :Hi] * head_scale[..., None], fp4)
+    rows = make_cache(6, Di, seed=23)
+    table = torch.randperm(6, generator=torch.Generator().manual_seed(24))[:5].int().repeat(5, 1)
+    pos = torch.tensor([5 * 256 - 1, 900, 1100, 1279, 1000])
+    assert_scores_close(q, w, rows, table, pos)
+    batch = K.index_score_keys(q, w, rows, table, pos, 320)
+    for i in range(5):
+        assert torch.equal(batch[i], K.index_score_keys(q[i:i + 1], w[i:i + 1], rows, table[i:i + 1], pos[i:i + 1], 320)[0])
+
+
+def test_fp8_scan_keys_do_not_depend_on_pages_per_step_or_program(triton_mode, monkeypatch):
+    """The FP8 scan scores 2 pages per step; a key must not depend on which step or program
+    scores it (a query's picks would then depend on its context length's parity or its batch)."""
+    Hi, Di = 16, 128
+    rows = make_cache(8, Di, seed=25)
+    table = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(26 + i))[:7] for i in range(2)]).int()
+    pos = torch.tensor([7 * 256 - 1, 5 * 256 + 10])  # 7 pages (an odd count), 5 pages and a part of one
+    q, w = make_queries(2, Hi, Di, seed=27, kind="fp4")
+    base = K.index_score_keys(q, w, rows, table, pos, 448)
+    monkeypatch.setattr(K, "FP8_PAGES", 1)
+    assert torch.equal(K.index_score_keys(q, w, rows, table, pos, 448), base)
+    monkeypatch.setattr(K, "FP8_PAGES", 2)
+    monkeypatch.setattr(K, "_pages_per_program", lambda *args: 3)  # 3 + 3 + 1 pages
+    assert torch.equal(K.index_score_keys(q, w, rows, table, pos, 448), base)
+    assert_scores_close(q, w, rows, table, pos)
+
+
+def test_top_keys_in_two_rounds_equal_one_round(monkeypatch):
+    """Long rows take the top k of each chunk of columns, then of those: the same keys in the same
+    order as one torch.topk, with invisible columns (all INT64_MIN, equal) among them."""
+    g = torch.Generator().manual_seed(30)
+    keys = torch.randint(-(2**62), 2**62, (3, 512), generator=g)
+    keys[0, 100:] = K.SENTINEL  # fewer visible keys than k
+    keys[1, ::3] = K.SENTINEL
+    monkeypatch.setattr(K, "TOPK_CHUNK", 64)
+    for k in (40, 64):
+        assert torch.equal(K.top_keys(keys, k), torch.topk(keys, k, dim=1).values)
+    monkeypatch.setattr(K, "TOPK_CHUNK", 0)  # one round
+    assert torch.equal(K.top_keys(keys, 40), torch.topk(keys, 40, dim=1).values)
 
 
 def test_scan_traffic_counts_key_rows_and_dot_flops():
