@@ -1,7 +1,7 @@
 """Compact main rows (kv_layout.py: FP8 E4M3 codes + BF16 RoPE dims + UE8M0 scales per
 block of 64) decoded inside Triton kernels, so attention reads 584 bytes per key instead of 1024.
 
-`load_main_rows` is the piece the attention kernels call; `decode_rows` wraps it in a kernel of
+`load_main_chunk` is the piece the attention kernels call; `decode_rows` wraps it in a kernel of
 its own so it can be tested against `kv_layout.decode_main`, its reference.
 
 Precision: codes times scales are formed in float32 and the decoded keys handed back in the
@@ -25,31 +25,32 @@ DECODE_BLOCK_ROWS = 32  # rows per program of decode_rows
 
 
 @triton.jit
-def load_main_rows(base, row_off, valid, OUT: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """Rows at byte offsets row_off [BLOCK_N] (int64) from the uint8 pointer `base`, decoded to
-    [BLOCK_N, NOPE+ROPE] in OUT (float32 or bf16, both exact); rows with valid=False come back as
-    zeros and are not read.
+def load_main_chunk(base, row_off, valid, c: tl.constexpr, OUT: tl.constexpr, NOPE: tl.constexpr,
+                    ROPE: tl.constexpr):
+    """Columns [64c, 64c + 64) of the rows at byte offsets row_off [N] (int64) from the uint8 pointer
+    `base`, decoded to [N, 64] in OUT (float32 or bf16, both exact); rows with valid=False come
+    back as zeros and are not read.
 
-    NOPE and ROPE are multiples of 64 (the scale block) and NOPE+ROPE a power of two: the codes are
-    scaled as (NOPE+ROPE)/64 blocks of 64 and the RoPE columns then replace the last blocks.
+    A chunk is one scale block of FP8 codes (c < NOPE/64) or 64 of the BF16 RoPE dims, so each
+    load is 64 contiguous bytes (codes) or 128 (RoPE) of one row, and nothing is read twice. The
+    attention kernels take a key tile chunk by chunk: a whole [N, 512] tile decoded at once held
+    its float32 intermediates in registers and spilled at 64 heads per program (sm90, 255
+    registers and 736 bytes of stack).
     """
-    col = tl.arange(0, NOPE + ROPE)
+    col = tl.arange(0, 64)
     rows = base + row_off[:, None]
-    row_ok = valid[:, None]  # row-level masks only: per-column masks cost registers on GPU
-    # Every column loads a code byte and a RoPE value (columns >= NOPE read RoPE bytes as codes,
-    # columns < NOPE re-read the RoPE dims); the select at the end keeps the right one. All
-    # addresses stay inside the row.
-    codes = tl.load(rows + col[None, :], mask=row_ok, other=0)
-    rope = tl.load((rows + NOPE).to(tl.pointer_type(tl.bfloat16)) + (col % ROPE)[None, :], mask=row_ok, other=0.0)
-    blk = tl.arange(0, (NOPE + ROPE) // 64)
-    scale_byte = tl.load(rows + (NOPE + 2 * ROPE) + blk[None, :], mask=row_ok & (blk < NOPE // 64)[None, :], other=127)
-    # 2**(byte-127) built from its float32 bits: exact for bytes 1..254 (what the encoder writes;
-    # byte 0 would be the subnormal 2**-127, which no scale above the amax floor reaches).
-    scale = (scale_byte.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-    nope = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    nope = tl.reshape(tl.reshape(nope, [BLOCK_N, (NOPE + ROPE) // 64, 64]) * scale[:, :, None], [BLOCK_N, NOPE + ROPE])
-    return tl.where((col < NOPE)[None, :], nope.to(OUT), rope.to(OUT))
+    mask = valid[:, None]  # row-level masks only: per-column masks cost registers on GPU
+    if c * 64 < NOPE:
+        codes = tl.load(rows + (c * 64) + col[None, :], mask=mask, other=0)
+        scale_byte = tl.load(base + row_off + (NOPE + 2 * ROPE + c), mask=valid, other=127)
+        # 2**(byte-127) built from its float32 bits: exact for bytes 1..254 (what the encoder
+        # writes; byte 0 would be the subnormal 2**-127, which no scale above the amax floor reaches)
+        scale = (scale_byte.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        vals = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]
+    else:
+        rope = (rows + NOPE).to(tl.pointer_type(tl.bfloat16)) + (c * 64 - NOPE)
+        vals = tl.load(rope + col[None, :], mask=mask, other=0.0)
+    return vals.to(OUT)
 
 
 @triton.jit
@@ -57,10 +58,10 @@ def _decode_rows_kernel(rows_ptr, stride_row, out_ptr, n_rows,
                         NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr):
     r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = r < n_rows
-    vals = load_main_rows(rows_ptr, r.to(tl.int64) * stride_row, valid, out_ptr.dtype.element_ty, NOPE, ROPE, BLOCK_N)
-    col = tl.arange(0, NOPE + ROPE)
-    out = out_ptr + r.to(tl.int64)[:, None] * (NOPE + ROPE) + col[None, :]
-    tl.store(out, vals.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+    out = out_ptr + r.to(tl.int64)[:, None] * (NOPE + ROPE) + tl.arange(0, 64)[None, :]
+    for c in tl.static_range((NOPE + ROPE) // 64):
+        vals = load_main_chunk(rows_ptr, r.to(tl.int64) * stride_row, valid, c, out_ptr.dtype.element_ty, NOPE, ROPE)
+        tl.store(out + c * 64, vals, mask=valid[:, None])
 
 
 def check_dims(head_dim: int, nope_dim: int, row_bytes: int) -> None:

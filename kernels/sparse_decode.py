@@ -5,7 +5,9 @@ One decode query per batch row at position t attends, in one softmax with a per-
   * compressed entries: for CSA the indexer's top-k (-1 = none), for HCA (hca_decode.py, same
     kernel) every entry e < (t+1)/ratio; both read through the request's block table.
 All H query heads share every key (MQA), so a program loads a key tile once and multiplies it with
-a [BLOCK_H, D] query tile on tensor cores.
+a [BLOCK_H, D] query tile on tensor cores. It does so in 64-column chunks (one FP8 scale block, or
+the BF16 RoPE dims; main_rows.load_main_chunk): the query, the decoded tile and the output
+accumulator are tuples of chunks, so no [N, D] tile of decoded keys is ever held whole.
 
 The key list [window | compressed] is cut into splits of a fixed number of keys (by key index, so
 a query's result never depends on the batch it shares a launch with). Each split program keeps an
@@ -28,27 +30,28 @@ import triton.language as tl
 
 from .dispatch import use_triton
 from .geometry import SWA_PAGE
-from .main_rows import check_dims, load_main_rows, reference as decode_rows_reference
+from .main_rows import check_dims, load_main_chunk, reference as decode_rows_reference
 from .mqa_ref import attend
 
 SPARSE_KEYS_PER_SPLIT = 256  # 128 window + 512 top-k = 640 keys -> 3 splits per query
-BLOCK_N = 16  # keys per tile: fixed (it orders the sums); at D=512 a larger tile spills registers on sm90
 MERGE_BLOCK_H, MERGE_BLOCK_D = 16, 64  # merge programs: 16 heads x 64 dims, so B=1 still gets H/16 * D/64
 # Running-max start: finite, so an all-masked tile gives exp(-inf - NEG_INIT) = 0, not NaN.
 NEG_INIT = tl.constexpr(-1.0e30)
 
 # Launch shape on CUDA per kernel kind (SELECTED: CSA top-k, else HCA), fixed rather than
-# autotuned: the heads per program change the result's rounding (measured on an H100), so an
-# autotuner picking per process would let two decode replicas give one request different tokens.
-# HCA reads thousands of entries per query: all 64 heads in one program read and decode each key
-# tile once (H100, 1M context, batch 32: 0.61 ms against 1.0 ms with 16 heads; 0.13 against
-# 0.09 ms at batch 1; `python -m load_tests.sweep_kernel_launch`). CSA (640 keys per query) keeps
-# the 16 heads the autotuner picked in every run before; it has not been swept.
+# autotuned: the heads per program and keys per tile change the result's rounding (measured on an
+# H100), so an autotuner picking per process would let two decode replicas give one request
+# different tokens. Both take all 64 heads and 128 keys per tile with 8 warps: the scores are
+# formed keys x heads, so the two warp groups each take 64 keys (_attend_tile). H100, batch 32,
+# `python -m load_tests.sweep_kernel_launch --only hca|csa`: HCA at 1M 0.31 ms (64 keys per tile
+# 0.48, 32 keys 0.58; the kernel before the chunked tiles, 32 keys: 0.45); CSA 0.041 ms (16 heads
+# x 16 keys, what it ran before: 0.25 ms). CSA splits of 256 keys: 0.041 ms at batch 32 against
+# 0.051 with 128 (which wins at batch 1, 0.020 against 0.032 ms).
 _GPU_LAUNCH = {
-    True: dict(BLOCK_H=16, num_warps=8, num_stages=1),
-    False: dict(BLOCK_H=64, num_warps=8, num_stages=1),
+    True: dict(BLOCK_H=64, BLOCK_N=128, num_warps=8, num_stages=1),
+    False: dict(BLOCK_H=64, BLOCK_N=128, num_warps=8, num_stages=1),
 }
-INTERPRET_BLOCK_H = 16  # tl.dot needs >= 16 rows; fewer heads are masked
+INTERPRET_BLOCK_H, INTERPRET_BLOCK_N = 16, 32  # tl.dot needs >= 16 rows (fewer heads are masked); small tiles
 
 
 @triton.jit
@@ -61,22 +64,34 @@ def _num_keys(t, n_comp, W: tl.constexpr, SELECTED: tl.constexpr, RATIO: tl.cons
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, base, row_off, valid, sm_scale, KEY: tl.constexpr,
-                 NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attend_tile(qts, m_i, l_i, accs, base, row_off, valid, sm_scale, KEY: tl.constexpr, NOPE: tl.constexpr,
+                 ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
     """One online-softmax step over BLOCK_N keys (rows at base + row_off, invalid ones masked).
 
-    Keys and probabilities are rounded to KEY (the query dtype) and handed to tl.dot in q's
-    dtype: KEY on GPU, float32 in the interpreter (exact for bf16 values, see F32_DOT).
+    Keys, transposed query and accumulator are tuples of 64-column chunks
+    (main_rows.load_main_chunk). The scores are formed transposed, keys x heads (one dot per chunk
+    chained into them): with the keys as the dot's M, the warps split the keys and nobody computes
+    the same scores twice (a heads x keys dot at 64 heads and 8 warps gives every warp group all
+    the scores, since they feed the next dot). PV adds one dot per chunk. Keys and probabilities
+    are rounded to KEY (the query dtype) and handed to tl.dot in the query chunks' dtype: KEY on
+    GPU, float32 in the interpreter (exact for bf16 values, see F32_DOT).
     """
-    k = load_main_rows(base, row_off, valid, KEY, NOPE, ROPE, BLOCK_N).to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    ks = ()
+    st = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    for c in tl.static_range(len(qts)):
+        k = load_main_chunk(base, row_off, valid, c, KEY, NOPE, ROPE).to(qts[c].dtype)
+        ks = ks + (k,)
+        st = tl.dot(k, qts[c], st, input_precision="ieee")
+    st = tl.where(valid[:, None], st * sm_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(st, 0))
     alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(KEY).to(q.dtype), k, input_precision="ieee")
-    return m_new, l_i, acc
+    pt = tl.exp(st - m_new[None, :])
+    l_i = l_i * alpha + tl.sum(pt, 0)
+    p = tl.trans(pt.to(KEY).to(qts[0].dtype))
+    out = ()
+    for c in tl.static_range(len(qts)):
+        out = out + (tl.dot(p, ks[c], accs[c] * alpha[:, None], input_precision="ieee"),)
+    return m_new, l_i, out
 
 
 @triton.jit
@@ -100,15 +115,18 @@ def _split_attention(
     hi = tl.minimum(lo + SPLIT, n_keys)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < H
-    col = tl.arange(0, NOPE + ROPE)
-    q_off = (b.to(tl.int64) * H + h)[:, None] * (NOPE + ROPE) + col[None, :]
-    q = tl.load(q_ptr + q_off, mask=h_ok[:, None], other=0.0)
+    col = tl.arange(0, 64)
+    D: tl.constexpr = NOPE + ROPE
+    q_off = (b.to(tl.int64) * H + h)[:, None] * D + col[None, :]  # chunk c at q_off + 64c
     KEY = q_ptr.dtype.element_ty
-    if F32_DOT:
-        q = q.to(tl.float32)
+    qts = ()  # the query's chunks transposed, [64, BLOCK_H]
+    accs = ()
+    for c in tl.static_range(D // 64):
+        q = tl.load(q_ptr + q_off + c * 64, mask=h_ok[:, None], other=0.0)
+        qts = qts + (tl.trans(q.to(tl.float32) if F32_DOT else q),)
+        accs = accs + (tl.zeros([BLOCK_H, 64], tl.float32),)
     m_i = tl.full([BLOCK_H], NEG_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, NOPE + ROPE], tl.float32)
 
     # window slots [lo, min(hi, W)): slot i holds position t-W+1+i
     w_hi = tl.minimum(hi, W)
@@ -118,7 +136,8 @@ def _split_attention(
         valid = (i < w_hi) & (p >= 0)
         page = tl.load(swa_tab_ptr + b.to(tl.int64) * swa_tab_stride + p // SWA_PAGE, mask=valid, other=0)
         row_off = page.to(tl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, swa_ptr, row_off, valid, sm_scale, KEY, NOPE, ROPE, BLOCK_N)
+        m_i, l_i, accs = _attend_tile(qts, m_i, l_i, accs, swa_ptr, row_off, valid, sm_scale, KEY, NOPE, ROPE,
+                                      BLOCK_H, BLOCK_N)
 
     # compressed slots [max(lo, W), hi): slot W+j holds entry topk[j] (CSA) or entry j (HCA)
     for start in range(tl.maximum(lo, W), hi, BLOCK_N):
@@ -132,20 +151,23 @@ def _split_attention(
         e = tl.where(valid, e, 0)
         page = tl.load(blk_tab_ptr + b.to(tl.int64) * blk_tab_stride + e // PER_PAGE, mask=valid, other=0)
         row_off = page.to(tl.int64) * ent_page_stride + (e % PER_PAGE) * ROW_STRIDE
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, ent_ptr, row_off, valid, sm_scale, KEY, NOPE, ROPE, BLOCK_N)
+        m_i, l_i, accs = _attend_tile(qts, m_i, l_i, accs, ent_ptr, row_off, valid, sm_scale, KEY, NOPE, ROPE,
+                                      BLOCK_H, BLOCK_N)
 
     if n_keys <= SPLIT:
         # the only split: apply the sink (an extra logit that only adds to the denominator) here
         sink = tl.load(sink_ptr + h, mask=h_ok, other=0.0)
         mx = tl.maximum(m_i, sink)
         a = tl.exp(m_i - mx)
-        o = acc * (a / (l_i * a + tl.exp(sink - mx)))[:, None]
-        tl.store(out_ptr + q_off, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
+        norm = (a / (l_i * a + tl.exp(sink - mx)))[:, None]
+        for c in tl.static_range(D // 64):
+            tl.store(out_ptr + q_off + c * 64, (accs[c] * norm).to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
     else:
         row = (b.to(tl.int64) * n_splits + sp) * H + h  # [B, n_splits, H] row of this split's partials
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        part_o = part_o_ptr + row[:, None] * (NOPE + ROPE) + col[None, :]
-        tl.store(part_o, o.to(part_o_ptr.dtype.element_ty), mask=h_ok[:, None])
+        inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        part_o = part_o_ptr + row[:, None] * D + col[None, :]
+        for c in tl.static_range(D // 64):
+            tl.store(part_o + c * 64, (accs[c] * inv_l).to(part_o_ptr.dtype.element_ty), mask=h_ok[:, None])
         tl.store(part_ml_ptr + row * 2, m_i, mask=h_ok)
         tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=h_ok)
 
@@ -192,8 +214,11 @@ def launch_split_attention(q, sink, swa, swa_table, positions, entries, block_ta
         raise ValueError(f"swa pages {list(swa.shape)} do not match entry rows {list(entries.shape)}")
     if swa.stride(-1) != 1 or entries.stride(-1) != 1 or swa.stride(1) != entries.stride(1):
         raise ValueError(f"swa {swa.stride()} and entries {entries.stride()} need contiguous rows of one stride")
-    if keys_per_split % BLOCK_N:
-        raise ValueError(f"keys_per_split {keys_per_split} is not a multiple of the tile {BLOCK_N}")
+    launch = _GPU_LAUNCH[topk is not None]
+    if not q.is_cuda:  # the interpreter: small tiles, so the CPU tests can cut splits small
+        launch = dict(BLOCK_H=INTERPRET_BLOCK_H, BLOCK_N=INTERPRET_BLOCK_N)
+    if keys_per_split % launch["BLOCK_N"]:
+        raise ValueError(f"keys_per_split {keys_per_split} is not a multiple of the tile {launch['BLOCK_N']}")
     q = q.contiguous()
     sink = sink.float().contiguous()
     positions = positions.contiguous()
@@ -219,18 +244,14 @@ def launch_split_attention(q, sink, swa, swa_table, positions, entries, block_ta
             swa, swa.stride(0), swa_table, swa_table.stride(0),
             entries, entries.stride(0), block_table, block_table.stride(0), block_table.shape[1],
             topk, topk.stride(0), n_comp, out, part_o, part_ml, n_splits)
-    consts = dict(common, NOPE=nope_dim, ROPE=D - nope_dim, PER_PAGE=per_page, BLOCK_N=BLOCK_N, SWA_PAGE=SWA_PAGE,
+    consts = dict(common, NOPE=nope_dim, ROPE=D - nope_dim, PER_PAGE=per_page, SWA_PAGE=SWA_PAGE,
                   # a compile-time row stride lets Triton see 8-byte aligned rows (584 = 8 * 73) and
                   # vectorise the code and RoPE loads; a runtime one leaves them byte by byte
                   ROW_STRIDE=entries.stride(1),
                   # the interpreter's tl.dot multiplies bf16 bit patterns as integers; float32
                   # operands holding the same bf16 values give what a bf16 tensor-core dot gives
                   F32_DOT=not q.is_cuda)
-    if q.is_cuda:
-        launch = _GPU_LAUNCH[selected]
-        _split_attention[(triton.cdiv(H, launch["BLOCK_H"]), n_splits, B)](*args, **consts, **launch)
-    else:
-        _split_attention[(triton.cdiv(H, INTERPRET_BLOCK_H), n_splits, B)](*args, **consts, BLOCK_H=INTERPRET_BLOCK_H)
+    _split_attention[(triton.cdiv(H, launch["BLOCK_H"]), n_splits, B)](*args, **consts, **launch)
     if n_splits > 1:
         _merge_splits[(triton.cdiv(H, MERGE_BLOCK_H), D // MERGE_BLOCK_D, B)](
             sink, positions, H, n_comp, out, part_o, part_ml, n_splits, D=D, BLOCK_H=MERGE_BLOCK_H,
