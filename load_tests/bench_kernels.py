@@ -223,14 +223,23 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
             topk = (torch.randint(0, n_vis, (B, INDEX_TOPK), device=DEVICE, dtype=torch.int32) if n_vis >= INDEX_TOPK
                     else torch.where(torch.arange(INDEX_TOPK, device=DEVICE) < n_vis,
                                      torch.arange(INDEX_TOPK, device=DEVICE), -1).to(torch.int32).expand(B, -1))
+            # the scan's query operands, computed once as a decode step does inside its graph
+            ops = idx.query_operands(x["iq"], x["iw"])
+            ops_general = (*ops[:3], torch.full_like(ops[3], idx.MODE_GENERAL), ops[4])
             runs = {
                 "indexer_topk": (lambda: idx.indexer_topk(x["iq"], x["iw"], x["csa_index"], x["block_table"],
-                                                          x["positions"], INDEX_TOPK),
+                                                          x["positions"], INDEX_TOPK, ops),
                                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
                 # the scan alone (score keys, no top-k): what scan_traffic counts
                 "indexer_scan": (lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"],
-                                                              x["positions"], x["block_table"].shape[1] * idx.PAGE_ENTRIES),
+                                                              x["positions"], x["block_table"].shape[1] * idx.PAGE_ENTRIES,
+                                                              ops),
                                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
+                # the same queries through the general scan (three BF16 parts, tl.dot_scaled)
+                "indexer_scan_general": (lambda: idx.index_score_keys(
+                    x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
+                    x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops_general),
+                    idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
                 "sparse_mqa_decode": (lambda: sparse.sparse_mqa_decode(x["q"], x["sink"], x["swa"], x["swa_table"],
                                                                        x["positions"], x["csa_main"], x["block_table"],
                                                                        topk, WINDOW, nope),
@@ -248,7 +257,7 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                 if name in ("sparse_mqa_decode", "hca_decode"):  # the launch shape that ran
                     r["config"] = str(sparse._GPU_LAUNCH[name == "sparse_mqa_decode"])
                 out.append({"kernel": name, "context": T, "batch": B, "pages": "shared" if x["shared"] else "distinct", **r})
-            del x, topk
+            del x, topk, ops, ops_general
             empty_cache()
     return out
 
@@ -359,8 +368,9 @@ def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int]
     rows, out = encoded_rows(cfg), []
     for P in contexts:
         for B in batches:
-            # the step's 10 timed tokens must stay below the model's last position (1M = 2**20)
-            pos = min(P, cfg.max_position_embeddings - 16)
+            # every token the section decodes (10 timed, 6 without graphs, 2 profiled, 5 on the
+            # reference) must stay below the model's last position (1M = 2**20)
+            pos = min(P, cfg.max_position_embeddings - 32)
             row = {"context": P, "position": pos, "batch": B}
             try:
                 states = synthetic_states(cfg, model, pos, B, rows)
@@ -475,12 +485,15 @@ def engine_section(cfg, model, ceil: dict, contexts: list[int], batches: list[in
         for B in batches:
             eng = None
             try:
-                # every request's blocks up to its last position, and 1 GiB for windows and compressor slots
-                blocks = B * -(-(P + steps + 16) // BLOCK)
+                # Requests whose prefill ends first decode while the others prefill (one token per
+                # step, at most P * B / 8192 steps), so none may run out of tokens or pages before
+                # the timed steps: room for `extra` tokens each, and 1 GiB for windows and slots.
+                extra = P * B // 8192 + steps + 16
+                blocks = B * -(-(P + extra) // BLOCK)
                 eng = Engine(model, EngineConfig(layout="compact", budget_bytes=blocks * page_bytes(cfg)["blocks"] + (1 << 30),
                                                  max_requests=B, prefill_chunk=8192, max_batch_tokens=8192,
                                                  prefix_cache=False))
-                greedy = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+                greedy = SamplingParams(max_tokens=extra, temperature=0, ignore_eos=True)
                 for _ in range(B):
                     eng.add_request(torch.randint(2, cfg.vocab_size, (P,)).tolist(), greedy)
                 while eng.waiting or any(seq.prefilling for seq in eng.running):  # every prefill done
@@ -511,12 +524,12 @@ def print_tables(res: dict) -> None:
     if c:
         print(f"\nceilings: HBM copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {c['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
     if res.get("kernels"):
-        print(f"\n{'kernel':18} {'ctx':>8} {'B':>3} {'pages':>8} {'ms':>8} {'eager ms':>8} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} {'%mm':>6} {'binds':>8} {'%bind':>6}")
+        print(f"\n{'kernel':20} {'ctx':>8} {'B':>3} {'pages':>8} {'ms':>8} {'eager ms':>8} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} {'%mm':>6} {'binds':>8} {'%bind':>6}")
     for r in res.get("kernels", []):
         if "error" in r:
-            print(f"{r['kernel']:18} {r['context']:>8} {r['batch']:>3} error: {r['error']}")
+            print(f"{r['kernel']:20} {r['context']:>8} {r['batch']:>3} error: {r['error']}")
             continue
-        print(f"{r['kernel']:18} {r['context']:>8} {r['batch']:>3} {r['pages']:>8} {r['ms']:8.3f} {r['eager_ms']:8.3f} {r['bytes_per_s'] / 1e9:8.0f} "
+        print(f"{r['kernel']:20} {r['context']:>8} {r['batch']:>3} {r['pages']:>8} {r['ms']:8.3f} {r['eager_ms']:8.3f} {r['bytes_per_s'] / 1e9:8.0f} "
               f"{r['of_copy_rate']:6.1%} {r['flop_per_s'] / 1e12:8.1f} {r['of_matmul_rate']:6.1%} {r['binds']:>8} {r['of_binding_ceiling']:6.1%}"
               f"  {r.get('config', '')}")
     hf = {r["context"]: r for r in res.get("hf", [])}

@@ -1,16 +1,21 @@
-"""Launch shapes of the indexer scan and HCA decode, swept over the bench_kernels inputs (GPU).
+"""Launch shapes of the decode kernels, swept over the bench_kernels inputs (GPU).
 
-    python -m load_tests.sweep_kernel_launch
+    python -m load_tests.sweep_kernel_launch [--only scan|topk|hca|csa]
 
-For the scan: programs per SM x warps; for HCA decode: heads per program x warps x pipeline
-stages. Prints time, the fraction of the binding ceiling (measured first, in the same run) and
-whether the result equals the first shape's bit for bit (a shape that changes the rounding must
-be fixed, not autotuned: see kernels/sparse_decode.py). The chosen shapes are the constants
-_PROGRAMS_PER_SM / SCAN_WARPS in kernels/indexer_topk.py and _GPU_LAUNCH in kernels/sparse_decode.py.
+For the FP8 scan: pages per step x warps x programs per SM x pipeline stages; for the top-k over
+the scan's keys, the columns of its first round; for HCA decode: heads per program x keys per
+tile x warps x pipeline stages x keys per split; for CSA decode the same. Prints time, the
+fraction of the binding ceiling (measured first, in the same run), whether the result equals the
+first shape's bit for bit (a shape that changes the rounding must be fixed, not autotuned: see
+kernels/sparse_decode.py) and how far it is from it. The chosen shapes are the constants
+FP8_PAGES / SCAN_WARPS / FP8_PROGRAMS_PER_SM / SCAN_STAGES / TOPK_CHUNK in
+kernels/indexer_topk.py, _GPU_LAUNCH and SPARSE_KEYS_PER_SPLIT in kernels/sparse_decode.py and
+HCA_KEYS_PER_SPLIT in kernels/hca_decode.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import torch
@@ -23,7 +28,8 @@ from workers.config import preset
 from . import bench_kernels as bk
 
 
-def sweep(name, shapes, apply, fn, traffic, ceil):
+def sweep(name, shapes, apply, fn, traffic, ceil, values=lambda out: out.float()):
+    """Time fn under each launch shape; `values` maps an output to numbers to compare with the first."""
     first = None
     for shape in shapes:
         apply(*shape)
@@ -32,41 +38,79 @@ def sweep(name, shapes, apply, fn, traffic, ceil):
             first = out if first is None else first
             t = bk.graph_time(fn)
             r = bk.roofline(t, *traffic, ceil)
+            a, b = values(out), values(first)
+            ok = a.isfinite() & b.isfinite()
+            rel = ((a - b).abs()[ok].max() / b.abs()[ok].max()).item() if ok.any() else 0.0
             print(f"{name} {shape}: {t * 1e3:.3f} ms, {r['of_binding_ceiling']:.1%} of the binding ceiling, "
-                  f"same bits as the first: {torch.equal(out, first)}", flush=True)
+                  f"same bits as the first: {torch.equal(out, first)} (max difference / max: {rel:.1e})", flush=True)
         except Exception as e:  # a shape that does not compile must not hide the others
             print(f"{name} {shape}: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=("scan", "topk", "hca", "csa"), help="sweep one kernel only")
+    only = ap.parse_args().only
     cfg = preset("flash-attn")
     ceil = bk.ceilings()
     print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
           f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     rows = bk.encoded_rows(cfg)
-    scan_default = (idx._PROGRAMS_PER_SM, idx.SCAN_WARPS)
-    hca_default = dict(sp._GPU_LAUNCH[False])
+    scan_default = (idx.FP8_PAGES, idx.SCAN_WARPS, idx.FP8_PROGRAMS_PER_SM, idx.SCAN_STAGES)
+    hca_default = (dict(sp._GPU_LAUNCH[False]), hca.HCA_KEYS_PER_SPLIT)
+    csa_default = (dict(sp._GPU_LAUNCH[True]), sp.SPARSE_KEYS_PER_SPLIT)
     for T, B in ((131072, 32), (1048576, 32), (1048576, 1)):
         x = bk.kernel_inputs(cfg, T, B, rows)
 
-        def set_scan(pps, warps):
-            idx._PROGRAMS_PER_SM, idx.SCAN_WARPS = pps, warps
+        def set_scan(pages, warps, pps, stages):
+            idx.FP8_PAGES, idx.SCAN_WARPS, idx.FP8_PROGRAMS_PER_SM, idx.SCAN_STAGES = pages, warps, pps, stages
 
-        sweep(f"scan T={T} B={B} (programs/SM, warps)", itertools.product((1, 2, 4, 8, 16), (4, 8)), set_scan,
-              lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
-                                           x["block_table"].shape[1] * idx.PAGE_ENTRIES),
-              idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim), ceil)
+        ops = idx.query_operands(x["iq"], x["iw"])  # as a decode step has them, from its graph
+        if only in (None, "scan"):
+            sweep(f"fp8 scan T={T} B={B} (pages per step, warps, programs/SM, stages)",
+                  ((2, 4, 2, 3), (2, 4, 2, 1), (2, 4, 2, 2), (2, 4, 2, 4), (1, 4, 3, 1), (1, 4, 3, 2), (1, 4, 4, 3)), set_scan,
+                  lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
+                                               x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops),
+                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim), ceil, idx.scores_from_keys)
         set_scan(*scan_default)
 
-        def set_hca(heads, warps, stages):
-            sp._GPU_LAUNCH[False] = dict(BLOCK_H=heads, num_warps=warps, num_stages=stages)
+        keys = idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
+                                    x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops)
+        topk_default = idx.TOPK_CHUNK
+        if only in (None, "topk"):
+            sweep(f"top-k of the scan's keys T={T} B={B} (columns per first round; 0: one round)",
+                  ((0,), (8192,), (16384,), (32768,)), lambda chunk: setattr(idx, "TOPK_CHUNK", chunk),
+                  lambda: idx.top_keys(keys, bk.INDEX_TOPK), (keys.numel() * 8 + B * bk.INDEX_TOPK * 8, 0), ceil)
+        idx.TOPK_CHUNK = topk_default
 
-        sweep(f"hca T={T} B={B} (heads, warps, stages)", itertools.product((16, 32, 64), (4, 8), (1, 2, 3)), set_hca,
-              lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"], x["hca_main"],
-                                     x["block_table"], bk.WINDOW, cfg.nope_head_dim),
-              hca.decode_traffic(B, T), ceil)
-        sp._GPU_LAUNCH[False] = hca_default
-        del x
+        def set_hca(heads, block_n, warps, stages, split):
+            sp._GPU_LAUNCH[False] = dict(BLOCK_H=heads, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            hca.HCA_KEYS_PER_SPLIT = split
+
+        if only in (None, "hca"):
+            sweep(f"hca T={T} B={B} (heads, keys per tile, warps, stages, keys per split)",
+                  ((64, 128, 8, 1, 512), (64, 128, 8, 1, 256), (64, 128, 8, 1, 768), (64, 128, 8, 1, 1024),
+                   (64, 64, 8, 1, 512), (64, 64, 8, 2, 512)),
+                  set_hca,
+                  lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
+                                         x["hca_main"], x["block_table"], bk.WINDOW, cfg.nope_head_dim),
+                  hca.decode_traffic(B, T), ceil)
+        sp._GPU_LAUNCH[False], hca.HCA_KEYS_PER_SPLIT = hca_default
+
+        def set_csa(heads, block_n, warps, split):
+            sp._GPU_LAUNCH[True] = dict(BLOCK_H=heads, BLOCK_N=block_n, num_warps=warps, num_stages=1)
+            sp.SPARSE_KEYS_PER_SPLIT = split
+
+        topk = torch.randint(0, T // 4, (B, bk.INDEX_TOPK), device="cuda", dtype=torch.int32)
+        if only in (None, "csa"):
+            sweep(f"csa T={T} B={B} (heads, keys per tile, warps, keys per split)",
+                  ((16, 16, 8, 256), (64, 128, 8, 128), (64, 128, 8, 256), (64, 64, 8, 128), (64, 64, 8, 256)),
+                  set_csa,
+                  lambda: sp.sparse_mqa_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
+                                               x["csa_main"], x["block_table"], topk, bk.WINDOW, cfg.nope_head_dim),
+                  sp.decode_traffic(B, T), ceil)
+        sp._GPU_LAUNCH[True], sp.SPARSE_KEYS_PER_SPLIT = csa_default
+        del x, ops, topk, keys
         torch.cuda.empty_cache()
 
 
