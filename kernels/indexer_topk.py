@@ -61,7 +61,6 @@ SENTINEL = -(2**63)  # key of an invisible column; its top 32 bits decode to NaN
 FP8_PROGRAMS_PER_SM, GENERAL_PROGRAMS_PER_SM = 2, 4
 SCAN_WARPS = 4
 SCAN_STAGES = 3  # software-pipelining depth of the FP8 scan's loop (Triton's default)
-TOPK_CHUNK = 16384  # columns per first-round top-k of a long row (top_keys); 0: one round
 FP8_PAGES = 2  # pages per step of the FP8 scan
 MODE_FP8, MODE_GENERAL = 0, 3  # per-query scan (the general value is its BF16 part count)
 E2M1_TO_E4M3_SCALE = 2.0**6  # an E2M1 code moved into E4M3 bits is its value times 2**-6
@@ -388,22 +387,8 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, blo
         return reference(q, w, index_rows, block_table, positions, topk)
     n_cols = PAGE_ENTRIES * max(block_table.shape[1], -(-topk // PAGE_ENTRIES))
     keys = index_score_keys(q, w, index_rows, block_table, positions, n_cols, operands)
-    best = top_keys(keys, topk)
-    # a key's low 32 bits are INT32_MAX - its column (_keys_of)
-    idx = 2147483647 - (best & 0xFFFFFFFF)
+    best, idx = torch.topk(keys, topk, dim=1, sorted=True)
     return torch.where(torch.isfinite(scores_from_keys(best)), idx, -1).to(torch.int32)
-
-
-def top_keys(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest score keys of each row [S, k], descending. Long rows take the top k of each
-    TOPK_CHUNK columns first, then the top k of those: the same keys in the same order (keys are
-    distinct but for invisible columns, which all become -1), without one radix select over
-    hundreds of thousands of int64 keys per row."""
-    S, n = keys.shape
-    if not TOPK_CHUNK or n < 2 * TOPK_CHUNK or n % TOPK_CHUNK or k > TOPK_CHUNK:
-        return torch.topk(keys, k, dim=1, sorted=True).values
-    part = torch.topk(keys.view(S, n // TOPK_CHUNK, TOPK_CHUNK), k, dim=2, sorted=False).values
-    return torch.topk(part.view(S, -1), k, dim=1, sorted=True).values
 
 
 def scan_traffic(S: int, context: int, Hi: int, Di: int) -> tuple[int, int]:

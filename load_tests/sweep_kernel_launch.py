@@ -1,14 +1,14 @@
 """Launch shapes of the decode kernels, swept over the bench_kernels inputs (GPU).
 
-    python -m load_tests.sweep_kernel_launch [--only scan|topk|hca|csa]
+    python -m load_tests.sweep_kernel_launch [--only scan|hca|csa]
 
-For the FP8 scan: pages per step x warps x programs per SM x pipeline stages; for the top-k over
-the scan's keys, the columns of its first round; for HCA decode: heads per program x keys per
-tile x warps x pipeline stages x keys per split; for CSA decode the same. Prints time, the
+For the FP8 scan: pages per step x warps x programs per SM x pipeline stages; for HCA decode:
+heads per program x keys per tile x warps x pipeline stages x keys per split; for CSA decode the
+same. Prints time, the
 fraction of the binding ceiling (measured first, in the same run), whether the result equals the
 first shape's bit for bit (a shape that changes the rounding must be fixed, not autotuned: see
 kernels/sparse_decode.py) and how far it is from it. The chosen shapes are the constants
-FP8_PAGES / SCAN_WARPS / FP8_PROGRAMS_PER_SM / SCAN_STAGES / TOPK_CHUNK in
+FP8_PAGES / SCAN_WARPS / FP8_PROGRAMS_PER_SM / SCAN_STAGES in
 kernels/indexer_topk.py, _GPU_LAUNCH and SPARSE_KEYS_PER_SPLIT in kernels/sparse_decode.py and
 HCA_KEYS_PER_SPLIT in kernels/hca_decode.py.
 """
@@ -49,7 +49,7 @@ def sweep(name, shapes, apply, fn, traffic, ceil, values=lambda out: out.float()
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("scan", "topk", "hca", "csa"), help="sweep one kernel only")
+    ap.add_argument("--only", choices=("scan", "hca", "csa"), help="sweep one kernel only")
     only = ap.parse_args().only
     cfg = preset("flash-attn")
     ceil = bk.ceilings()
@@ -73,15 +73,6 @@ def main() -> None:
                                                x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops),
                   idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim), ceil, idx.scores_from_keys)
         set_scan(*scan_default)
-
-        keys = idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
-                                    x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops)
-        topk_default = idx.TOPK_CHUNK
-        if only in (None, "topk"):
-            sweep(f"top-k of the scan's keys T={T} B={B} (columns per first round; 0: one round)",
-                  ((0,), (8192,), (16384,), (32768,)), lambda chunk: setattr(idx, "TOPK_CHUNK", chunk),
-                  lambda: idx.top_keys(keys, bk.INDEX_TOPK), (keys.numel() * 8 + B * bk.INDEX_TOPK * 8, 0), ceil)
-        idx.TOPK_CHUNK = topk_default
 
         def set_hca(heads, block_n, warps, stages, split):
             sp._GPU_LAUNCH[False] = dict(BLOCK_H=heads, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
@@ -110,7 +101,7 @@ def main() -> None:
                                                x["csa_main"], x["block_table"], topk, bk.WINDOW, cfg.nope_head_dim),
                   sp.decode_traffic(B, T), ceil)
         sp._GPU_LAUNCH[True], sp.SPARSE_KEYS_PER_SPLIT = csa_default
-        del x, ops, topk, keys
+        del x, ops, topk
         torch.cuda.empty_cache()
 
 

@@ -221,20 +221,6 @@ def test_fp8_scan_keys_do_not_depend_on_pages_per_step_or_program(triton_mode, m
     assert_scores_close(q, w, rows, table, pos)
 
 
-def test_top_keys_in_two_rounds_equal_one_round(monkeypatch):
-    """Long rows take the top k of each chunk of columns, then of those: the same keys in the same
-    order as one torch.topk, with invisible columns (all INT64_MIN, equal) among them."""
-    g = torch.Generator().manual_seed(30)
-    keys = torch.randint(-(2**62), 2**62, (3, 512), generator=g)
-    keys[0, 100:] = K.SENTINEL  # fewer visible keys than k
-    keys[1, ::3] = K.SENTINEL
-    monkeypatch.setattr(K, "TOPK_CHUNK", 64)
-    for k in (40, 64):
-        assert torch.equal(K.top_keys(keys, k), torch.topk(keys, k, dim=1).values)
-    monkeypatch.setattr(K, "TOPK_CHUNK", 0)  # one round
-    assert torch.equal(K.top_keys(keys, 40), torch.topk(keys, 40, dim=1).values)
-
-
 def test_scan_traffic_counts_key_rows_and_dot_flops():
     nbytes, flops = K.scan_traffic(2, 1 << 20, 64, 128)
     n = (1 << 20) // 4
