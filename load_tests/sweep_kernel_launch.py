@@ -4,11 +4,10 @@
 
 For the FP8 scan: pages per step x warps x programs per SM x pipeline stages; for HCA decode:
 heads per program x keys per tile x warps x pipeline stages x keys per split; for CSA decode the
-same. Prints time, the
-fraction of the binding ceiling (measured first, in the same run), whether the result equals the
-first shape's bit for bit (a shape that changes the rounding must be fixed, not autotuned: see
-kernels/sparse_decode.py) and how far it is from it. The chosen shapes are the constants
-FP8_PAGES / SCAN_WARPS / FP8_PROGRAMS_PER_SM / SCAN_STAGES in
+same. Prints time, the fraction of the binding ceiling (measured first, in the same run), whether
+the result equals the first shape's bit for bit (a shape that changes the rounding must be
+fixed, not autotuned: see kernels/sparse_decode.py) and how far it is from it. The chosen shapes
+are the constants FP8_PAGES / SCAN_WARPS / FP8_PROGRAMS_PER_SM / SCAN_STAGES in
 kernels/indexer_topk.py, _GPU_LAUNCH and SPARSE_KEYS_PER_SPLIT in kernels/sparse_decode.py and
 HCA_KEYS_PER_SPLIT in kernels/hca_decode.py.
 """
