@@ -51,6 +51,12 @@ _GPU_LAUNCH = {
     True: dict(BLOCK_H=64, BLOCK_N=128, num_warps=8, num_stages=1),
     False: dict(BLOCK_H=64, BLOCK_N=128, num_warps=8, num_stages=1),
 }
+# float32 queries (tests and debugging: the model serves bf16) multiply on CUDA cores, where the
+# bf16 shapes' 64 x 128 tiles are far slower than the small ones they ran before
+_GPU_LAUNCH_F32 = {
+    True: dict(BLOCK_H=16, BLOCK_N=16, num_warps=8, num_stages=1),
+    False: dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=1),
+}
 INTERPRET_BLOCK_H, INTERPRET_BLOCK_N = 16, 32  # tl.dot needs >= 16 rows (fewer heads are masked); small tiles
 
 
@@ -214,7 +220,7 @@ def launch_split_attention(q, sink, swa, swa_table, positions, entries, block_ta
         raise ValueError(f"swa pages {list(swa.shape)} do not match entry rows {list(entries.shape)}")
     if swa.stride(-1) != 1 or entries.stride(-1) != 1 or swa.stride(1) != entries.stride(1):
         raise ValueError(f"swa {swa.stride()} and entries {entries.stride()} need contiguous rows of one stride")
-    launch = _GPU_LAUNCH[topk is not None]
+    launch = (_GPU_LAUNCH if q.dtype != torch.float32 else _GPU_LAUNCH_F32)[topk is not None]
     if not q.is_cuda:  # the interpreter: small tiles, so the CPU tests can cut splits small
         launch = dict(BLOCK_H=INTERPRET_BLOCK_H, BLOCK_N=INTERPRET_BLOCK_N)
     if keys_per_split % launch["BLOCK_N"]:

@@ -204,6 +204,29 @@ def test_model_queries_take_the_fp8_scan_and_others_the_general_one(triton_mode)
         assert torch.equal(batch[i], K.index_score_keys(q[i:i + 1], w[i:i + 1], rows, table[i:i + 1], pos[i:i + 1], 320)[0])
 
 
+def test_fp4_grid_is_read_off_the_e4m3_bits_as_fp4_rounding_defines_it():
+    """_on_fp4_grid(codes) holds exactly where re-rounding to FP4 changes nothing (and no E4M3
+    subnormal but 2**-7 is involved), for FP4-rounded blocks and for blocks with one value moved
+    off the grid in every way: a third mantissa bit, 1.5 at or below the block's bottom binade, a
+    value too small for the block's scale."""
+    g = torch.Generator().manual_seed(31)
+    on = fp4_e2m1_block_qdq(torch.randn(64, 8, 128, generator=g) * 4, 32)
+    off = on.clone()
+    top = off.abs().unflatten(-1, (-1, 32)).amax(-1)  # [64, 8, 4]
+    binade = torch.exp2(top.log2().floor())
+    for i, factor in enumerate((1.25, 0.75 / 8, 0.5 / 16, 1.5 / 8, 1.0 / 8)):  # only the last stays on the grid
+        off[:, i, 0] = top[:, i, 0]  # the block's largest value stays where it was: so does its scale
+        off[:, i, 7] = factor * binade[:, i, 0]
+    q = torch.cat([on, off])
+    scale = torch.exp2((q.abs().amax(-1, keepdim=True) / 448).log2().ceil())
+    codes = (q / scale).to(torch.float8_e4m3fn)
+    assert torch.equal(codes.float() * scale, q)  # all exact E4M3: only the grid differs
+    grid = K._on_fp4_grid(codes).unflatten(-1, (-1, 32)).all(-1)
+    want = (fp4_e2m1_block_qdq(q, 32) == q).unflatten(-1, (-1, 32)).all(-1)
+    assert torch.equal(grid, want)
+    assert want[:64].all() and not want[64:, :4, 0].any() and want[64:, 4, 0].all()
+
+
 def test_fp8_scan_keys_do_not_depend_on_pages_per_step_or_program(triton_mode, monkeypatch):
     """The FP8 scan scores 2 pages per step; a key must not depend on which step or program
     scores it (a query's picks would then depend on its context length's parity or its batch)."""
