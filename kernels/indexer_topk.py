@@ -15,7 +15,7 @@ Two scans, each query scored by one of them (query_operands picks):
   value times 2**-6: on a GPU 4 bytes (8 codes) are converted at a time in a 32-bit register by
   inline PTX, 7 operations for 8 codes and no table, into one register of the 4 even codes and
   one of the 4 odd ones; the query's codes are laid out in that order (_e2m1_to_e4m3,
-  fp8_k_order), which the dot's sum does not see. Per 32-element block b one dot
+  _fp8_query), which the dot's sum does not see. Per 32-element block b one dot
   [128 keys, 32] x [32, heads] gives sum_d c_kd q'_hd; the products (2 significant bits times 2)
   and their 32-term sums need 13 bits, so each block's sum is exact even in the FP8 tensor cores'
   narrower accumulator (about 14 bits on Hopper, which is why blocks are not chained into one
@@ -37,11 +37,13 @@ selection does not depend on its batch or on the split of pages over programs.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .block_quant import FP8_MAX, pow2_ceil
+from .block_quant import fp8_e4m3_block_quant
 from .dispatch import use_triton
 from .geometry import BLOCK, CSA
 from .indexer_topk_ref import index_scores, select_topk
@@ -62,7 +64,8 @@ FP8_PROGRAMS_PER_SM, GENERAL_PROGRAMS_PER_SM = 2, 4
 SCAN_WARPS = 4
 SCAN_STAGES = 3  # software-pipelining depth of the FP8 scan's loop (Triton's default)
 FP8_PAGES = 2  # pages per step of the FP8 scan
-MODE_FP8, MODE_GENERAL = 0, 3  # per-query scan (the general value is its BF16 part count)
+MODE_FP8, MODE_GENERAL = 0, 1  # the scan each query takes (query_operands)
+GENERAL_PARTS = 3  # BF16 parts of a query in the general scan: exact for any float32
 E2M1_TO_E4M3_SCALE = 2.0**6  # an E2M1 code moved into E4M3 bits is its value times 2**-6
 
 
@@ -106,9 +109,10 @@ def _keys_of(acc, w, head_scale, col, n_vis, SENTINEL_KEY: tl.constexpr):
 def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
                  q_stride_s, q_stride_part, table_stride_s, page_stride, out_stride_s,
                  n_blk, n_cols, pages_per_prog, inv_sqrt_di, row_stride: tl.constexpr,
-                 HP: tl.constexpr, DI: tl.constexpr, N_PARTS: tl.constexpr, SENTINEL_KEY: tl.constexpr):
-    """Score keys of the visible entries of queries scored from N_PARTS BF16 query parts (the
-    general mode); the FP8 launch writes the sentinels."""
+                 HP: tl.constexpr, DI: tl.constexpr, N_PARTS: tl.constexpr, SENTINEL_KEY: tl.constexpr,
+                 MODE: tl.constexpr):
+    """Score keys of the visible entries of the queries in MODE (the general scan), from N_PARTS
+    BF16 query parts; the FP8 launch writes the sentinels."""
     s = tl.program_id(0)
     page_lo = tl.program_id(1) * pages_per_prog
     page_hi = tl.minimum(page_lo + pages_per_prog, tl.cdiv(n_cols, 64))
@@ -116,7 +120,7 @@ def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
     vis_hi = tl.minimum(page_hi, tl.minimum(tl.cdiv(n_vis, 64), n_blk))
     n = tl.arange(0, 64)
     out_row = out_ptr + s.to(tl.int64) * out_stride_s
-    if tl.load(mode_ptr + s) == N_PARTS:  # else the FP8 launch scores this query
+    if tl.load(mode_ptr + s) == MODE:  # else the FP8 launch scores this query
         h = tl.arange(0, HP)
         q_t = q_ptr + s.to(tl.int64) * q_stride_s + h[None, :] * DI + tl.arange(0, DI)[:, None]  # part p: [DI, HP]
         q0 = tl.load(q_t)
@@ -173,16 +177,16 @@ def _scan_fp8_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out
                      q8_stride_s, table_stride_s, page_stride, out_stride_s,
                      n_blk, n_cols, pages_per_prog, row_stride: tl.constexpr,
                      HP: tl.constexpr, DI: tl.constexpr, SENTINEL_KEY: tl.constexpr,
-                     PAGES: tl.constexpr, INTERPRET: tl.constexpr):
-    """Score keys of the visible entries of FP8-mode queries (module docstring), PAGES pages per
-    step, and the sentinel of every invisible page of every query."""
+                     PAGES: tl.constexpr, INTERPRET: tl.constexpr, MODE: tl.constexpr):
+    """Score keys of the visible entries of the queries in MODE (the FP8 scan: module docstring),
+    PAGES pages per step, and the sentinel of every invisible page of every query."""
     s = tl.program_id(0)
     page_lo = tl.program_id(1) * pages_per_prog
     page_hi = tl.minimum(page_lo + pages_per_prog, tl.cdiv(n_cols, 64))
     n_vis = (tl.load(pos_ptr + s).to(tl.int32) + 1) // 4
     vis_hi = tl.minimum(page_hi, tl.minimum(tl.cdiv(n_vis, 64), n_blk))
     out_row = out_ptr + s.to(tl.int64) * out_stride_s
-    if tl.load(mode_ptr + s) == 0:  # else the general scan scores this query
+    if tl.load(mode_ptr + s) == MODE:  # else the general scan scores this query
         h = tl.arange(0, HP)
         # q8 [S, Di/32, HP, 32]: block b of every head as a [32, HP] operand, in the K order of
         # _e2m1_to_e4m3
@@ -235,13 +239,6 @@ def _query_parts(q: torch.Tensor, hp: int) -> torch.Tensor:
     return stacked
 
 
-def fp8_k_order(n: int) -> torch.Tensor:
-    """The element each position of the FP8 scan's K order holds (_e2m1_to_e4m3), for n elements:
-    in every group of 8, the even elements then the odd ones."""
-    i, t, b = torch.meshgrid(torch.arange(n // 8), torch.arange(2), torch.arange(4), indexing="ij")
-    return (8 * i + 2 * b + t).flatten()
-
-
 def _on_fp4_grid(codes: torch.Tensor) -> torch.Tensor:
     """Per element of E4M3 codes [..., Di]: whether its 32-element block is E2M1 values times one
     power of two (the FP4 grid), read off the code bits. A block whose largest magnitude is
@@ -268,10 +265,7 @@ def _fp8_query(q: torch.Tensor, w: torch.Tensor, hp: int) -> tuple[torch.Tensor,
     exactly codes * s_h (else the general scan scores it)."""
     S, Hi, Di = q.shape
     q = q.float()
-    amax = q.abs().amax(-1, keepdim=True)
-    # the smallest power of two with amax / s <= 448 (E4M3's largest); all-zero heads take 1
-    scale = torch.where(amax > 0, pow2_ceil(amax.clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX), 1.0)
-    codes = (q / scale).to(torch.float8_e4m3fn)
+    codes, scale = fp8_e4m3_block_quant(q, Di)  # one block per head: scale [S, Hi, 1]
     # FP8 mode needs q exact as E4M3 codes times s_h, on the FP4 grid (whose block sums are exact
     # in the FP8 dot: module docstring)
     exact = ((codes.float() * scale == q) & _on_fp4_grid(codes)).flatten(1).all(1)
@@ -285,13 +279,17 @@ def _fp8_query(q: torch.Tensor, w: torch.Tensor, hp: int) -> tuple[torch.Tensor,
     return q8, w8, exact
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _pages_per_program(S: int, n_pages: int, device: torch.device, per_sm: int) -> int:
     """Pages per program so that S queries' programs fill per_sm programs per SM (at least one
     program per query; more queries than that run in several waves)."""
     if device.type != "cuda":
         return 1
-    slots = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, -(-n_pages // max(1, slots // S)))
+    return max(1, -(-n_pages // max(1, per_sm * _sm_count(device) // S)))
 
 
 def _check(q, w, index_rows, block_table, positions):
@@ -341,21 +339,20 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
     if table.shape[1] == 0:  # nothing to read, and the kernels' prefetch needs a table entry
         return out.fill_(SENTINEL)
     if S and n_cols:
-        # a compile-time row stride (68 bytes at Di=128) lets Triton see 4-byte aligned rows and
-        # load the codes 4 bytes at a time; a runtime one leaves them byte by byte
         common = (table.stride(0) if table.shape[0] > 1 else 0, index_rows.stride(0), out.stride(0),
                   table.shape[1], n_cols)
+        # a compile-time row stride (68 bytes at Di=128) lets Triton see 4-byte aligned rows and
+        # load the codes 4 bytes at a time; a runtime one leaves them byte by byte
+        consts = dict(row_stride=index_rows.stride(1), HP=hp, DI=Di, SENTINEL_KEY=SENTINEL, num_warps=SCAN_WARPS)
         # each query is scored by the launch of its mode; the FP8 one also writes the sentinels
         ppp = _pages_per_program(S, n_pages, q.device, FP8_PROGRAMS_PER_SM)
         _scan_fp8_kernel[(S, -(-n_pages // ppp))](
-            q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp,
-            row_stride=index_rows.stride(1), HP=hp, DI=Di, SENTINEL_KEY=SENTINEL, PAGES=FP8_PAGES,
-            INTERPRET=not q.is_cuda, num_warps=SCAN_WARPS, num_stages=SCAN_STAGES)
+            q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp, **consts,
+            PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8, num_stages=SCAN_STAGES)
         ppp = _pages_per_program(S, n_pages, q.device, GENERAL_PROGRAMS_PER_SM)
         _scan_kernel[(S, -(-n_pages // ppp))](
             parts, w_pad, mode, positions, index_rows, table, out, parts.stride(0), parts.stride(1), *common, ppp,
-            Di**-0.5, row_stride=index_rows.stride(1), HP=hp, DI=Di, N_PARTS=MODE_GENERAL, SENTINEL_KEY=SENTINEL,
-            num_warps=SCAN_WARPS)
+            Di**-0.5, **consts, N_PARTS=GENERAL_PARTS, MODE=MODE_GENERAL)
     return out
 
 
