@@ -58,10 +58,11 @@ def _decode_rows_kernel(rows_ptr, stride_row, out_ptr, n_rows,
                         NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr):
     r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = r < n_rows
+    row_off = r.to(tl.int64) * stride_row
     out = out_ptr + r.to(tl.int64)[:, None] * (NOPE + ROPE) + tl.arange(0, 64)[None, :]
     for c in tl.static_range((NOPE + ROPE) // 64):
-        vals = load_main_chunk(rows_ptr, r.to(tl.int64) * stride_row, valid, c, out_ptr.dtype.element_ty, NOPE, ROPE)
-        tl.store(out + c * 64, vals, mask=valid[:, None])
+        tl.store(out + c * 64, load_main_chunk(rows_ptr, row_off, valid, c, out_ptr.dtype.element_ty, NOPE, ROPE),
+                 mask=valid[:, None])
 
 
 def check_dims(head_dim: int, nope_dim: int, row_bytes: int) -> None:

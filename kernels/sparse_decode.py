@@ -7,7 +7,8 @@ One decode query per batch row at position t attends, in one softmax with a per-
 All H query heads share every key (MQA), so a program loads a key tile once and multiplies it with
 a [BLOCK_H, D] query tile on tensor cores. It does so in 64-column chunks (one FP8 scale block, or
 the BF16 RoPE dims; main_rows.load_main_chunk): the query, the decoded tile and the output
-accumulator are tuples of chunks, so no [N, D] tile of decoded keys is ever held whole.
+accumulator are tuples of chunks, so a tile is decoded a chunk at a time and never holds the
+float32 intermediates of all its columns at once.
 
 The key list [window | compressed] is cut into splits of a fixed number of keys (by key index, so
 a query's result never depends on the batch it shares a launch with). Each split program keeps an
@@ -71,7 +72,7 @@ def _num_keys(t, n_comp, W: tl.constexpr, SELECTED: tl.constexpr, RATIO: tl.cons
 
 @triton.jit
 def _attend_tile(qts, m_i, l_i, accs, base, row_off, valid, sm_scale, KEY: tl.constexpr, NOPE: tl.constexpr,
-                 ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+                 ROPE: tl.constexpr):
     """One online-softmax step over BLOCK_N keys (rows at base + row_off, invalid ones masked).
 
     Keys, transposed query and accumulator are tuples of 64-column chunks
@@ -83,7 +84,7 @@ def _attend_tile(qts, m_i, l_i, accs, base, row_off, valid, sm_scale, KEY: tl.co
     GPU, float32 in the interpreter (exact for bf16 values, see F32_DOT).
     """
     ks = ()
-    st = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    st = tl.zeros([row_off.shape[0], qts[0].shape[1]], tl.float32)  # [keys, heads]
     for c in tl.static_range(len(qts)):
         k = load_main_chunk(base, row_off, valid, c, KEY, NOPE, ROPE).to(qts[c].dtype)
         ks = ks + (k,)
@@ -142,8 +143,7 @@ def _split_attention(
         valid = (i < w_hi) & (p >= 0)
         page = tl.load(swa_tab_ptr + b.to(tl.int64) * swa_tab_stride + p // SWA_PAGE, mask=valid, other=0)
         row_off = page.to(tl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
-        m_i, l_i, accs = _attend_tile(qts, m_i, l_i, accs, swa_ptr, row_off, valid, sm_scale, KEY, NOPE, ROPE,
-                                      BLOCK_H, BLOCK_N)
+        m_i, l_i, accs = _attend_tile(qts, m_i, l_i, accs, swa_ptr, row_off, valid, sm_scale, KEY, NOPE, ROPE)
 
     # compressed slots [max(lo, W), hi): slot W+j holds entry topk[j] (CSA) or entry j (HCA)
     for start in range(tl.maximum(lo, W), hi, BLOCK_N):
@@ -157,8 +157,7 @@ def _split_attention(
         e = tl.where(valid, e, 0)
         page = tl.load(blk_tab_ptr + b.to(tl.int64) * blk_tab_stride + e // PER_PAGE, mask=valid, other=0)
         row_off = page.to(tl.int64) * ent_page_stride + (e % PER_PAGE) * ROW_STRIDE
-        m_i, l_i, accs = _attend_tile(qts, m_i, l_i, accs, ent_ptr, row_off, valid, sm_scale, KEY, NOPE, ROPE,
-                                      BLOCK_H, BLOCK_N)
+        m_i, l_i, accs = _attend_tile(qts, m_i, l_i, accs, ent_ptr, row_off, valid, sm_scale, KEY, NOPE, ROPE)
 
     if n_keys <= SPLIT:
         # the only split: apply the sink (an extra logit that only adds to the denominator) here
