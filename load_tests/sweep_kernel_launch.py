@@ -15,7 +15,6 @@ HCA_KEYS_PER_SPLIT in kernels/hca_decode.py.
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import torch
 
