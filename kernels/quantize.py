@@ -118,6 +118,24 @@ def bf16_bits(x):
 
 
 @triton.jit
+def round_f32(v, BF16: tl.constexpr):
+    """float32 v rounded to the tensor dtype and widened back: BF16 to nearest even (on the
+    bits), float32 unchanged. Where torch rounds an elementwise BF16 operation's result."""
+    if BF16:
+        return (bf16_bits(v) << 16).to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
+def store_f32(ptr, v, mask, BF16: tl.constexpr):
+    """Store float32 v, or its BF16 rounding as int16 bits (the tensor viewed as int16)."""
+    if BF16:
+        tl.store(ptr, bf16_bits(v).to(tl.int16), mask=mask)
+    else:
+        tl.store(ptr, v, mask=mask)
+
+
+@triton.jit
 def _row_pointers(src_ptr, dst_ptr, src_row_stride, dst_row_stride):
     """This program's row of the source and of the destination (one program per row; int64
     offsets, since rows x stride can pass 2**31)."""

@@ -19,18 +19,10 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .quantize import bf16_bits, load_f32
+from .quantize import load_f32, store_f32
 from .rope_ref import rotate as reference
 
 BLOCK = 16  # rows of x per program
-
-
-@triton.jit
-def _store_from_f32(ptr, v, mask, BF16: tl.constexpr):
-    """Store float32 v, or its BF16 rounding (to nearest even, on the bits) as int16."""
-    if BF16:
-        v = bf16_bits(v).to(tl.int16)
-    tl.store(ptr, v, mask=mask)
 
 
 @triton.jit
@@ -50,8 +42,8 @@ def _rotate_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, per_token, D, cs_st
     token = (r // per_token).to(tl.int64) * cs_stride
     c = tl.load(cos_ptr + token[:, None] + i[None, :], mask=ok[:, None])
     s = tl.load(sin_ptr + token[:, None] + i[None, :], mask=ok[:, None]) * sign
-    _store_from_f32(out_ptr + even, x0 * c - x1 * s, ok[:, None], BF16)
-    _store_from_f32(out_ptr + even + 1, x1 * c + x0 * s, ok[:, None], BF16)
+    store_f32(out_ptr + even, x0 * c - x1 * s, ok[:, None], BF16)
+    store_f32(out_ptr + even + 1, x1 * c + x0 * s, ok[:, None], BF16)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

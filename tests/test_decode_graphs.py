@@ -41,9 +41,12 @@ def moe_layer(cfg, layer, seed):
 
 
 @pytest.mark.parametrize("cfg,layer", [(TINY, 0), (TINY, 3), (WIDE, 0), (WIDE, 2)])
-def test_dense_moe_gives_the_routed_moe_bits(cfg, layer):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_dense_moe_gives_the_routed_moe_bits(cfg, layer, kernels, monkeypatch):
     """Hash layers (token-id table) and top-k layers, 5 and 20 rows (below and above numerics'
-    16-row padding): every expert on every row, weighted 0 where unpicked, adds the same bits."""
+    16-row padding): every expert on every row, weighted 0 where unpicked, adds the same bits;
+    with the references and with the elementwise kernels (kernels/moe_elementwise.py)."""
+    monkeypatch.setenv("V4SERVE_KERNELS", kernels)
     moe = moe_layer(cfg, layer, seed=layer)
     assert moe.gate.hashed == cfg.is_hash_layer(layer)
     for n in (5, 20):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import moe_elementwise_ref
+from kernels.dispatch import use_triton
 from kernels.numerics import linear, pointwise, seq_sum
 
 from .config import ModelConfig
@@ -23,6 +25,24 @@ from .modules import Proj, f32_param
 DENSE_MAX_EXPERTS = 16
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """kernels/moe_elementwise_ref.py's SwiGLU; one launch on the kernel path (same bits on a GPU)."""
+    if use_triton(gate):
+        from kernels.moe_elementwise import swiglu as swiglu_kernel
+
+        return swiglu_kernel(gate, up, limit)
+    return moe_elementwise_ref.swiglu(gate, up, limit)
+
+
+def add_weighted(acc: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """acc + y * w[:, s] slot by slot (moe_elementwise_ref.py); one launch on the kernel path."""
+    if use_triton(acc):
+        from kernels.moe_elementwise import add_weighted as add_weighted_kernel
+
+        return add_weighted_kernel(acc, y, w)
+    return moe_elementwise_ref.add_weighted(acc, y, w)
+
+
 class Expert(nn.Module):
     def __init__(self, d: int, inter: int, limit: float, dtype: torch.dtype):
         super().__init__()
@@ -31,9 +51,7 @@ class Expert(nn.Module):
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.w1(x).clamp(max=self.limit)
-        up = self.w3(x).clamp(min=-self.limit, max=self.limit)
-        return self.w2(pointwise(F.silu, gate) * up)
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
 
 
 class Gate(nn.Module):
@@ -89,10 +107,11 @@ class MoE(nn.Module):
         finite: SwiGLU is clamped), and the picked ones are added in the same order (expert, then
         slot). Reads every expert's weights per step: graphed decode steps use it only for
         presets with at most DENSE_MAX_EXPERTS experts."""
+        # per slot and expert, the slot's weight where it picked the expert, else 0: [N, k, E],
+        # built once per call instead of a compare, select and cast per slot and expert
+        ids = torch.arange(len(self.experts), device=x.device)
+        table = torch.where(experts[:, :, None] == ids, weights[:, :, None], 0.0)
         routed = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            y = expert(x)
-            for s in range(experts.shape[1]):
-                w = torch.where(experts[:, s] == e, weights[:, s], 0.0)
-                routed = routed + y * w[:, None].to(x.dtype)
+            routed = add_weighted(routed, expert(x), table[:, :, e])
         return routed
