@@ -24,14 +24,14 @@ from torch import nn
 
 from kernels.dispatch import use_triton
 from kernels.mqa_ref import QUERY_BLOCK, attend_window_and_entries
-from kernels.numerics import linear, rms_norm
+from kernels.numerics import linear
 
 from .compressor import Compressor, round_main_key
 from .config import CSA, HCA, SWA, ModelConfig
 from .decode_graphs import DecodeGraphs, bucket
 from .host_index import to_device
 from .indexer import Indexer
-from .modules import Norm, Proj, f32_param
+from .modules import Norm, Proj, f32_param, rms_norm
 from .page_tables import block_row, decode_tables
 from .paged_state import PagedLayerState, append_decode_entries, append_open_rows, close_windows, push_decode_keys
 from .rope import apply_rope, cos_sin, inv_freq

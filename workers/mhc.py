@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from kernels import hc_streams_ref
 from kernels.dispatch import use_triton
 from kernels.hc_sinkhorn_ref import hc_mix
-from kernels.numerics import linear, pointwise, rms_norm, seq_sum
+from kernels.numerics import linear, pointwise
+
+from .modules import rms_norm
 
 
 def hc_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
@@ -29,15 +32,21 @@ def hc_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scal
 
 
 def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """sum_j pre_j x_j -> [N, d]."""
-    return seq_sum(pre[:, :, None] * streams.float(), 1).to(streams.dtype)
+    """sum_j pre_j x_j -> [N, d] (kernels/hc_streams_ref.py; one launch on the kernel path)."""
+    if use_triton(streams):
+        from kernels.hc_streams import collapse as collapse_kernel
+
+        return collapse_kernel(streams, pre)
+    return hc_streams_ref.collapse(streams, pre)
 
 
 def expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """New streams: post_k * out + sum_j comb[j, k] * x_j  -> [N, hc, d]."""
-    dtype = streams.dtype
-    mixed = seq_sum(comb.to(dtype)[:, :, :, None] * streams[:, :, None, :], 1)
-    return post.to(dtype)[:, :, None] * out[:, None, :] + mixed
+    """New streams: post_k * out + sum_j comb[j, k] * x_j  -> [N, hc, d] (one launch on the kernel path)."""
+    if use_triton(streams):
+        from kernels.hc_streams import expand as expand_kernel
+
+        return expand_kernel(streams, out, post, comb)
+    return hc_streams_ref.expand(streams, out, post, comb)
 
 
 def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,

@@ -1,0 +1,65 @@
+"""RMSNorm in one launch (reference: numerics.rms_norm).
+
+The reference is seven or eight torch operations per call (upcast, square, mean, add, rsqrt, two
+products, cast), and the model normalises 30 times per decode step of the flash-attn preset (two
+sub-layer norms, the query's low-rank and per-head norms, the key norm and two mHC norms per
+layer, the compressors' entries, the head): about 220 kernels of a batch-1 step. Here a program
+takes one row, sums its squares in float32 over BLOCK-wide pieces and writes the normalised row.
+
+Row-invariant like the reference: a row's sum runs in an order fixed by its width alone, whatever
+else shares the call. Not bit-exact with the reference (the sum is ordered differently, and
+rsqrt is the GPU's): within a few float32 ulps, so BF16 outputs are equal or one step apart.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+from .numerics import rms_norm as reference
+from .quantize import load_f32, store_f32
+
+MAX_BLOCK = 4096  # elements of a row held at once; wider rows (mHC: 4 x 4096) loop
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, d, x_row_stride, out_row_stride, eps,
+                     BLOCK: tl.constexpr, HAS_W: tl.constexpr, BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row, out_row = x_ptr + row * x_row_stride, out_ptr + row * out_row_stride
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, d, BLOCK):
+        x = load_f32(x_row + start + offs, start + offs < d, BF16)
+        acc += x * x
+    r = tl.math.rsqrt(tl.sum(acc, axis=0) / d + eps)
+    for start in range(0, d, BLOCK):
+        ok = start + offs < d
+        y = load_f32(x_row + start + offs, ok, BF16) * r
+        if HAS_W:
+            y = tl.load(w_ptr + start + offs, mask=ok, other=0.0) * y
+        store_f32(out_row + start + offs, y, ok, BF16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """As numerics.rms_norm over the last dim (float32 or BF16 x; weight float32 or None): one
+    launch where the kernel runs, the reference otherwise."""
+    d = x.shape[-1]
+    if weight is not None and weight.shape != (d,):
+        raise ValueError(f"rms_norm: weight {list(weight.shape)} does not match the last dim {d}")
+    if not use_triton(x) or x.dtype not in (torch.float32, torch.bfloat16) or d == 0:
+        return reference(x, weight, eps)
+    rows = x.reshape(-1, d)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        bf16 = x.dtype == torch.bfloat16  # handed over as int16 bits (quantize.load_f32)
+        xs, outs = (rows.view(torch.int16), out.view(torch.int16)) if bf16 else (rows, out)
+        w = weight.float().contiguous() if weight is not None else rows  # unread without HAS_W
+        _rms_norm_kernel[(rows.shape[0],)](
+            xs, w, outs, d, rows.stride(0), out.stride(0), eps,
+            BLOCK=min(triton.next_power_of_2(d), MAX_BLOCK), HAS_W=weight is not None, BF16=bf16)
+    return out.view(x.shape)
