@@ -75,7 +75,7 @@ class Compressor(nn.Module):
         if rounding == "main":
             entries = round_main_key(entries, self.width - 2 * freqs.shape[0])
         elif rounding == "index":
-            entries = fp4_e2m1_block_qdq(hadamard(entries), 32)
+            entries = round_index_key(entries)
         return entries
 
     def pool_closing(self, kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None,
@@ -128,3 +128,14 @@ def round_main_key(x: torch.Tensor, nope: int) -> torch.Tensor:
         return decode_main(encode_main(rows, nope), x.shape[-1], nope).to(x.dtype).view(x.shape)
     rope = x[..., nope:].to(torch.bfloat16).to(x.dtype)
     return torch.cat([fp8_e4m3_block_qdq(x[..., :nope], 64), rope], dim=-1)
+
+
+def round_index_key(x: torch.Tensor) -> torch.Tensor:
+    """Reference rounding of indexer queries and keys: Hadamard rotation, then FP4 E2M1 with a
+    power-of-two scale per 32. On the kernel path one launch with the same bits as the ~45 torch
+    operations (kernels/index_rounding.py, tested bit-exact against them)."""
+    if use_triton(x) and x.dtype == torch.float32 and x.numel():
+        from kernels.index_rounding import round_index
+
+        return round_index(x)
+    return fp4_e2m1_block_qdq(hadamard(x), 32)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.block_quant import fp4_e2m1_block_qdq, hadamard
 from kernels.indexer_topk_ref import select_topk
 
-from .compressor import Compressor
+from .compressor import Compressor, round_index_key
 from .config import CSA, ModelConfig
 from .modules import Proj
 from .rope import apply_rope
@@ -33,7 +32,7 @@ class Indexer(nn.Module):
         q = self.wq_b(qr).view(qr.shape[0], self.n_heads, self.head_dim).float()
         q = apply_rope(q, cos, sin)
         if rounding:
-            q = fp4_e2m1_block_qdq(hadamard(q), 32)
+            q = round_index_key(q)
         w = self.weights_proj(x).float() * self.n_heads**-0.5
         return q, w
 
