@@ -2,7 +2,7 @@
 
     python -m load_tests.bench_kernels [--sections kernels,step,prefill,hf]
         [--contexts 8192,131072,1048576] [--batches 1,32] [--step-contexts 8192,131072,1048576]
-        [--step-batches 1,32] [--torch-step-upto 1048576] [--hf-contexts 8192,32768,131072,1048576]
+        [--step-batches 1,32] [--torch-step-upto 1048576] [--hf-contexts 8192,32768,131072,1048576] [--hf-chunk 2048]
         [--prefill-chunks 8192,32768,131072] [--out results.json]
 
 One GPU, flash-attn preset (64 heads x 512, top-512, indexer 64 x 128), compact layout, bf16.
@@ -19,8 +19,9 @@ Sections (each guarded: a failure prints its error and the others still run):
              (KV state a step must read / copy rate); with the kernels, once with the decode
              CUDA graphs (workers/decode_graphs.py) and once without ("no-graph ms");
   hf         transformers' DeepseekV4ForCausalLM (same config and weights, bf16) decode after a
-             prefill of P tokens, where it fits ("did not run" and the error otherwise; contexts
-             above one that ran out of memory are not tried);
+             prefill of P tokens through its cache in --hf-chunk pieces, where it fits ("did not
+             run" and the error otherwise; contexts above one that ran out of memory are not
+             tried);
   prefill    engine prefill throughput with one chunk of 8K, 32K, 128K tokens (kernels on);
   engine     (only when named) Engine.step() decoding B greedy requests after their prefills:
              ms per step and tokens/s as a replica's user sees them (scheduling and sampling in),
@@ -345,7 +346,12 @@ def profile_step(model, states) -> str:
 
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     decode_once(model, states, lambda: prof)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60) + host_profile(model, states)
+    avg = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    gpu_us = sum(e.device_time for e in kernels)
+    head = f"GPU kernels in the step: {len(kernels)}, {gpu_us / 1e3:.3f} ms of GPU time\n"
+    return (head + avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+            + avg.table(sort_by="count", row_limit=40, max_name_column_width=70) + host_profile(model, states))
 
 
 def host_profile(model, states) -> str:
@@ -406,9 +412,12 @@ def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int]
 # ---- transformers -----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def hf_section(cfg, weights, contexts: list[int], steps: int = 8) -> list[dict]:
+def hf_section(cfg, weights, contexts: list[int], steps: int = 8, chunk: int = 2048) -> list[dict]:
     """transformers' decode after its own prefill of P tokens, shortest context first; once one
-    context runs out of memory the longer ones are not tried."""
+    context runs out of memory the longer ones are not tried. The prefill goes in `chunk`-token
+    pieces through its cache (it supports prefill after prefill): in one piece its eager
+    attention asks for 64 heads x P^2 scores, 128 GiB at 32K; in pieces its CSA indexer's scores
+    (chunk x 64 heads x P/4 keys) are what bounds the length."""
     from .transformers_peer import hf_model_from
 
     with tempfile.TemporaryDirectory() as d:
@@ -421,7 +430,11 @@ def hf_section(cfg, weights, contexts: list[int], steps: int = 8) -> list[dict]:
         cache = None
         try:
             ids = torch.randint(2, cfg.vocab_size, (1, P), device=DEVICE)
-            cache = hf(ids, use_cache=True, logits_to_keep=1).past_key_values
+            t = time.perf_counter()
+            for lo in range(0, P, chunk):
+                cache = hf(ids[:, lo : lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+            sync()
+            prefill_s = time.perf_counter() - t
             tok = torch.tensor([[5]], device=DEVICE)
             times = []
             for i in range(steps + 2):
@@ -432,7 +445,7 @@ def hf_section(cfg, weights, contexts: list[int], steps: int = 8) -> list[dict]:
                 if i >= 2:
                     times.append(time.perf_counter() - t)
             s = statistics.median(times)
-            out.append({"context": P, "hf_ms": s * 1e3, "hf_tok_s": 1 / s})
+            out.append({"context": P, "hf_ms": s * 1e3, "hf_tok_s": 1 / s, "hf_prefill_s": prefill_s, "hf_chunk": chunk})
         except torch.OutOfMemoryError as e:  # the expected way for it not to run at long contexts
             oom = P
             out.append({"context": P, "hf": "did not run", "error": f"OutOfMemoryError: {str(e)[:200]}"})
@@ -585,6 +598,7 @@ def main() -> None:
     ap.add_argument("--step-batches", default="1,32")
     ap.add_argument("--torch-step-upto", type=int, default=1048576, help="torch reference step for batch 1 up to this context")
     ap.add_argument("--hf-contexts", default="8192,32768,131072,1048576")
+    ap.add_argument("--hf-chunk", type=int, default=2048, help="transformers' prefill goes in pieces of this many tokens")
     ap.add_argument("--prefill-chunks", default="8192,32768,131072")
     ap.add_argument("--engine-contexts", default="8192", help="prompt lengths of the engine section (batches: --step-batches)")
     ap.add_argument("--sections", default="kernels,step,prefill,hf", help="which sections run (ceilings always do)")
@@ -615,7 +629,7 @@ def main() -> None:
         if "hf" in want:
             model = None
             empty_cache()
-            guarded(res, "hf", lambda: hf_section(cfg, weights, ints(a.hf_contexts)))
+            guarded(res, "hf", lambda: hf_section(cfg, weights, ints(a.hf_contexts), chunk=a.hf_chunk))
     print_tables(res)
     line = json.dumps(res)
     print(line)
