@@ -402,8 +402,42 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, blo
         return reference(q, w, index_rows, block_table, positions, topk)
     n_cols = PAGE_ENTRIES * max(block_table.shape[1], -(-topk // PAGE_ENTRIES))
     keys = index_score_keys(q, w, index_rows, block_table, positions, n_cols, operands)
-    best, idx = torch.topk(keys, topk, dim=1, sorted=True)
+    best, idx = topk_of_keys(keys, topk)
     return torch.where(torch.isfinite(scores_from_keys(best)), idx, -1).to(torch.int32)
+
+
+def _multiblock_topk(rows: int, width: int) -> bool:
+    """Whether torch.topk on CUDA takes its multi-block radix select for `rows` slices of `width`
+    (ATen's should_use_multiblock, as of torch 2.11): some 30 kernel launches per call instead of
+    a few. Only the launch count depends on it, never the result."""
+    return ((rows <= 20 and width >= 20000) or (20 < rows <= 40 and width >= 10000)
+            or (40 < rows <= 80 and width >= 8000) or (80 < rows < 200 and width >= 5000)
+            or (200 <= rows < 800 and width >= 3000) or (800 <= rows <= 4000 and width >= 800)
+            or (rows > 4000 and width >= 400))
+
+
+def topk_of_keys(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(keys, k, dim=1, sorted=True) of distinct int64 score keys [S, n].
+
+    For a few queries over long key lists torch.topk's multi-block select launches some 30 small
+    kernels from the host, the larger part of a batch-1 CSA layer's launches at 128K. There the
+    keys go in two rounds instead, each a single-block select: the top k of each piece of the
+    row, then the top k of those. The keys are distinct (each carries its entry index), so the
+    second round's top k is the row's and comes out in the same order: the same result."""
+    S, n = keys.shape
+    if k > n or not _multiblock_topk(S, n):
+        return torch.topk(keys, k, dim=1, sorted=True)
+    for piece in (8192, 4096, 2048):
+        if piece < k or n % piece or _multiblock_topk(S * (n // piece), piece):
+            continue
+        r = n // piece
+        if _multiblock_topk(S, r * k):
+            continue
+        best, idx = torch.topk(keys.view(S, r, piece), k, dim=2, sorted=False)
+        idx = (idx + torch.arange(0, n, piece, device=keys.device)[:, None]).view(S, r * k)
+        best, pick = torch.topk(best.view(S, r * k), k, dim=1, sorted=True)
+        return best, idx.gather(1, pick)
+    return torch.topk(keys, k, dim=1, sorted=True)
 
 
 def scan_traffic(S: int, context: int, Hi: int, Di: int) -> tuple[int, int]:

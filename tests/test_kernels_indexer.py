@@ -276,3 +276,20 @@ def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
     q, w = make_queries(256, Hi, Di, seed=21, kind="fp4", device="cuda")
     got = K.indexer_topk(q, w, rows, table, pos, topk)
     assert_same_selection(got, q, w, rows, table, pos, topk)
+
+
+@pytest.mark.parametrize("S,n", [(1, 32768), (1, 262144), (2, 65536), (3, 24576), (1, 20480)])
+def test_topk_of_keys_in_two_rounds_equals_one_topk(S, n, monkeypatch):
+    """Where torch.topk would take its multi-block select, topk_of_keys splits the rows into pieces:
+    the values, the indices and their order must be torch.topk's (distinct keys, as the scan's)."""
+    from kernels.indexer_topk import _multiblock_topk, topk_of_keys
+
+    g = torch.Generator().manual_seed(S * n)
+    keys = torch.randperm(n * S, generator=g).view(S, n) * 3 - n  # distinct, signed
+    assert _multiblock_topk(S, n)
+    want_best, want_idx = torch.topk(keys, 512, dim=1, sorted=True)
+    calls, topk = [], torch.topk
+    monkeypatch.setattr(torch, "topk", lambda t, *a, **kw: calls.append(tuple(t.shape)) or topk(t, *a, **kw))
+    best, idx = topk_of_keys(keys, 512)
+    assert len(calls) == 2 and not any(_multiblock_topk(c[0] * (c[1] if len(c) == 3 else 1), c[-1]) for c in calls)
+    assert torch.equal(best, want_best) and torch.equal(idx, want_idx)
