@@ -29,9 +29,9 @@ def test_buckets_pad_up_and_stop_at_the_largest(monkeypatch):
         graphs_enabled()
 
 
-def moe_layer(cfg, layer, seed):
+def moe_layer(cfg, layer, seed, dtype=torch.float32):
     torch.manual_seed(seed)
-    moe = MoE(cfg, layer, torch.float32)
+    moe = MoE(cfg, layer, dtype)
     for p in moe.parameters():
         p.data.normal_(0, 0.5)
     if moe.gate.hashed:  # token 7 sends both its slots to one expert: added twice, slot by slot
@@ -41,19 +41,36 @@ def moe_layer(cfg, layer, seed):
 
 
 @pytest.mark.parametrize("cfg,layer", [(TINY, 0), (TINY, 3), (WIDE, 0), (WIDE, 2)])
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_dense_moe_gives_the_routed_moe_bits(cfg, layer, kernels, monkeypatch):
+@pytest.mark.parametrize("kernels,dtype", [("torch", torch.float32), ("triton", torch.float32), ("triton", torch.bfloat16)])
+def test_dense_moe_gives_the_routed_moe_bits(cfg, layer, kernels, dtype, monkeypatch):
     """Hash layers (token-id table) and top-k layers, 5 and 20 rows (below and above numerics'
     16-row padding): every expert on every row, weighted 0 where unpicked, adds the same bits;
-    with the references and with the elementwise kernels (kernels/moe_elementwise.py)."""
+    with the references and with the kernels (kernels/expert_mlp.py: all experts in two
+    launches against one expert at a time on the rows that picked it)."""
     monkeypatch.setenv("V4SERVE_KERNELS", kernels)
-    moe = moe_layer(cfg, layer, seed=layer)
+    moe = moe_layer(cfg, layer, seed=layer, dtype=dtype)
     assert moe.gate.hashed == cfg.is_hash_layer(layer)
     for n in (5, 20):
-        x = torch.randn(n, cfg.hidden_size) * 3
+        x = (torch.randn(n, cfg.hidden_size) * 3).to(dtype)
         ids = torch.randint(0, cfg.vocab_size, (n,))
         ids[0] = 7
         assert torch.equal(moe(x, ids, dense=True), moe(x, ids))
+
+
+def test_moe_experts_stay_views_of_their_stacks_through_moves_and_loads(monkeypatch):
+    """The dense kernels read the stacks: a dtype move re-ties them, a copy into an expert's
+    weight shows in its stack, and a weight replaced outright makes the dense path go expert by
+    expert (same bits) instead of reading a stale stack."""
+    monkeypatch.setenv("V4SERVE_KERNELS", "triton")
+    moe = moe_layer(TINY, 3, seed=5).to(torch.bfloat16)
+    w1, _, _ = moe._stacked()
+    assert w1.dtype == torch.bfloat16 and moe.experts[2].w1.weight.data_ptr() == w1[2].data_ptr()
+    moe.experts[1].w3.weight.copy_(torch.ones_like(moe.experts[1].w3.weight))
+    assert bool((moe._stacked()[1][1] == 1).all())
+    x, ids = (torch.randn(6, TINY.hidden_size) * 3).bfloat16(), torch.randint(0, TINY.vocab_size, (6,))
+    moe.experts[0].w2.weight = torch.nn.Parameter(moe.experts[0].w2.weight.detach().clone() * 2, requires_grad=False)
+    assert moe._stacked() is None
+    assert torch.equal(moe(x, ids, dense=True), moe(x, ids))
 
 
 @pytest.fixture(scope="module")

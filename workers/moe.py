@@ -51,6 +51,13 @@ class Expert(nn.Module):
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w3, w2 = self.w1.weight, self.w3.weight, self.w2.weight
+        if use_triton(x):
+            from kernels import expert_mlp
+
+            x = x.to(w1.dtype)
+            if expert_mlp.runs(x, w1, w3, w2):  # the dense MoE's kernels on one expert: its bits
+                return expert_mlp.expert_down(expert_mlp.expert_up(x, w1[None], w3[None], self.limit), w2[None])[0]
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
 
 
@@ -83,6 +90,35 @@ class MoE(nn.Module):
         self.gate = Gate(cfg, cfg.is_hash_layer(layer), dtype)
         self.experts = nn.ModuleList(Expert(d, inter, lim, dtype) for _ in range(cfg.n_routed_experts))
         self.shared_experts = Expert(d, inter * cfg.n_shared_experts, lim, dtype)
+        self._tie_experts()
+
+    def _tie_experts(self) -> None:
+        """Make the routed experts' w1, w3 and w2 views of one [E, ...] tensor each, so the dense
+        path's kernels (kernels/expert_mlp.py) read every expert in one launch. The checkpoint
+        names stay per expert, and loading copies into the views, hence into the stacks."""
+        self._stacks = {}
+        for name in ("w1", "w3", "w2"):
+            params = [getattr(e, name).weight for e in self.experts]
+            stack = torch.stack([p.data for p in params])
+            for i, p in enumerate(params):
+                p.data = stack[i]
+            self._stacks[name] = stack
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() give each parameter new storage: stack and tie them again
+        out = super()._apply(fn, *args, **kwargs)
+        self._tie_experts()
+        return out
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(w1, w3, w2) as [E, ...] tensors, or None if a parameter no longer views its stack
+        (replaced rather than copied into): then the dense path runs expert by expert."""
+        for name, stack in self._stacks.items():
+            for i, e in enumerate(self.experts):
+                w = getattr(e, name).weight
+                if w.data_ptr() != stack[i].data_ptr() or w.shape != stack[i].shape or w.dtype != stack.dtype:
+                    return None
+        return self._stacks["w1"], self._stacks["w3"], self._stacks["w2"]
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, dense: bool = False) -> torch.Tensor:
         """`dense`: every expert runs on every token and the unpicked ones are weighted 0 (same
@@ -93,12 +129,20 @@ class MoE(nn.Module):
         return routed + self.shared_experts(x)
 
     def _routed(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each picked expert runs on its tokens only; their outputs are added in expert order."""
+        """Each picked expert runs on its tokens only; their outputs are added in expert order,
+        then slot order. A hash layer can give a token one expert in two slots: those two adds go
+        in separate index_add_ calls, since one call with a repeated index may sum the repeats
+        before rounding (the CPU's BF16 kernel does) or in any order (CUDA's atomics)."""
         routed = torch.zeros_like(x)
         for e in experts.unique().tolist():
             tok, slot = (experts == e).nonzero(as_tuple=True)
             y = self.experts[e](x[tok]) * weights[tok, slot, None].to(x.dtype)
-            routed.index_add_(0, tok, y)
+            if tok.unique().numel() == tok.numel():
+                routed.index_add_(0, tok, y)
+                continue
+            for s in slot.unique().tolist():
+                sel = slot == s
+                routed.index_add_(0, tok[sel], y[sel])
         return routed
 
     def _routed_dense(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -111,6 +155,16 @@ class MoE(nn.Module):
         # built once per call instead of a compare, select and cast per slot and expert
         ids = torch.arange(len(self.experts), device=x.device)
         table = torch.where(experts[:, :, None] == ids, weights[:, :, None], 0.0)
+        stacks = self._stacked() if use_triton(x) else None
+        if stacks is not None:
+            from kernels import expert_mlp
+
+            w1, w3, w2 = stacks
+            xe = x.to(w1.dtype)
+            if expert_mlp.runs(xe, w1, w3, w2) and xe.dtype == x.dtype:
+                # all experts in two launches: Expert.forward's kernels, so _routed's bits
+                h = expert_mlp.expert_up(xe, w1, w3, self.experts[0].limit)
+                return expert_mlp.expert_down(h, w2, table)
         routed = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             routed = add_weighted(routed, expert(x), table[:, :, e])

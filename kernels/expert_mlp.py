@@ -1,0 +1,164 @@
+"""A layer's experts in two launches: every expert's SwiGLU up-projection, then every expert's
+down-projection with the weighted sum of their outputs (reference: the per-expert matmuls of
+workers/moe.py and moe_elementwise_ref.py).
+
+The dense MoE of a graphed decode step runs 8 experts x 3 projections per layer through cuBLAS:
+108 split-K GEMMs per flash-attn step with their reductions, 0.8 ms of a 3.1 ms step on the GPU
+for weights of 2 MB each, and about a third of the kernel nodes whose launch binds the host
+(kernels/RESULTS.md). Here:
+  * `expert_up` computes h[e] = swiglu(x W1[e]^T, x W3[e]^T) for every expert e, both products
+    rounded to the dtype before the SwiGLU, as a matmul's output is;
+  * `expert_down` computes y[e] = h[e] W2[e]^T rounded to the dtype and, given the [N, k, E]
+    weight table of the picks, adds y[e] * w slot by slot in expert order
+    (moe_elementwise_ref.add_weighted's chain), else returns every y[e].
+Each output row depends on its own input row only, through a launch configuration that does not
+depend on the row count (the tiles are fixed per device), so the routed path, which runs an
+expert on the rows that picked it, gets the dense path's bits. Against cuBLAS the sums are
+ordered differently: within float32 rounding, not bit-exact. Float32 operands multiply in IEEE
+float32 (no TF32), as torch's default matmul does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .dispatch import use_triton
+from .quantize import load_f32, round_f32, store_f32
+
+# Tiles (rows, reduction, up columns, down columns): fixed per device whatever the row count
+# (row-invariance). On a GPU, from a sweep of the preset's shapes under a CUDA graph (H100,
+# kernels/RESULTS.md): 16 decode rows 26 + 13 us per layer against 39 + 19 with 64 x 64 tiles,
+# 2,048 prefill rows of 8 experts 0.77 + 0.43 ms. The interpreter takes whole-width tiles: its
+# cost is per program and per loop step, and its bits need only agree with themselves.
+GPU_TILES = (32, 128, 16, 32)
+INTERPRETER_TILES = (64, 256, 64, 128)
+
+
+def _tiles(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return GPU_TILES if t.is_cuda else INTERPRETER_TILES
+
+
+@triton.jit
+def _dot_rows(a_ptr, a_row_stride, b_ptr, b_row_stride, rows, m_ok, cols, n_ok, K,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr,
+              MMA_BF16: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32 sums over K of a[rows, :] * b[cols, :] (b holds weight rows)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + kk < K
+        # BF16 operands come as int16 bits (quantize.load_f32) and go back to BF16 exactly
+        a = load_f32(a_ptr + rows[:, None] * a_row_stride + (k0 + kk)[None, :], m_ok[:, None] & k_ok[None, :], BF16)
+        b = load_f32(b_ptr + cols[:, None] * b_row_stride + (k0 + kk)[None, :], n_ok[:, None] & k_ok[None, :], BF16)
+        if MMA_BF16:
+            acc = tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)), acc)
+        else:  # float32, or BF16 in the interpreter (whose BF16 dot is not usable): exact products
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, M, I, D, limit, x_row_stride,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr,
+               MMA_BF16: tl.constexpr, CUDA_EXP: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, n_ok = rows < M, cols < I
+    w1 = w1_ptr + e * I * D
+    w3 = w3_ptr + e * I * D
+    g = round_f32(_dot_rows(x_ptr, x_row_stride, w1, D, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16), BF16)
+    u = round_f32(_dot_rows(x_ptr, x_row_stride, w3, D, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16), BF16)
+    # moe_elementwise's SwiGLU on the rounded products
+    g = tl.minimum(g, limit)
+    u = tl.minimum(tl.maximum(u, -limit), limit)
+    if CUDA_EXP:
+        ex = libdevice.exp(-g)
+    else:  # the interpreter has no libdevice
+        ex = tl.exp(-g)
+    s = round_f32(tl.math.div_rn(g, 1.0 + ex), BF16)
+    out = h_ptr + (e * M + rows[:, None]) * I + cols[None, :]
+    store_f32(out, s * u, m_ok[:, None] & n_ok[None, :], BF16)
+
+
+@triton.jit
+def _down_kernel(h_ptr, w2_ptr, w_ptr, out_ptr, M, I, D, E, w_row_stride, w_slot_stride,
+                 SLOTS: tl.constexpr, SUM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr,
+                 MMA_BF16: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, n_ok = rows < M, cols < D
+    ok = m_ok[:, None] & n_ok[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for e in range(E):
+        e64 = tl.zeros([], dtype=tl.int64) + e
+        y = round_f32(_dot_rows(h_ptr + e64 * M * I, I, w2_ptr + e64 * D * I, I, rows, m_ok, cols, n_ok, I,
+                                BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16), BF16)
+        if SUM:
+            for s in tl.static_range(SLOTS):
+                w = tl.load(w_ptr + rows * w_row_stride + s * w_slot_stride + e, mask=m_ok, other=0.0)
+                acc = round_f32(acc + round_f32(y * round_f32(w, BF16)[:, None], BF16), BF16)
+        else:
+            store_f32(out_ptr + (e64 * M + rows[:, None]) * D + cols[None, :], y, ok, BF16)
+    if SUM:
+        store_f32(out_ptr + rows[:, None] * D + cols[None, :], acc, ok, BF16)
+
+
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as the kernels read or write it: contiguous, BF16 as its int16 bits (quantize.py)."""
+    t = t.contiguous()
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the kernels take these operands (float32 or BF16, one dtype, the kernel path)."""
+    return (use_triton(x) and x.dtype in (torch.float32, torch.bfloat16)
+            and all(w.dtype == x.dtype for w in weights) and x.shape[0] > 0)
+
+
+def expert_up(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """h [E, M, I] = swiglu(x W1[e]^T, x W3[e]^T) for x [M, d], w1 / w3 [E, I, d]."""
+    E, I, D = w1.shape
+    if w3.shape != w1.shape or x.dim() != 2 or x.shape[1] != D:
+        raise ValueError(f"expert_up: x {list(x.shape)}, w1 {list(w1.shape)}, w3 {list(w3.shape)} do not match")
+    if not runs(x, w1, w3):
+        raise ValueError("expert_up: needs the kernel path and float32 or BF16 operands of one dtype")
+    x = x.contiguous()
+    M = x.shape[0]
+    h = torch.empty(E, M, I, dtype=x.dtype, device=x.device)
+    lim = float(torch.tensor(limit, dtype=x.dtype))  # the reference clamps in the tensor's dtype
+    bm, bk, bn, _ = _tiles(x)
+    _up_kernel[(E, triton.cdiv(I, bn), triton.cdiv(M, bm))](
+        _operand(x), _operand(w1), _operand(w3), _operand(h), M, I, D, lim, x.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BF16=x.dtype == torch.bfloat16,
+        MMA_BF16=x.dtype == torch.bfloat16 and x.is_cuda, CUDA_EXP=x.is_cuda,
+        enable_fp_fusion=False)
+    return h
+
+
+def expert_down(h: torch.Tensor, w2: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    """h [E, M, I], w2 [E, d, I] -> y [E, M, d] = h[e] W2[e]^T; with `table` [M, k, E] (float32
+    weights per slot and expert, 0 where unpicked), sum_e of y[e] * table[:, s, e] added slot by
+    slot in expert order -> [M, d]."""
+    E, M, I = h.shape
+    D = w2.shape[1]
+    if w2.shape != (E, D, I):
+        raise ValueError(f"expert_down: h {list(h.shape)} and w2 {list(w2.shape)} do not match")
+    if table is not None and (table.dim() != 3 or table.shape[0] != M or table.shape[2] != E or table.dtype != torch.float32):
+        raise ValueError(f"expert_down: table {list(table.shape)} {table.dtype} is not [M, k, E] float32 for M={M}, E={E}")
+    if not runs(h, w2):
+        raise ValueError("expert_down: needs the kernel path and float32 or BF16 operands of one dtype")
+    total = table is not None
+    out = torch.empty((M, D) if total else (E, M, D), dtype=h.dtype, device=h.device)
+    w = table.contiguous() if total else out
+    bm, bk, _, bn = _tiles(h)
+    _down_kernel[(triton.cdiv(D, bn), triton.cdiv(M, bm))](
+        _operand(h), _operand(w2), w, _operand(out), M, I, D, E, w.stride(0) if total else 0, w.stride(1) if total else 0,
+        SLOTS=table.shape[1] if total else 1, SUM=total,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BF16=h.dtype == torch.bfloat16,
+        MMA_BF16=h.dtype == torch.bfloat16 and h.is_cuda, enable_fp_fusion=False)
+    return out
