@@ -2,7 +2,8 @@
 
 Every sub-layer collapses the hc residual streams before it and expands them after: in torch
 six and eight small operations (upcast, products, three sums, cast; casts, products, sums), 28
-kernels per layer of a decode step. Here a program takes BLOCK columns of one token's streams.
+kernels per layer of a decode step. Here a program takes BLOCK columns of one token's streams (of
+16 tokens in the interpreter, whose cost is per program).
 
 Bit-exact with the reference: the same products and left-to-right sums, each rounded where the
 reference rounds (float32 for the collapse, the streams' dtype for the expand; BF16 on the bits,
@@ -23,33 +24,43 @@ BLOCK = 512  # columns per program
 
 
 @triton.jit
-def _collapse_kernel(x_ptr, pre_ptr, out_ptr, d, HC: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
+def _collapse_kernel(x_ptr, pre_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                     BF16: tl.constexpr):
+    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    n_ok = n < N
+    n = n.to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = c < d
-    row = x_ptr + n * HC * d + c
-    acc = tl.load(pre_ptr + n * HC) * load_f32(row, ok, BF16)
+    ok = n_ok[:, None] & (c < d)[None, :]
+    row = x_ptr + (n * HC * d)[:, None] + c[None, :]
+    acc = tl.load(pre_ptr + n * HC, mask=n_ok, other=0.0)[:, None] * load_f32(row, ok, BF16)
     for j in tl.static_range(1, HC):
-        acc = acc + tl.load(pre_ptr + n * HC + j) * load_f32(row + j * d, ok, BF16)
-    store_f32(out_ptr + n * d + c, acc, ok, BF16)
+        acc = acc + tl.load(pre_ptr + n * HC + j, mask=n_ok, other=0.0)[:, None] * load_f32(row + j * d, ok, BF16)
+    store_f32(out_ptr + (n * d)[:, None] + c[None, :], acc, ok, BF16)
 
 
 @triton.jit
-def _expand_kernel(x_ptr, o_ptr, post_ptr, comb_ptr, out_ptr, d, HC: tl.constexpr, BLOCK: tl.constexpr,
-                   BF16: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
+def _expand_kernel(x_ptr, o_ptr, post_ptr, comb_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK: tl.constexpr, BF16: tl.constexpr):
+    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    n_ok = n < N
+    n = n.to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = c < d
-    row = x_ptr + n * HC * d + c
-    o = load_f32(o_ptr + n * d + c, ok, BF16)
+    ok = n_ok[:, None] & (c < d)[None, :]
+    row = x_ptr + (n * HC * d)[:, None] + c[None, :]
+    o = load_f32(o_ptr + (n * d)[:, None] + c[None, :], ok, BF16)
     for k in tl.static_range(HC):
-        w = round_f32(tl.load(comb_ptr + n * HC * HC + k), BF16)  # comb[n, 0, k]
+        w = round_f32(tl.load(comb_ptr + n * HC * HC + k, mask=n_ok, other=0.0), BF16)[:, None]  # comb[n, 0, k]
         mixed = round_f32(w * load_f32(row, ok, BF16), BF16)
         for j in tl.static_range(1, HC):
-            w = round_f32(tl.load(comb_ptr + n * HC * HC + j * HC + k), BF16)
+            w = round_f32(tl.load(comb_ptr + n * HC * HC + j * HC + k, mask=n_ok, other=0.0), BF16)[:, None]
             mixed = round_f32(mixed + round_f32(w * load_f32(row + j * d, ok, BF16), BF16), BF16)
-        p = round_f32(tl.load(post_ptr + n * HC + k), BF16)
-        store_f32(out_ptr + (n * HC + k) * d + c, round_f32(p * o, BF16) + mixed, ok, BF16)
+        p = round_f32(tl.load(post_ptr + n * HC + k, mask=n_ok, other=0.0), BF16)[:, None]
+        store_f32(out_ptr + ((n * HC + k) * d)[:, None] + c[None, :], round_f32(p * o, BF16) + mixed, ok, BF16)
+
+
+def _rows(t: torch.Tensor) -> int:
+    """Token rows per program: one on a GPU, 16 in the interpreter (whose cost is per program)."""
+    return 1 if t.is_cuda else 16
 
 
 def _operand(t: torch.Tensor) -> torch.Tensor:
@@ -70,8 +81,10 @@ def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         return ref.collapse(streams, pre)
     out = torch.empty(N, d, dtype=streams.dtype, device=streams.device)
     bf16 = streams.dtype == torch.bfloat16
-    _collapse_kernel[(N, triton.cdiv(d, BLOCK))](_operand(streams), pre.float().contiguous(), _operand(out), d,
-                                                 HC=hc, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False)
+    rows = _rows(streams)
+    _collapse_kernel[(triton.cdiv(N, rows), triton.cdiv(d, BLOCK))](
+        _operand(streams), pre.float().contiguous(), _operand(out), N, d,
+        HC=hc, ROWS=rows, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False)
     return out
 
 
@@ -85,7 +98,8 @@ def expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: t
         return ref.expand(streams, out, post, comb)
     new = torch.empty_like(streams, memory_format=torch.contiguous_format)
     bf16 = streams.dtype == torch.bfloat16
-    _expand_kernel[(N, triton.cdiv(d, BLOCK))](_operand(streams), _operand(out), post.float().contiguous(),
-                                               comb.float().contiguous(), _operand(new), d,
-                                               HC=hc, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False)
+    rows = _rows(streams)
+    _expand_kernel[(triton.cdiv(N, rows), triton.cdiv(d, BLOCK))](
+        _operand(streams), _operand(out), post.float().contiguous(), comb.float().contiguous(), _operand(new), N, d,
+        HC=hc, ROWS=rows, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False)
     return new

@@ -4,7 +4,8 @@ The reference is seven or eight torch operations per call (upcast, square, mean,
 products, cast), and the model normalises 30 times per decode step of the flash-attn preset (two
 sub-layer norms, the query's low-rank and per-head norms, the key norm and two mHC norms per
 layer, the compressors' entries, the head): about 220 kernels of a batch-1 step. Here a program
-takes one row, sums its squares in float32 over BLOCK-wide pieces and writes the normalised row.
+takes one row (16 in the interpreter), sums its squares in float32 over BLOCK-wide pieces and
+writes the normalised row.
 
 Row-invariant like the reference: a row's sum runs in an order fixed by its width alone, whatever
 else shares the call. Not bit-exact with the reference (the sum is ordered differently, and
@@ -22,25 +23,30 @@ from .numerics import rms_norm as reference
 from .quantize import load_f32, store_f32
 
 MAX_BLOCK = 4096  # elements of a row held at once; wider rows (mHC: 4 x 4096) loop
+# Rows per program: one on a GPU; in the interpreter, whose cost is per program, 16 (a row's sum
+# is its own whatever the count, so only the launch changes)
+GPU_ROWS, INTERPRETER_ROWS = 1, 16
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, d, x_row_stride, out_row_stride, eps,
-                     BLOCK: tl.constexpr, HAS_W: tl.constexpr, BF16: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row, out_row = x_ptr + row * x_row_stride, out_ptr + row * out_row_stride
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, d, x_row_stride, out_row_stride, eps,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, BF16: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_ok = (r < n_rows)[:, None]
+    r = r.to(tl.int64)
+    x_rows, out_rows = x_ptr + r[:, None] * x_row_stride, out_ptr + r[:, None] * out_row_stride
+    offs = tl.arange(0, BLOCK)[None, :]
+    acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for start in range(0, d, BLOCK):
-        x = load_f32(x_row + start + offs, start + offs < d, BF16)
+        x = load_f32(x_rows + start + offs, r_ok & (start + offs < d), BF16)
         acc += x * x
-    r = tl.math.rsqrt(tl.sum(acc, axis=0) / d + eps)
+    rs = tl.math.rsqrt(tl.sum(acc, axis=1) / d + eps)[:, None]
     for start in range(0, d, BLOCK):
-        ok = start + offs < d
-        y = load_f32(x_row + start + offs, ok, BF16) * r
+        ok = r_ok & (start + offs < d)
+        y = load_f32(x_rows + start + offs, ok, BF16) * rs
         if HAS_W:
-            y = tl.load(w_ptr + start + offs, mask=ok, other=0.0) * y
-        store_f32(out_row + start + offs, y, ok, BF16)
+            y = tl.load(w_ptr + start + offs, mask=start + offs < d, other=0.0) * y
+        store_f32(out_rows + start + offs, y, ok, BF16)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -59,7 +65,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
         bf16 = x.dtype == torch.bfloat16  # handed over as int16 bits (quantize.load_f32)
         xs, outs = (rows.view(torch.int16), out.view(torch.int16)) if bf16 else (rows, out)
         w = weight.float().contiguous() if weight is not None else rows  # unread without HAS_W
-        _rms_norm_kernel[(rows.shape[0],)](
-            xs, w, outs, d, rows.stride(0), out.stride(0), eps,
-            BLOCK=min(triton.next_power_of_2(d), MAX_BLOCK), HAS_W=weight is not None, BF16=bf16)
+        per = GPU_ROWS if x.is_cuda else INTERPRETER_ROWS
+        _rms_norm_kernel[(triton.cdiv(rows.shape[0], per),)](
+            xs, w, outs, rows.shape[0], d, rows.stride(0), out.stride(0), eps,
+            ROWS=per, BLOCK=min(triton.next_power_of_2(d), MAX_BLOCK), HAS_W=weight is not None, BF16=bf16)
     return out.view(x.shape)
