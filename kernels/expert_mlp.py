@@ -34,6 +34,8 @@ from .quantize import load_f32, round_f32, store_f32
 # 2,048 prefill rows of 8 experts 0.77 + 0.43 ms. The interpreter takes whole-width tiles: its
 # cost is per program and per loop step, and its bits need only agree with themselves.
 GPU_TILES = (32, 128, 16, 32)
+# Row and expert counts are not specialised on (Triton would compile a variant for counts of 1
+# and multiples of 16): a prefill's per-expert row counts vary from call to call.
 INTERPRETER_TILES = (64, 256, 64, 128)
 
 
@@ -60,7 +62,7 @@ def _dot_rows(a_ptr, a_row_stride, b_ptr, b_row_stride, rows, m_ok, cols, n_ok, 
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, M, I, D, limit, x_row_stride,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr,
                MMA_BF16: tl.constexpr, CUDA_EXP: tl.constexpr):
@@ -84,7 +86,7 @@ def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, M, I, D, limit, x_row_stride,
     store_f32(out, s * u, m_ok[:, None] & n_ok[None, :], BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "E"])
 def _down_kernel(h_ptr, w2_ptr, w_ptr, out_ptr, M, I, D, E, w_row_stride, w_slot_stride,
                  SLOTS: tl.constexpr, SUM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr,

@@ -23,7 +23,7 @@ from .quantize import load_f32, round_f32, store_f32
 BLOCK = 512  # columns per program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _collapse_kernel(x_ptr, pre_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                      BF16: tl.constexpr):
     n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -38,7 +38,7 @@ def _collapse_kernel(x_ptr, pre_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.c
     store_f32(out_ptr + (n * d)[:, None] + c[None, :], acc, ok, BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _expand_kernel(x_ptr, o_ptr, post_ptr, comb_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK: tl.constexpr, BF16: tl.constexpr):
     n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)

@@ -40,7 +40,7 @@ def _butterfly(y, R: tl.constexpr, N: tl.constexpr, H: tl.constexpr):
     return tl.reshape(y, [R, N])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _round_index_kernel(x_ptr, out_ptr, n_rows, x_row_stride, out_row_stride, scale,
                         N: tl.constexpr, LOG2_N: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

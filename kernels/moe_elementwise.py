@@ -27,7 +27,7 @@ from .quantize import load_f32, round_f32, store_f32
 BLOCK = 1024  # elements per program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _swiglu_kernel(g_ptr, u_ptr, out_ptr, n, limit, BLOCK: tl.constexpr, BF16: tl.constexpr,
                    CUDA_EXP: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -42,7 +42,7 @@ def _swiglu_kernel(g_ptr, u_ptr, out_ptr, n, limit, BLOCK: tl.constexpr, BF16: t
     store_f32(out_ptr + i, s * u, ok, BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _add_weighted_kernel(acc_ptr, y_ptr, w_ptr, out_ptr, n, d, w_row_stride, w_slot_stride,
                          SLOTS: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -28,7 +28,7 @@ MAX_BLOCK = 4096  # elements of a row held at once; wider rows (mHC: 4 x 4096) l
 GPU_ROWS, INTERPRETER_ROWS = 1, 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, d, x_row_stride, out_row_stride, eps,
                      ROWS: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, BF16: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
