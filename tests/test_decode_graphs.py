@@ -54,6 +54,8 @@ def test_dense_moe_gives_the_routed_moe_bits(cfg, layer, kernels, dtype, monkeyp
         x = (torch.randn(n, cfg.hidden_size) * 3).to(dtype)
         ids = torch.randint(0, cfg.vocab_size, (n,))
         ids[0] = 7
+        experts, weights = moe.gate(x, ids)
+        assert torch.equal(moe._routed_dense(x, experts, weights), moe._routed(x, experts, weights))
         assert torch.equal(moe(x, ids, dense=True), moe(x, ids))
 
 
@@ -70,7 +72,8 @@ def test_moe_experts_stay_views_of_their_stacks_through_moves_and_loads(monkeypa
     x, ids = (torch.randn(6, TINY.hidden_size) * 3).bfloat16(), torch.randint(0, TINY.vocab_size, (6,))
     moe.experts[0].w2.weight = torch.nn.Parameter(moe.experts[0].w2.weight.detach().clone() * 2, requires_grad=False)
     assert moe._stacked() is None
-    assert torch.equal(moe(x, ids, dense=True), moe(x, ids))
+    experts, weights = moe.gate(x, ids)
+    assert torch.equal(moe._routed_dense(x, experts, weights), moe._routed(x, experts, weights))
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +195,20 @@ def test_bad_token_ids_are_refused_before_any_state_changes(tiny_model):
         assert good.num_tokens == 0 and bad.num_tokens == 0
     tiny_model([(good, [3, 4])])
     assert good.num_tokens == 2
+
+
+def test_few_rows_on_the_kernel_path_take_the_dense_experts(monkeypatch):
+    """Up to moe.DENSE_MAX_ROWS rows an eager forward runs the grouped expert kernels (no host
+    read of the picks); more rows go expert by expert. Same bits either way."""
+    from workers import moe as moe_mod
+
+    monkeypatch.setenv("V4SERVE_KERNELS", "triton")
+    moe = moe_layer(TINY, 3, seed=6)
+    x, ids = torch.randn(20, TINY.hidden_size) * 3, torch.randint(0, TINY.vocab_size, (20,))
+    want = moe(x, ids, dense=True)
+    routed_calls = []
+    real = moe._routed
+    monkeypatch.setattr(moe, "_routed", lambda *a: routed_calls.append(1) or real(*a))
+    assert torch.equal(moe(x, ids), want) and not routed_calls
+    monkeypatch.setattr(moe_mod, "DENSE_MAX_ROWS", 8)
+    assert torch.equal(moe(x, ids), want) and routed_calls

@@ -23,6 +23,8 @@ from .modules import Proj, f32_param
 # Up to this many routed experts a graphed decode step runs them all (MoE._routed_dense): the
 # weights read per token grow with the expert count, not with the picks.
 DENSE_MAX_EXPERTS = 16
+# Up to this many rows, an eager forward on the kernel path runs the experts densely too.
+DENSE_MAX_ROWS = 128
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -125,6 +127,11 @@ class MoE(nn.Module):
         bits, see _routed_dense); for a decode step captured in a CUDA graph, which cannot ask
         the host which experts were picked."""
         experts, weights = self.gate(x, token_ids)
+        if not dense and x.shape[0] <= DENSE_MAX_ROWS and len(self.experts) <= DENSE_MAX_EXPERTS and use_triton(x):
+            # an eager step of few rows (a decode batch beside a prefill chunk): the grouped kernels
+            # take two launches and no host sync where the routed path takes two per expert and
+            # reads the picks on the host; the same bits either way (kernels/expert_mlp.py)
+            dense = True
         routed = self._routed_dense(x, experts, weights) if dense else self._routed(x, experts, weights)
         return routed + self.shared_experts(x)
 
