@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from .dispatch import use_triton
-from .quantize import load_f32, round_f32, store_f32
+from .moe_elementwise import add_slot, swiglu_f32
+from .quantize import as_operand, load_f32, round_f32, store_f32
 
 # Tiles (rows, reduction, up columns, down columns): fixed per device whatever the row count
 # (row-invariance). On a GPU, from a sweep of the preset's shapes under a CUDA graph (H100,
@@ -74,16 +74,9 @@ def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, M, I, D, limit, x_row_stride,
     w3 = w3_ptr + e * I * D
     g = round_f32(_dot_rows(x_ptr, x_row_stride, w1, D, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16), BF16)
     u = round_f32(_dot_rows(x_ptr, x_row_stride, w3, D, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16), BF16)
-    # moe_elementwise's SwiGLU on the rounded products
-    g = tl.minimum(g, limit)
-    u = tl.minimum(tl.maximum(u, -limit), limit)
-    if CUDA_EXP:
-        ex = libdevice.exp(-g)
-    else:  # the interpreter has no libdevice
-        ex = tl.exp(-g)
-    s = round_f32(tl.math.div_rn(g, 1.0 + ex), BF16)
+    s = swiglu_f32(g, u, limit, BF16, CUDA_EXP)  # moe_elementwise's SwiGLU on the rounded products
     out = h_ptr + (e * M + rows[:, None]) * I + cols[None, :]
-    store_f32(out, s * u, m_ok[:, None] & n_ok[None, :], BF16)
+    store_f32(out, s, m_ok[:, None] & n_ok[None, :], BF16)
 
 
 @triton.jit(do_not_specialize=["M", "E"])
@@ -103,17 +96,11 @@ def _down_kernel(h_ptr, w2_ptr, w_ptr, out_ptr, M, I, D, E, w_row_stride, w_slot
         if SUM:
             for s in tl.static_range(SLOTS):
                 w = tl.load(w_ptr + rows * w_row_stride + s * w_slot_stride + e, mask=m_ok, other=0.0)
-                acc = round_f32(acc + round_f32(y * round_f32(w, BF16)[:, None], BF16), BF16)
+                acc = add_slot(acc, y, w[:, None], BF16)
         else:
             store_f32(out_ptr + (e64 * M + rows[:, None]) * D + cols[None, :], y, ok, BF16)
     if SUM:
         store_f32(out_ptr + rows[:, None] * D + cols[None, :], acc, ok, BF16)
-
-
-def _operand(t: torch.Tensor) -> torch.Tensor:
-    """A tensor as the kernels read or write it: contiguous, BF16 as its int16 bits (quantize.py)."""
-    t = t.contiguous()
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
 def runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -135,7 +122,7 @@ def expert_up(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, limit: float)
     lim = float(torch.tensor(limit, dtype=x.dtype))  # the reference clamps in the tensor's dtype
     bm, bk, bn, _ = _tiles(x)
     _up_kernel[(E, triton.cdiv(I, bn), triton.cdiv(M, bm))](
-        _operand(x), _operand(w1), _operand(w3), _operand(h), M, I, D, lim, x.stride(0),
+        as_operand(x), as_operand(w1), as_operand(w3), as_operand(h), M, I, D, lim, x.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BF16=x.dtype == torch.bfloat16,
         MMA_BF16=x.dtype == torch.bfloat16 and x.is_cuda, CUDA_EXP=x.is_cuda,
         enable_fp_fusion=False)
@@ -159,7 +146,7 @@ def expert_down(h: torch.Tensor, w2: torch.Tensor, table: torch.Tensor | None = 
     w = table.contiguous() if total else out
     bm, bk, _, bn = _tiles(h)
     _down_kernel[(triton.cdiv(D, bn), triton.cdiv(M, bm))](
-        _operand(h), _operand(w2), w, _operand(out), M, I, D, E, w.stride(0) if total else 0, w.stride(1) if total else 0,
+        as_operand(h), as_operand(w2), w, as_operand(out), M, I, D, E, w.stride(0) if total else 0, w.stride(1) if total else 0,
         SLOTS=table.shape[1] if total else 1, SUM=total,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BF16=h.dtype == torch.bfloat16,
         MMA_BF16=h.dtype == torch.bfloat16 and h.is_cuda, enable_fp_fusion=False)

@@ -18,19 +18,24 @@ import triton.language as tl
 
 from . import hc_streams_ref as ref
 from .dispatch import use_triton
-from .quantize import load_f32, round_f32, store_f32
+from .quantize import as_operand, load_f32, round_f32, store_f32
 
 BLOCK = 512  # columns per program
+
+
+@triton.jit
+def _tile(N, d, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tokens n [ROWS] (int64), which exist, columns c [BLOCK], and the 2-D mask."""
+    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    n_ok = n < N
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return n.to(tl.int64), n_ok, c, n_ok[:, None] & (c < d)[None, :]
 
 
 @triton.jit(do_not_specialize=["N"])
 def _collapse_kernel(x_ptr, pre_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                      BF16: tl.constexpr):
-    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    n_ok = n < N
-    n = n.to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = n_ok[:, None] & (c < d)[None, :]
+    n, n_ok, c, ok = _tile(N, d, ROWS, BLOCK)
     row = x_ptr + (n * HC * d)[:, None] + c[None, :]
     acc = tl.load(pre_ptr + n * HC, mask=n_ok, other=0.0)[:, None] * load_f32(row, ok, BF16)
     for j in tl.static_range(1, HC):
@@ -41,11 +46,7 @@ def _collapse_kernel(x_ptr, pre_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.c
 @triton.jit(do_not_specialize=["N"])
 def _expand_kernel(x_ptr, o_ptr, post_ptr, comb_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK: tl.constexpr, BF16: tl.constexpr):
-    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    n_ok = n < N
-    n = n.to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = n_ok[:, None] & (c < d)[None, :]
+    n, n_ok, c, ok = _tile(N, d, ROWS, BLOCK)
     row = x_ptr + (n * HC * d)[:, None] + c[None, :]
     o = load_f32(o_ptr + (n * d)[:, None] + c[None, :], ok, BF16)
     for k in tl.static_range(HC):
@@ -63,11 +64,6 @@ def _rows(t: torch.Tensor) -> int:
     return 1 if t.is_cuda else 16
 
 
-def _operand(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-
-
 def _runs(streams: torch.Tensor) -> bool:
     return use_triton(streams) and streams.dtype in (torch.float32, torch.bfloat16) and streams.numel() > 0
 
@@ -83,7 +79,7 @@ def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     bf16 = streams.dtype == torch.bfloat16
     rows = _rows(streams)
     _collapse_kernel[(triton.cdiv(N, rows), triton.cdiv(d, BLOCK))](
-        _operand(streams), pre.float().contiguous(), _operand(out), N, d,
+        as_operand(streams), pre.float().contiguous(), as_operand(out), N, d,
         HC=hc, ROWS=rows, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False)
     return out
 
@@ -100,6 +96,6 @@ def expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: t
     bf16 = streams.dtype == torch.bfloat16
     rows = _rows(streams)
     _expand_kernel[(triton.cdiv(N, rows), triton.cdiv(d, BLOCK))](
-        _operand(streams), _operand(out), post.float().contiguous(), comb.float().contiguous(), _operand(new), N, d,
+        as_operand(streams), as_operand(out), post.float().contiguous(), comb.float().contiguous(), as_operand(new), N, d,
         HC=hc, ROWS=rows, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False)
     return new

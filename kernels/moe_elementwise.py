@@ -22,9 +22,28 @@ from triton.language.extra import libdevice
 
 from . import moe_elementwise_ref as ref
 from .dispatch import use_triton
-from .quantize import load_f32, round_f32, store_f32
+from .quantize import as_operand, load_f32, round_f32, store_f32
 
 BLOCK = 1024  # elements per program
+
+
+@triton.jit
+def swiglu_f32(g, u, limit, BF16: tl.constexpr, CUDA_EXP: tl.constexpr):
+    """The reference's SwiGLU of float32 gate and up values (already in the tensor dtype's grid):
+    silu(min(g, limit)) rounded to the dtype, times u clamped to [-limit, limit], not yet rounded."""
+    g = tl.minimum(g, limit)
+    u = tl.minimum(tl.maximum(u, -limit), limit)
+    if CUDA_EXP:
+        e = libdevice.exp(-g)
+    else:  # the interpreter has no libdevice
+        e = tl.exp(-g)
+    return round_f32(tl.math.div_rn(g, 1.0 + e), BF16) * u
+
+
+@triton.jit
+def add_slot(acc, y, w, BF16: tl.constexpr):
+    """acc + y * w with the reference's roundings: w cast to the dtype, the product, the sum."""
+    return round_f32(acc + round_f32(y * round_f32(w, BF16), BF16), BF16)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -32,14 +51,8 @@ def _swiglu_kernel(g_ptr, u_ptr, out_ptr, n, limit, BLOCK: tl.constexpr, BF16: t
                    CUDA_EXP: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
-    g = tl.minimum(load_f32(g_ptr + i, ok, BF16), limit)
-    u = tl.minimum(tl.maximum(load_f32(u_ptr + i, ok, BF16), -limit), limit)
-    if CUDA_EXP:
-        e = libdevice.exp(-g)
-    else:  # the interpreter has no libdevice
-        e = tl.exp(-g)
-    s = round_f32(tl.math.div_rn(g, 1.0 + e), BF16)
-    store_f32(out_ptr + i, s * u, ok, BF16)
+    out = swiglu_f32(load_f32(g_ptr + i, ok, BF16), load_f32(u_ptr + i, ok, BF16), limit, BF16, CUDA_EXP)
+    store_f32(out_ptr + i, out, ok, BF16)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -51,14 +64,8 @@ def _add_weighted_kernel(acc_ptr, y_ptr, w_ptr, out_ptr, n, d, w_row_stride, w_s
     y = load_f32(y_ptr + i, ok, BF16)
     row = i // d
     for s in tl.static_range(SLOTS):
-        w = round_f32(tl.load(w_ptr + row * w_row_stride + s * w_slot_stride, mask=ok, other=0.0), BF16)
-        acc = round_f32(acc + round_f32(y * w, BF16), BF16)
+        acc = add_slot(acc, y, tl.load(w_ptr + row * w_row_stride + s * w_slot_stride, mask=ok, other=0.0), BF16)
     store_f32(out_ptr + i, acc, ok, BF16)
-
-
-def _as_kernel_operand(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
 def _kernel_dtype(*ts: torch.Tensor) -> bool:
@@ -78,7 +85,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
         # the reference clamps against the limit in the tensor's dtype
         lim = float(torch.tensor(limit, dtype=gate.dtype))
         _swiglu_kernel[(triton.cdiv(n, BLOCK),)](
-            _as_kernel_operand(gate), _as_kernel_operand(up), _as_kernel_operand(out), n, lim,
+            as_operand(gate), as_operand(up), as_operand(out), n, lim,
             BLOCK=BLOCK, BF16=gate.dtype == torch.bfloat16, CUDA_EXP=gate.is_cuda, enable_fp_fusion=False)
     return out
 
@@ -94,7 +101,7 @@ def add_weighted(acc: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.T
     n = acc.numel()
     if n:
         _add_weighted_kernel[(triton.cdiv(n, BLOCK),)](
-            _as_kernel_operand(acc), _as_kernel_operand(y), w, _as_kernel_operand(out), n, acc.shape[1],
+            as_operand(acc), as_operand(y), w, as_operand(out), n, acc.shape[1],
             w.stride(0), w.stride(1), SLOTS=w.shape[1], BLOCK=BLOCK, BF16=acc.dtype == torch.bfloat16,
             enable_fp_fusion=False)
     return out

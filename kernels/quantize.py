@@ -229,6 +229,13 @@ def _decode_index_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride, DI: tl.co
 
 # ---- public functions ------------------------------------------------------------------------
 
+def as_operand(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as the kernels that load and store through load_f32 / store_f32 take it:
+    contiguous, BF16 as its int16 bits (the interpreter's BF16 conversion flushes subnormals)."""
+    t = t.contiguous()
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
 def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"{what}: expected [N, width], got shape {list(x.shape)}")
