@@ -167,11 +167,9 @@ class MoE(nn.Module):
             from kernels import expert_mlp
 
             w1, w3, w2 = stacks
-            xe = x.to(w1.dtype)
-            if expert_mlp.runs(xe, w1, w3, w2) and xe.dtype == x.dtype:
+            if expert_mlp.runs(x, w1, w3, w2):  # x in the weights' dtype, as the routed sum needs
                 # all experts in two launches: Expert.forward's kernels, so _routed's bits
-                h = expert_mlp.expert_up(xe, w1, w3, self.experts[0].limit)
-                return expert_mlp.expert_down(h, w2, table)
+                return expert_mlp.expert_down(expert_mlp.expert_up(x, w1, w3, self.experts[0].limit), w2, table)
         routed = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             routed = add_weighted(routed, expert(x), table[:, :, e])
