@@ -1,7 +1,10 @@
 """Sparse MQA decode attention over compact paged keys (v4-architecture.md §2 step 5, §5, §9).
 
 One decode query per batch row at position t attends, in one softmax with a per-head sink, over
-  * its window: the keys of positions max(0, t-W+1)..t, read through its SWA page table, and
+  * its window: the keys of positions max(0, t-W+1)..t, read through its window's SWA pages
+    (row b of swa_table: column j is the page of positions 64 (f + j) .. 64 (f + j) + 63, where
+    f = max(0, t-W+1) // 64 is the query's first window page; W / 64 + 1 columns hold any
+    window), and
   * compressed entries: for CSA the indexer's top-k (-1 = none), for HCA (hca_decode.py, same
     kernel) every entry e < (t+1)/ratio; both read through the request's block table.
 All H query heads share every key (MQA), so a program loads a key tile once and multiplies it with
@@ -135,13 +138,15 @@ def _split_attention(
     m_i = tl.full([BLOCK_H], NEG_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
 
-    # window slots [lo, min(hi, W)): slot i holds position t-W+1+i
+    # window slots [lo, min(hi, W)): slot i holds position t-W+1+i, in window page
+    # p // SWA_PAGE - first of the query's table row
     w_hi = tl.minimum(hi, W)
+    first = tl.maximum(t - (W - 1), 0) // SWA_PAGE
     for start in range(lo, w_hi, BLOCK_N):
         i = start + tl.arange(0, BLOCK_N)
         p = t - (W - 1) + i
         valid = (i < w_hi) & (p >= 0)
-        page = tl.load(swa_tab_ptr + b.to(tl.int64) * swa_tab_stride + p // SWA_PAGE, mask=valid, other=0)
+        page = tl.load(swa_tab_ptr + b.to(tl.int64) * swa_tab_stride + p // SWA_PAGE - first, mask=valid, other=0)
         row_off = page.to(tl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
         m_i, l_i, accs = _attend_tile(qts, m_i, l_i, accs, swa_ptr, row_off, valid, sm_scale, KEY, NOPE, ROPE)
 
@@ -272,7 +277,8 @@ def gather_reference(q, sink, swa, swa_table, positions, entries, block_table, e
     pos = positions.long()[:, None] - (window - 1) + torch.arange(window, device=q.device)[None, :]
     win_valid = pos >= 0
     pos = pos.clamp(min=0)
-    win_pages = torch.gather(swa_table.long(), 1, pos // SWA_PAGE)
+    first = (positions.long() - (window - 1)).clamp(min=0) // SWA_PAGE
+    win_pages = torch.gather(swa_table.long(), 1, pos // SWA_PAGE - first[:, None])
     e = entry_ids.long().clamp(min=0)
     ent_pages = torch.gather(block_table.long(), 1, e // per_page)
     rows = torch.cat([swa[win_pages, pos % SWA_PAGE], entries[ent_pages, e % per_page]], dim=1)
@@ -291,7 +297,7 @@ def sparse_mqa_decode(q: torch.Tensor, sink: torch.Tensor, swa: torch.Tensor, sw
     """CSA decode attention: q [B, H, D] at positions [B] over its window and its top-k entries.
 
     sink [H] float32; swa [P_swa, 64, row_bytes] uint8 (pools.swa[:, layer]) with swa_table
-    [B, n_swa] page ids by position // 64; entries [P_blk, 64, row_bytes] uint8
+    [B, n_win] the page ids of each query's window pages (module docstring); entries [P_blk, 64, row_bytes] uint8
     (pools.csa_main[:, slot]) with block_table [B, n_blk]; topk [B, K] entry indices, -1 = none.
     Returns [B, H, D] in q.dtype. Keys are decoded to q.dtype.
     """

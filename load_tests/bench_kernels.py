@@ -191,9 +191,9 @@ def kernel_inputs(cfg, context: int, B: int, rows: tuple[torch.Tensor, torch.Ten
     block_table = blk.expand(B, -1).contiguous() if shared else (blk[None] + n_blk * torch.arange(B, device=DEVICE)[:, None]).to(torch.int32)
     t = context - 1
     first = max(0, t - WINDOW + 1) // SWA_PAGE
-    swa_table = torch.zeros(B, t // SWA_PAGE + 1, dtype=torch.int32, device=DEVICE)
-    for i, p in enumerate(range(first, t // SWA_PAGE + 1)):
-        swa_table[:, p] = torch.arange(B, device=DEVICE, dtype=torch.int32) * 3 + i
+    swa_table = torch.zeros(B, 3, dtype=torch.int32, device=DEVICE)  # the window's pages (page_tables.py)
+    for i in range(t // SWA_PAGE + 1 - first):
+        swa_table[:, i] = torch.arange(B, device=DEVICE, dtype=torch.int32) * 3 + i
     g = torch.Generator(device=DEVICE).manual_seed(0)
     return dict(
         shared=shared, swa=swa, swa_table=swa_table, csa_main=csa_main, csa_index=csa_index, hca_main=hca_main,

@@ -7,6 +7,7 @@ the eager step's bits exactly; on a GPU the replayed graphs must give the bits o
 run eagerly.
 """
 
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from model_configs import TINY, WIDE
 from test_kernels_engine import paged_logits, prompts
-from workers.config import preset
+from workers.config import CSA, preset
 from workers.decode_graphs import BUCKETS, DecodeGraphs, bucket, graphs_enabled
 from workers.init import random_weights
 from workers.model import V4Model
@@ -81,10 +82,10 @@ def tiny_model():
     return V4Model(TINY, rounding=True).load_weights(random_weights(TINY, seed=3))
 
 
-def with_pieces(model, fn, min_steps, finishes=False):
+def with_pieces(model, fn, min_steps, kernels=False):
     """fn() with the decode steps run as padded pieces, no graphs (what a CPU can run); checks
     that at least `min_steps` steps went through them (2 pieces per layer and the head), and
-    (`finishes`) that closing windows were finished through them too."""
+    (`kernels`) that every layer's state updates and decode kernels ran as a piece too."""
     before, model.graphs = model.graphs, DecodeGraphs(capture=False)
     graphs = model.graphs
     try:
@@ -93,8 +94,13 @@ def with_pieces(model, fn, min_steps, finishes=False):
         model.graphs = before
     assert graphs.runs["head"] >= min_steps
     assert sum(graphs.runs.values()) >= min_steps * (2 * model.cfg.num_hidden_layers + 1)
-    assert not finishes or {"main", "index"} <= {name.split(".")[1] for name in graphs.runs if ".finish." in name}
-    return out
+    if kernels:
+        decoded = Counter()
+        for name, n in graphs.runs.items():
+            if ".decode." in name:
+                decoded[name.split(".")[0]] += n
+        assert all(decoded[f"layer{i}"] >= min_steps for i in range(model.cfg.num_hidden_layers)), decoded
+    return (out, graphs.runs) if kernels else out
 
 
 def test_padded_decode_pieces_give_the_eager_logits(tiny_model):
@@ -110,16 +116,28 @@ def test_padded_decode_pieces_give_the_eager_logits(tiny_model):
 
 
 def test_padded_decode_pieces_on_the_kernel_path_in_the_interpreter(tiny_model, monkeypatch):
-    """The same on the kernel path (decode rows in one kernel call, the padding rows left out),
-    where windows that close in a decode step (positions 11 and 7: CSA) are finished in a piece."""
+    """The same on the kernel path, where a step's state updates and kernels are one piece too.
+    Decode positions 9-11, 6-8 and 2-4: in the second step CSA window 0 closes (position 3, no
+    overlap yet), so that step's CSA layers run outside the piece, finishing the window that
+    position 7 closes there; in the third, position 11 closes a window inside the piece."""
     monkeypatch.setenv("V4SERVE_KERNELS", "triton")
-    ps = prompts(TINY, [9, 6], seed=5)
+    ps = prompts(TINY, [9, 6, 2], seed=5)
     want, toks = paged_logits(tiny_model, ps, 3, 32 << 20, chunk=128)
-    got, got_toks = with_pieces(tiny_model, lambda: paged_logits(tiny_model, ps, 3, 32 << 20, chunk=128), 2,
-                                finishes=True)
+    (got, got_toks), runs = with_pieces(tiny_model, lambda: paged_logits(tiny_model, ps, 3, 32 << 20, chunk=128),
+                                        2, kernels=True)
+    csa = [i for i, r in enumerate(TINY.compress_ratios) if r == CSA]
+    assert {name: n for name, n in runs.items() if ".finish." in name} == {
+        f"layer{i}.{family}.finish.rounding1": 1 for i in csa for family in ("main", "index")}
+    (p,) = pool_serials(runs)  # the CSA layers' pieces: the first step's appends, the third's closing
+    assert all(runs[f"layer{i}.decode.rounding1.pools{p}"] == runs[f"layer{i}.decode.closing.rounding1.pools{p}"] == 1
+               for i in csa)
     assert got_toks == toks
     for w, g in zip(want, got):
         assert torch.equal(w, g)
+
+
+def pool_serials(runs) -> set[str]:
+    return {name.rsplit(".pools", 1)[1] for name in runs if ".pools" in name}
 
 
 def test_a_piece_that_cannot_be_recorded_runs_eagerly_from_then_on(monkeypatch, caplog):
@@ -128,7 +146,7 @@ def test_a_piece_that_cannot_be_recorded_runs_eagerly_from_then_on(monkeypatch, 
     graphs = DecodeGraphs(capture=True)
     attempts = []
 
-    def record(fn, args, produced):
+    def record(fn, args, produced, warmup_args=None):
         attempts.append(args[0].shape)
         if args[0].shape[0] == 16:
             raise torch.OutOfMemoryError("no room for the graph pool")
@@ -176,7 +194,7 @@ def test_replayed_decode_graphs_give_the_eager_pieces_bits_on_cuda(dtype):
     model = V4Model(cfg, dtype=dtype, rounding=True).load_weights(random_weights(cfg, 0)).cuda()
     for lengths in ([700, 300, 130, 5], [40 + 13 * i for i in range(20)]):
         ps = prompts(cfg, lengths, seed=len(lengths))
-        eager, toks = with_pieces(model, lambda: paged_logits(model, ps, 10, 4 << 30, chunk=512), 8, finishes=True)
+        (eager, toks), _ = with_pieces(model, lambda: paged_logits(model, ps, 10, 4 << 30, chunk=512), 8, kernels=True)
         graphed, got_toks = paged_logits(model, ps, 10, 4 << 30, chunk=512, follow=toks)
         assert model.graphs is not None and len(model.graphs) > 0
         for w, g in zip(eager, graphed):

@@ -93,13 +93,13 @@ def build_case(cfg, positions: list[int], heads: int, topk: int, dtype, device="
     for rows in (swa, csa, hca):
         _fill(rows, cfg)
     block_table = torch.randperm(B * n_blk, device=device).view(B, n_blk).to(torch.int32)
-    n_swa = max(positions) // SWA_PAGE + 1
-    swa_table = torch.randint(0, pools.sizes.swa, (B, n_swa), device=device, dtype=torch.int32)
+    # window-relative: column j is the window's (j+1)-th page; columns past its last page are random
+    swa_table = torch.randint(0, pools.sizes.swa, (B, window_pages), device=device, dtype=torch.int32)
     own = torch.randperm(pools.sizes.swa, device=device)[: B * window_pages].view(B, window_pages).to(torch.int32)
     for b, t in enumerate(positions):
         first = max(0, t - WINDOW + 1) // SWA_PAGE
         span = t // SWA_PAGE - first + 1
-        swa_table[b, first : first + span] = own[b, :span]
+        swa_table[b, :span] = own[b, :span]
     picks = torch.full((B, topk), -1, dtype=torch.int32, device=device)
     for b, t in enumerate(positions):
         visible = (t + 1) // 4

@@ -32,7 +32,7 @@ from workers.config import preset
 from workers.engine import Engine, EngineConfig
 from workers.init import random_weights
 from workers.model import V4Model
-from workers.page_tables import decode_tables
+from workers.page_tables import decode_tables, width_bucket, window_columns
 from workers.paged_state import PagedRequestState
 from workers.pools import BLOCK, SWA_PAGE, KVPools, size_pools
 from workers.sampling import SamplingParams
@@ -102,16 +102,49 @@ def test_decode_tables_follow_each_request_and_are_rebuilt_when_a_page_is_added(
     t = decode_tables([a, b], TINY.sliding_window, torch.device("cpu"))
     assert t.positions.tolist() == [299, 39]
     assert t.block_table[0].tolist() == a.blocks and t.block_table[1, : len(b.blocks)].tolist() == b.blocks
-    for row, st, pos in ((0, a, 299), (1, b, 39)):
-        for p in range(max(0, pos - TINY.sliding_window + 1) // SWA_PAGE, pos // SWA_PAGE + 1):
-            assert int(t.swa_table[row, p]) == st.swa[p]
+    assert t.swa_table.shape == (2, window_columns(TINY.sliding_window))
+    for row, st, pos in ((0, a, 299), (1, b, 39)):  # the window's pages from its first, then zeros
+        first = max(0, pos - TINY.sliding_window + 1) // SWA_PAGE
+        pages = [st.swa[p] for p in range(first, pos // SWA_PAGE + 1)]
+        assert t.swa_table[row].tolist() == pages + [0] * (t.swa_table.shape[1] - len(pages))
     assert decode_tables([a, b], TINY.sliding_window, torch.device("cpu")) is t  # the next layer's call
-    a.num_tokens = 300
+    a.num_tokens = 300  # one step on: new positions and window pages, the same block table
+    t1 = decode_tables([a, b], TINY.sliding_window, torch.device("cpu"))
+    assert t1.positions.tolist() == [300, 39] and t1.block_table is t.block_table
     a.reserve(213)  # up to position 512: a third block, appended to the same list object
     a.num_tokens = 2 * BLOCK
     t2 = decode_tables([a, b], TINY.sliding_window, torch.device("cpu"))
     assert len(a.blocks) == 3 and t2.block_table[0].tolist() == a.blocks
-    assert [int(t2.swa_table[0, p]) for p in (6, 7, 8)] == [a.swa[p] for p in (6, 7, 8)]
+    assert t2.swa_table[0].tolist() == [a.swa[p] for p in (6, 7, 8)]
+
+
+def test_width_buckets_pad_by_at_most_half_and_never_shrink():
+    widths = [width_bucket(n) for n in range(1, 5000)]
+    assert widths[:8] == [1, 2, 3, 4, 6, 6, 8, 8]
+    assert all(n <= w < 1.5 * n + 1 for n, w in zip(range(1, 5000), widths))
+    assert all(a <= b for a, b in zip(widths, widths[1:]))
+    assert len({width_bucket(n) for n in range(8192 // BLOCK, (1 << 20) // BLOCK + 1)}) == 15  # 8K to 1M
+
+
+def test_fixed_shape_tables_pad_rows_at_position_minus_one_and_say_where_window_keys_go():
+    """A graphed step's tables: `rows` rows (the padding ones at position -1, empty, writing row
+    0's key to row 0's place again), block tables `width` wide, the same pages as the plain tables."""
+    pools = KVPools(TINY, size_pools(TINY, 8 << 20, "recompute", 3), "compact")
+    a, b = PagedRequestState(pools), PagedRequestState(pools)
+    for st, n in ((a, 300), (b, 40)):
+        st.reserve(n)
+        st.num_tokens = n - 1
+    plain = decode_tables([a, b], TINY.sliding_window, torch.device("cpu"))
+    t = decode_tables([a, b], TINY.sliding_window, torch.device("cpu"), rows=4, width=3)
+    assert t.positions.tolist() == [299, 39, -1, -1]
+    assert t.block_table.shape == (4, 3) and not t.block_table[2:].any()
+    assert torch.equal(t.block_table[:2, : plain.block_table.shape[1]], plain.block_table)
+    assert torch.equal(t.swa_table[:2], plain.swa_table) and not t.swa_table[2:].any()
+    assert t.win_page.tolist() == [a.swa[299 // SWA_PAGE], b.swa[39 // SWA_PAGE]] + [a.swa[299 // SWA_PAGE]] * 2
+    assert t.win_offset.tolist() == [299 % SWA_PAGE, 39 % SWA_PAGE] + [299 % SWA_PAGE] * 2
+    assert t.win_source.tolist() == [0, 1, 0, 0]
+    with pytest.raises(ValueError, match="more than 1 blocks"):
+        decode_tables([a, b], TINY.sliding_window, torch.device("cpu"), rows=4, width=1)
 
 
 @pytest.fixture(scope="module")

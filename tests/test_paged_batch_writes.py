@@ -1,7 +1,8 @@
 """The decode step's batched state writes (workers/paged_state.py) leave the pools exactly as the
 per-request writes they replace: the window key of one token per request (push_decode_keys vs
-push_window) and a token appended to an open compressor window (append_open_rows vs
-Compressor.forward)."""
+push_window), a token appended to an open compressor window (append_open_rows vs
+Compressor.forward), windows closed together, and a graphed step's planned compressor update
+(compress_plan and what reads it) against the compressor."""
 
 import pytest
 import torch
@@ -123,3 +124,58 @@ def test_append_decode_entries_writes_what_append_entries_writes(family):
     store = a.csa_main if family == "main" else a.csa_index
     assert store.any() and torch.equal(store, b.csa_main if family == "main" else b.csa_index)
     assert [st.layers[layer].count[family] for st in rb] == [p // CSA + 1 for p in POSITIONS]
+
+
+@pytest.mark.parametrize("ratio", [CSA, HCA])
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_a_planned_compressor_update_gives_the_compressor_entries_and_state(monkeypatch, ratio, mode):
+    """A graphed step's compressor update (compress_plan, write_planned_rows, planned_windows,
+    finish, then write_planned_entries and advance_compressors) for four requests, two closing a window and
+    two not, padded to 6 rows = Compressor.forward request by request: the closing rows' entries
+    bit for bit, written where append_entries puts them, and the same open rows and overlaps."""
+    from workers.paged_state import (PLAN_INDEX, advance_compressors, compress_plan, planned_windows,
+                                     write_planned_entries, write_planned_rows)
+
+    monkeypatch.setenv("V4SERVE_KERNELS", mode)
+    # tokens already fed; CSA windows close past window 0 only (with an overlap); all in block 0
+    fed = [2 * ratio - 1, 2 * ratio - 2, ratio + 1, 3 * ratio - 1 if ratio == CSA else ratio - 1]
+    layer = TINY.compress_ratios.index(ratio)
+    comp = Compressor(TINY.hidden_size, TINY.head_dim, ratio, TINY.rms_norm_eps)
+    g = torch.Generator().manual_seed(4)
+    for p in comp.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    freqs = inv_freq(TINY, True)
+    (a, ra), (b, rb) = [(pools, requests(pools)) for pools in (pool_set(), pool_set())]
+    for i, n in enumerate(fed):
+        x = torch.randn(n, TINY.hidden_size, generator=g)
+        for st in (ra[i], rb[i]):
+            st.num_tokens = n
+            comp(x, 0, st.layers[layer].compressors["main"], freqs, None)
+            st.layers[layer].count["main"] = n // ratio
+    x = torch.randn(len(fed), TINY.hidden_size, generator=g)
+    kv, score = comp.project(x, torch.tensor(fed))
+    closing = [i for i, n in enumerate(fed) if n % ratio == ratio - 1]
+    for i, st in enumerate(ra):
+        new = comp(x[i : i + 1], fed[i], st.layers[layer].compressors["main"], freqs, "main",
+                   projected=(kv[i : i + 1], score[i : i + 1]))
+        assert new.shape[0] == (i in closing)
+        st.layers[layer].append_entries("main", new)
+    states = [st.layers[layer] for st in rb]
+    plan = torch.tensor(compress_plan(states, "main", 6))
+    src = torch.tensor(list(range(len(fed))) + [0, 0])
+    slot = states[0].compressors["main"]
+    write_planned_rows(b.comp, plan, kv[src], score[src], slot.ratio * slot.row_width)
+    windows = planned_windows(b.comp, plan, slot)
+    got = comp.finish(comp.pool_closing(*windows), plan[PLAN_INDEX], freqs, "main")
+    write_planned_entries(states[0], "main", plan, got)
+    advance_compressors(states, "main")
+    for st_a, st_b in zip(ra, rb):
+        sa, sb = st_a.layers[layer], st_b.layers[layer]
+        assert sa.count == sb.count
+        assert torch.equal(sa.entries("main"), sb.entries("main"))
+        ca, cb = sa.compressors["main"], sb.compressors["main"]
+        assert (ca.n_open, ca.has_overlap) == (cb.n_open, cb.has_overlap)
+        assert torch.equal(ca.open_kv, cb.open_kv) and torch.equal(ca.open_score, cb.open_score)
+        if ca.has_overlap:
+            assert torch.equal(ca.overlap_kv, cb.overlap_kv) and torch.equal(ca.overlap_score, cb.overlap_score)
+    assert len(closing) == 2 and all(rb[i].layers[layer].count["main"] == fed[i] // ratio + 1 for i in closing)

@@ -28,12 +28,14 @@ from kernels.numerics import linear
 
 from .compressor import Compressor, round_main_key
 from .config import CSA, HCA, SWA, ModelConfig
-from .decode_graphs import DecodeGraphs, bucket
+from .decode_graphs import DecodeGraphs, attention_rows, bucket
 from .host_index import to_device
 from .indexer import Indexer
 from .modules import Norm, Proj, f32_param, rms_norm
-from .page_tables import block_row, decode_tables
-from .paged_state import PagedLayerState, append_decode_entries, append_open_rows, close_windows, push_decode_keys
+from .page_tables import DecodeTables, block_row, decode_tables, width_bucket
+from .paged_state import (PLAN_CLOSING, PLAN_INDEX, PagedLayerState, advance_compressors, append_decode_entries,
+                          append_open_rows, close_windows, compress_plan, planned_windows, push_decode_keys,
+                          write_planned_entries, write_planned_rows)
 from .rope import apply_rope, cos_sin, inv_freq
 from .state import CompressorState, LayerState, empty_compressor
 
@@ -139,11 +141,80 @@ class Attention(nn.Module):
             lo, hi = decode_rows[0], decode_rows[-1] + 1
             contiguous = hi - lo == len(decode_rows)
             flat = slice(lo, hi) if contiguous else to_device(decode_rows, x.device)
+            if graphs is not None and len(decode_rows) == len(segments) and self._plannable(decode_segs, decode_states):
+                return self._decode_piece(q, kv, index_queries, projected, decode_states, rounding, graphs)
             push_decode_keys(decode_states, kv[flat])  # each page holds its query's own key now
             self._compress_decode_rows(x, decode_rows, flat, decode_segs, decode_states, rounding, kv.dtype, projected,
                                        graphs)
             iqw = tuple(t[flat] for t in index_queries) if self.ratio == CSA else None
-            out[flat] = self._decode_kernels(q[flat], decode_states, iqw)
+            t = decode_tables([s.req for s in decode_states], self.cfg.sliding_window, q.device)
+            out[flat] = self._decode_kernels(q[flat], decode_states[0], t, iqw)
+        return out
+
+    def _plannable(self, segs: list[Segment], states: list[PagedLayerState]) -> bool:
+        """Can every row's compressor update run in a graphed step's piece (compress_plan)? Not a
+        prefix-cache replay's token, nor one closing CSA window 0 (no overlap to pool with): those
+        go through the compressor alone (_compress_decode_rows), and the step's layer eagerly."""
+        return all(seg.replay_end is None for seg in segs) and all(
+            not comp.overlap or ls.compressors[family].has_overlap or ls.compressors[family].n_open + 1 < comp.ratio
+            for family, comp in self._compressors() for ls in states)
+
+    def _decode_piece(self, q, kv, index_queries, projected: dict, states: list[PagedLayerState], rounding: bool,
+                      graphs: DecodeGraphs) -> torch.Tensor:
+        """A graphed step's state updates and decode kernels, as one piece over all the bucket's
+        rows: every compressor's update (compress_plan), the window keys, then the kernels (the
+        padding rows, at position -1, come out 0). Its tables have fixed shapes (page_tables.py),
+        so it is recorded once per bucket and table width and replayed at every position; it
+        reads and writes the pools where they were when it was recorded, so their serial is part
+        of its name. The host then only moves its counters (advance_compressors)."""
+        ls, reqs, rows = states[0], [s.req for s in states], attention_rows(len(states))
+        pools, families = ls.req.pools, self._compressors()
+        width = width_bucket(max(len(r.blocks) for r in reqs))
+        t = decode_tables(reqs, self.cfg.sliding_window, q.device, rows=rows, width=width)
+        tables = graphs.fixed("decode_tables", t.tensors())  # copied once per step, read in place
+        iq = tuple(index_queries) if self.ratio == CSA else ()
+        args = [q, kv, *iq, *tables, *(p for family, _ in families for p in projected[family])]
+        closes = False  # does a window close in the step? If not, the piece only appends (a variant of its own)
+        if families:  # one copy for the layer's plans
+            plans = [r for family, _ in families for r in compress_plan(states, family, rows)]
+            closes = any(any(r) for r in plans[PLAN_CLOSING :: PLAN_CLOSING + 1])
+            args.append(to_device(plans, q.device).view(len(families), PLAN_CLOSING + 1, rows))
+
+        def piece(q_all, kv, *rest):
+            # the graphs' inputs have the step's bucket of rows, the kernels run on the first `rows`
+            n_iq = len(iq)
+            block_table, swa_table, positions, win_page, win_offset, win_source = rest[n_iq : n_iq + 6]
+            proj = rest[n_iq + 6 : n_iq + 6 + 2 * len(families)]
+            q, index_queries = q_all[:rows], tuple(t[:rows] for t in rest[:n_iq])
+            for f, (family, comp) in enumerate(families):
+                plan, slot = rest[-1][f], ls.compressors[family]
+                write_planned_rows(pools.comp, plan, proj[2 * f][win_source], proj[2 * f + 1][win_source],
+                                   slot.ratio * slot.row_width)
+                if closes:
+                    windows = planned_windows(pools.comp, plan, slot)
+                    entries = comp.finish(comp.pool_closing(*windows), plan[PLAN_INDEX], self.freqs,
+                                          family if rounding else None)
+                    write_planned_entries(ls, family, plan, entries.to(kv.dtype))
+            # the padding rows write row 0's key again, to row 0's place: the same bytes
+            pools.swa[win_page, ls.layer, win_offset] = pools.encode_main(kv[win_source])
+            out = torch.zeros_like(q_all)
+            out[:rows] = self._decode_kernels(q, ls, DecodeTables(block_table, swa_table, positions),
+                                              index_queries or None)
+            return out
+
+        def no_window_closes(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            # the warm-up before recording must not move an overlap: the real run pools with it
+            if not families:
+                return inputs
+            plan = inputs[-1].clone()
+            plan[:, PLAN_CLOSING] = 0
+            return inputs[:-1] + [plan]
+
+        out = graphs.run(f"layer{self.layer}.decode{'.closing' * closes}.rounding{int(rounding)}.pools{pools.serial}",
+                         piece, *args,
+                         warmup_args=no_window_closes)
+        for family, _ in families:
+            advance_compressors(states, family)
         return out
 
     def _compressors(self) -> list[tuple[str, Compressor]]:
@@ -271,14 +342,14 @@ class Attention(nn.Module):
         entries = ls.entries("main") if self.ratio != SWA else None
         return prefill_attention(q, self.attn_sink, ext, base, entries, topk, pos, self.ratio, self.cfg.sliding_window)
 
-    def _decode_kernels(self, q, states: list[PagedLayerState], index_queries) -> torch.Tensor:
-        """One query per request, all requests in one call, keys read from the compact pages."""
+    def _decode_kernels(self, q, ls: PagedLayerState, t: DecodeTables, index_queries) -> torch.Tensor:
+        """One query per row of the tables t, all in one call, keys read from the compact pages
+        (ls: any of the requests' states of this layer: the pools and the layer's slot)."""
         from kernels.hca_decode import hca_decode
         from kernels.sparse_decode import sparse_mqa_decode
 
-        cfg, ls = self.cfg, states[0]
+        cfg = self.cfg
         pools, W = ls.req.pools, cfg.sliding_window
-        t = decode_tables([s.req for s in states], W, q.device)
         swa = pools.swa[:, ls.layer]
         if self.ratio == HCA:
             return hca_decode(q, self.attn_sink, swa, t.swa_table, t.positions, pools.hca_main[:, ls.slot],

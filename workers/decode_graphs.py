@@ -1,14 +1,19 @@
-"""CUDA graphs for the state-free pieces of a decode step.
+"""CUDA graphs for the pieces of a decode step.
 
-A decode step of the flash-attn preset is bound by the host, not the GPU: about 2,000 small
-operations dispatched from Python for 4 ms of GPU work (kernels/RESULTS.md). Most of them touch no
-request state: per layer, the mHC weights, norms, projections, rotary embedding and key rounding
-before attention (Attention.prepare), and the output projection, mHC and MoE after it; then the
-head; and the finishing (norm, rotary, rounding) of compressed entries whose windows close in
-the step. Those pieces are recorded once per batch size as CUDA graphs and replayed, and only
-the state-dependent part (appending keys and compressed entries to each request's pages, the
-decode kernels) still runs op by op (model.Block.forward, Attention.attend_states). A piece's
-inputs that are another graph's outputs are read where they are, not copied.
+A decode step of the flash-attn preset is bound by the host unless it is replayed: about 2,000
+small operations dispatched from Python for 3 ms of GPU work (kernels/RESULTS.md). Per layer a
+step is three pieces, each recorded once as a CUDA graph and replayed (model.Block.forward):
+  * attention_in: the mHC weights, norms, projections, rotary embedding and key rounding before
+    attention (Attention.prepare);
+  * the decode piece (Attention._decode_piece): the state updates (every compressor's open row,
+    and where a window closes its pooling, finishing and new entry; the window keys) and the
+    decode kernels, over tables of fixed shapes; the host only builds the step's small index
+    lists (page_tables.decode_tables, paged_state.compress_plan) and copies them in once;
+  * attention_out_and_ffn: the output projection, mHC and MoE after it;
+then the head. A piece's inputs that are another graph's outputs (or `fixed` buffers) are read
+where they are, not copied. A step with a row the decode piece cannot plan (a prefix-cache
+replay's token, or one closing CSA window 0) runs that layer's state updates and kernels op by
+op (Attention.attend_states), with the finishing of closing windows as a piece of its own.
 
 A graph has fixed shapes, so a step's rows are padded to a bucket size (BUCKETS); padded rows sit
 at position 0 with token 0, and since every piece works row by row they change nothing in the
@@ -57,6 +62,13 @@ def bucket(rows: int) -> int | None:
     return next((b for b in BUCKETS if b >= rows), None)
 
 
+def attention_rows(rows: int) -> int:
+    """The rows a graphed step's decode piece (attention.Attention._decode_piece) runs its kernels
+    on: 1, 2, 4, 8, then the buckets. Unlike the projections, the indexer's scores and top-k cost
+    per row, padding rows included (a batch-1 step padded to 16 spent 0.3 ms in top-k at 128K)."""
+    return 1 << (rows - 1).bit_length() if rows <= 8 else bucket(rows)
+
+
 @dataclass
 class _Recorded:
     graph: torch.cuda.CUDAGraph
@@ -75,12 +87,18 @@ class DecodeGraphs:
         self.runs: Counter[str] = Counter()  # runs per piece name (replayed or eager): what tests check
         self._recorded: dict[tuple, _Recorded] = {}
         self._outputs: dict[int, torch.Tensor] = {}  # id -> every recorded graph's output buffers
+        self._fixed: dict[tuple, tuple[tuple, list[torch.Tensor]]] = {}  # key -> (last sources, buffers)
 
     def __len__(self) -> int:
         """Graphs recorded (pieces that could not be recorded and run eagerly not counted)."""
         return sum(rec is not None for rec in self._recorded.values())
 
-    def run(self, name: str, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+    def run(self, name: str, fn: Callable[..., Any], *args: torch.Tensor,
+            warmup_args: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> Any:
+        """fn(*args), replayed from a graph. A piece that updates state in place runs twice
+        before its graph is recorded (the warm-up below), then once for real: `warmup_args` maps
+        its inputs to ones whose updates the real run overwrites (the decode piece: no window
+        closes in its warm-up, so the overlap it would replace is still there for the real run)."""
         self.runs[name] += 1
         if not self.capture:
             return fn(*args)
@@ -88,7 +106,7 @@ class DecodeGraphs:
         rec = self._recorded.get(key, _MISSING)
         if rec is _MISSING:
             try:
-                rec = self._record(fn, args, self._outputs)
+                rec = self._record(fn, args, self._outputs, warmup_args)
                 self._outputs.update((id(t), t) for t in tree_leaves(rec.outputs) if isinstance(t, torch.Tensor))
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 # out of memory for the graph's buffers, or an operation a graph cannot hold: this
@@ -104,19 +122,41 @@ class DecodeGraphs:
         rec.graph.replay()
         return rec.outputs
 
+    def fixed(self, name: str, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """`tensors` copied into buffers kept for (name, shapes), which graphs read in place: a
+        step's decode tables, copied once per step rather than into each layer's graph. A call
+        with the very tensors of the last call copies nothing (the next layer of the same step)."""
+        if not self.capture:
+            return tensors
+        key = (name, tuple((tuple(t.shape), t.dtype, t.device) for t in tensors))
+        last = self._fixed.get(key)
+        if last is None:
+            bufs = [t.clone() for t in tensors]
+            self._outputs.update((id(b), b) for b in bufs)
+        else:
+            sources, bufs = last
+            if len(sources) == len(tensors) and all(a is b for a, b in zip(sources, tensors)):
+                return tuple(bufs)
+            for b, t in zip(bufs, tensors):
+                b.copy_(t)
+        self._fixed[key] = (tensors, bufs)
+        return tuple(bufs)
+
     @staticmethod
-    def _record(fn: Callable[..., Any], args: tuple[torch.Tensor, ...], produced: dict[int, torch.Tensor]) -> _Recorded:
+    def _record(fn: Callable[..., Any], args: tuple[torch.Tensor, ...], produced: dict[int, torch.Tensor],
+                warmup_args: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> _Recorded:
         """Inputs that are another graph's outputs (fixed buffers, refilled by each replay before
         this one runs: streams, mHC weights, rotary angles) are read in place; the others are
         copied into buffers of this graph on every replay."""
         inputs = [a if produced.get(id(a)) is a else a.clone() for a in args]
+        warm = warmup_args(inputs) if warmup_args is not None else inputs
         # Warm up on a side stream first (as torch.cuda.graphs asks): Triton compiles its kernels
         # and cuBLAS sets up its workspace outside the capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                fn(*inputs)
+                fn(*warm)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a KV transfer or another thread of the worker may use the GPU meanwhile;

@@ -2,16 +2,26 @@
 
   block_table [B, n_blk]  row b: request b's block pages (block i holds positions [256 i, 256 i + 256)),
                           padded with page 0 (never read: kernels mask by entry count);
-  swa_table   [B, n_swa]  column p: the page holding window positions [64 p, 64 p + 64) (the
-                          absolute page index of PagedRequestState.swa), for the pages a query at
-                          `positions[b]` sees; 0 elsewhere;
+  swa_table   [B, n_win]  row b: the pages of the window of a query at positions[b], from its
+                          first, f = max(0, t - W + 1) // 64: column j holds positions
+                          [64 (f + j), 64 (f + j) + 64); W / 64 + 1 columns hold any window;
   positions   [B]         int32 position of row b's query.
 
-A forward reserves its pages before it starts and frees old ones after it ends, so the tables are
-the same for every layer of one forward: `decode_tables` hands the last batch's tables out again
-while the requests, their positions and their page lists are the same objects and lengths. A
-request's block row lives on the device and grows by the blocks added since it was last built
-(blocks only ever get appended to the same list; a reset replaces the list).
+A graphed decode step (workers/decode_graphs.py) asks for tables of fixed shapes: `rows` rows
+(the padding rows have position -1, which the kernels read as "no key visible" and answer with
+zeros, reading nothing) and a block table `width` rounded up by `width_bucket`, so a step at a
+new length replays the graph of its bucket instead of recording one per 256 positions. Extra
+columns change no result: HCA counts entries from the position, the indexer sees entries below
+(t+1)//4 only, and CSA attends the top-k it picked. Such tables also say where each row's window
+key goes (`win_page`, `win_offset`; a padding row repeats row 0's write).
+
+Everything but the block table is built on the host and copied in one transfer per step. The
+block table changes only when a request gains a block or the batch changes: it is rebuilt then
+only, from each request's block row, which lives on the device and grows by the blocks added
+since it was last built (blocks only ever get appended to the same list; a reset replaces it).
+A forward reserves its pages before it starts and frees old ones after it ends, so the tables
+are the same for every layer of one forward: `decode_tables` hands them out again while the
+requests, their positions and their page lists are the same objects and lengths.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .host_index import to_device
 from .paged_state import PagedRequestState
@@ -29,13 +40,21 @@ from .pools import SWA_PAGE
 @dataclass(frozen=True)
 class DecodeTables:
     block_table: torch.Tensor  # [B, n_blk] int32
-    swa_table: torch.Tensor  # [B, n_swa] int32
+    swa_table: torch.Tensor  # [B, n_win] int32
     positions: torch.Tensor  # [B] int32
+    win_page: torch.Tensor | None = None  # [B] int32 SWA page of the key at positions[b] (fixed shapes only)
+    win_offset: torch.Tensor | None = None  # [B] int32 its row in that page
+    win_source: torch.Tensor | None = None  # [B] int32 the key row written there (padding rows: row 0)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.block_table, self.swa_table, self.positions, self.win_page, self.win_offset,
+                                 self.win_source) if t is not None)
 
 
 # request -> (its blocks list, that list's device copy); weak so finished requests drop out
 _rows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _last: tuple[list, DecodeTables] | None = None
+_last_blocks: tuple[list, torch.Tensor] | None = None  # (signature, block table) of the last call
 
 
 def block_row(req: PagedRequestState, device: torch.device) -> torch.Tensor:
@@ -61,24 +80,68 @@ def _same(a: list[tuple], b: list[tuple]) -> bool:
         for x, y in zip(a, b))
 
 
-def decode_tables(reqs: list[PagedRequestState], window: int, device: torch.device) -> DecodeTables:
-    """Tables of one query per request, at position req.num_tokens (whose key is already written)."""
+def width_bucket(n: int) -> int:
+    """The block-table width a graphed step uses for `n` blocks: the next of 1, 2, 3, 4, 6, 8, 12,
+    16, 24, ... (two per octave: at most half the columns are padding, and a request decoding from
+    8K to 1M passes 15 widths)."""
+    if n <= 4:
+        return max(n, 1)
+    top = 1 << (n - 1).bit_length()
+    return 3 * top // 4 if n <= 3 * top // 4 else top
+
+
+def window_columns(window: int) -> int:
+    """Columns of a swa_table: the most SWA pages a window of `window` positions touches."""
+    return -(-window // SWA_PAGE) + 1
+
+
+def decode_tables(reqs: list[PagedRequestState], window: int, device: torch.device, rows: int | None = None,
+                  width: int | None = None) -> DecodeTables:
+    """Tables of one query per request, at position req.num_tokens (whose key is written before
+    the kernels read it). With `rows` and `width`: the fixed shapes of a graphed step (module
+    docstring), window-key destinations included."""
     global _last
-    sig = _signature(reqs)
-    if _last is not None and _same(_last[0], sig):
+    sig = [rows, width] + _signature(reqs)
+    if _last is not None and _last[0][:2] == sig[:2] and _same(_last[0][2:], sig[2:]):
         return _last[1]
-    rows = [block_row(r, device) for r in reqs]
-    one = torch.zeros(1, dtype=torch.int32, device=device)  # an extra row: the table has >= 1 column
-    block_table = torch.nn.utils.rnn.pad_sequence(rows + [one], batch_first=True)[:-1]
+    n_rows = len(reqs) if rows is None else rows
+    pad, n_win = n_rows - len(reqs), window_columns(window)
     pos = [r.num_tokens for r in reqs]
-    swa_table = torch.zeros(len(reqs), max(pos) // SWA_PAGE + 1, dtype=torch.int32, device=device)
-    b_idx, p_idx, pages = [], [], []
-    for b, (r, t) in enumerate(zip(reqs, pos)):
-        for p in range(max(0, t - window + 1) // SWA_PAGE, t // SWA_PAGE + 1):
-            b_idx.append(b)
-            p_idx.append(p)
-            pages.append(r.swa[p])
-    swa_table[to_device(b_idx, device), to_device(p_idx, device)] = to_device(pages, device, torch.int32)
-    tables = DecodeTables(block_table, swa_table, to_device(pos, device, torch.int32))
+    host = pos + [-1] * pad
+    for r, t in zip(reqs, pos):
+        pages = [r.swa[p] for p in range(max(0, t - window + 1) // SWA_PAGE, t // SWA_PAGE + 1)]
+        host += pages + [0] * (n_win - len(pages))
+    host += [0] * (n_win * pad)
+    if rows is not None:  # where each row's window key goes; a padding row repeats row 0's write
+        dest = [(r.swa[t // SWA_PAGE], t % SWA_PAGE) for r, t in zip(reqs, pos)]
+        host += ([d[0] for d in dest] + [dest[0][0]] * pad + [d[1] for d in dest] + [dest[0][1]] * pad
+                 + list(range(len(reqs))) + [0] * pad)
+    dev = to_device(host, device, torch.int32)  # one copy, sliced on the device
+    positions, swa_table = dev[:n_rows], dev[n_rows : n_rows * (n_win + 1)].view(n_rows, n_win)
+    block_table = _block_table(reqs, device, n_rows, width)
+    if rows is None:
+        tables = DecodeTables(block_table, swa_table, positions)
+    else:
+        win = dev[n_rows * (n_win + 1) :].view(3, n_rows)
+        tables = DecodeTables(block_table, swa_table, positions, win[0], win[1], win[2])
     _last = (sig, tables)
     return tables
+
+
+def _block_table(reqs: list[PagedRequestState], device: torch.device, rows: int, width: int | None) -> torch.Tensor:
+    """[rows, width or the most blocks] block pages of reqs (rows beyond them: zeros), rebuilt only
+    when a request's block list changed or the batch did."""
+    global _last_blocks
+    sig = [rows, width, device] + [(r, r.blocks, len(r.blocks)) for r in reqs]
+    if (_last_blocks is not None and _last_blocks[0][:3] == sig[:3] and len(_last_blocks[0]) == len(sig)
+            and all(a[0] is b[0] and a[1] is b[1] and a[2] == b[2] for a, b in zip(_last_blocks[0][3:], sig[3:]))):
+        return _last_blocks[1]
+    # the last, dropped row gives the table >= 1 column (or `width`); padding rows are zeros
+    seqs = [block_row(r, device) for r in reqs] + [torch.zeros(width or 1, dtype=torch.int32, device=device)]
+    table = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)[:-1]
+    if width is not None and table.shape[1] != width:
+        raise ValueError(f"a request has more than {width} blocks")
+    if rows > len(reqs):
+        table = F.pad(table, (0, 0, 0, rows - len(reqs)))
+    _last_blocks = (sig, table)
+    return table

@@ -123,6 +123,88 @@ def close_windows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: torc
     return kv_w, score_w, prev_kv, prev_score
 
 
+# Rows of a compress plan (compress_plan): per decode row, where a graphed step's compressor
+# update reads and writes (workers/attention.py, Attention._decode_piece).
+PLAN_OPEN, PLAN_SLOT, PLAN_PAGE, PLAN_OFFSET, PLAN_INDEX, PLAN_CLOSING = range(6)
+
+
+def compress_plan(states: list["PagedLayerState"], family: str, rows: int) -> list[list[int]]:
+    """Where one decode token per request meets `family`'s compressor, for a step whose every
+    piece has fixed shapes: per row (padded to `rows` with row 0's values, so that a padding row
+    writes row 0's bytes to row 0's places again) the flat comp-pool index of the open row it
+    fills, its request's comp-pool row, the page and in-page row of its compressor's next entry,
+    the index of the token's window, and whether the token closes that window.
+
+    The step pools every row's window, closing or not, and writes the result as the next entry:
+    for a window still open that entry is not counted yet, so no kernel reads it (they see
+    entries below (t+1) // ratio) and the token that closes the window writes it again. Its
+    block is the block of the token's own position, reserved before the step."""
+    out = [[] for _ in range(PLAN_CLOSING + 1)]
+    for ls in states:
+        sc = ls.compressors[family]
+        store, per_page, _, _ = ls._table(family)
+        n = ls.count[family]
+        kv_at, _ = sc.open_row_index()
+        for row, value in ((PLAN_OPEN, kv_at), (PLAN_SLOT, sc.flat_base // ls.req.pools.comp.shape[1]),
+                           (PLAN_PAGE, ls.req.blocks[n // per_page]), (PLAN_OFFSET, n % per_page),
+                           (PLAN_INDEX, ls.req.num_tokens // sc.ratio), (PLAN_CLOSING, int(sc.n_open + 1 == sc.ratio))):
+            out[row].append(value)
+    return [r + r[:1] * (rows - len(states)) for r in out]
+
+
+def write_planned_rows(comp_pool: torch.Tensor, plan: torch.Tensor, kv: torch.Tensor, score: torch.Tensor,
+                       width: int) -> None:
+    """append_open_rows for the rows of a compress plan ([6, B] on the device): each token's
+    projections (rows of kv, score) written to its open row, the last row of a window it closes."""
+    at = plan[PLAN_OPEN]
+    comp_pool.view(-1)[torch.cat([at, at + width])[:, None] + _offsets(kv.shape[1], kv.device)] = (
+        torch.cat([kv, score]).float())
+
+
+def planned_windows(comp_pool: torch.Tensor, plan: torch.Tensor, slot: SlotCompressor,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """close_windows for the rows of a compress plan after write_planned_rows, every row as if
+    its token closed its window: the whole windows kv, score [B, m, c*w], the overlaps carried in
+    (CSA, [B, m, w]), and those replaced by this window's A-halves where the token does close it.
+    Fixed shapes, no host values; `slot` is any request's compressor of this layer and family
+    (where in a comp-pool row it lives)."""
+    B, m, cw = plan.shape[1], slot.ratio, slot.row_width
+    row, base = plan[PLAN_SLOT], slot.flat_base % comp_pool.shape[1]  # the same place in every request's row
+
+    def part(start: int, length: int) -> torch.Tensor:  # [B, length] of each row's comp-pool row
+        return comp_pool[row, base + start : base + start + length]
+
+    kv_w, score_w = part(0, m * cw).view(B, m, cw), part(m * cw, m * cw).view(B, m, cw)
+    if slot._ov_kv is None:
+        return kv_w, score_w, None, None
+    w = cw // 2
+    prev_kv, prev_score = part(2 * m * cw, m * w), part(2 * m * cw + m * w, m * w)  # copies
+    closing = plan[PLAN_CLOSING][:, None] != 0
+    comp_pool[row, base + 2 * m * cw : base + 2 * m * cw + m * w] = torch.where(closing, kv_w[:, :, :w].reshape(B, -1),
+                                                                               prev_kv)
+    comp_pool[row, base + 2 * m * cw + m * w : base + 2 * m * cw + 2 * m * w] = torch.where(
+        closing, score_w[:, :, :w].reshape(B, -1), prev_score)
+    return kv_w, score_w, prev_kv.view(B, m, w), prev_score.view(B, m, w)
+
+
+def write_planned_entries(ls: "PagedLayerState", family: str, plan: torch.Tensor, rows: torch.Tensor) -> None:
+    """Row i of `rows` as the next entry of plan row i's request (counted by advance_compressors
+    only where its window closed)."""
+    store, _, _, encode = ls._table(family)
+    store[plan[PLAN_PAGE], ls.slot, plan[PLAN_OFFSET]] = encode(rows)
+
+
+def advance_compressors(states: list["PagedLayerState"], family: str) -> None:
+    """The host's side of a graphed step's compressor update (compress_plan): each window one
+    token fuller, or closed with its entry counted (and, CSA, its A-halves the new overlap)."""
+    for ls in states:
+        sc = ls.compressors[family]
+        sc.n_open += 1
+        if sc.n_open == sc.ratio:
+            sc.n_open, sc.has_overlap = 0, sc._ov_kv is not None
+            ls.count[family] += 1
+
+
 def append_decode_entries(states: list["PagedLayerState"], family: str, rows: torch.Tensor) -> None:
     """One new entry per request (row i for states[i]) in one encode and one write: append_entries
     of a single row, for every request of a decode step that closed a window."""

@@ -17,6 +17,7 @@ layout="float", in the model dtype (exact for any numerics; a debugging layout).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,9 @@ class PoolSizes:
     overlap: int
 
 
+_SERIALS = itertools.count()
+
+
 class KVPools:
     """The tensors behind every family, plus their allocators."""
 
@@ -81,6 +85,9 @@ class KVPools:
         if layout not in ("compact", "float"):
             raise ValueError(f"layout must be 'compact' or 'float', got {layout!r}")
         self.cfg, self.sizes, self.layout, self.dtype, self.device = cfg, sizes, layout, dtype, torch.device(device)
+        # names this pool set for life (an address could be reused by a later one): a graphed decode
+        # step reads and writes the pools at the addresses it was recorded with (model.py)
+        self.serial = next(_SERIALS)
         kinds = cfg.compress_ratios
         self.csa_layers = [i for i, r in enumerate(kinds) if r == CSA]
         self.hca_layers = [i for i, r in enumerate(kinds) if r == HCA]
