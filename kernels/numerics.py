@@ -33,6 +33,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, g, k] with one weight [r, k] per group (weight [g, r, k]) -> [N, g*r], group i's
+    columns x[:, i] @ weight[i].T: one batched matmul (a decode step's grouped output projection
+    was g GEMMs with their split-K reductions and a concatenation), padded like `linear`."""
+    rows = x.shape[0]
+    padded = F.pad(x, (0, 0, 0, 0, 0, MIN_ROWS - rows)) if rows < MIN_ROWS else x
+    out = torch.bmm(padded.transpose(0, 1), weight.transpose(1, 2))  # [g, N, r]
+    return out.transpose(0, 1)[:rows].reshape(rows, -1)
+
+
 def seq_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Sum over `dim` left to right, one slice at a time (fixed order; for small dims)."""
     slices = x.unbind(dim)

@@ -24,7 +24,7 @@ from torch import nn
 
 from kernels.dispatch import use_triton
 from kernels.mqa_ref import QUERY_BLOCK, attend_window_and_entries
-from kernels.numerics import linear
+from kernels.numerics import grouped_linear
 
 from .compressor import Compressor, round_main_key
 from .config import CSA, HCA, SWA, ModelConfig
@@ -371,9 +371,8 @@ class Attention(nn.Module):
         """o [N, H, D] -> [N, groups*o_lora]: each head group has its own low-rank projection."""
         cfg = self.cfg
         g, r = cfg.o_groups, cfg.o_lora_rank
-        grouped = o.reshape(o.shape[0], g, -1)
         w = self.wo_a.weight.view(g, r, -1)
-        return torch.cat([linear(grouped[:, i].to(w.dtype), w[i]) for i in range(g)], dim=-1)
+        return grouped_linear(o.reshape(o.shape[0], g, -1).to(w.dtype), w)
 
 
 def use_kernels(x: torch.Tensor, states: list) -> bool:
