@@ -1,0 +1,96 @@
+"""Where a graphed decode step's host time goes (GPU; flash-attn preset, bf16, random weights).
+
+    python -m load_tests.bench_step_host [--contexts 8192,131072] [--batches 1] [--steps 20]
+
+A batch-1 step is bound by whichever of the host and the GPU is slower; a profiler slows the host
+several fold, so this times it without one: per step the wall time (forward and sync), the host
+time to enqueue the forward (until it returns, before the sync), and the host time inside the
+functions a step calls between and around its graph replays (wrapped with a timer; nested
+entries are included in their callers). Then, per recorded graph of four, one replay's host
+cost and its wall time (replays back to back, then a sync). States are synthetic
+(load_tests/bench_kernels.py synthetic_states), as in the step section there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import statistics
+import time
+
+import torch
+
+from load_tests import bench_kernels as bk
+
+
+def _timed(owner, name: str, label: str, acc: collections.Counter) -> None:
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[label] += time.perf_counter() - t
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="8192,131072")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    import workers.attention as attention
+    from workers.decode_graphs import DecodeGraphs
+
+    acc: collections.Counter = collections.Counter()
+    _timed(DecodeGraphs, "run", "DecodeGraphs.run (replay and input copies)", acc)
+    _timed(torch.cuda.CUDAGraph, "replay", "CUDAGraph.replay", acc)
+    _timed(attention.Attention, "attend_states", "Attention.attend_states", acc)
+    _timed(attention.Attention, "_decode_piece", "Attention._decode_piece", acc)
+    _timed(attention, "decode_tables", "page_tables.decode_tables", acc)
+    _timed(attention, "compress_plan", "paged_state.compress_plan", acc)
+    cfg, _, model = bk.flash_model()
+    rows = bk.encoded_rows(cfg)
+    for P in bk.ints(args.contexts):
+        for B in bk.ints(args.batches):
+            states = bk.synthetic_states(cfg, model, min(P, cfg.max_position_embeddings - 2 * args.steps - 8), B, rows)
+            for _ in range(4):
+                bk.decode_once(model, states)
+            acc.clear()
+            wall, enqueue = [], []
+            for _ in range(args.steps):
+                for st in states:
+                    st.reserve(1)
+                bk.sync()
+                t = time.perf_counter()
+                model([(st, [5]) for st in states])
+                enqueue.append(time.perf_counter() - t)
+                bk.sync()
+                wall.append(time.perf_counter() - t)
+                for st in states:
+                    st.release_old_window()
+            print(f"context {P}, batch {B}: step {statistics.median(wall) * 1e3:.2f} ms, "
+                  f"host enqueue {statistics.median(enqueue) * 1e3:.2f} ms (medians of {args.steps})")
+            for label, seconds in acc.most_common():
+                print(f"  {label:45s} {seconds / args.steps * 1e3:.3f} ms per step")
+            recorded = [(key[0], rec) for key, rec in model.graphs._recorded.items() if rec is not None]
+            for name, rec in recorded[:: max(1, len(recorded) // 4)][:4]:
+                n = 200
+                bk.sync()
+                t = time.perf_counter()
+                for _ in range(n):
+                    rec.graph.replay()
+                host = time.perf_counter() - t
+                bk.sync()
+                print(f"  replay {name}: host {host / n * 1e6:.1f} us, wall {(time.perf_counter() - t) / n * 1e6:.1f} us")
+            states = None
+            bk.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
