@@ -277,8 +277,11 @@ class EngineReplica:
         """Polled by Serve's request router."""
         return self.async_engine.load()
 
-    def check_health(self) -> None:
-        """Serve restarts a replica whose engine loop died."""
+    async def check_health(self) -> None:
+        """Serve restarts a replica whose engine loop died. Serve calls this from the start (every
+        10 s), so it also starts the publisher of a replica no request has reached yet: its load
+        and pages are on the dashboards from the start, not from its first request."""
+        self._ensure_publisher()
         err = self.async_engine.failure()
         if err is not None:
             raise RuntimeError(f"engine loop died: {err!r}")
