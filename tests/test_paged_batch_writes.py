@@ -129,12 +129,12 @@ def test_append_decode_entries_writes_what_append_entries_writes(family):
 @pytest.mark.parametrize("ratio", [CSA, HCA])
 @pytest.mark.parametrize("mode", ["torch", "triton"])
 def test_a_planned_compressor_update_gives_the_compressor_entries_and_state(monkeypatch, ratio, mode):
-    """A graphed step's compressor update (compress_plan, write_planned_rows, planned_windows,
+    """A graphed step's compressor update (compress_plan, write_open_rows, planned_windows,
     finish, then write_planned_entries and advance_compressors) for four requests, two closing a window and
     two not, padded to 6 rows = Compressor.forward request by request: the closing rows' entries
     bit for bit, written where append_entries puts them, and the same open rows and overlaps."""
-    from workers.paged_state import (PLAN_INDEX, advance_compressors, compress_plan, planned_windows,
-                                     write_planned_entries, write_planned_rows)
+    from workers.paged_state import (PLAN_INDEX, PLAN_OPEN, advance_compressors, compress_plan, planned_windows,
+                                     write_open_rows, write_planned_entries)
 
     monkeypatch.setenv("V4SERVE_KERNELS", mode)
     # tokens already fed; CSA windows close past window 0 only (with an overlap); all in block 0
@@ -164,7 +164,7 @@ def test_a_planned_compressor_update_gives_the_compressor_entries_and_state(monk
     plan = torch.tensor(compress_plan(states, "main", 6))
     src = torch.tensor(list(range(len(fed))) + [0, 0])
     slot = states[0].compressors["main"]
-    write_planned_rows(b.comp, plan, kv[src], score[src], slot.ratio * slot.row_width)
+    write_open_rows(b.comp, plan[PLAN_OPEN], kv[src], score[src], slot)
     windows = planned_windows(b.comp, plan, slot)
     got = comp.finish(comp.pool_closing(*windows), plan[PLAN_INDEX], freqs, "main")
     write_planned_entries(states[0], "main", plan, got)

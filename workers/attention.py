@@ -33,9 +33,9 @@ from .host_index import to_device
 from .indexer import Indexer
 from .modules import Norm, Proj, f32_param, rms_norm
 from .page_tables import DecodeTables, block_row, decode_tables, width_bucket
-from .paged_state import (PLAN_CLOSING, PLAN_INDEX, PagedLayerState, advance_compressors, append_decode_entries,
-                          append_open_rows, close_windows, compress_plan, planned_windows, push_decode_keys,
-                          write_planned_entries, write_planned_rows)
+from .paged_state import (PLAN_CLOSING, PLAN_INDEX, PLAN_OPEN, PagedLayerState, advance_compressors,
+                          append_decode_entries, append_open_rows, close_windows, compress_plan, planned_windows,
+                          push_decode_keys, write_open_rows, write_planned_entries)
 from .rope import apply_rope, cos_sin, inv_freq
 from .state import CompressorState, LayerState, empty_compressor
 
@@ -188,8 +188,8 @@ class Attention(nn.Module):
             q, index_queries = q_all[:rows], tuple(t[:rows] for t in rest[:n_iq])
             for f, (family, comp) in enumerate(families):
                 plan, slot = rest[-1][f], ls.compressors[family]
-                write_planned_rows(pools.comp, plan, proj[2 * f][win_source], proj[2 * f + 1][win_source],
-                                   slot.ratio * slot.row_width)
+                write_open_rows(pools.comp, plan[PLAN_OPEN], proj[2 * f][win_source], proj[2 * f + 1][win_source],
+                                slot)
                 if closes:
                     windows = planned_windows(pools.comp, plan, slot)
                     entries = comp.finish(comp.pool_closing(*windows), plan[PLAN_INDEX], self.freqs,
@@ -204,15 +204,12 @@ class Attention(nn.Module):
 
         def no_window_closes(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             # the warm-up before recording must not move an overlap: the real run pools with it
-            if not families:
-                return inputs
             plan = inputs[-1].clone()
             plan[:, PLAN_CLOSING] = 0
             return inputs[:-1] + [plan]
 
         out = graphs.run(f"layer{self.layer}.decode{'.closing' * closes}.rounding{int(rounding)}.pools{pools.serial}",
-                         piece, *args,
-                         warmup_args=no_window_closes)
+                         piece, *args, warmup_args=no_window_closes if closes else None)
         for family, _ in families:
             advance_compressors(states, family)
         return out

@@ -79,12 +79,18 @@ def append_open_rows(comp_pool: torch.Tensor, slots: list[SlotCompressor], kv: t
     if not slots:
         return
     assert all(sc.n_open + 1 < sc.ratio for sc in slots), "a closing window needs the compressor's pooling"
-    flat, rows = comp_pool.view(-1), [sc.open_row_index() for sc in slots]
-    # kv rows then score rows, in one write
-    starts = [kv_at for kv_at, _ in rows] + [score_at for _, score_at in rows]
-    flat[_spans(starts, slots[0].row_width, flat.device)] = torch.cat([kv, score])
+    write_open_rows(comp_pool, to_device([sc.open_row_index()[0] for sc in slots], kv.device), kv, score, slots[0])
     for sc in slots:
         sc.n_open += 1
+
+
+def write_open_rows(comp_pool: torch.Tensor, at: torch.Tensor, kv: torch.Tensor, score: torch.Tensor,
+                    slot: SlotCompressor) -> None:
+    """Row i of kv / score to the open kv row at flat comp-pool index at[i] and to its score row,
+    in one write (`slot`: any of the slots, of one layer and family: the rows' width and where a
+    window's scores sit after its kv rows)."""
+    starts = torch.cat([at, at + slot.ratio * slot.row_width])
+    comp_pool.view(-1)[starts[:, None] + _offsets(slot.row_width, kv.device)] = torch.cat([kv, score])
 
 
 def _spans(starts: list[int], length: int, device: torch.device) -> torch.Tensor:
@@ -142,28 +148,20 @@ def compress_plan(states: list["PagedLayerState"], family: str, rows: int) -> li
     out = [[] for _ in range(PLAN_CLOSING + 1)]
     for ls in states:
         sc = ls.compressors[family]
-        store, per_page, _, _ = ls._table(family)
+        _, per_page, _, _ = ls._table(family)
         n = ls.count[family]
         kv_at, _ = sc.open_row_index()
-        for row, value in ((PLAN_OPEN, kv_at), (PLAN_SLOT, sc.flat_base // ls.req.pools.comp.shape[1]),
+        for row, value in ((PLAN_OPEN, kv_at), (PLAN_SLOT, ls.req.comp_page),
                            (PLAN_PAGE, ls.req.blocks[n // per_page]), (PLAN_OFFSET, n % per_page),
                            (PLAN_INDEX, ls.req.num_tokens // sc.ratio), (PLAN_CLOSING, int(sc.n_open + 1 == sc.ratio))):
             out[row].append(value)
     return [r + r[:1] * (rows - len(states)) for r in out]
 
 
-def write_planned_rows(comp_pool: torch.Tensor, plan: torch.Tensor, kv: torch.Tensor, score: torch.Tensor,
-                       width: int) -> None:
-    """append_open_rows for the rows of a compress plan ([6, B] on the device): each token's
-    projections (rows of kv, score) written to its open row, the last row of a window it closes."""
-    at = plan[PLAN_OPEN]
-    comp_pool.view(-1)[torch.cat([at, at + width])[:, None] + _offsets(kv.shape[1], kv.device)] = (
-        torch.cat([kv, score]).float())
-
-
 def planned_windows(comp_pool: torch.Tensor, plan: torch.Tensor, slot: SlotCompressor,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """close_windows for the rows of a compress plan after write_planned_rows, every row as if
+    """close_windows for the rows of a compress plan ([6, B] on the device) after their tokens
+    were written (write_open_rows at plan[PLAN_OPEN]), every row as if
     its token closed its window: the whole windows kv, score [B, m, c*w], the overlaps carried in
     (CSA, [B, m, w]), and those replaced by this window's A-halves where the token does close it.
     Fixed shapes, no host values; `slot` is any request's compressor of this layer and family
