@@ -53,8 +53,10 @@ class DecodeTables:
 
 # request -> (its blocks list, that list's device copy); weak so finished requests drop out
 _rows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_last: tuple[list, DecodeTables] | None = None
-_last_blocks: tuple[list, torch.Tensor] | None = None  # (signature, block table) of the last call
+# (shape key, signature, tables) of the last decode_tables call; (shape key, signature, block table)
+# of the last _block_table call
+_last: tuple[tuple, list, DecodeTables] | None = None
+_last_blocks: tuple[tuple, list, torch.Tensor] | None = None
 
 
 def block_row(req: PagedRequestState, device: torch.device) -> torch.Tensor:
@@ -70,14 +72,12 @@ def block_row(req: PagedRequestState, device: torch.device) -> torch.Tensor:
     return row
 
 
-def _signature(reqs: list[PagedRequestState]) -> list[tuple]:
-    return [(r, r.num_tokens, r.blocks, len(r.blocks), r.swa, len(r.swa)) for r in reqs]
-
-
-def _same(a: list[tuple], b: list[tuple]) -> bool:
-    return len(a) == len(b) and all(
-        x[0] is y[0] and x[1] == y[1] and x[2] is y[2] and x[3] == y[3] and x[4] is y[4] and x[5] == y[5]
-        for x, y in zip(a, b))
+def _unchanged(last: tuple | None, key: tuple, sig: list[tuple]) -> bool:
+    """Does the cached (key, signature, ...) still hold? Keys equal; in the signatures (one tuple
+    per request) the same objects and equal counts."""
+    return (last is not None and last[0] == key and len(last[1]) == len(sig) and all(
+        len(x) == len(y) and all(u is v or (type(u) is int and u == v) for u, v in zip(x, y))
+        for x, y in zip(last[1], sig)))
 
 
 def width_bucket(n: int) -> int:
@@ -101,9 +101,9 @@ def decode_tables(reqs: list[PagedRequestState], window: int, device: torch.devi
     the kernels read it). With `rows` and `width`: the fixed shapes of a graphed step (module
     docstring), window-key destinations included."""
     global _last
-    sig = [rows, width] + _signature(reqs)
-    if _last is not None and _last[0][:2] == sig[:2] and _same(_last[0][2:], sig[2:]):
-        return _last[1]
+    key, sig = (rows, width, device), [(r, r.num_tokens, r.blocks, len(r.blocks), r.swa, len(r.swa)) for r in reqs]
+    if _unchanged(_last, key, sig):
+        return _last[2]
     n_rows = len(reqs) if rows is None else rows
     pad, n_win = n_rows - len(reqs), window_columns(window)
     pos = [r.num_tokens for r in reqs]
@@ -124,7 +124,7 @@ def decode_tables(reqs: list[PagedRequestState], window: int, device: torch.devi
     else:
         win = dev[n_rows * (n_win + 1) :].view(3, n_rows)
         tables = DecodeTables(block_table, swa_table, positions, win[0], win[1], win[2])
-    _last = (sig, tables)
+    _last = (key, sig, tables)
     return tables
 
 
@@ -132,10 +132,9 @@ def _block_table(reqs: list[PagedRequestState], device: torch.device, rows: int,
     """[rows, width or the most blocks] block pages of reqs (rows beyond them: zeros), rebuilt only
     when a request's block list changed or the batch did."""
     global _last_blocks
-    sig = [rows, width, device] + [(r, r.blocks, len(r.blocks)) for r in reqs]
-    if (_last_blocks is not None and _last_blocks[0][:3] == sig[:3] and len(_last_blocks[0]) == len(sig)
-            and all(a[0] is b[0] and a[1] is b[1] and a[2] == b[2] for a, b in zip(_last_blocks[0][3:], sig[3:]))):
-        return _last_blocks[1]
+    key, sig = (rows, width, device), [(r, r.blocks, len(r.blocks)) for r in reqs]
+    if _unchanged(_last_blocks, key, sig):
+        return _last_blocks[2]
     # the last, dropped row gives the table >= 1 column (or `width`); padding rows are zeros
     seqs = [block_row(r, device) for r in reqs] + [torch.zeros(width or 1, dtype=torch.int32, device=device)]
     table = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)[:-1]
@@ -143,5 +142,5 @@ def _block_table(reqs: list[PagedRequestState], device: torch.device, rows: int,
         raise ValueError(f"a request has more than {width} blocks")
     if rows > len(reqs):
         table = F.pad(table, (0, 0, 0, rows - len(reqs)))
-    _last_blocks = (sig, table)
+    _last_blocks = (key, sig, table)
     return table
