@@ -4,7 +4,8 @@
 
 A batch-1 step is bound by whichever of the host and the GPU is slower; a profiler slows the host
 several fold, so this times it without one: per step the wall time (forward and sync), the host
-time to enqueue the forward (until it returns, before the sync), and the host time inside the
+time to enqueue the forward (until it returns, before the sync) and its share of the step (near
+100%: the host binds; well below: the GPU does), and the host time inside the
 functions a step calls between and around its graph replays (wrapped with a timer; nested
 entries are included in their callers). Then, per recorded graph of four, one replay's host
 cost and its wall time (replays back to back, then a sync). States are synthetic
@@ -74,8 +75,9 @@ def main() -> None:
                 wall.append(time.perf_counter() - t)
                 for st in states:
                     st.release_old_window()
-            print(f"context {P}, batch {B}: step {statistics.median(wall) * 1e3:.2f} ms, "
-                  f"host enqueue {statistics.median(enqueue) * 1e3:.2f} ms (medians of {args.steps})")
+            step_s, host_s = statistics.median(wall), statistics.median(enqueue)
+            print(f"context {P}, batch {B}: step {step_s * 1e3:.2f} ms, host enqueue {host_s * 1e3:.2f} ms = "
+                  f"{host_s / step_s:.0%} of the step (medians of {args.steps})")
             for label, seconds in acc.most_common():
                 print(f"  {label:45s} {seconds / args.steps * 1e3:.3f} ms per step")
             recorded = [(key[0], rec) for key, rec in model.graphs._recorded.items() if rec is not None]

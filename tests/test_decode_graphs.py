@@ -167,6 +167,25 @@ def test_a_piece_that_cannot_be_recorded_runs_eagerly_from_then_on(monkeypatch, 
     assert attempts == [(16, 2), (32, 2)] and len(graphs) == 1
 
 
+def test_fixed_buffers_are_copied_once_per_set_of_sources_and_read_in_place():
+    """A step's tables go into buffers kept per name and shapes: graphs read them in place (they
+    count as produced), the next layer's call with the same tensors copies nothing, the next
+    step's tensors are copied into the same buffers; without graphs the tensors pass through."""
+    graphs = DecodeGraphs(capture=True)
+    a, b = torch.arange(4), torch.arange(6.0).view(2, 3)
+    bufs = graphs.fixed("tables", (a, b))
+    assert bufs[0] is not a and torch.equal(bufs[0], a) and torch.equal(bufs[1], b)
+    assert all(graphs._outputs[id(t)] is t for t in bufs)
+    a.add_(10)  # changed in place: the same tensors again are taken as already copied
+    assert all(x is y for x, y in zip(graphs.fixed("tables", (a, b)), bufs)) and bufs[0].tolist() == [0, 1, 2, 3]
+    c = torch.arange(4) + 100
+    again = graphs.fixed("tables", (c, b))
+    assert all(x is y for x, y in zip(again, bufs)) and bufs[0].tolist() == [100, 101, 102, 103]
+    assert graphs.fixed("tables", (torch.arange(5), b))[0] is not bufs[0]  # other shapes: other buffers
+    plain = DecodeGraphs(capture=False)
+    assert plain.fixed("tables", (a, b)) == (a, b)
+
+
 def test_moving_the_model_drops_its_recorded_graphs():
     """Graphs read the parameters where they were when recorded; after .to() they would read
     freed memory, so the model forgets them (and records again on its next decode step)."""

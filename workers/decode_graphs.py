@@ -65,7 +65,8 @@ def bucket(rows: int) -> int | None:
 def attention_rows(rows: int) -> int:
     """The rows a graphed step's decode piece (attention.Attention._decode_piece) runs its kernels
     on: 1, 2, 4, 8, then the buckets. Unlike the projections, the indexer's scores and top-k cost
-    per row, padding rows included (a batch-1 step padded to 16 spent 0.3 ms in top-k at 128K)."""
+    per row, padding rows included (at 128K a batch-1 step on 16 rows took 3.53 ms of GPU time,
+    on 1 row 3.37 ms)."""
     return 1 << (rows - 1).bit_length() if rows <= 8 else bucket(rows)
 
 
