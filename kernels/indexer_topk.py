@@ -47,6 +47,8 @@ from .block_quant import fp8_e4m3_block_quant
 from .dispatch import use_triton
 from .geometry import BLOCK, CSA
 from .indexer_topk_ref import index_scores, select_topk
+from .key_select import kernel_wins, select_entries
+from .key_select_ref import entries_of_keys, scores_from_keys  # noqa: F401 (scores_from_keys: the scan's API)
 from .kv_layout import index_row_bytes
 from .quantize import reference_decode_index
 
@@ -216,12 +218,6 @@ def _scan_fp8_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out
     n = tl.arange(0, 64)
     for page in range(tl.maximum(vis_hi, page_lo), page_hi):
         tl.store(out_row + page * 64 + n, tl.full([64], SENTINEL_KEY, tl.int64))
-
-
-def scores_from_keys(keys: torch.Tensor) -> torch.Tensor:
-    """int64 score keys -> float32 scores (NaN for invisible columns)."""
-    top = (keys >> 32).to(torch.int32)
-    return torch.where(top < 0, top ^ 0x7FFFFFFF, top).view(torch.float32)
 
 
 def _query_parts(q: torch.Tensor, hp: int) -> torch.Tensor:
@@ -402,8 +398,9 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, blo
         return reference(q, w, index_rows, block_table, positions, topk)
     n_cols = PAGE_ENTRIES * max(block_table.shape[1], -(-topk // PAGE_ENTRIES))
     keys = index_score_keys(q, w, index_rows, block_table, positions, n_cols, operands)
-    best, idx = topk_of_keys(keys, topk)
-    return torch.where(torch.isfinite(scores_from_keys(best)), idx, -1).to(torch.int32)
+    if kernel_wins(keys.shape[0], topk, keys.device):
+        return select_entries(keys, topk)
+    return entries_of_keys(*topk_of_keys(keys, topk))
 
 
 def _multiblock_topk(rows: int, width: int) -> bool:

@@ -1,0 +1,162 @@
+"""Top-k of the indexer's int64 score keys by radix select over register-resident chunks.
+
+The scan (indexer_topk.py) stores each visible entry's score as an int64 key: the
+order-preserving bits of the float32 score in the top half, INT32_MAX - entry in the bottom
+half, INT64_MIN for an invisible column. Visible keys are distinct, so the top k keys of a row
+are one set and their descending order is unique: any exact selection gives torch.topk's
+picks in torch.topk's order, and this kernel is tested against it (key_select_ref).
+
+Why a kernel: at batch 1 torch.topk takes one block per row slice and 2-bit radix passes over
+the 64-bit keys; at 128K (32K keys) a CSA layer's selection took 150 us of the step's GPU time
+in three launches (gatherTopK over four 8K pieces, then over their picks, then the picks' sort).
+
+How: a program loads a chunk of 2,048 keys of one row into registers, once, and finds the
+chunk's k-th largest key T by radix select, 4 bits a round (tl.histogram of the digit among the
+keys still tied with T's known digits: 16 bins cost a warp a few ballots, not a bin table): 8
+rounds over the score half, then 8 over the entry half only when more visible keys share T's
+score than are still needed (a tie among the invisible columns' sentinels takes any of them, as
+all give -1). It keeps the keys above T and the first of those equal to T. A row longer than a
+chunk goes in levels: every chunk keeps its top k (the row's top k are among them), a quarter of
+its keys at k = 512, so 32K keys take three launches and 256K five. The last level's one program
+per row sorts its k keys (tl.sort) and writes their entries (-1 for a sentinel or a non-finite
+score), what indexer_topk returns, so no further kernel runs.
+
+At 128K and batch 1 a CSA layer's selection now takes about 65 us (three launches) against
+150 us; at 1-8 rows the kernel is 3.0-3.7x torch.topk's speed, at 128 rows of 256K keys 1.1x
+(load_tests/bench_key_select.py, kernels/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SENTINEL = tl.constexpr(-(2**63))  # key of an invisible column (indexer_topk.SENTINEL)
+# keys a program holds in registers (8 per thread). Swept on an H100 (k = 512, chunk x warps, us):
+# 1 row of 32K keys 8192 x 16 59, 4096 x 8 38, 4096 x 16 35, 2048 x 4 41, 2048 x 8 33; 32 rows of
+# 256K 312 / 306 / 317 / 301 / 283; a program's rounds, not its keys, set its time
+SELECT_CHUNK = 2048
+SELECT_WARPS = 8
+INTERPRET_CHUNK = 1024  # the interpreter: small chunks, so the CPU tests take several levels
+# rows up to which the kernel beats torch.topk (kernel_wins). H100, k = 512,
+# `python -m load_tests.bench_key_select`: 1.04-3.7x faster at 1-128 rows of 8K-384K keys (the
+# gain shrinks with the rows); a prefill chunk's thousands of rows stay with torch.topk.
+SELECT_MAX_ROWS = 128
+INTERPRET_MAX_ROWS = 8  # the interpreter's cost is per program: a prefill chunk's rows take minutes
+
+
+@triton.jit
+def _radix_round(v, match, prefix, need, SHIFT: tl.constexpr):
+    """One radix round over a chunk's halves v: among those agreeing with `prefix` above bit
+    SHIFT + 4 (and `match`), histogram the 4-bit digit at SHIFT and pick the digit d holding the
+    need-th largest. Returns (prefix with d, keys still needed within d, keys of d)."""
+    j = tl.arange(0, 16)
+    agree = match & ((v >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
+    counts = tl.histogram(((v >> SHIFT) & 15).to(tl.int32), 16, mask=agree)
+    at_least = tl.cumsum(counts, 0, reverse=True)  # keys of digit >= j
+    d = tl.sum((at_least >= need).to(tl.int32), 0) - 1
+    above = tl.sum(tl.where(j == d + 1, at_least, 0), 0)
+    tied = tl.sum(tl.where(j == d, counts, 0), 0)
+    return prefix + (d.to(tl.int64) << SHIFT), need - above, tied
+
+
+@triton.jit
+def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_stride,
+                   K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, FINAL: tl.constexpr):
+    """Top K of chunk g of row r. Not FINAL: its K keys, unordered, to dst[r, g K : (g + 1) K].
+    FINAL (one chunk per row): the K keys in descending order through dst[r, :K_PAD] (scratch),
+    then their entries to out[r, :K]."""
+    g, r = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i = g * CHUNK + tl.arange(0, CHUNK)
+    key = tl.load(src_ptr + r * src_stride + i, mask=i < n, other=SENTINEL)  # padding ranks last
+    hi = (key >> 32) + 2147483648  # the score half, in unsigned order
+    lo = key & 4294967295  # the entry half
+    everyone = i >= 0
+    # the K-th largest score half, and how many of the keys holding it are still needed
+    hi_t = tl.full([], 0, tl.int64)
+    need = tl.full([], K, tl.int32)
+    tied = tl.full([], 0, tl.int32)
+    for rnd in tl.static_range(8):
+        hi_t, need, tied = _radix_round(hi, everyone, hi_t, need, 28 - 4 * rnd)
+    # the entry half when more keys share that score than are needed; lo_t = -1 takes them all
+    lo_t = tl.full([], -1, tl.int64)
+    n_tie = tl.full([], 0, tl.int32)
+    any_lo = False
+    if need < tied:
+        if hi_t == 0:
+            # the sentinels' score half (or a NaN score's): any n_tie of them will do, all give -1;
+            # a row's invisible tail would otherwise cost every chunk of it 8 more rounds
+            lo_t = tl.full([], 4294967296, tl.int64)
+            any_lo = True
+        else:
+            lo_t = tl.full([], 0, tl.int64)
+            for rnd in tl.static_range(8):
+                lo_t, need, tied = _radix_round(lo, hi == hi_t, lo_t, need, 28 - 4 * rnd)
+        n_tie = need
+    # the keys above T (K - n_tie of them), then the first n_tie keys equal to T (sentinels: the
+    # entry halves of visible keys differ)
+    above = (hi > hi_t) | ((hi == hi_t) & (lo > lo_t))
+    equal = (hi == hi_t) & ((lo == lo_t) | any_lo)
+    a_rank = tl.cumsum(above.to(tl.int32), 0) - 1
+    e_rank = tl.cumsum(equal.to(tl.int32), 0) - 1
+    dst = dst_ptr + r * dst_stride + (0 if FINAL else g * K)
+    tl.store(dst + a_rank, key, mask=above)
+    tl.store(dst + (K - n_tie) + e_rank, key, mask=equal & (e_rank < n_tie))
+    if FINAL:
+        tl.debug_barrier()  # the scratch row's stores, by every thread, before any thread reads it
+        c = tl.arange(0, K_PAD)
+        best = tl.sort(tl.load(dst + c, mask=c < K, other=SENTINEL), descending=True)
+        top = (best >> 32).to(tl.int32)
+        bits = tl.where(top < 0, top ^ 0x7FFFFFFF, top)  # the float32 score's bits
+        finite = (bits & 0x7F800000) != 0x7F800000
+        entry = (2147483647 - (best & 4294967295)).to(tl.int32)
+        tl.store(out_ptr + r * out_stride + c, tl.where(finite, entry, -1), mask=c < K)
+
+
+def _chunk(device: torch.device) -> int:
+    return SELECT_CHUNK if device.type == "cuda" else INTERPRET_CHUNK
+
+
+def kernel_wins(rows: int, k: int, device: torch.device) -> bool:
+    """Whether select_entries takes `rows` rows' top k and beats torch.topk there (the same picks
+    either way; SELECT_MAX_ROWS). The interpreter takes it for decode-sized row counts, so the CPU
+    tests run it where a decode step does, and leaves a prefill chunk's rows to torch.topk.
+    `V4SERVE_SELECT=torch` keeps torch.topk everywhere (to compare a step with and without)."""
+    choice = os.environ.get("V4SERVE_SELECT", "auto")
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"V4SERVE_SELECT must be auto or torch, got {choice!r}")
+    if choice == "torch" or k > _chunk(device) // 2:
+        return False
+    return rows <= (SELECT_MAX_ROWS if device.type == "cuda" else INTERPRET_MAX_ROWS)
+
+
+def select_entries(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """The entries of each row's k largest score keys, in descending key order, -1 where the key
+    is a sentinel or its score is not finite: [S, k] int32 (key_select_ref.select_entries)."""
+    S, n = keys.shape
+    if not 0 < k <= n:
+        raise ValueError(f"k={k} must be in 1..{n} (the row's keys)")
+    if keys.dtype != torch.int64 or keys.stride(1) != 1:
+        raise ValueError(f"keys must be int64 with contiguous rows, got {keys.dtype} strides {keys.stride()}")
+    out = torch.empty(S, k, dtype=torch.int32, device=keys.device)
+    if S == 0:
+        return out
+    chunk = _chunk(keys.device)
+    if k > chunk // 2:
+        raise ValueError(f"k={k} is more than half a chunk ({chunk} keys): the levels would not shrink the row")
+    k_pad = triton.next_power_of_2(k)
+    consts = dict(K=k, K_PAD=k_pad, CHUNK=chunk, num_warps=SELECT_WARPS)
+    src = keys
+    while src.shape[1] > chunk:  # each level keeps the top k of every chunk: the row's top k survive
+        n_chunks = triton.cdiv(src.shape[1], chunk)
+        dst = torch.empty(S, n_chunks * k, dtype=torch.int64, device=keys.device)
+        _select_kernel[(n_chunks, S)](src, src.shape[1], src.stride(0), dst, dst.stride(0), out, out.stride(0),
+                                      FINAL=False, **consts)
+        src = dst
+    scratch = torch.empty(S, k_pad, dtype=torch.int64, device=keys.device)
+    _select_kernel[(1, S)](src, src.shape[1], src.stride(0), scratch, scratch.stride(0), out, out.stride(0),
+                           FINAL=True, **consts)
+    return out

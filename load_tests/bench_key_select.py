@@ -1,0 +1,58 @@
+"""The indexer's top-k: the radix-select kernel (kernels/key_select.py) against torch.topk
+(indexer_topk.topk_of_keys, then the entries' -1 mapping), both replayed from CUDA graphs.
+
+    python -m load_tests.bench_key_select [--rows 1,2,4,8,32] [--widths 8192,32768,49152,262144]
+
+Keys are the scan's int64 keys of random scores (every column visible), k = 512 (flash-attn's
+top-k). Prints ms per call of each and their ratio, then one JSON line. indexer_topk takes the
+kernel where key_select.kernel_wins says so; this is the measurement behind that rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from kernels import key_select as KS
+from kernels import key_select_ref as R
+from kernels.indexer_topk import topk_of_keys
+from load_tests.bench_kernels import cuda_time, graph_time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="1,2,4,8,32")
+    ap.add_argument("--widths", default="8192,32768,49152,262144,393216")
+    ap.add_argument("--k", type=int, default=512)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    rows = []
+    print(f"{'rows':>5} {'keys':>7} {'kernel ms':>10} {'torch ms':>9} {'torch/kernel':>12}")
+    for n in map(int, a.widths.split(",")):
+        for S in map(int, a.rows.split(",")):
+            g = torch.Generator(device="cuda").manual_seed(n + S)
+            scores = torch.randn(S, n, device="cuda", generator=g)
+            keys = R.keys_of_scores(scores, torch.full((S,), n))
+            want = R.select_entries(keys, a.k)
+            if not torch.equal(KS.select_entries(keys, a.k), want):
+                raise SystemExit(f"kernel picks differ from torch.topk at rows={S} keys={n}")
+
+            def torch_path():
+                best, idx = topk_of_keys(keys, a.k)
+                return R.entries_of_keys(best, idx)
+
+            timed = {}
+            for name, fn in (("kernel", lambda: KS.select_entries(keys, a.k)), ("torch", torch_path)):
+                cuda_time(fn)
+                timed[name] = graph_time(fn) * 1e3
+            rows.append({"rows": S, "keys": n, "kernel_ms": timed["kernel"], "torch_ms": timed["torch"]})
+            print(f"{S:>5} {n:>7} {timed['kernel']:>10.4f} {timed['torch']:>9.4f} "
+                  f"{timed['torch'] / timed['kernel']:>12.2f}", flush=True)
+    print(json.dumps({"device": torch.cuda.get_device_name(), "k": a.k, "select": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The radix-select kernel (kernels/key_select.py) against torch.topk over the same keys
+(kernels/key_select_ref.py). Exact: the keys of visible entries are distinct, so the picks and
+their order are unique; sentinels (invisible columns) all map to -1."""
+
+import pytest
+import torch
+
+from kernels import key_select as KS
+from kernels import key_select_ref as R
+
+
+@pytest.fixture
+def triton_mode(monkeypatch):
+    monkeypatch.setenv("V4SERVE_KERNELS", "triton")
+
+
+def keys_of(scores: torch.Tensor, n_visible: list[int]) -> torch.Tensor:
+    return R.keys_of_scores(scores, torch.tensor(n_visible))
+
+
+def tied_scores(S: int, n: int, seed: int) -> torch.Tensor:
+    """Random scores with what real rows have: runs of equal scores (ReLU's zeros, a head sum
+    repeated), negatives, and values equal in their top bits but not their last."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(S, n, generator=g)
+    s[:, ::7] = 0.0
+    s[:, 3::11] = 1.25
+    s[:, 5::13] = -2.0
+    near = torch.randint(0, n, (S, n // 9), generator=g)
+    s.scatter_(1, near, 1.25 + torch.randint(1, 50, (S, n // 9), generator=g).float() * 2**-20)
+    return s
+
+
+@pytest.mark.parametrize("S,n,k,visible", [
+    (3, 700, 64, [700, 650, 40]),      # a row with fewer visible entries than k: sentinels tie
+    (2, 1000, 100, [1000, 999]),       # k not a power of two; n not a multiple of the step
+    (1, 517, 512, [517]),              # k close to n
+    (2, 300, 300, [300, 0]),           # every column picked; a row with nothing visible
+    (1, 3000, 64, [3000]),             # rows longer than a chunk: a level of chunk picks first
+    (2, 5000, 512, [5000, 2100]),      # four levels (the interpreter's chunks are 1,024 keys)
+])
+def test_picks_equal_torch_topk_with_ties_sentinels_and_odd_sizes(triton_mode, S, n, k, visible):
+    keys = keys_of(tied_scores(S, n, seed=S * n + k), visible)
+    got = KS.select_entries(keys, k)
+    want = R.select_entries(keys, k)
+    assert torch.equal(got, want)
+    for r, v in enumerate(visible):  # the test means something: the picks are the visible top
+        assert int((got[r] >= 0).sum()) == min(k, v)
+
+
+def test_scores_tied_in_every_bit_of_the_score_half_go_to_the_lower_entry(triton_mode):
+    """More keys share the k-th score than are still needed: the entry half decides (phase 1)."""
+    s = torch.full((1, 400), 0.5)
+    s[0, 350:] = 3.0  # 50 above, then 350 tied for the remaining 14 picks
+    got = KS.select_entries(keys_of(s, [400]), 64)
+    assert torch.equal(got[0], torch.cat([torch.arange(350, 400), torch.arange(0, 14)]).int())
+
+
+def test_non_finite_scores_are_not_picked_as_entries(triton_mode):
+    s = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
+    s[0, 10] = float("inf")
+    s[0, 20] = float("-inf")
+    keys = keys_of(s, [256])
+    got = KS.select_entries(keys, 256)
+    assert torch.equal(got, R.select_entries(keys, 256))
+    assert got[0, 0] == -1 and 10 not in got[0].tolist() and 20 not in got[0].tolist()
+
+
+def test_bad_arguments_are_refused(triton_mode):
+    keys = keys_of(torch.randn(1, 64), [64])
+    with pytest.raises(ValueError, match="k=65"):
+        KS.select_entries(keys, 65)
+    with pytest.raises(ValueError, match="int64"):
+        KS.select_entries(keys.int(), 8)
+    with pytest.raises(ValueError, match="int64"):
+        KS.select_entries(keys[:, ::2], 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,n", [(1, 32768), (1, 49152), (2, 262144), (32, 32768), (32, 262144)])
+def test_gpu_flash_attn_sizes(triton_mode, S, n):
+    scores = tied_scores(S, n, seed=n + S).cuda()
+    keys = keys_of(scores, [n - 3 * r for r in range(S)])
+    assert torch.equal(KS.select_entries(keys, 512), R.select_entries(keys, 512))
+
+
+def test_select_env_keeps_torch_topk_and_refuses_unknown_values(monkeypatch):
+    assert KS.kernel_wins(4, 512, torch.device("cpu"))
+    assert not KS.kernel_wins(KS.INTERPRET_MAX_ROWS + 1, 512, torch.device("cpu"))  # a prefill chunk
+    assert not KS.kernel_wins(4, KS.INTERPRET_CHUNK, torch.device("cpu"))  # k over half a chunk
+    monkeypatch.setenv("V4SERVE_SELECT", "torch")
+    assert not KS.kernel_wins(4, 512, torch.device("cpu"))
+    monkeypatch.setenv("V4SERVE_SELECT", "radix")
+    with pytest.raises(ValueError, match="V4SERVE_SELECT"):
+        KS.kernel_wins(4, 512, torch.device("cpu"))
