@@ -11,9 +11,12 @@ for weights of 2 MB each, and about a third of the kernel nodes whose launch bin
   * `expert_down` computes y[e] = h[e] W2[e]^T rounded to the dtype and, given the [N, k, E]
     weight table of the picks, adds y[e] * w slot by slot in expert order
     (moe_elementwise_ref.add_weighted's chain), else returns every y[e].
-Each output row depends on its own input row only, through a launch configuration that does not
-depend on the row count (the tiles are fixed per device), so the routed path, which runs an
-expert on the rows that picked it, gets the dense path's bits. Against cuBLAS the sums are
+Each output row depends on its own input row only, so the routed path, which runs an expert on
+the rows that picked it, gets the dense path's bits. On a GPU the BF16 tiles follow the row
+count (decode rows and prefill chunks want different shapes) without moving a bit: every
+product's sum runs over the reduction in one order, accumulated in place through the tensor
+cores whatever the tile (checked for 1 to 2,048 rows and every tile swept on an H100; the GPU
+test compares rows computed under both tile sets). Against cuBLAS the sums are
 ordered differently: within float32 rounding, not bit-exact. Float32 operands multiply in IEEE
 float32 (no TF32), as torch's default matmul does.
 """
@@ -28,38 +31,60 @@ from .dispatch import use_triton
 from .moe_elementwise import add_slot, swiglu_f32
 from .quantize import as_operand, load_f32, round_f32, store_f32
 
-# Tiles (rows, reduction, up columns, down columns): fixed per device whatever the row count
-# (row-invariance). On a GPU, from a sweep of the preset's shapes under a CUDA graph (H100,
-# kernels/RESULTS.md): 16 decode rows 26 + 13 us per layer against 39 + 19 with 64 x 64 tiles,
-# 2,048 prefill rows of 8 experts 0.77 + 0.43 ms. The interpreter takes whole-width tiles: its
-# cost is per program and per loop step, and its bits need only agree with themselves.
-GPU_TILES = (32, 128, 16, 32)
+# Tiles (rows, reduction, columns) of the up and down kernels. BF16 on a GPU, from a sweep of the
+# preset's shapes under a CUDA graph (H100, 8 experts x 256 x 4096, kernels/RESULTS.md), up + down:
+# up to FEW_ROWS rows 23-25 + 12 us with 16 x 256 tiles (32 x 128: 26 + 14); 2,048 rows 0.30 +
+# 0.33 ms with 64 x 64 up and 32 x 128 x 64 down tiles (32 x 128: 0.86 + 0.40). Float32 (tests and
+# debugging) keeps one shape. The interpreter takes whole-width tiles: its cost is per program and
+# per loop step; it sums each tile's reduction in numpy's order, so its tiles stay fixed.
+FEW_ROWS = 32
+GPU_TILES_FEW = ((16, 256, 16), (16, 256, 32))
+GPU_TILES_MANY = ((64, 64, 32), (32, 128, 64))
+GPU_TILES_F32 = ((32, 128, 16), (32, 128, 32))
 # Row and expert counts are not specialised on (Triton would compile a variant for counts of 1
 # and multiples of 16): a prefill's per-expert row counts vary from call to call.
-INTERPRETER_TILES = (64, 256, 64, 128)
+INTERPRETER_TILES = ((64, 256, 64), (64, 256, 128))
 
 
-def _tiles(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return GPU_TILES if t.is_cuda else INTERPRETER_TILES
+def _tiles(t: torch.Tensor, rows: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(up, down) tiles for `rows` rows of t's dtype and device."""
+    if not t.is_cuda:
+        return INTERPRETER_TILES
+    if t.dtype != torch.bfloat16:
+        return GPU_TILES_F32
+    return GPU_TILES_FEW if rows <= FEW_ROWS else GPU_TILES_MANY
 
 
 @triton.jit
-def _dot_rows(a_ptr, a_row_stride, b_ptr, b_row_stride, rows, m_ok, cols, n_ok, K,
+def _mma(acc, a, b, MMA_BF16: tl.constexpr):
+    """acc + a @ b^T, accumulated in place (a product's sum order over K is the same for any tile
+    of K or of the other dims, while the instruction stays the same)."""
+    if MMA_BF16:
+        return tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)), acc)
+    else:  # float32, or BF16 in the interpreter (whose BF16 dot is not usable): exact products
+        return tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+
+
+@triton.jit
+def _dot_rows(a_ptr, a_row_stride, b_ptr, b2_ptr, b_row_stride, rows, m_ok, cols, n_ok, K,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr,
-              MMA_BF16: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] float32 sums over K of a[rows, :] * b[cols, :] (b holds weight rows)."""
+              MMA_BF16: tl.constexpr, PAIR: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32 sums over K of a[rows, :] * b[cols, :] (b holds weight rows), and
+    with PAIR the same for b2 in the same loop (the up-projection's two weights: both loads in
+    flight at once, and a loaded once; each sum keeps its own order)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     kk = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + kk < K
         # BF16 operands come as int16 bits (quantize.load_f32) and go back to BF16 exactly
         a = load_f32(a_ptr + rows[:, None] * a_row_stride + (k0 + kk)[None, :], m_ok[:, None] & k_ok[None, :], BF16)
-        b = load_f32(b_ptr + cols[:, None] * b_row_stride + (k0 + kk)[None, :], n_ok[:, None] & k_ok[None, :], BF16)
-        if MMA_BF16:
-            acc = tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)), acc)
-        else:  # float32, or BF16 in the interpreter (whose BF16 dot is not usable): exact products
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-    return acc
+        b_off = cols[:, None] * b_row_stride + (k0 + kk)[None, :]
+        b_ok = n_ok[:, None] & k_ok[None, :]
+        acc = _mma(acc, a, load_f32(b_ptr + b_off, b_ok, BF16), MMA_BF16)
+        if PAIR:
+            acc2 = _mma(acc2, a, load_f32(b2_ptr + b_off, b_ok, BF16), MMA_BF16)
+    return acc, acc2
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -72,8 +97,9 @@ def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, M, I, D, limit, x_row_stride,
     m_ok, n_ok = rows < M, cols < I
     w1 = w1_ptr + e * I * D
     w3 = w3_ptr + e * I * D
-    g = round_f32(_dot_rows(x_ptr, x_row_stride, w1, D, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16), BF16)
-    u = round_f32(_dot_rows(x_ptr, x_row_stride, w3, D, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16), BF16)
+    g, u = _dot_rows(x_ptr, x_row_stride, w1, w3, D, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, BF16,
+                     MMA_BF16, True)
+    g, u = round_f32(g, BF16), round_f32(u, BF16)
     s = swiglu_f32(g, u, limit, BF16, CUDA_EXP)  # moe_elementwise's SwiGLU on the rounded products
     out = h_ptr + (e * M + rows[:, None]) * I + cols[None, :]
     store_f32(out, s, m_ok[:, None] & n_ok[None, :], BF16)
@@ -91,8 +117,8 @@ def _down_kernel(h_ptr, w2_ptr, w_ptr, out_ptr, M, I, D, E, w_row_stride, w_slot
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for e in range(E):
         e64 = tl.zeros([], dtype=tl.int64) + e
-        y = round_f32(_dot_rows(h_ptr + e64 * M * I, I, w2_ptr + e64 * D * I, I, rows, m_ok, cols, n_ok, I,
-                                BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16), BF16)
+        y = round_f32(_dot_rows(h_ptr + e64 * M * I, I, w2_ptr + e64 * D * I, w2_ptr, I, rows, m_ok, cols, n_ok, I,
+                                BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16, False)[0], BF16)
         if SUM:
             for s in tl.static_range(SLOTS):
                 w = tl.load(w_ptr + rows * w_row_stride + s * w_slot_stride + e, mask=m_ok, other=0.0)
@@ -120,7 +146,7 @@ def expert_up(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, limit: float)
     M = x.shape[0]
     h = torch.empty(E, M, I, dtype=x.dtype, device=x.device)
     lim = float(torch.tensor(limit, dtype=x.dtype))  # the reference clamps in the tensor's dtype
-    bm, bk, bn, _ = _tiles(x)
+    (bm, bk, bn), _ = _tiles(x, M)
     _up_kernel[(E, triton.cdiv(I, bn), triton.cdiv(M, bm))](
         as_operand(x), as_operand(w1), as_operand(w3), as_operand(h), M, I, D, lim, x.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BF16=x.dtype == torch.bfloat16,
@@ -144,7 +170,7 @@ def expert_down(h: torch.Tensor, w2: torch.Tensor, table: torch.Tensor | None = 
     total = table is not None
     out = torch.empty((M, D) if total else (E, M, D), dtype=h.dtype, device=h.device)
     w = table.contiguous() if total else out
-    bm, bk, _, bn = _tiles(h)
+    _, (bm, bk, bn) = _tiles(h, M)
     _down_kernel[(triton.cdiv(D, bn), triton.cdiv(M, bm))](
         as_operand(h), as_operand(w2), w, as_operand(out), M, I, D, E, w.stride(0) if total else 0, w.stride(1) if total else 0,
         SLOTS=table.shape[1] if total else 1, SUM=total,
