@@ -259,17 +259,26 @@ def test_flash_attn_engine_with_kernels_gives_greedy_tokens_of_the_reference(fla
 def test_flash_attn_float32_engine_with_kernels_gives_the_reference_tokens_and_logits(monkeypatch):
     """Same as above in float32 (TF32 off, torch's default): here neither path rounds its
     probabilities or partial outputs to bf16, so both differ only in summation order and in the
-    mHC kernel's few ulps, and the bf16 bound above is no excuse: tokens equal, logits within
-    TINY_SPREAD of their std, for the reason the tiny tests give (reference rounding turns some
-    ulp differences into FP8 / FP4 code flips; measured on an H100 without the mHC kernel:
-    1.8e-3 at most). A wrong kernel moves them by O(1)."""
+    mHC kernel's few ulps, and the bf16 bound above is no excuse: logits within TINY_SPREAD of
+    their std, for the reason the tiny tests give (reference rounding turns some ulp differences
+    into FP8 / FP4 code flips; measured on an H100: 1.8e-3 without the mHC kernel, 8.7e-3 now),
+    and the reference's token wherever its best logit leads the next by more than twice that
+    bound. A wrong kernel moves logits by O(1).
+
+    The kernels are fed the reference's tokens: free-running, one near tie (reference margin
+    under 0.02 std; among 129K random-weight logits a few positions in a hundred have one) sent
+    the kernel path down another sequence, whose later logits differ by O(1) for that reason
+    alone (kernels/RESULTS.md)."""
     cfg = preset("flash-attn")
     model = V4Model(cfg, dtype=torch.float32, rounding=True).load_weights(random_weights(cfg, 0)).cuda()
     ps = prompts(cfg, [1500, 700, 300, 5], seed=1)
     config = dict(budget_bytes=4 << 30, max_requests=4, prefill_chunk=512, max_batch_tokens=1024)
     want, toks = engine_logits(model, monkeypatch, ps, 8, "torch", **config)
-    got, got_toks = engine_logits(model, monkeypatch, ps, 8, "auto", **config)
+    got, _ = engine_logits(model, monkeypatch, ps, 8, "auto", follow=toks, **config)
     print(f"\nengine, flash-attn float32: kernels move logits {spread(want, got):.2e} std")
-    assert got_toks == toks
     assert spread(want, got) <= TINY_SPREAD
+    for w, g in zip(want, got):
+        top2 = w.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) / w.std(dim=-1) > 2 * TINY_SPREAD
+        assert torch.equal(g.argmax(-1)[clear], w.argmax(-1)[clear])
 
