@@ -48,7 +48,11 @@ def sweep(name, shapes, apply, fn, traffic, ceil, values=lambda out: out.float()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("scan", "hca", "csa"), help="sweep one kernel only")
-    only = ap.parse_args().only
+    ap.add_argument("--cases", default="131072x32,1048576x32,1048576x1",
+                    help="context x batch of each input set, comma-separated")
+    args = ap.parse_args()
+    only = args.only
+    cases = [tuple(map(int, c.split("x"))) for c in args.cases.split(",")]
     cfg = preset("flash-attn")
     ceil = bk.ceilings()
     print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
@@ -57,7 +61,7 @@ def main() -> None:
     scan_default = (idx.FP8_PAGES, idx.SCAN_WARPS, idx.FP8_PROGRAMS_PER_SM, idx.SCAN_STAGES)
     hca_default = (dict(sp._GPU_LAUNCH[False]), hca.HCA_KEYS_PER_SPLIT)
     csa_default = (dict(sp._GPU_LAUNCH[True]), sp.SPARSE_KEYS_PER_SPLIT)
-    for T, B in ((131072, 32), (1048576, 32), (1048576, 1)):
+    for T, B in cases:
         x = bk.kernel_inputs(cfg, T, B, rows)
 
         def set_scan(pages, warps, pps, stages):
@@ -79,7 +83,9 @@ def main() -> None:
         if only in (None, "hca"):
             sweep(f"hca T={T} B={B} (heads, keys per tile, warps, stages, keys per split)",
                   ((64, 128, 8, 1, 512), (64, 128, 8, 1, 256), (64, 128, 8, 1, 768), (64, 128, 8, 1, 1024),
-                   (64, 64, 8, 1, 512), (64, 64, 8, 2, 512)),
+                   (64, 64, 8, 1, 512), (64, 64, 8, 2, 512),
+                   # fewer heads per program: more programs for a batch-1 query (same bits?)
+                   (32, 128, 8, 1, 512), (16, 128, 4, 1, 512), (16, 128, 8, 1, 512), (16, 64, 4, 1, 512)),
                   set_hca,
                   lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
                                          x["hca_main"], x["block_table"], bk.WINDOW, cfg.nope_head_dim),
@@ -93,7 +99,8 @@ def main() -> None:
         topk = torch.randint(0, T // 4, (B, bk.INDEX_TOPK), device="cuda", dtype=torch.int32)
         if only in (None, "csa"):
             sweep(f"csa T={T} B={B} (heads, keys per tile, warps, keys per split)",
-                  ((16, 16, 8, 256), (64, 128, 8, 128), (64, 128, 8, 256), (64, 64, 8, 128), (64, 64, 8, 256)),
+                  ((64, 128, 8, 256), (16, 16, 8, 256), (64, 128, 8, 128), (64, 64, 8, 128), (64, 64, 8, 256),
+                   (32, 128, 8, 256), (16, 128, 4, 256), (16, 128, 8, 256), (16, 64, 4, 256)),
                   set_csa,
                   lambda: sp.sparse_mqa_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
                                                x["csa_main"], x["block_table"], topk, bk.WINDOW, cfg.nope_head_dim),
