@@ -51,6 +51,7 @@ from .key_select import kernel_wins, select_entries
 from .key_select_ref import entries_of_keys, scores_from_keys  # noqa: F401 (scores_from_keys: the scan's API)
 from .kv_layout import index_row_bytes
 from .quantize import reference_decode_index
+from .scan_operands import E2M1_TO_E4M3_SCALE, GENERAL_PARTS, MODE_FP8, MODE_GENERAL, scan_operands
 
 PAGE_ENTRIES = BLOCK // CSA  # CSA entries per page: one 256-position block
 SENTINEL = -(2**63)  # key of an invisible column; its top 32 bits decode to NaN
@@ -66,9 +67,6 @@ FP8_PROGRAMS_PER_SM, GENERAL_PROGRAMS_PER_SM = 2, 4
 SCAN_WARPS = 4
 SCAN_STAGES = 3  # software-pipelining depth of the FP8 scan's loop (Triton's default)
 FP8_PAGES = 2  # pages per step of the FP8 scan
-MODE_FP8, MODE_GENERAL = 0, 1  # the scan each query takes (query_operands)
-GENERAL_PARTS = 3  # BF16 parts of a query in the general scan: exact for any float32
-E2M1_TO_E4M3_SCALE = 2.0**6  # an E2M1 code moved into E4M3 bits is its value times 2**-6
 
 
 @triton.jit
@@ -301,18 +299,26 @@ def _check(q, w, index_rows, block_table, positions):
         raise ValueError(f"positions has shape {list(positions.shape)}, expected {[S]}")
 
 
-def query_operands(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The scan's query operands: FP8 codes and scaled head weights (_fp8_query), BF16 parts
-    (_query_parts), the scan each query takes [S] (MODE_FP8 / MODE_GENERAL), head weights
-    zero-padded to hp [S, hp]. Row by row and without host syncs, so a decode step computes them
-    inside its CUDA graph (Attention.prepare) and hands them to indexer_topk."""
+def operands_reference(q: torch.Tensor, w: torch.Tensor, hp: int) -> tuple[torch.Tensor, ...]:
+    """query_operands in torch operations (scan_operands' reference)."""
     S, Hi, _ = q.shape
-    hp = max(16, triton.next_power_of_2(Hi))
     q8, w8, fp8_exact = _fp8_query(q, w, hp)
     mode = torch.where(fp8_exact, MODE_FP8, MODE_GENERAL).to(torch.int32)
     w_pad = torch.zeros(S, hp, dtype=torch.float32, device=q.device)
     w_pad[:, :Hi] = w
     return q8, w8, _query_parts(q, hp), mode, w_pad
+
+
+def query_operands(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The scan's query operands: FP8 codes and scaled head weights (_fp8_query), BF16 parts
+    (_query_parts), the scan each query takes [S] (MODE_FP8 / MODE_GENERAL), head weights
+    zero-padded to hp [S, hp]. Row by row and without host syncs, so a decode step computes them
+    inside its CUDA graph (Attention.prepare) and hands them to indexer_topk; on the kernel path
+    in one launch (scan_operands.py), else in torch operations (operands_reference)."""
+    hp = max(16, triton.next_power_of_2(q.shape[1]))
+    if use_triton(q):
+        return scan_operands(q.float(), w.float(), hp)
+    return operands_reference(q, w, hp)
 
 
 def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, block_table: torch.Tensor,

@@ -207,6 +207,49 @@ def test_model_queries_take_the_fp8_scan_and_others_the_general_one(triton_mode)
         assert torch.equal(batch[i], K.index_score_keys(q[i:i + 1], w[i:i + 1], rows, table[i:i + 1], pos[i:i + 1], 320)[0])
 
 
+@pytest.mark.parametrize("Hi,Di", [(16, 64), (64, 128), (12, 32)])
+def test_operands_kernel_gives_the_reference_bits(triton_mode, Hi, Di):
+    """scan_operands (one launch) against operands_reference (torch): every output bit for bit,
+    for the mix of queries the test above uses (FP4-rounded, float, a too-wide head, a value off
+    the FP4 grid), with -0.0, a zero head, heads padded to a power of two and strided q rows."""
+    from kernels.scan_operands import scan_operands
+
+    fp4, _ = make_queries(3, Hi, Di, seed=40, kind="fp4")
+    flt, _ = make_queries(2, Hi, Di, seed=41, kind="float")
+    q = torch.cat([fp4, flt])
+    q[0, 1, 0], q[0, 1, 1] = 1.0, 2.0**-20
+    q[1, 2, 3] = 1.25 * torch.exp2(q[1, 2].abs().max().log2().floor() - 1)
+    q[2, 0] = 0.0
+    q[2, 1, :4] = -0.0
+    q = torch.cat([q, q], dim=2)[:, :, :Di]  # rows of stride 2 * Di: not contiguous
+    w = torch.randn(5, Hi, generator=torch.Generator().manual_seed(42))
+    hp = max(16, 1 << (Hi - 1).bit_length())
+    got = scan_operands(q, w, hp)
+    want = K.operands_reference(q, w, hp)
+    assert got[3].tolist()[:2] == [K.MODE_GENERAL, K.MODE_GENERAL] and K.MODE_FP8 in got[3].tolist()
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                           r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r)
+    with pytest.raises(ValueError, match="scan_operands"):
+        scan_operands(q, w, Hi - 1)
+
+
+@pytest.mark.gpu
+def test_gpu_operands_kernel_gives_the_reference_bits_at_flash_attn_shapes(triton_mode):
+    from kernels.scan_operands import scan_operands
+
+    fp4, w = make_queries(200, 64, 128, seed=43, kind="fp4", device="cuda")
+    flt, _ = make_queries(100, 64, 128, seed=44, kind="float", device="cuda")
+    q = torch.cat([fp4, flt])
+    w = torch.cat([w, w[:100]])
+    got, want = scan_operands(q, w, 64), K.operands_reference(q, w, 64)
+    assert got[3].sum() == 100 * K.MODE_GENERAL  # the float queries, and only they
+    for g, r in zip(got, want):
+        assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                           r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r)
+
+
 def test_fp4_grid_is_read_off_the_e4m3_bits_as_fp4_rounding_defines_it():
     """_on_fp4_grid(codes) holds exactly where re-rounding to FP4 changes nothing (and no E4M3
     subnormal but 2**-7 is involved), for FP4-rounded blocks and for blocks with one value moved
