@@ -12,9 +12,10 @@ Heads from Hi to hp are zeros everywhere.
 
 Why a kernel: the torch version is some 60 operations per call, each a GPU kernel inside a decode
 step's CUDA graph, twice per flash-attn step (one per CSA layer): a fifth of the step's kernels.
-Every value is computed as the reference computes it (IEEE division by the power-of-two scale,
-round-to-nearest-even conversions to E4M3 and BF16, done in integer arithmetic because the
-interpreter's own conversions truncate), so the outputs are the reference's bits.
+Every value is computed as the reference computes it, with the bit-level helpers the cache
+encoder uses (quantize.py: the power-of-two scale, round-to-nearest-even E4M3 and BF16 in integer
+arithmetic, which the interpreter's own conversions are not), so the outputs are the reference's
+bits.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_quant import AMAX_FLOOR, FP8_MAX
+from .quantize import bf16_bits, e4m3_code, e4m3_value, pow2_from_byte, ue8m0_scale_byte
 
 E2M1_TO_E4M3_SCALE = 2.0**6  # an E2M1 code moved into E4M3 bits is its value times 2**-6
 MODE_FP8, MODE_GENERAL = 0, 1  # the scan each query takes (indexer_topk)
@@ -31,44 +32,9 @@ GENERAL_PARTS = tl.constexpr(3)  # BF16 parts of a query in the general scan: ex
 
 
 @triton.jit
-def _bf16_bits(x):
-    """Round-to-nearest-even BF16 bits of finite float32 x, as uint32 < 2**16 (integer arithmetic:
-    the interpreter's own conversion truncates)."""
-    b = x.to(tl.uint32, bitcast=True)
-    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-
-
-@triton.jit
-def _e4m3_code(y):
-    """Round-to-nearest-even E4M3 (fn) code of float32 y with |y| <= 448, as int32 in 0..255."""
-    a = tl.abs(y)
-    b = a.to(tl.uint32, bitcast=True)
-    # normal codes: 3 mantissa bits kept, the exponent rebased from 127 to 7 (a carry out of the
-    # mantissa moves the exponent up, as it should)
-    normal = (((b + 0x7FFFF + ((b >> 20) & 1)) >> 20) - (120 << 3)).to(tl.int32)
-    # below 2**-6: multiples of 2**-9; a * 512 is exact and adding 2**23 rounds it to an integer
-    sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
-    mag = tl.where(a < 0.015625, sub, normal)
-    sign = (y.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
-    return mag | (sign << 7)
-
-
-@triton.jit
-def _e4m3_value(code):
-    """float32 value of E4M3 code bytes (int32 0..255)."""
-    mag = code & 0x7F
-    field = mag >> 3
-    mant = mag & 7
-    normal = (((field + 120) << 23) | (mant << 20)).to(tl.float32, bitcast=True)
-    v = tl.where(field == 0, mant.to(tl.float32) * 0.001953125, normal)
-    return tl.where(code >= 128, -v, v)
-
-
-@triton.jit
 def _operands_kernel(q_ptr, w_ptr, q8_ptr, w8_ptr, parts_ptr, mode_ptr, w_pad_ptr, Hi, w_scale,
                      q_stride_s, q_stride_h, w_stride_s,
-                     HP: tl.constexpr, DI: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr,
-                     FP8: tl.constexpr, GENERAL: tl.constexpr):
+                     HP: tl.constexpr, DI: tl.constexpr, FP8: tl.constexpr, GENERAL: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, HP)
     d = tl.arange(0, DI)
@@ -77,13 +43,10 @@ def _operands_kernel(q_ptr, w_ptr, q8_ptr, w8_ptr, parts_ptr, mode_ptr, w_pad_pt
     q = tl.load(q_ptr + s * q_stride_s + h[:, None] * q_stride_h + d[None, :], mask=ok, other=0.0)
     w = tl.load(w_ptr + s * w_stride_s + h, mask=head_ok, other=0.0)
 
-    # power-of-two scale per head: pow2_ceil(max(amax, floor) / 448) read off the float bits
-    v = tl.div_rn(tl.maximum(tl.max(tl.abs(q), axis=1), AMAX_MIN), QMAX)
-    bits = v.to(tl.int32, bitcast=True)
-    exponent = bits & 0x7F800000
-    scale = tl.where((bits & 0x7FFFFF) == 0, exponent, exponent + 0x800000).to(tl.float32, bitcast=True)
-    y = tl.div_rn(q, scale[:, None])  # exact: a power of two
-    code = _e4m3_code(tl.minimum(tl.maximum(y, -QMAX), QMAX))
+    # power-of-two scale per head, as block_quant.fp8_e4m3_block_quant with one block per head
+    byte = ue8m0_scale_byte(tl.max(tl.abs(q), axis=1), 8, 0x600000)  # qmax 448 = 1.75 * 2**8
+    scale = pow2_from_byte(byte)
+    code = e4m3_code(q * pow2_from_byte(254 - byte)[:, None])  # exact: a power of two
 
     # FP8 mode: every element exactly code * scale, every 32-block on the FP4 grid
     mag = code & 0x7F
@@ -93,7 +56,7 @@ def _operands_kernel(q_ptr, w_ptr, q8_ptr, w8_ptr, parts_ptr, mode_ptr, w_pad_pt
     top = tl.reshape(tl.broadcast_to(top[:, :, None], (HP, DI // 32, 32)), (HP, DI))
     below = top - field
     grid = ((mant & 3) == 0) & ((below < 3) | ((below == 3) & (mant == 0)))
-    exact = ((mag == 0) | grid) & (_e4m3_value(code) * scale[:, None] == q)
+    exact = ((mag == 0) | grid) & (e4m3_value(code) * scale[:, None] == q)
     misses = tl.sum(tl.sum((ok & ~exact).to(tl.int32), axis=1), axis=0)
     tl.store(mode_ptr + s, tl.where(misses == 0, FP8, GENERAL))
 
@@ -109,8 +72,8 @@ def _operands_kernel(q_ptr, w_ptr, q8_ptr, w8_ptr, parts_ptr, mode_ptr, w_pad_pt
     rest = q
     off = s * (GENERAL_PARTS * HP * DI) + h[:, None] * DI + d[None, :]
     for k in tl.static_range(GENERAL_PARTS):
-        p = _bf16_bits(rest)
-        tl.store(parts_ptr + off + k * (HP * DI), p.to(tl.uint16))
+        p = bf16_bits(rest)
+        tl.store(parts_ptr + off + k * (HP * DI), p.to(tl.int16))
         rest = rest - (p << 16).to(tl.float32, bitcast=True)
 
 
@@ -131,8 +94,8 @@ def scan_operands(q: torch.Tensor, w: torch.Tensor, hp: int) -> tuple[torch.Tens
     w_pad = torch.empty(S, hp, dtype=torch.float32, device=dev)
     if S:
         _operands_kernel[(S,)](
-            q, w, q8.view(torch.uint8), w8, parts.view(torch.uint16), mode, w_pad, Hi, E2M1_TO_E4M3_SCALE * Di**-0.5,
+            q, w, q8.view(torch.uint8), w8, parts.view(torch.int16), mode, w_pad, Hi, E2M1_TO_E4M3_SCALE * Di**-0.5,
             q.stride(0), q.stride(1), w.stride(0),
-            HP=hp, DI=Di, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, FP8=MODE_FP8, GENERAL=MODE_GENERAL,
+            HP=hp, DI=Di, FP8=MODE_FP8, GENERAL=MODE_GENERAL,
             num_warps=16)  # [64, 128] per program: 16 values a thread, no spills (4 warps spill)
     return q8, w8, parts, mode, w_pad
