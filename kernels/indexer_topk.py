@@ -48,13 +48,12 @@ from .dispatch import use_triton
 from .geometry import BLOCK, CSA
 from .indexer_topk_ref import index_scores, select_topk
 from .key_select import kernel_wins, select_entries
-from .key_select_ref import entries_of_keys, scores_from_keys  # noqa: F401 (scores_from_keys: the scan's API)
+from .key_select_ref import SENTINEL, entries_of_keys, scores_from_keys  # noqa: F401 (scores_from_keys: the scan's API)
 from .kv_layout import index_row_bytes
 from .quantize import reference_decode_index
 from .scan_operands import E2M1_TO_E4M3_SCALE, GENERAL_PARTS, MODE_FP8, MODE_GENERAL, scan_operands
 
 PAGE_ENTRIES = BLOCK // CSA  # CSA entries per page: one 256-position block
-SENTINEL = -(2**63)  # key of an invisible column; its top 32 bits decode to NaN
 # Launch shape, fixed: the warp count changes the layout of the dots and so the order of the score
 # sums (keys differ in the last bits between 4 and 8 warps on an H100); pages per step and
 # programs do not. Swept on an H100 (`python -m load_tests.sweep_kernel_launch --only scan`, FP8
@@ -422,10 +421,11 @@ def _multiblock_topk(rows: int, width: int) -> bool:
 def topk_of_keys(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(keys, k, dim=1, sorted=True) of distinct int64 score keys [S, n].
 
-    For a few queries over long key lists torch.topk's multi-block select launches some 30 small
-    kernels from the host, the larger part of a batch-1 CSA layer's launches at 128K. There the
-    keys go in two rounds instead, each a single-block select: the top k of each piece of the
-    row, then the top k of those. The keys are distinct (each carries its entry index), so the
+    For the rows key_select leaves to torch (more than SELECT_MAX_ROWS: a prefill chunk's) over
+    long key lists, torch.topk's multi-block select launches some 30 small kernels from the host.
+    There the keys go in two rounds instead, each a single-block select: the top k of each piece
+    of the row, then the top k of those. (Decode batches, for which this was written, now take
+    key_select's kernel.) The keys are distinct (each carries its entry index), so the
     second round's top k is the row's and comes out in the same order: the same result."""
     S, n = keys.shape
     if k > n or not _multiblock_topk(S, n):

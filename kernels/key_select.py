@@ -34,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-SENTINEL = tl.constexpr(-(2**63))  # key of an invisible column (indexer_topk.SENTINEL)
+from . import key_select_ref
+
+SENTINEL = tl.constexpr(key_select_ref.SENTINEL)
 # keys a program holds in registers (8 per thread). Swept on an H100 (k = 512, chunk x warps, us):
 # 1 row of 32K keys 8192 x 16 59, 4096 x 8 38, 4096 x 16 35, 2048 x 4 41, 2048 x 8 33; 32 rows of
 # 256K 312 / 306 / 317 / 301 / 283; a program's rounds, not its keys, set its time

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+SENTINEL = -(2**63)  # the key of an invisible column; its top 32 bits decode to NaN
+
 
 def scores_from_keys(keys: torch.Tensor) -> torch.Tensor:
     """int64 score keys -> float32 scores (NaN for invisible columns)."""
@@ -29,4 +31,4 @@ def keys_of_scores(scores: torch.Tensor, n_visible: torch.Tensor) -> torch.Tenso
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
     col = torch.arange(scores.shape[1], device=scores.device)
     keys = ordered * 4294967296 + (2147483647 - col)
-    return torch.where(col < n_visible.to(scores.device)[:, None], keys, -(2**63))
+    return torch.where(col < n_visible.to(scores.device)[:, None], keys, SENTINEL)
