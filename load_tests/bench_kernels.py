@@ -349,9 +349,26 @@ def profile_step(model, states) -> str:
     avg = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     gpu_us = sum(e.device_time for e in kernels)
-    head = f"GPU kernels in the step: {len(kernels)}, {gpu_us / 1e3:.3f} ms of GPU time\n"
+    head = f"GPU kernels in the step: {len(kernels)}, {gpu_us / 1e3:.3f} ms of GPU time\n" + idle_gaps(kernels)
     return (head + avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
             + avg.table(sort_by="count", row_limit=40, max_name_column_width=70) + host_profile(model, states))
+
+
+def idle_gaps(kernels, long_us: float = 4.0, show: int = 12) -> str:
+    """Where the GPU waits within the step: gaps between one kernel's end and the next one's start.
+    Short gaps are the launches inside a graph; long ones are the host's (between graphs, eager
+    work), named by the kernels around them."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
+    gaps = [(nxt[0] - max(end for _, end, _ in spans[: i + 1]), spans[i][2], nxt[2])
+            for i, nxt in enumerate(spans[1:])]
+    gaps = [g for g in gaps if g[0] > 0]
+    long = sorted((g for g in gaps if g[0] >= long_us), reverse=True)
+    span = spans[-1][1] - spans[0][0]
+    lines = [f"first kernel to last: {span / 1e3:.3f} ms; idle {sum(g[0] for g in gaps) / 1e3:.3f} ms: "
+             f"{sum(g[0] for g in gaps if g[0] < long_us) / 1e3:.3f} ms in {sum(g[0] < long_us for g in gaps)} gaps "
+             f"under {long_us:g} us, {sum(g[0] for g in long) / 1e3:.3f} ms in {len(long)} longer ones"]
+    lines += [f"  {us:8.1f} us after {a[:60]} before {b[:60]}" for us, a, b in long[:show]]
+    return "\n".join(lines) + "\n"
 
 
 def host_profile(model, states) -> str:

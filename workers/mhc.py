@@ -14,16 +14,16 @@ import torch
 from kernels import hc_streams_ref
 from kernels.dispatch import use_triton
 from kernels.hc_sinkhorn_ref import hc_mix
-from kernels.numerics import linear, pointwise
+from kernels.numerics import pointwise
 
-from .modules import rms_norm
+from .modules import project, rms_norm
 
 
 def hc_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                iters: int, hc_eps: float, norm_eps: float):
     """Returns pre [N, hc], post [N, hc], comb [N, hc, hc] (comb[j, k]: from stream j to k)."""
     N, hc, d = streams.shape
-    mix = linear(rms_norm(streams.reshape(N, hc * d).float(), None, norm_eps), fn.float())
+    mix = project(rms_norm(streams.reshape(N, hc * d).float(), None, norm_eps), fn.float())
     if use_triton(mix):  # one launch instead of ~6 * iters small operations (kernels/hc_sinkhorn.py)
         from kernels.hc_sinkhorn import hc_mix as hc_mix_kernel
 
@@ -53,6 +53,6 @@ def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: 
             hc_eps: float, norm_eps: float) -> torch.Tensor:
     """Final collapse of the streams before the output norm."""
     N, hc, d = streams.shape
-    mix = linear(rms_norm(streams.reshape(N, hc * d).float(), None, norm_eps), fn.float())
+    mix = project(rms_norm(streams.reshape(N, hc * d).float(), None, norm_eps), fn.float())
     pre = pointwise(torch.sigmoid, mix * scale.float() + base.float()) + hc_eps
     return collapse(streams, pre)

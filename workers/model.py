@@ -10,7 +10,6 @@ other requests (numerics.py, attention.py say how).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, Segment
@@ -110,13 +109,16 @@ class V4Model(nn.Module):
             row += tokens.numel()
         if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
             raise ValueError(f"token id outside [0, {self.cfg.vocab_size})")
-        ids_t, pos_t = to_device(ids, device), to_device(pos, device)
         graphs = self._decode_graphs(segments, all_logits)
-        if graphs is not None:  # pad to the graphs' row count: position 0, token 0 (decode_graphs.py)
-            pad = bucket(row) - row
-            ids_t, pos_t = F.pad(ids_t, (0, pad)), F.pad(pos_t, (0, pad))
-        x = self.embed.weight[ids_t]
-        streams = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
+        if graphs is None:
+            ids_t, pos_t = to_device(ids, device), to_device(pos, device)
+        else:
+            # padded on the host to the graphs' row count (position 0, token 0: decode_graphs.py),
+            # copied in one piece into buffers every layer's graphs read in place (8 copies fewer)
+            pad = [0] * (bucket(row) - row)
+            ids_t, pos_t = graphs.fixed("tokens", tuple(to_device([ids + pad, pos + pad], device)))
+        # in a graph of its own on a decode step: layer 0 then reads the streams in place
+        streams = (graphs.run("embed", self._embed, ids_t) if graphs is not None else self._embed(ids_t))
         for i, block in enumerate(self.layers):
             streams = block(streams, ids_t, pos_t, segments, [s.layers[i] for s in states], self.rounding, graphs)
         for state, seg in zip(states, segments):
@@ -139,6 +141,10 @@ class V4Model(nn.Module):
         # old buffers, so they are dropped and recorded again on the next decode step
         self.graphs = None
         return super()._apply(fn, *args, **kwargs)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [N] -> the hc_mult residual streams [N, hc, d], each the token's embedding."""
+        return self.embed.weight[ids][:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
 
     def _head(self, streams: torch.Tensor) -> torch.Tensor:
         """Final mHC collapse, norm and output head -> float32 logits [N, V]."""

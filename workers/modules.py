@@ -21,6 +21,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return numerics.rms_norm(x, weight, eps)
 
 
+def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """numerics.linear(x, weight); a decode step's float32 projections (compressors, mHC) through
+    kernels/linear_f32.py on a GPU, where cuBLAS streams their weights at a sixth of the copy rate."""
+    if weight.dtype == torch.float32 and use_triton(x):
+        from kernels.linear_f32 import linear_f32, wanted
+
+        if wanted(x, weight):
+            return linear_f32(x, weight)
+    return linear(x, weight)
+
+
 class Proj(nn.Module):
     """A bias-free projection [out, in]; row-invariant (see numerics.linear)."""
 
@@ -29,7 +40,7 @@ class Proj(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x.to(self.weight.dtype), self.weight)
+        return project(x.to(self.weight.dtype), self.weight)
 
 
 class Norm(nn.Module):
