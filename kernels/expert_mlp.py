@@ -31,14 +31,16 @@ from .dispatch import use_triton
 from .moe_elementwise import add_slot, swiglu_f32
 from .quantize import as_operand, load_f32, round_f32, store_f32
 
-# Tiles (rows, reduction, columns) of the up and down kernels. BF16 on a GPU, from a sweep of the
+# Tiles (rows, reduction, columns) of the up and down kernels. BF16 on a GPU, from sweeps of the
 # preset's shapes under a CUDA graph (H100, 8 experts x 256 x 4096, kernels/RESULTS.md), up + down:
-# up to FEW_ROWS rows 23-25 + 12 us with 16 x 256 tiles (32 x 128: 26 + 14); 2,048 rows 0.30 +
+# up to FEW_ROWS rows 15.9 + 11.1 us at 16 rows, 16.8 + 15.3 at 32 with 16 x 256 x 32 up and
+# 16 x 128 x 32 down tiles (16 x 256 x 16 up, 16 x 256 x 32 down: 23.5 + 16.6 and 33.7 + 20.1;
+# 4 warps, 3 stages; 8 warps, other stages and 512-wide reductions no faster); 2,048 rows 0.30 +
 # 0.33 ms with 64 x 64 up and 32 x 128 x 64 down tiles (32 x 128: 0.86 + 0.40). Float32 (tests and
 # debugging) keeps one shape. The interpreter takes whole-width tiles: its cost is per program and
 # per loop step; it sums each tile's reduction in numpy's order, so its tiles stay fixed.
 FEW_ROWS = 32
-GPU_TILES_FEW = ((16, 256, 16), (16, 256, 32))
+GPU_TILES_FEW = ((16, 256, 32), (16, 128, 32))
 GPU_TILES_MANY = ((64, 64, 32), (32, 128, 64))
 GPU_TILES_F32 = ((32, 128, 16), (32, 128, 32))
 # Row and expert counts are not specialised on (Triton would compile a variant for counts of 1

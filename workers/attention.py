@@ -16,6 +16,7 @@ Compressors and state updates are shared.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -170,15 +171,18 @@ class Attention(nn.Module):
         ls, reqs, rows = states[0], [s.req for s in states], attention_rows(len(states))
         pools, families = ls.req.pools, self._compressors()
         width = width_bucket(max(len(r.blocks) for r in reqs))
-        t = decode_tables(reqs, self.cfg.sliding_window, q.device, rows=rows, width=width)
-        tables = graphs.fixed("decode_tables", t.tensors())  # copied once per step, read in place
+        # staged once per step into buffers every layer's graph reads in place
+        t = decode_tables(reqs, self.cfg.sliding_window, q.device, rows=rows, width=width,
+                          stage=functools.partial(graphs.stage, "decode_tables"))
+        tables = (*graphs.fixed("block_table", (t.block_table,)), *t.tensors()[1:])
         iq = tuple(index_queries) if self.ratio == CSA else ()
         args = [q, kv, *iq, *tables, *(p for family, _ in families for p in projected[family])]
         closes = False  # does a window close in the step? If not, the piece only appends (a variant of its own)
         if families:  # one copy for the layer's plans
             plans = [r for family, _ in families for r in compress_plan(states, family, rows)]
             closes = any(any(r) for r in plans[PLAN_CLOSING :: PLAN_CLOSING + 1])
-            args.append(to_device(plans, q.device).view(len(families), PLAN_CLOSING + 1, rows))
+            args += graphs.stage("compress_plans", plans, torch.long, q.device,
+                                 lambda buf: (buf.view(len(families), PLAN_CLOSING + 1, rows),))
 
         def piece(q_all, kv, *rest):
             # the graphs' inputs have the step's bucket of rows, the kernels run on the first `rows`

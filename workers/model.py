@@ -94,19 +94,22 @@ class V4Model(nn.Module):
         segments, pos, ids, states = [], [], [], []
         row = 0
         for state, tokens in batch:
-            # ids and positions are gathered on the host and copied once, without a stream sync
-            tokens = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1).cpu()
-            if tokens.numel() == 0:
+            # ids and positions are gathered on the host and copied once, without a stream sync;
+            # a list of ints (a decode step's one token) is taken as it is
+            if not (type(tokens) is list and all(type(t) is int for t in tokens)):
+                tokens = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1).tolist()
+            n = len(tokens)
+            if n == 0:
                 raise ValueError("a request in the batch has no new tokens")
-            if state.num_tokens + tokens.numel() > self.cfg.max_position_embeddings:
-                raise ValueError(f"position {state.num_tokens + tokens.numel()} exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
-            if state.replay_end is not None and state.num_tokens + tokens.numel() > state.replay_end:
+            if state.num_tokens + n > self.cfg.max_position_embeddings:
+                raise ValueError(f"position {state.num_tokens + n} exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
+            if state.replay_end is not None and state.num_tokens + n > state.replay_end:
                 raise ValueError("a replay segment must end at or before replay_end")
-            segments.append(Segment(row=row, length=tokens.numel(), start=state.num_tokens, replay_end=state.replay_end))
-            pos.extend(range(state.num_tokens, state.num_tokens + tokens.numel()))
-            ids.extend(tokens.tolist())
+            segments.append(Segment(row=row, length=n, start=state.num_tokens, replay_end=state.replay_end))
+            pos.extend(range(state.num_tokens, state.num_tokens + n))
+            ids.extend(tokens)
             states.append(state)
-            row += tokens.numel()
+            row += n
         if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
             raise ValueError(f"token id outside [0, {self.cfg.vocab_size})")
         graphs = self._decode_graphs(segments, all_logits)
@@ -114,9 +117,9 @@ class V4Model(nn.Module):
             ids_t, pos_t = to_device(ids, device), to_device(pos, device)
         else:
             # padded on the host to the graphs' row count (position 0, token 0: decode_graphs.py),
-            # copied in one piece into buffers every layer's graphs read in place (8 copies fewer)
+            # copied in one piece into buffers every layer's graphs read in place
             pad = [0] * (bucket(row) - row)
-            ids_t, pos_t = graphs.fixed("tokens", tuple(to_device([ids + pad, pos + pad], device)))
+            ids_t, pos_t = graphs.stage("tokens", [ids + pad, pos + pad], torch.long, device, torch.unbind)
         # in a graph of its own on a decode step: layer 0 then reads the streams in place
         streams = (graphs.run("embed", self._embed, ids_t) if graphs is not None else self._embed(ids_t))
         for i, block in enumerate(self.layers):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,12 +97,15 @@ def window_columns(window: int) -> int:
 
 
 def decode_tables(reqs: list[PagedRequestState], window: int, device: torch.device, rows: int | None = None,
-                  width: int | None = None) -> DecodeTables:
+                  width: int | None = None, stage: Callable | None = None) -> DecodeTables:
     """Tables of one query per request, at position req.num_tokens (whose key is written before
     the kernels read it). With `rows` and `width`: the fixed shapes of a graphed step (module
-    docstring), window-key destinations included."""
+    docstring), window-key destinations included. `stage(values, dtype, device, views)` copies
+    the host part to the device (a graphed step: DecodeGraphs.stage, into buffers its graphs
+    read in place); to_device by default."""
     global _last
-    key, sig = (rows, width, device), [(r, r.num_tokens, r.blocks, len(r.blocks), r.swa, len(r.swa)) for r in reqs]
+    key = (rows, width, device, stage is not None)
+    sig = [(r, r.num_tokens, r.blocks, len(r.blocks), r.swa, len(r.swa)) for r in reqs]
     if _unchanged(_last, key, sig):
         return _last[2]
     n_rows = len(reqs) if rows is None else rows
@@ -116,14 +120,12 @@ def decode_tables(reqs: list[PagedRequestState], window: int, device: torch.devi
         dest = [(r.swa[t // SWA_PAGE], t % SWA_PAGE) for r, t in zip(reqs, pos)]
         host += ([d[0] for d in dest] + [dest[0][0]] * pad + [d[1] for d in dest] + [dest[0][1]] * pad
                  + list(range(len(reqs))) + [0] * pad)
-    dev = to_device(host, device, torch.int32)  # one copy, sliced on the device
-    positions, swa_table = dev[:n_rows], dev[n_rows : n_rows * (n_win + 1)].view(n_rows, n_win)
-    block_table = _block_table(reqs, device, n_rows, width)
-    if rows is None:
-        tables = DecodeTables(block_table, swa_table, positions)
-    else:
-        win = dev[n_rows * (n_win + 1) :].view(3, n_rows)
-        tables = DecodeTables(block_table, swa_table, positions, win[0], win[1], win[2])
+    def cut(dev: torch.Tensor) -> tuple[torch.Tensor, ...]:  # one copy, sliced on the device
+        positions, swa_table = dev[:n_rows], dev[n_rows : n_rows * (n_win + 1)].view(n_rows, n_win)
+        return (swa_table, positions) if rows is None else (swa_table, positions, *dev[n_rows * (n_win + 1) :].view(3, n_rows))
+
+    parts = cut(to_device(host, device, torch.int32)) if stage is None else stage(host, torch.int32, device, cut)
+    tables = DecodeTables(_block_table(reqs, device, n_rows, width), *parts)
     _last = (key, sig, tables)
     return tables
 
