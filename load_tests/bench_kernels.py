@@ -359,9 +359,11 @@ def idle_gaps(kernels, long_us: float = 4.0, show: int = 12) -> str:
     Short gaps are the launches inside a graph; long ones are the host's (between graphs, eager
     work), named by the kernels around them."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
-    gaps = [(nxt[0] - max(end for _, end, _ in spans[: i + 1]), spans[i][2], nxt[2])
-            for i, nxt in enumerate(spans[1:])]
-    gaps = [g for g in gaps if g[0] > 0]
+    gaps, busy_until = [], spans[0][1]  # the latest end so far: kernels of one graph may overlap
+    for (_, _, before), (start, end, after) in zip(spans, spans[1:]):
+        if start > busy_until:
+            gaps.append((start - busy_until, before, after))
+        busy_until = max(busy_until, end)
     long = sorted((g for g in gaps if g[0] >= long_us), reverse=True)
     span = spans[-1][1] - spans[0][0]
     lines = [f"first kernel to last: {span / 1e3:.3f} ms; idle {sum(g[0] for g in gaps) / 1e3:.3f} ms: "

@@ -8,10 +8,11 @@ step is three pieces, each recorded once as a CUDA graph and replayed (model.Blo
   * the decode piece (Attention._decode_piece): the state updates (every compressor's open row,
     and where a window closes its pooling, finishing and new entry; the window keys) and the
     decode kernels, over tables of fixed shapes; the host only builds the step's small index
-    lists (page_tables.decode_tables, paged_state.compress_plan) and copies them in once;
+    lists (page_tables.decode_tables, paged_state.compress_plan) and copies each in once;
   * attention_out_and_ffn: the output projection, mHC and MoE after it;
-then the head. A piece's inputs that are another graph's outputs (or `fixed` buffers) are read
-where they are, not copied. A step with a row the decode piece cannot plan (a prefix-cache
+then the head (and, before layer 0, the embedding). A piece's inputs that are another graph's
+outputs, `fixed` buffers or `stage` buffers (the host's values of the step, copied from pinned
+memory straight into them) are read where they are, not copied. A step with a row the decode piece cannot plan (a prefix-cache
 replay's token, or one closing CSA window 0) runs that layer's state updates and kernels op by
 op (Attention.attend_states), with the finishing of closing windows as a piece of its own.
 
