@@ -8,7 +8,9 @@ time to enqueue the forward (until it returns, before the sync) and its share of
 100%: the host binds; well below: the GPU does), and the host time inside the
 functions a step calls between and around its graph replays (wrapped with a timer; nested
 entries are included in their callers). Then, per recorded graph of four, one replay's host
-cost and its wall time (replays back to back, then a sync). States are synthetic
+cost and its wall time (replays back to back, then a sync). Last, the step's timeline: CUDA
+events around every piece's replay give, per piece, how long the GPU sat idle before it (waiting
+for the host), its GPU time, and when the host had queued it. States are synthetic
 (load_tests/bench_kernels.py synthetic_states), as in the step section there.
 """
 
@@ -37,6 +39,53 @@ def _timed(owner, name: str, label: str, acc: collections.Counter) -> None:
             acc[label] += time.perf_counter() - t
 
     setattr(owner, name, wrapper)
+
+
+def timeline(model, states, steps: int) -> str:
+    """Per piece of a graphed step, medians over `steps` steps (the first two dropped): GPU idle
+    before it, its GPU time, and when the host had queued it, in ms from the step's start."""
+    from workers.decode_graphs import DecodeGraphs
+
+    log = []
+    run = DecodeGraphs.run
+
+    def timed_run(self, name, fn, *args, **kwargs):
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record()
+        out = run(self, name, fn, *args, **kwargs)
+        after.record()
+        log.append((name.split(".rounding")[0], before, after, time.perf_counter()))
+        return out
+
+    DecodeGraphs.run = timed_run
+    rows: dict[int, list[tuple[str, float, float, float]]] = collections.defaultdict(list)
+    try:
+        for _ in range(steps + 2):
+            log.clear()
+            for st in states:
+                st.reserve(1)
+            bk.sync()
+            start, t0 = torch.cuda.Event(enable_timing=True), time.perf_counter()
+            start.record()
+            model([(st, [5]) for st in states])
+            bk.sync()
+            for st in states:
+                st.release_old_window()
+            busy_until = 0.0
+            for i, (name, before, after, queued) in enumerate(log):
+                begin, end = start.elapsed_time(before), start.elapsed_time(after)
+                rows[i].append((name, begin - busy_until, end - begin, (queued - t0) * 1e3))
+                busy_until = end
+    finally:
+        DecodeGraphs.run = run
+    lines = [f"  {'piece':28s} {'GPU idle before':>15s} {'GPU ms':>8s} {'queued at ms':>12s}"]
+    idle = 0.0
+    for samples in rows.values():
+        med = [statistics.median(s[k] for s in samples[2:]) for k in (1, 2, 3)]
+        idle += med[0]
+        lines.append(f"  {samples[0][0]:28s} {med[0]:15.3f} {med[1]:8.3f} {med[2]:12.3f}")
+    lines.append(f"  GPU idle before the pieces: {idle:.3f} ms")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -90,6 +139,7 @@ def main() -> None:
                 host = time.perf_counter() - t
                 bk.sync()
                 print(f"  replay {name}: host {host / n * 1e6:.1f} us, wall {(time.perf_counter() - t) / n * 1e6:.1f} us")
+            print(timeline(model, states, args.steps))
             states = None
             bk.empty_cache()
 
