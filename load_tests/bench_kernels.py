@@ -15,8 +15,10 @@ Sections (each guarded: a failure prints its error and the others still run):
              reached; bytes and FLOPs from each kernel module's own traffic formula;
   step       the whole decode step of the flash-attn preset (V4Model, random weights, rounding on)
              on states at position P whose pages hold valid encoded rows (no prefill run), with
-             the kernels and with the torch reference: ms per step and the state-bytes floor
-             (KV state a step must read / copy rate); with the kernels, once with the decode
+             the kernels and with the torch reference: ms per step, the state-bytes floor
+             (KV state a step must read / copy rate) and the bytes floor ("w+s floor": that
+             state plus every weight a graphed step reads, all but the embedding table since
+             its MoE runs every expert / copy rate); with the kernels, once with the decode
              CUDA graphs (workers/decode_graphs.py) and once without ("no-graph ms");
   hf         transformers' DeepseekV4ForCausalLM (same config and weights, bf16) decode after a
              prefill of P tokens through its cache in --hf-chunk pieces, where it fits ("did not
@@ -291,6 +293,12 @@ def state_bytes_per_token(cfg, T: int) -> int:
     return total
 
 
+def step_weight_bytes(model) -> int:
+    """Weight bytes a graphed decode step reads: every parameter but the embedding table (a
+    step gathers a few of its rows), the dense MoE's every expert included."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith("embed."))
+
+
 def synthetic_states(cfg, model, P: int, B: int, rows) -> list:
     """B request states at position P on distinct pages of valid rows (compressor state random),
     with room for 64 more tokens; as load_tests/bench_transfer.py fakes a state without a prefill."""
@@ -400,10 +408,13 @@ def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int]
             try:
                 states = synthetic_states(cfg, model, pos, B, rows)
                 floor_s = B * state_bytes_per_token(cfg, pos) / ceil["copy_bytes_per_s"]
-                row.update(state_bytes=B * state_bytes_per_token(cfg, pos), floor_ms=floor_s * 1e3)
+                bytes_floor_s = floor_s + step_weight_bytes(model) / ceil["copy_bytes_per_s"]
+                row.update(state_bytes=B * state_bytes_per_token(cfg, pos), floor_ms=floor_s * 1e3,
+                           weight_bytes=step_weight_bytes(model), bytes_floor_ms=bytes_floor_s * 1e3)
                 with kernels_mode("auto"):
                     s = step_time(model, states)
                 row.update(kernels_ms=s * 1e3, kernels_tok_s=B / s, floor_over_kernels=floor_s / s,
+                           bytes_floor_over_kernels=bytes_floor_s / s,
                            graphs=len(model.graphs) if model.graphs is not None else 0)
                 if model.graphs is not None:  # the same step without the decode graphs
                     model.cuda_graphs = False
@@ -566,7 +577,7 @@ def print_tables(res: dict) -> None:
               f"  {r.get('config', '')}")
     hf = {r["context"]: r for r in res.get("hf", [])}
     if res.get("step"):
-        print(f"\n{'step ctx':>9} {'B':>3} {'floor ms':>9} {'kernels ms':>11} {'no-graph ms':>11} {'floor/k':>8} {'torch ms':>9} {'hf ms':>9} {'k/hf tok/s':>11}")
+        print(f"\n{'step ctx':>9} {'B':>3} {'floor ms':>9} {'w+s floor':>9} {'kernels ms':>11} {'no-graph ms':>11} {'floor/k':>8} {'w+s/k':>6} {'torch ms':>9} {'hf ms':>9} {'k/hf tok/s':>11}")
     for r in res.get("step", []):
         if "error" in r:
             print(f"{r['context']:>9} {r['batch']:>3} error: {r['error']}")
@@ -576,8 +587,8 @@ def print_tables(res: dict) -> None:
         torch_ms = f"{r['torch_ms']:9.1f}" if "torch_ms" in r else f"{'-':>9}"
         hf_ms = f"{h['hf_ms']:9.1f}" if "hf_ms" in h else f"{h.get('hf', '-'):>9}"
         eager = f"{r['eager_ms']:11.2f}" if "eager_ms" in r else f"{'-':>11}"
-        print(f"{r['context']:>9} {r['batch']:>3} {r['floor_ms']:9.3f} {r['kernels_ms']:11.2f} {eager} "
-              f"{r['floor_over_kernels']:8.1%} {torch_ms} {hf_ms} {ratio}")
+        print(f"{r['context']:>9} {r['batch']:>3} {r['floor_ms']:9.3f} {r['bytes_floor_ms']:9.3f} {r['kernels_ms']:11.2f} "
+              f"{eager} {r['floor_over_kernels']:8.1%} {r['bytes_floor_over_kernels']:6.1%} {torch_ms} {hf_ms} {ratio}")
     for r in res.get("hf", []):
         if "hf_ms" in r:
             print(f"transformers decode at {r['context']}: {r['hf_ms']:.1f} ms/token")
