@@ -48,7 +48,7 @@ from .dispatch import use_triton
 from .geometry import BLOCK, CSA
 from .indexer_topk_ref import index_scores, select_topk
 from .key_select import kernel_wins, select_entries
-from .key_select_ref import SENTINEL, entries_of_keys, scores_from_keys  # noqa: F401 (scores_from_keys: the scan's API)
+from .key_select_ref import SENTINEL, entries_of_keys
 from .kv_layout import index_row_bytes
 from .quantize import reference_decode_index
 from .scan_operands import E2M1_TO_E4M3_SCALE, GENERAL_PARTS, MODE_FP8, MODE_GENERAL, scan_operands

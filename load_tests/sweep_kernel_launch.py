@@ -21,6 +21,7 @@ import torch
 from kernels import hca_decode as hca
 from kernels import indexer_topk as idx
 from kernels import sparse_decode as sp
+from kernels.key_select_ref import scores_from_keys
 from workers.config import preset
 
 from . import bench_kernels as bk
@@ -73,7 +74,7 @@ def main() -> None:
                   ((2, 4, 2, 3), (2, 4, 2, 1), (2, 4, 2, 2), (2, 4, 2, 4), (1, 4, 3, 1), (1, 4, 3, 2), (1, 4, 4, 3)), set_scan,
                   lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
                                                x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops),
-                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim), ceil, idx.scores_from_keys)
+                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim), ceil, scores_from_keys)
         set_scan(*scan_default)
 
         def set_hca(heads, block_n, warps, stages, split):

@@ -13,6 +13,7 @@ import torch
 
 from kernels import indexer_topk as K
 from kernels.block_quant import fp4_e2m1_block_qdq, hadamard
+from kernels.key_select_ref import scores_from_keys
 from kernels.quantize import reference_decode_index, reference_encode_index
 
 RTOL = 1e-5
@@ -56,7 +57,7 @@ def magnitude(q, w, rows, table, n_cols):
 
 def assert_scores_close(q, w, rows, table, pos):
     n_cols = 64 * table.shape[1]
-    got = K.scores_from_keys(K.index_score_keys(q, w, rows, table, pos, n_cols))
+    got = scores_from_keys(K.index_score_keys(q, w, rows, table, pos, n_cols))
     want = K.reference_scores(q, w, rows, table, pos, n_cols)
     visible = torch.arange(n_cols, device=q.device)[None] < ((pos + 1) // 4)[:, None]
     tol = RTOL * magnitude(q, w, rows, table, n_cols)
@@ -137,7 +138,7 @@ def test_unwritten_rows_past_the_visible_entries_are_never_used(triton_mode):
     pos = torch.tensor([4 * 138 - 1])  # 138 visible = 2 full pages + 10
     q, w = make_queries(1, Hi, Di, seed=12, kind="fp4")
     keys = K.index_score_keys(q, w, rows, table, pos, 192)
-    assert K.scores_from_keys(keys)[0, :138].isfinite().all() and K.scores_from_keys(keys)[0, 138:].isnan().all()
+    assert scores_from_keys(keys)[0, :138].isfinite().all() and scores_from_keys(keys)[0, 138:].isnan().all()
     assert_same_selection(K.indexer_topk(q, w, rows, table, pos, topk), q, w, rows, table, pos, topk)
 
 
