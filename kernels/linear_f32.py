@@ -79,10 +79,16 @@ def splits_for(n: int, k: int) -> int:
     return splits
 
 
-def wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Does linear_f32 run the kernel for these operands (float32, few rows, on a GPU)?"""
-    return (x.is_cuda and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 2
+def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Operands the kernel is for, on any device: float32, 2-D, 1 to MAX_ROWS rows (a decode
+    step's; a prefill's stay with cuBLAS), weight rows contiguous."""
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 2
             and 0 < x.shape[0] <= MAX_ROWS and weight.stride(-1) == 1)
+
+
+def wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Does the model run the kernel for these operands (`takes` them, on a GPU)?"""
+    return x.is_cuda and takes(x, weight)
 
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -110,4 +116,4 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["linear_f32", "wanted", "splits_for", "reference", "MAX_ROWS"]
+__all__ = ["linear_f32", "takes", "wanted", "splits_for", "reference", "MAX_ROWS"]

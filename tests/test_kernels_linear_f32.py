@@ -33,10 +33,9 @@ def test_linear_f32_kernel_matches_the_product(m, n, k):
     x, w = operands(m, n, k, seed=m * n)
     got = K.linear_f32(x, w)
     check_close(got, x, w)
-    # a row's result does not depend on the rows beside it: alone, or among 17 others
+    # a row's result does not depend on the rows beside it: alone, or with 17 more after it
     assert torch.equal(K.linear_f32(x[1:2], w), got[1:2])
-    many = torch.cat([x, torch.randn(17 - min(m, 16), k)]) if m < 17 else x
-    assert torch.equal(K.linear_f32(many, w)[:m], got)
+    assert torch.equal(K.linear_f32(torch.cat([x, torch.randn(17, k)]), w)[:m], got)
 
 
 def test_splits_follow_the_weight_shape_alone():
@@ -44,7 +43,7 @@ def test_splits_follow_the_weight_shape_alone():
     # narrower weights, never more than the chunks of K
     assert [K.splits_for(n, 4096) for n in (1024, 512, 256)] == [16, 32, 64]
     assert K.splits_for(24, 16384) == 256 and K.splits_for(4, 16384) == 256 and K.splits_for(16, 64) == 2
-    x, w = operands(2, 4, 16384, seed=3)  # mHC head's shape: 256 partial sums, added in split order
+    x, w = operands(2, 4, 16384, seed=3)  # mHC head's shape: 256 partial sums, added in a pairwise tree
     check_close(K.linear_f32(x, w), x, w)
 
 
@@ -56,9 +55,11 @@ def test_linear_f32_rejects_mismatched_operands():
 def test_project_keeps_cpu_bf16_and_prefill_rows_on_the_reference(monkeypatch):
     # the kernel is for a GPU's decode rows of float32 weights: elsewhere project is numerics.linear
     x, w = operands(4, 16, 64, seed=5)
-    assert not K.wanted(x, w)
-    assert not K.wanted(x.to(torch.bfloat16), w.to(torch.bfloat16))
-    assert not K.wanted(torch.randn(K.MAX_ROWS + 1, 64), w)
+    assert K.takes(x, w) and K.takes(torch.randn(K.MAX_ROWS, 64), w)
+    assert not K.takes(x.to(torch.bfloat16), w.to(torch.bfloat16))
+    assert not K.takes(torch.randn(K.MAX_ROWS + 1, 64), w)  # a prefill chunk
+    assert not K.takes(x[:0], w) and not K.takes(x[None], w)
+    assert not K.wanted(x, w)  # not on a GPU
     monkeypatch.setenv("V4SERVE_KERNELS", "triton")
     assert torch.equal(project(x, w), K.reference(x, w))
 
