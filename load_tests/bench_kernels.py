@@ -398,7 +398,7 @@ def host_profile(model, states) -> str:
 
 def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int], torch_upto: int,
                  profile: bool = False) -> list[dict]:
-    rows, out = encoded_rows(cfg), []
+    rows, out, weight_bytes = encoded_rows(cfg), [], step_weight_bytes(model)
     for P in contexts:
         for B in batches:
             # every token the section decodes (22 timed, 6 without graphs, 2 profiled, 5 on the
@@ -408,9 +408,9 @@ def step_section(cfg, model, ceil: dict, contexts: list[int], batches: list[int]
             try:
                 states = synthetic_states(cfg, model, pos, B, rows)
                 floor_s = B * state_bytes_per_token(cfg, pos) / ceil["copy_bytes_per_s"]
-                bytes_floor_s = floor_s + step_weight_bytes(model) / ceil["copy_bytes_per_s"]
+                bytes_floor_s = floor_s + weight_bytes / ceil["copy_bytes_per_s"]
                 row.update(state_bytes=B * state_bytes_per_token(cfg, pos), floor_ms=floor_s * 1e3,
-                           weight_bytes=step_weight_bytes(model), bytes_floor_ms=bytes_floor_s * 1e3)
+                           weight_bytes=weight_bytes, bytes_floor_ms=bytes_floor_s * 1e3)
                 with kernels_mode("auto"):
                     s = step_time(model, states)
                 row.update(kernels_ms=s * 1e3, kernels_tok_s=B / s, floor_over_kernels=floor_s / s,

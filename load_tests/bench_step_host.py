@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import re
 import functools
 import statistics
 import time
@@ -54,23 +56,25 @@ def timeline(model, states, steps: int) -> str:
         before.record()
         out = run(self, name, fn, *args, **kwargs)
         after.record()
-        log.append((name.split(".rounding")[0], before, after, time.perf_counter()))
+        log.append((re.sub(r"\.(rounding|pools)\d+", "", name), before, after, time.perf_counter()))
         return out
+
+    begun: list[tuple[torch.cuda.Event, float]] = []
+
+    @contextlib.contextmanager
+    def started():  # the step's start, on the GPU and on the host, as decode_once enters it
+        log.clear()
+        start = torch.cuda.Event(enable_timing=True)
+        begun.append((start, time.perf_counter()))
+        start.record()
+        yield
 
     DecodeGraphs.run = timed_run
     rows: dict[int, list[tuple[str, float, float, float]]] = collections.defaultdict(list)
     try:
         for _ in range(steps + 2):
-            log.clear()
-            for st in states:
-                st.reserve(1)
-            bk.sync()
-            start, t0 = torch.cuda.Event(enable_timing=True), time.perf_counter()
-            start.record()
-            model([(st, [5]) for st in states])
-            bk.sync()
-            for st in states:
-                st.release_old_window()
+            bk.decode_once(model, states, started)  # synchronises before it returns
+            start, t0 = begun[-1]
             busy_until = 0.0
             for i, (name, before, after, queued) in enumerate(log):
                 begin, end = start.elapsed_time(before), start.elapsed_time(after)
@@ -78,12 +82,12 @@ def timeline(model, states, steps: int) -> str:
                 busy_until = end
     finally:
         DecodeGraphs.run = run
-    lines = [f"  {'piece':28s} {'GPU idle before':>15s} {'GPU ms':>8s} {'queued at ms':>12s}"]
+    lines = [f"  {'piece':36s} {'GPU idle before':>15s} {'GPU ms':>8s} {'queued at ms':>12s}"]
     idle = 0.0
     for samples in rows.values():
         med = [statistics.median(s[k] for s in samples[2:]) for k in (1, 2, 3)]
         idle += med[0]
-        lines.append(f"  {samples[0][0]:28s} {med[0]:15.3f} {med[1]:8.3f} {med[2]:12.3f}")
+        lines.append(f"  {samples[0][0]:36s} {med[0]:15.3f} {med[1]:8.3f} {med[2]:12.3f}")
     lines.append(f"  GPU idle before the pieces: {idle:.3f} ms")
     return "\n".join(lines)
 
