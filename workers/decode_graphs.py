@@ -148,9 +148,10 @@ class DecodeGraphs:
         return kept[1]
 
     def fixed(self, name: str, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """`tensors` copied into buffers kept for (name, shapes), which graphs read in place: a
-        step's decode tables, copied once per step rather than into each layer's graph. A call
-        with the very tensors of the last call copies nothing (the next layer of the same step)."""
+        """Device `tensors` copied into buffers kept for (name, shapes), which graphs read in
+        place: a step's block table (built on the device; host values go through `stage`), copied
+        once per step rather than into each layer's graph. A call with the very tensors of the
+        last call copies nothing (the next layer of the same step, or an unchanged table)."""
         if not self.capture:
             return tensors
         key = (name, tuple((tuple(t.shape), t.dtype, t.device) for t in tensors))

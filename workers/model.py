@@ -121,7 +121,7 @@ class V4Model(nn.Module):
             pad = [0] * (bucket(row) - row)
             ids_t, pos_t = graphs.stage("tokens", [ids + pad, pos + pad], torch.long, device, torch.unbind)
         # in a graph of its own on a decode step: layer 0 then reads the streams in place
-        streams = (graphs.run("embed", self._embed, ids_t) if graphs is not None else self._embed(ids_t))
+        streams = (graphs.run if graphs is not None else run_eagerly)("embed", self._embed, ids_t)
         for i, block in enumerate(self.layers):
             streams = block(streams, ids_t, pos_t, segments, [s.layers[i] for s in states], self.rounding, graphs)
         for state, seg in zip(states, segments):
