@@ -144,7 +144,10 @@ def main() -> None:
                 bk.sync()
                 print(f"  replay {name}: host {host / n * 1e6:.1f} us, wall {(time.perf_counter() - t) / n * 1e6:.1f} us")
             print(timeline(model, states, args.steps))
-            states = None
+            # the graphs of these states go with them: replayed alone above, a graph recorded for
+            # another context's states would read pages freed since (an H100 run hit an index
+            # assert at 128K replaying the 8K run's decode pieces)
+            states = model.graphs = None
             bk.empty_cache()
 
 
