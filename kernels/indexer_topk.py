@@ -28,6 +28,9 @@ Two scans, each query scored by one of them (query_operands picks):
 Both take exact products and float32 sums, so scores differ from the reference only by summation
 order.
 
+On Hopper GPUs the FP8 scan runs as a Gluon kernel (indexer_scan_hopper.py): the same sums in the
+same order, so the same keys, with the operand layouts stated instead of left to the compiler.
+
 Each score is stored as an int64 key (order-preserving bits of the float score, then
 INT32_MAX - e), so one torch.topk over the keys gives the reference's order including ties, and
 an invisible column holds INT64_MIN, which decodes to NaN. Each key is computed the same way
@@ -43,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import indexer_scan_hopper as hopper_scan
 from .block_quant import fp8_e4m3_block_quant
 from .dispatch import use_triton
 from .geometry import BLOCK, CSA
@@ -51,7 +55,7 @@ from .key_select import kernel_wins, select_entries
 from .key_select_ref import SENTINEL, entries_of_keys
 from .kv_layout import index_row_bytes
 from .quantize import reference_decode_index
-from .scan_operands import E2M1_TO_E4M3_SCALE, GENERAL_PARTS, MODE_FP8, MODE_GENERAL, scan_operands
+from .scan_operands import E2M1_TO_E4M3_PTX, E2M1_TO_E4M3_SCALE, GENERAL_PARTS, MODE_FP8, MODE_GENERAL, scan_operands
 
 PAGE_ENTRIES = BLOCK // CSA  # CSA entries per page: one 256-position block
 # Launch shape, fixed: the warp count changes the layout of the dots and so the order of the score
@@ -66,6 +70,9 @@ FP8_PROGRAMS_PER_SM, GENERAL_PROGRAMS_PER_SM = 2, 4
 SCAN_WARPS = 4
 SCAN_STAGES = 3  # software-pipelining depth of the FP8 scan's loop (Triton's default)
 FP8_PAGES = 2  # pages per step of the FP8 scan
+# Hopper GPUs take the FP8 scan in Gluon (indexer_scan_hopper.py; 0.35 against 0.52 ms at 1M x 32 on
+# an H100); off, they run the Triton kernel above (the launch sweep turns it off to time that one)
+HOPPER_SCAN = True
 
 
 @triton.jit
@@ -152,19 +159,7 @@ def _e2m1_to_e4m3(raw, INTERPRET: tl.constexpr):
         odd = ((raw >> 2) & 0x1C) | (raw & 0x80)
     else:
         even, odd = tl.inline_asm_elementwise(
-            """{
-            .reg .b32 a, b;
-            shl.b32 a, $2, 2;
-            and.b32 a, a, 0x1C1C1C1C;
-            shl.b32 b, $2, 4;
-            and.b32 b, b, 0x80808080;
-            or.b32 $0, a, b;
-            shr.b32 a, $2, 2;
-            and.b32 a, a, 0x1C1C1C1C;
-            and.b32 b, $2, 0x80808080;
-            or.b32 $1, a, b;
-            }""",
-            "=r,=r,r", [raw], dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+            E2M1_TO_E4M3_PTX, "=r,=r,r", [raw], dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
     N: tl.constexpr = raw.shape[0]
     n: tl.constexpr = raw.shape[1]
     grouped = tl.join(even, odd).reshape(N, n // 4, 4, 2).permute(0, 1, 3, 2)
@@ -176,9 +171,10 @@ def _scan_fp8_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out
                      q8_stride_s, table_stride_s, page_stride, out_stride_s,
                      n_blk, n_cols, pages_per_prog, row_stride: tl.constexpr,
                      HP: tl.constexpr, DI: tl.constexpr, SENTINEL_KEY: tl.constexpr,
-                     PAGES: tl.constexpr, INTERPRET: tl.constexpr, MODE: tl.constexpr):
+                     PAGES: tl.constexpr, INTERPRET: tl.constexpr, MODE: tl.constexpr, WORD_SCALES: tl.constexpr):
     """Score keys of the visible entries of the queries in MODE (the FP8 scan: module docstring),
-    PAGES pages per step, and the sentinel of every invisible page of every query."""
+    PAGES pages per step, and the sentinel of every invisible page of every query. WORD_SCALES:
+    rows are 4-byte aligned and hold whole groups of 4 scale bytes."""
     s = tl.program_id(0)
     page_lo = tl.program_id(1) * pages_per_prog
     page_hi = tl.minimum(page_lo + pages_per_prog, tl.cdiv(n_cols, 64))
@@ -202,9 +198,21 @@ def _scan_fp8_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out
             page_id = tl.load(table_row + tl.minimum(pg, n_blk - 1)).to(tl.int64)
             row = rows_ptr + page_id * page_stride + (entry % 64) * row_stride
             acc = tl.zeros([64 * PAGES, HP], tl.float32)
+            # the scale bytes 4 at a time, as 32-bit words (block b's in bits 8(b%4).. of word b//4),
+            # where rows are 4-byte aligned (68 bytes at Di=128): a byte load per block was a global
+            # load each block waited for before its dot (too few bytes for the async copies that
+            # stage the codes)
+            words = ()
+            if WORD_SCALES:
+                for g in tl.static_range(DI // 128):
+                    words = words + (tl.load((row + DI // 2 + 4 * g).to(tl.pointer_type(tl.int32)), mask=in_range,
+                                             other=0x7F7F7F7F),)
             for b in tl.static_range(DI // 32):
                 raw = tl.load(row[:, None] + b * 16 + tl.arange(0, 16)[None, :], mask=in_range[:, None], other=0)
-                e = tl.load(row + DI // 2 + b, mask=in_range, other=127).to(tl.int32)
+                if WORD_SCALES:
+                    e = (words[b // 4] >> (8 * (b % 4))) & 0xFF
+                else:
+                    e = tl.load(row + DI // 2 + b, mask=in_range, other=127).to(tl.int32)
                 k_scale = tl.where(e == 0, 2.0**-127, (e << 23).to(tl.float32, bitcast=True))  # UE8M0, as kv_layout decodes
                 # one block's exact sums (fresh accumulator), times the key's block scale
                 acc += tl.dot(_e2m1_to_e4m3(raw, INTERPRET), qs[b]) * k_scale[:, None]
@@ -345,11 +353,17 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
         # a compile-time row stride (68 bytes at Di=128) lets Triton see 4-byte aligned rows and
         # load the codes 4 bytes at a time; a runtime one leaves them byte by byte
         consts = dict(row_stride=index_rows.stride(1), HP=hp, DI=Di, SENTINEL_KEY=SENTINEL, num_warps=SCAN_WARPS)
-        # each query is scored by the launch of its mode; the FP8 one also writes the sentinels
-        ppp = _pages_per_program(S, n_pages, q.device, FP8_PROGRAMS_PER_SM)
-        _scan_fp8_kernel[(S, -(-n_pages // ppp))](
-            q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp, **consts,
-            PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8, num_stages=SCAN_STAGES)
+        # each query is scored by the launch of its mode; the FP8 one also writes the sentinels.
+        # On Hopper the FP8 launch is the Gluon kernel (indexer_scan_hopper.py: the same keys)
+        if HOPPER_SCAN and hopper_scan.usable(q8, index_rows):
+            hopper_scan.scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols, SENTINEL, MODE_FP8,
+                                 _sm_count(q.device))
+        else:
+            ppp = _pages_per_program(S, n_pages, q.device, FP8_PROGRAMS_PER_SM)
+            _scan_fp8_kernel[(S, -(-n_pages // ppp))](
+                q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp, **consts,
+                PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8, num_stages=SCAN_STAGES,
+                WORD_SCALES=index_rows.stride(1) % 4 == 0 and index_rows.data_ptr() % 4 == 0 and Di % 128 == 0)
         ppp = _pages_per_program(S, n_pages, q.device, GENERAL_PROGRAMS_PER_SM)
         _scan_kernel[(S, -(-n_pages // ppp))](
             parts, w_pad, mode, positions, index_rows, table, out, parts.stride(0), parts.stride(1), *common, ppp,

@@ -27,6 +27,21 @@ import triton.language as tl
 from .quantize import bf16_bits, e4m3_code, e4m3_value, pow2_from_byte, ue8m0_scale_byte
 
 E2M1_TO_E4M3_SCALE = 2.0**6  # an E2M1 code moved into E4M3 bits is its value times 2**-6
+# The move, 4 bytes (8 packed codes) in a 32-bit register at a time: $2 the packed bytes, $0 their
+# 4 even codes and $1 their 4 odd ones as E4M3 bytes (magnitude bits << 2, sign to bit 7); the FP8
+# scans' inline PTX (indexer_topk.py, indexer_scan_hopper.py)
+E2M1_TO_E4M3_PTX = tl.constexpr("""{
+    .reg .b32 a, b;
+    shl.b32 a, $2, 2;
+    and.b32 a, a, 0x1C1C1C1C;
+    shl.b32 b, $2, 4;
+    and.b32 b, b, 0x80808080;
+    or.b32 $0, a, b;
+    shr.b32 a, $2, 2;
+    and.b32 a, a, 0x1C1C1C1C;
+    and.b32 b, $2, 0x80808080;
+    or.b32 $1, a, b;
+    }""")
 MODE_FP8, MODE_GENERAL = 0, 1  # the scan each query takes (indexer_topk)
 GENERAL_PARTS = tl.constexpr(3)  # BF16 parts of a query in the general scan: exact for any float32
 

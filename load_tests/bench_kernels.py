@@ -172,6 +172,17 @@ def encoded_rows(cfg, n: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- decode kernels -------------------------------------------------------------------------------
 
+def _without_hopper_scan(fn):
+    """fn() with the Triton FP8 scan where a Hopper GPU would run the Gluon one."""
+    from kernels import indexer_topk as idx
+
+    old, idx.HOPPER_SCAN = idx.HOPPER_SCAN, False
+    try:
+        return fn()
+    finally:
+        idx.HOPPER_SCAN = old
+
+
 def kernel_inputs(cfg, context: int, B: int, rows: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Per-layer page views and tables for B queries at position context-1."""
     from kernels.block_quant import fp4_e2m1_block_qdq
@@ -238,6 +249,11 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                                                               x["positions"], x["block_table"].shape[1] * idx.PAGE_ENTRIES,
                                                               ops),
                                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
+                # the Triton FP8 scan, where Hopper runs the Gluon one (indexer_scan_hopper.py)
+                "indexer_scan_triton": (lambda: _without_hopper_scan(lambda: idx.index_score_keys(
+                    x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
+                    x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops)),
+                    idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
                 # the same queries through the general scan (three BF16 parts, tl.dot_scaled)
                 "indexer_scan_general": (lambda: idx.index_score_keys(
                     x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],

@@ -83,7 +83,9 @@ def assert_same_selection(got, q, w, rows, table, pos, topk):
 
 
 @pytest.mark.parametrize("kind", ["fp4", "float"])  # one BF16 query part / three
-@pytest.mark.parametrize("Hi,Di", [(16, 64), (20, 128)])
+# Di=64: 34-byte rows, scale bytes loaded one by one; 128 and 256: 4-byte aligned rows, scales read as
+# one and two 32-bit words (a wrong byte of a word would scale a block by another block's scale)
+@pytest.mark.parametrize("Hi,Di", [(16, 64), (20, 128), (16, 256)])
 def test_scores_match_index_scores_through_a_shuffled_table(triton_mode, kind, Hi, Di):
     rows = make_cache(10, Di, seed=1)
     table = torch.randperm(10, generator=torch.Generator().manual_seed(2))[:6].int().repeat(3, 1)
@@ -320,6 +322,36 @@ def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
     q, w = make_queries(256, Hi, Di, seed=21, kind="fp4", device="cuda")
     got = K.indexer_topk(q, w, rows, table, pos, topk)
     assert_same_selection(got, q, w, rows, table, pos, topk)
+
+
+@pytest.mark.gpu
+def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch):
+    """On Hopper the FP8 scan runs in Gluon (indexer_scan_hopper.py): its keys must be the Triton
+    kernel's bit for bit, for decode rows of their own requests (a partial page, a query seeing
+    nothing, a table wider than the context, queries of both modes in one launch) and for a
+    prefill chunk sharing one table row."""
+    from kernels import indexer_scan_hopper as H
+
+    if not H.usable(torch.zeros(1, 4, 64, 32, device="cuda"), torch.zeros(1, 64, 68, dtype=torch.uint8, device="cuda")):
+        pytest.skip("needs a Hopper GPU with Gluon")
+    Hi, Di, n_blk = 64, 128, 96
+    rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")
+    g = torch.Generator().manual_seed(29)
+    table = torch.stack([torch.randperm(5 * n_blk, generator=g)[:n_blk] for _ in range(5)]).int().cuda()
+    pos = torch.tensor([n_blk * 256 - 1, 50 * 256 + 77, 2, 3 * 256 + 5, 40 * 256], device="cuda")
+    q, w = make_queries(5, Hi, Di, seed=30, kind="fp4", device="cuda")
+    q[3] = make_queries(1, Hi, Di, seed=31, kind="float", device="cuda")[0][0]  # the general scan's
+    chunk_q, chunk_w = make_queries(200, Hi, Di, seed=32, kind="fp4", device="cuda")
+    chunk_pos = torch.arange(20000, 20200, device="cuda")
+    cases = [(q, w, table, pos, n_blk * 64 + 128), (chunk_q, chunk_w, table[:1], chunk_pos, n_blk * 64)]
+    for qq, ww, tt, pp, n_cols in cases:
+        ops = K.query_operands(qq, ww)
+        gluon_keys = K.index_score_keys(qq, ww, rows, tt, pp, n_cols, ops)
+        monkeypatch.setattr(K, "HOPPER_SCAN", False)
+        triton_keys = K.index_score_keys(qq, ww, rows, tt, pp, n_cols, ops)
+        monkeypatch.setattr(K, "HOPPER_SCAN", True)
+        assert torch.equal(gluon_keys, triton_keys)
+    assert_scores_close(q, w, rows, table, pos)
 
 
 @pytest.mark.parametrize("S,n", [(1, 32768), (1, 262144), (2, 65536), (3, 24576), (1, 20480)])
