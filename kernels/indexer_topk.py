@@ -41,6 +41,7 @@ selection does not depend on its batch or on the split of pages over programs.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
@@ -57,6 +58,7 @@ from .kv_layout import index_row_bytes
 from .quantize import reference_decode_index
 from .scan_operands import E2M1_TO_E4M3_PTX, E2M1_TO_E4M3_SCALE, GENERAL_PARTS, MODE_FP8, MODE_GENERAL, scan_operands
 
+log = logging.getLogger(__name__)
 PAGE_ENTRIES = BLOCK // CSA  # CSA entries per page: one 256-position block
 # Launch shape, fixed: the warp count changes the layout of the dots and so the order of the score
 # sums (keys differ in the last bits between 4 and 8 warps on an H100); pages per step and
@@ -225,6 +227,20 @@ def _scan_fp8_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out
         tl.store(out_row + page * 64 + n, tl.full([64], SENTINEL_KEY, tl.int64))
 
 
+def _hopper_scan(q8, w8, mode, positions, index_rows, table, out, n_cols: int) -> bool:
+    """Run the Gluon FP8 scan; False, and the Triton scan from then on, where this Triton cannot
+    compile or launch it (Gluon is experimental: its API moves between Triton releases)."""
+    global HOPPER_SCAN
+    try:
+        hopper_scan.scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols, SENTINEL, MODE_FP8)
+    except triton.errors.TritonError as e:
+        HOPPER_SCAN = False
+        log.warning("the Gluon FP8 scan failed (%s: %s); the Triton scan runs instead", type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        return False
+    return True
+
+
 def _query_parts(q: torch.Tensor, hp: int) -> torch.Tensor:
     """q [S, Hi, Di] float32 -> BF16 parts [S, 3, hp, Di] (heads zero-padded to hp) with
     q == part0 + part1 + part2 exactly (the general scan's operand)."""
@@ -355,10 +371,8 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
         consts = dict(row_stride=index_rows.stride(1), HP=hp, DI=Di, SENTINEL_KEY=SENTINEL, num_warps=SCAN_WARPS)
         # each query is scored by the launch of its mode; the FP8 one also writes the sentinels.
         # On Hopper the FP8 launch is the Gluon kernel (indexer_scan_hopper.py: the same keys)
-        if HOPPER_SCAN and hopper_scan.usable(q8, index_rows):
-            hopper_scan.scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols, SENTINEL, MODE_FP8,
-                                 _sm_count(q.device))
-        else:
+        if not (HOPPER_SCAN and hopper_scan.usable(q8, index_rows) and _hopper_scan(
+                q8, w8, mode, positions, index_rows, table, out, n_cols)):
             ppp = _pages_per_program(S, n_pages, q.device, FP8_PROGRAMS_PER_SM)
             _scan_fp8_kernel[(S, -(-n_pages // ppp))](
                 q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp, **consts,

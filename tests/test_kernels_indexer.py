@@ -293,6 +293,35 @@ def test_fp8_scan_keys_do_not_depend_on_pages_per_step_or_program(triton_mode, m
     assert_scores_close(q, w, rows, table, pos)
 
 
+def test_a_gluon_scan_that_does_not_compile_leaves_the_triton_scan_in_its_place(triton_mode, monkeypatch, caplog):
+    """Gluon's API moves between Triton releases: if the Hopper kernel fails to compile, the call
+    still returns the Triton scan's keys, says so once, and later calls go straight to Triton."""
+    from triton.compiler.errors import CompilationError
+
+    from kernels import indexer_scan_hopper as H
+
+    Hi, Di = 16, 128
+    rows = make_cache(6, Di, seed=33)
+    table = torch.randperm(6, generator=torch.Generator().manual_seed(34))[:5].int().repeat(2, 1)
+    pos = torch.tensor([5 * 256 - 1, 3 * 256 + 9])
+    q, w = make_queries(2, Hi, Di, seed=35, kind="fp4")
+    want = K.index_score_keys(q, w, rows, table, pos, 320)
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise CompilationError("kernel.py", None, "no such Gluon builtin")
+
+    monkeypatch.setattr(K, "HOPPER_SCAN", True)
+    monkeypatch.setattr(H, "usable", lambda q8, index_rows: True)
+    monkeypatch.setattr(H, "scan_fp8", broken)
+    with caplog.at_level("WARNING", logger=K.__name__):
+        assert torch.equal(K.index_score_keys(q, w, rows, table, pos, 320), want)
+        assert torch.equal(K.index_score_keys(q, w, rows, table, pos, 320), want)
+    assert len(calls) == 1 and K.HOPPER_SCAN is False
+    assert sum("Gluon FP8 scan failed" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_scan_traffic_counts_key_rows_and_dot_flops():
     nbytes, flops = K.scan_traffic(2, 1 << 20, 64, 128)
     n = (1 << 20) // 4
