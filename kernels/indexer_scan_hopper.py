@@ -31,6 +31,7 @@ import functools
 import torch
 import triton.language as tl
 
+from .kv_layout import index_scales_as_words
 from .scan_operands import E2M1_TO_E4M3_PTX
 
 try:  # Gluon ships with Triton 3.4+; without it the Triton scan runs everywhere
@@ -161,25 +162,21 @@ def _is_hopper(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def usable(q8: torch.Tensor, index_rows: torch.Tensor) -> bool:
     """Whether this kernel runs the FP8 scan: a Hopper GPU with Gluon, Di = 128, and rows whose
-    scale bytes can be read as 4-byte words (page and row strides and base 4-byte aligned)."""
+    scale bytes can be read as 32-bit words (kv_layout.index_scales_as_words)."""
     return (gluon is not None and q8.is_cuda and _is_hopper(q8.device) and q8.shape[1] * 32 == DI
-            and index_rows.stride(1) % 4 == 0 and index_rows.stride(0) % 4 == 0 and index_rows.data_ptr() % 4 == 0)
+            and index_scales_as_words(index_rows, DI))
 
 
-def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, sentinel: int, fp8_mode: int) -> None:
+def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages_per_prog: int, sentinel: int,
+             fp8_mode: int) -> None:
     """Write the FP8 scan's keys into out [S, n_cols] for the queries whose mode is fp8_mode, and the
-    sentinel of every invisible page (indexer_topk.index_score_keys checks the operands)."""
+    sentinel of every invisible page (indexer_topk.index_score_keys checks the operands and splits
+    each query's pages over programs, PROGRAMS_PER_SM per SM)."""
     S = q8.shape[0]
     n_pages = -(-n_cols // 64)
-    ppp = max(1, -(-n_pages // max(1, PROGRAMS_PER_SM * _sm_count(q8.device) // S)))
-    ppp += ppp % 2  # whole steps of two pages
+    ppp = pages_per_prog + pages_per_prog % 2  # whole steps of two pages
     _scan_kernel[(S, -(-n_pages // ppp))](
         q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table.stride(0) if table.shape[0] > 1 else 0,
         index_rows.stride(0), out.stride(0), table.shape[1], n_cols, ppp, row_stride=index_rows.stride(1),

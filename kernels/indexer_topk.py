@@ -54,7 +54,7 @@ from .geometry import BLOCK, CSA
 from .indexer_topk_ref import index_scores, select_topk
 from .key_select import kernel_wins, select_entries
 from .key_select_ref import SENTINEL, entries_of_keys
-from .kv_layout import index_row_bytes
+from .kv_layout import index_row_bytes, index_scales_as_words
 from .quantize import reference_decode_index
 from .scan_operands import E2M1_TO_E4M3_PTX, E2M1_TO_E4M3_SCALE, GENERAL_PARTS, MODE_FP8, MODE_GENERAL, scan_operands
 
@@ -231,8 +231,9 @@ def _hopper_scan(q8, w8, mode, positions, index_rows, table, out, n_cols: int) -
     """Run the Gluon FP8 scan; False, and the Triton scan from then on, where this Triton cannot
     compile or launch it (Gluon is experimental: its API moves between Triton releases)."""
     global HOPPER_SCAN
+    ppp = _pages_per_program(q8.shape[0], -(-n_cols // PAGE_ENTRIES), q8.device, hopper_scan.PROGRAMS_PER_SM)
     try:
-        hopper_scan.scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols, SENTINEL, MODE_FP8)
+        hopper_scan.scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols, ppp, SENTINEL, MODE_FP8)
     except triton.errors.TritonError as e:
         HOPPER_SCAN = False
         log.warning("the Gluon FP8 scan failed (%s: %s); the Triton scan runs instead", type(e).__name__,
@@ -371,13 +372,14 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
         consts = dict(row_stride=index_rows.stride(1), HP=hp, DI=Di, SENTINEL_KEY=SENTINEL, num_warps=SCAN_WARPS)
         # each query is scored by the launch of its mode; the FP8 one also writes the sentinels.
         # On Hopper the FP8 launch is the Gluon kernel (indexer_scan_hopper.py: the same keys)
-        if not (HOPPER_SCAN and hopper_scan.usable(q8, index_rows) and _hopper_scan(
-                q8, w8, mode, positions, index_rows, table, out, n_cols)):
+        gluon_ran = HOPPER_SCAN and hopper_scan.usable(q8, index_rows) and _hopper_scan(
+            q8, w8, mode, positions, index_rows, table, out, n_cols)
+        if not gluon_ran:
             ppp = _pages_per_program(S, n_pages, q.device, FP8_PROGRAMS_PER_SM)
             _scan_fp8_kernel[(S, -(-n_pages // ppp))](
                 q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp, **consts,
                 PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8, num_stages=SCAN_STAGES,
-                WORD_SCALES=index_rows.stride(1) % 4 == 0 and index_rows.data_ptr() % 4 == 0 and Di % 128 == 0)
+                WORD_SCALES=index_scales_as_words(index_rows, Di))
         ppp = _pages_per_program(S, n_pages, q.device, GENERAL_PROGRAMS_PER_SM)
         _scan_kernel[(S, -(-n_pages // ppp))](
             parts, w_pad, mode, positions, index_rows, table, out, parts.stride(0), parts.stride(1), *common, ppp,

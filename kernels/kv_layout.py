@@ -71,6 +71,15 @@ def index_row_bytes(index_dim: int) -> int:
     return index_dim // 2 + index_dim // INDEX_BLOCK
 
 
+def index_scales_as_words(index_rows: torch.Tensor, index_dim: int) -> bool:
+    """Whether the scan kernels may read the scale bytes of these indexer rows (uint8 [P, 64,
+    index_row_bytes]) 4 at a time as 32-bit words: whole groups of 4 scales per row (index_dim a
+    multiple of 128) at 4-byte aligned addresses (the base, every page and every row; 68-byte rows
+    at index_dim 128)."""
+    return (index_dim % (4 * INDEX_BLOCK) == 0 and index_rows.data_ptr() % 4 == 0
+            and index_rows.stride(0) % 4 == 0 and index_rows.stride(1) % 4 == 0)
+
+
 def _ue8m0_encode(scale: torch.Tensor) -> torch.Tensor:
     """Power-of-two float32 scales -> biased exponent bytes (frexp: 2**k = 0.5 * 2**(k+1))."""
     _, e = torch.frexp(scale)

@@ -322,6 +322,18 @@ def test_a_gluon_scan_that_does_not_compile_leaves_the_triton_scan_in_its_place(
     assert sum("Gluon FP8 scan failed" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_scale_words_are_read_only_from_4_byte_aligned_rows_pages_and_base():
+    from kernels.kv_layout import index_scales_as_words
+
+    pool = torch.zeros(3, 2, 64, 68, dtype=torch.uint8)  # pages of two slots, as the pools interleave them
+    assert index_scales_as_words(pool[:, 1], 128)
+    assert not index_scales_as_words(pool[:, 1], 64)  # 2 scales a row: no whole word
+    assert not index_scales_as_words(pool.view(-1)[1:1 + 3 * 64 * 68].view(3, 64, 68), 128)  # base off by a byte
+    assert not index_scales_as_words(torch.zeros(3, 64, 70, dtype=torch.uint8)[..., :68], 128)  # 70-byte rows
+    odd_pages = torch.zeros(3 * 64 * 68 + 6, dtype=torch.uint8).as_strided((3, 64, 68), (64 * 68 + 2, 68, 1))
+    assert not index_scales_as_words(odd_pages, 128)  # pages 2 bytes apart from 4-byte alignment
+
+
 def test_scan_traffic_counts_key_rows_and_dot_flops():
     nbytes, flops = K.scan_traffic(2, 1 << 20, 64, 128)
     n = (1 << 20) // 4
@@ -376,6 +388,7 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch):
     for qq, ww, tt, pp, n_cols in cases:
         ops = K.query_operands(qq, ww)
         gluon_keys = K.index_score_keys(qq, ww, rows, tt, pp, n_cols, ops)
+        assert K.HOPPER_SCAN, "the Gluon scan fell back to the Triton one (see the log): nothing was compared"
         monkeypatch.setattr(K, "HOPPER_SCAN", False)
         triton_keys = K.index_score_keys(qq, ww, rows, tt, pp, n_cols, ops)
         monkeypatch.setattr(K, "HOPPER_SCAN", True)
