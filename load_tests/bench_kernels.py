@@ -172,15 +172,21 @@ def encoded_rows(cfg, n: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- decode kernels -------------------------------------------------------------------------------
 
-def _without_hopper_scan(fn):
-    """fn() with the Triton FP8 scan where a Hopper GPU would run the Gluon one."""
+@contextmanager
+def triton_scan():
+    """The Triton FP8 scan where a Hopper GPU would run the Gluon one (kernels/indexer_scan_hopper.py)."""
     from kernels import indexer_topk as idx
 
     old, idx.HOPPER_SCAN = idx.HOPPER_SCAN, False
     try:
-        return fn()
+        yield
     finally:
         idx.HOPPER_SCAN = old
+
+
+def _with_triton_scan(fn):
+    with triton_scan():
+        return fn()
 
 
 def kernel_inputs(cfg, context: int, B: int, rows: tuple[torch.Tensor, torch.Tensor]) -> dict:
@@ -250,7 +256,7 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                                                               ops),
                                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
                 # the Triton FP8 scan, where Hopper runs the Gluon one (indexer_scan_hopper.py)
-                "indexer_scan_triton": (lambda: _without_hopper_scan(lambda: idx.index_score_keys(
+                "indexer_scan_triton": (lambda: _with_triton_scan(lambda: idx.index_score_keys(
                     x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
                     x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops)),
                     idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),

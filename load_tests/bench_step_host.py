@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import re
 import functools
+import re
 import statistics
 import time
 

@@ -72,14 +72,14 @@ def main() -> None:
 
         ops = idx.query_operands(x["iq"], x["iw"])  # as a decode step has them, from its graph
         if only in (None, "scan"):
-            idx.HOPPER_SCAN = False  # the shapes swept are the Triton kernel's (Hopper runs Gluon's: see below)
-            sweep(f"fp8 scan T={T} B={B} (pages per step, warps, programs/SM, stages)",
-                  ((2, 4, 2, 3), (2, 4, 2, 1), (2, 4, 2, 2), (2, 4, 2, 4), (1, 4, 3, 1), (1, 4, 3, 2), (1, 4, 4, 3)), set_scan,
-                  lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
-                                               x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops),
-                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim), ceil, scores_from_keys)
+            with bk.triton_scan():  # the shapes swept are the Triton kernel's (docstring)
+                sweep(f"fp8 scan T={T} B={B} (pages per step, warps, programs/SM, stages)",
+                      ((2, 4, 2, 3), (2, 4, 2, 1), (2, 4, 2, 2), (2, 4, 2, 4), (1, 4, 3, 1), (1, 4, 3, 2), (1, 4, 4, 3)),
+                      set_scan,
+                      lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
+                                                   x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops),
+                      idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim), ceil, scores_from_keys)
         set_scan(*scan_default)
-        idx.HOPPER_SCAN = True
 
         def set_hca(heads, block_n, warps, stages, split):
             sp._GPU_LAUNCH[False] = dict(BLOCK_H=heads, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
