@@ -44,3 +44,18 @@ def use_triton(t: torch.Tensor) -> bool:
             raise RuntimeError("V4SERVE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
         return True
     return t.is_cuda and triton_available()
+
+
+def gluon_ran(launch, what: str, instead: str, log) -> bool:
+    """Call launch() (a Gluon kernel's launch); False where this Triton cannot compile or launch it,
+    logged on `log`. Gluon is experimental: its API moves between Triton releases, so the caller
+    turns its Gluon path off and runs `instead`, the Triton kernel, from then on."""
+    import triton
+
+    try:
+        launch()
+    except triton.errors.TritonError as e:
+        log.warning("the Gluon %s failed (%s: %s); the Triton %s runs instead", what, type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "", instead)
+        return False
+    return True

@@ -9,13 +9,21 @@ query) must stay small next to the key bytes it reads.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .dispatch import use_triton
+from . import hca_decode_hopper as hopper
+from .dispatch import gluon_ran, use_triton
 from .geometry import BLOCK, HCA
 from .sparse_decode import gather_reference, launch_split_attention
 
+log = logging.getLogger(__name__)
+
 HCA_KEYS_PER_SPLIT = 512  # 299 KB of keys per split against 64 KB (bf16) of partial output
+# Hopper GPUs take the split programs in Gluon (hca_decode_hopper.py); False after a Gluon kernel
+# failed to compile or launch here, or to run the Triton kernel there (benchmarks)
+HOPPER_HCA = True
 
 
 def reference(q, sink, swa, swa_table, positions, entries, block_table, window: int, nope_dim: int):
@@ -37,18 +45,15 @@ def hca_decode(q: torch.Tensor, sink: torch.Tensor, swa: torch.Tensor, swa_table
     """
     if not use_triton(q):
         return reference(q, sink, swa, swa_table, positions, entries, block_table, window, nope_dim)
+    gluon = HOPPER_HCA and hopper.usable(q, entries, window, nope_dim)
     return launch_split_attention(q, sink, swa, swa_table, positions, entries, block_table, None,
                                   window, nope_dim, ratio=BLOCK // entries.shape[1],
-                                  keys_per_split=HCA_KEYS_PER_SPLIT)
+                                  keys_per_split=HCA_KEYS_PER_SPLIT, split_kernel=_hopper_split if gluon else None)
 
 
-def decode_traffic(B: int, context: int, heads: int = 64, head_dim: int = 512, row_bytes: int = 584,
-                   window: int = 128, ratio: int = HCA, q_bytes: int = 2) -> tuple[int, int]:
-    """(bytes read and written, FLOPs) of one call for B queries at position context-1.
-
-    Bytes: the window and every visible entry row once, q in and out in q's dtype (split partials
-    are the kernel's overhead, not counted). FLOPs: QK and PV, 2*H*D each per key.
-    """
-    keys = window + context // ratio
-    moved = B * (keys * row_bytes + 2 * heads * head_dim * q_bytes)
-    return moved, B * 4 * heads * head_dim * keys
+def _hopper_split(args, consts, n_splits: int, batch: int) -> bool:
+    """Run the Gluon split programs; False, and the Triton ones from then on, where this Triton
+    cannot compile or launch them (dispatch.gluon_ran)."""
+    global HOPPER_HCA
+    HOPPER_HCA = gluon_ran(lambda: hopper.launch(args, consts, n_splits, batch), "HCA kernel", "kernel", log)
+    return HOPPER_HCA

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from . import indexer_scan_hopper as hopper_scan
 from .block_quant import fp8_e4m3_block_quant
-from .dispatch import use_triton
+from .dispatch import gluon_ran, use_triton
 from .geometry import BLOCK, CSA
 from .indexer_topk_ref import index_scores, select_topk
 from .key_select import kernel_wins, select_entries
@@ -232,14 +232,9 @@ def _hopper_scan(q8, w8, mode, positions, index_rows, table, out, n_cols: int) -
     compile or launch it (Gluon is experimental: its API moves between Triton releases)."""
     global HOPPER_SCAN
     ppp = _pages_per_program(q8.shape[0], -(-n_cols // PAGE_ENTRIES), q8.device, hopper_scan.PROGRAMS_PER_SM)
-    try:
-        hopper_scan.scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols, ppp, SENTINEL, MODE_FP8)
-    except triton.errors.TritonError as e:
-        HOPPER_SCAN = False
-        log.warning("the Gluon FP8 scan failed (%s: %s); the Triton scan runs instead", type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "")
-        return False
-    return True
+    HOPPER_SCAN = gluon_ran(lambda: hopper_scan.scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols,
+                                                         ppp, SENTINEL, MODE_FP8), "FP8 scan", "scan", log)
+    return HOPPER_SCAN
 
 
 def _query_parts(q: torch.Tensor, hp: int) -> torch.Tensor:

@@ -216,8 +216,13 @@ def _merge_splits(
 
 
 def launch_split_attention(q, sink, swa, swa_table, positions, entries, block_table, topk,
-                           window: int, nope_dim: int, ratio: int, keys_per_split: int) -> torch.Tensor:
-    """Shared launcher of sparse_mqa_decode (topk given) and hca_decode (topk None: all visible)."""
+                           window: int, nope_dim: int, ratio: int, keys_per_split: int,
+                           split_kernel=None) -> torch.Tensor:
+    """Shared launcher of sparse_mqa_decode (topk given) and hca_decode (topk None: all visible).
+
+    split_kernel(args, consts, n_splits, B) -> bool, if given, runs the split programs in place of
+    `_split_attention` (same arguments and partials; hca_decode's Gluon kernel on Hopper) and says
+    whether it did; the merge is shared."""
     B, H, D = q.shape
     check_dims(D, nope_dim, entries.shape[-1])
     if swa.shape[-1] != entries.shape[-1] or swa.shape[1] != SWA_PAGE:
@@ -261,7 +266,8 @@ def launch_split_attention(q, sink, swa, swa_table, positions, entries, block_ta
                   # the interpreter's tl.dot multiplies bf16 bit patterns as integers; float32
                   # operands holding the same bf16 values give what a bf16 tensor-core dot gives
                   F32_DOT=not q.is_cuda)
-    _split_attention[(triton.cdiv(H, launch["BLOCK_H"]), n_splits, B)](*args, **consts, **launch)
+    if split_kernel is None or not split_kernel(args, consts, n_splits, B):
+        _split_attention[(triton.cdiv(H, launch["BLOCK_H"]), n_splits, B)](*args, **consts, **launch)
     if n_splits > 1:
         _merge_splits[(triton.cdiv(H, MERGE_BLOCK_H), D // MERGE_BLOCK_D, B)](
             sink, positions, H, n_comp, out, part_o, part_ml, n_splits, D=D, BLOCK_H=MERGE_BLOCK_H,

@@ -173,19 +173,31 @@ def encoded_rows(cfg, n: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- decode kernels -------------------------------------------------------------------------------
 
 @contextmanager
+def _switched_off(module, flag: str):
+    old = getattr(module, flag)
+    setattr(module, flag, False)
+    try:
+        yield
+    finally:
+        setattr(module, flag, old)
+
+
 def triton_scan():
     """The Triton FP8 scan where a Hopper GPU would run the Gluon one (kernels/indexer_scan_hopper.py)."""
     from kernels import indexer_topk as idx
 
-    old, idx.HOPPER_SCAN = idx.HOPPER_SCAN, False
-    try:
-        yield
-    finally:
-        idx.HOPPER_SCAN = old
+    return _switched_off(idx, "HOPPER_SCAN")
 
 
-def _with_triton_scan(fn):
-    with triton_scan():
+def triton_hca():
+    """The Triton HCA kernel where a Hopper GPU would run the Gluon one (kernels/hca_decode_hopper.py)."""
+    from kernels import hca_decode as hca
+
+    return _switched_off(hca, "HOPPER_HCA")
+
+
+def _with(switch, fn):
+    with switch():
         return fn()
 
 
@@ -256,7 +268,7 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                                                               ops),
                                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
                 # the Triton FP8 scan, where Hopper runs the Gluon one (indexer_scan_hopper.py)
-                "indexer_scan_triton": (lambda: _with_triton_scan(lambda: idx.index_score_keys(
+                "indexer_scan_triton": (lambda: _with(triton_scan, lambda: idx.index_score_keys(
                     x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
                     x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops)),
                     idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)),
@@ -272,6 +284,11 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                 "hca_decode": (lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
                                                       x["hca_main"], x["block_table"], WINDOW, nope),
                                hca.decode_traffic(B, T)),
+                # the Triton kernel, where Hopper runs the Gluon one (hca_decode_hopper.py)
+                "hca_decode_triton": (lambda: _with(triton_hca, lambda: hca.hca_decode(
+                    x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"], x["hca_main"], x["block_table"],
+                    WINDOW, nope)),
+                    hca.decode_traffic(B, T)),
             }
             for name, (fn, (nbytes, flops)) in runs.items():
                 try:
@@ -279,8 +296,10 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                     r = {**roofline(graph_time(fn), nbytes, flops, ceil), "eager_ms": eager * 1e3}
                 except Exception as e:  # one kernel failing must not hide the others' figures
                     r = {"error": f"{type(e).__name__}: {e}"}
-                if name in ("sparse_mqa_decode", "hca_decode"):  # the launch shape that ran
-                    r["config"] = str(sparse._GPU_LAUNCH[name == "sparse_mqa_decode"])
+                if name in ("sparse_mqa_decode", "hca_decode", "hca_decode_triton"):  # the launch shape that ran
+                    gluon = name == "hca_decode" and hca.HOPPER_HCA and hca.hopper.usable(x["q"], x["hca_main"],
+                                                                                        WINDOW, nope)
+                    r["config"] = "gluon" if gluon else str(sparse._GPU_LAUNCH[name == "sparse_mqa_decode"])
                 out.append({"kernel": name, "context": T, "batch": B, "pages": "shared" if x["shared"] else "distinct", **r})
             del x, topk, ops, ops_general
             empty_cache()

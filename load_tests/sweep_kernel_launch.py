@@ -86,15 +86,16 @@ def main() -> None:
             hca.HCA_KEYS_PER_SPLIT = split
 
         if only in (None, "hca"):
-            sweep(f"hca T={T} B={B} (heads, keys per tile, warps, stages, keys per split)",
-                  ((64, 128, 8, 1, 512), (64, 128, 8, 1, 256), (64, 128, 8, 1, 768), (64, 128, 8, 1, 1024),
-                   (64, 64, 8, 1, 512), (64, 64, 8, 2, 512),
-                   # fewer heads per program: more programs for a batch-1 query (same bits?)
-                   (32, 128, 8, 1, 512), (16, 128, 4, 1, 512), (16, 128, 8, 1, 512), (16, 64, 4, 1, 512)),
-                  set_hca,
-                  lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
-                                         x["hca_main"], x["block_table"], bk.WINDOW, cfg.nope_head_dim),
-                  hca.decode_traffic(B, T), ceil)
+            with bk.triton_hca():  # the shapes swept are the Triton kernel's
+                sweep(f"hca T={T} B={B} (heads, keys per tile, warps, stages, keys per split)",
+                      ((64, 128, 8, 1, 512), (64, 128, 8, 1, 256), (64, 128, 8, 1, 768), (64, 128, 8, 1, 1024),
+                       (64, 64, 8, 1, 512), (64, 64, 8, 2, 512),
+                       # fewer heads per program: more programs for a batch-1 query (same bits?)
+                       (32, 128, 8, 1, 512), (16, 128, 4, 1, 512), (16, 128, 8, 1, 512), (16, 64, 4, 1, 512)),
+                      set_hca,
+                      lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
+                                             x["hca_main"], x["block_table"], bk.WINDOW, cfg.nope_head_dim),
+                      hca.decode_traffic(B, T), ceil)
         sp._GPU_LAUNCH[False], hca.HCA_KEYS_PER_SPLIT = hca_default
 
         def set_csa(heads, block_n, warps, split):

@@ -200,6 +200,31 @@ def test_hca_decode_of_a_query_does_not_depend_on_its_batch(triton_kernels, smal
         assert torch.equal(case.hca(slice(b, b + 1)), together[b : b + 1])
 
 
+def test_a_gluon_hca_kernel_that_does_not_compile_leaves_the_triton_kernel_in_its_place(
+        triton_kernels, small_splits, monkeypatch, caplog):
+    """Gluon's API moves between Triton releases: if the Hopper kernel (hca_decode_hopper.py) fails
+    to compile, the call still returns the Triton kernel's output, says so once, and later calls
+    go straight to Triton."""
+    from triton.compiler.errors import CompilationError
+
+    case = build_case(SMALL, HCA_POSITIONS, heads=16, topk=1, dtype=torch.float32)
+    want = case.hca()
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise CompilationError("kernel.py", None, "no such Gluon builtin")
+
+    monkeypatch.setattr(hca_mod, "HOPPER_HCA", True)
+    monkeypatch.setattr(hca_mod.hopper, "usable", lambda *args: True)
+    monkeypatch.setattr(hca_mod.hopper, "launch", broken)
+    with caplog.at_level("WARNING", logger=hca_mod.__name__):
+        assert torch.equal(case.hca(), want)
+        assert torch.equal(case.hca(), want)
+    assert len(calls) == 1 and hca_mod.HOPPER_HCA is False
+    assert sum("Gluon HCA kernel failed" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
     monkeypatch.setenv("V4SERVE_KERNELS", "auto")
     case = build_case(SMALL, [300], heads=4, topk=8, dtype=torch.float32)
@@ -239,3 +264,30 @@ def test_gpu_decode_is_batch_invariant_at_flash_shapes():
     for b in range(4):
         assert torch.equal(case.sparse(slice(b, b + 1)), sparse[b : b + 1])
         assert torch.equal(case.hca(slice(b, b + 1)), hca[b : b + 1])
+
+
+@pytest.mark.gpu
+def test_gpu_hopper_hca_kernel_matches_the_reference_and_the_triton_kernel(triton_kernels, monkeypatch):
+    """On Hopper the HCA split programs run in Gluon (hca_decode_hopper.py). Queries whose window
+    starts before position 0, one split (the sink applied in the kernel), several splits with a
+    partial last tile: within the bf16 tolerance of the reference and of the Triton kernel, and no
+    entry past a query's visible count is read."""
+    from kernels import hca_decode_hopper as HH
+
+    q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
+    rows = torch.zeros(1, 2, 584, dtype=torch.uint8, device="cuda")
+    if not HH.usable(q, rows, WINDOW, FULL.nope_head_dim):
+        pytest.skip("needs a Hopper GPU with Gluon")
+    positions = [5, 129, 300, 8191, 70000, 131071]
+    case = build_case(FULL, positions, heads=FULL.num_attention_heads, topk=1, dtype=torch.bfloat16, device="cuda")
+    got = case.hca()
+    assert hca_mod.HOPPER_HCA, "the Gluon kernel fell back to the Triton one (see the log): nothing was compared"
+    assert_close(got, case.hca_ref(), torch.bfloat16)
+    monkeypatch.setattr(hca_mod, "HOPPER_HCA", False)
+    assert_close(got, case.hca(), torch.bfloat16)
+    monkeypatch.setattr(hca_mod, "HOPPER_HCA", True)
+    # query 4 (t = 70000) sees entries 0..545: entry 546 may hold anything
+    visible = (positions[4] + 1) // 128
+    page, row = case.block_table[4, visible // 2].item(), visible % 2
+    case.hca_rows[page, row] = case.hca_rows[case.block_table[4, 0].item(), 0]
+    assert torch.equal(case.hca(), got)
