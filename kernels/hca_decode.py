@@ -57,3 +57,15 @@ def _hopper_split(args, consts, n_splits: int, batch: int) -> bool:
     global HOPPER_HCA
     HOPPER_HCA = gluon_ran(lambda: hopper.launch(args, consts, n_splits, batch), "HCA kernel", "kernel", log)
     return HOPPER_HCA
+
+
+def decode_traffic(B: int, context: int, heads: int = 64, head_dim: int = 512, row_bytes: int = 584,
+                   window: int = 128, ratio: int = HCA, q_bytes: int = 2) -> tuple[int, int]:
+    """(bytes read and written, FLOPs) of one call for B queries at position context-1.
+
+    Bytes: the window and every visible entry row once, q in and out in q's dtype (split partials
+    are the kernel's overhead, not counted). FLOPs: QK and PV, 2*H*D each per key.
+    """
+    keys = window + context // ratio
+    moved = B * (keys * row_bytes + 2 * heads * head_dim * q_bytes)
+    return moved, B * 4 * heads * head_dim * keys
