@@ -12,12 +12,13 @@ chose (255 registers, 214 KB of shared memory, spills, 218 warp instructions per
   thread, which never leave the registers until the end);
 * the next tile is decoded into the other shared tile while this tile's scores run (async
   wgmma), and the tile after it is loaded, as 32-bit words, before that: each load has a whole
-  step to land;
+  step to land. The pages of the tile after that are read in the same step, so no row load
+  waits for its page id;
 * a block's 4 FP8 codes per word are decoded to BF16 by 12 PTX instructions (the compiler took
   the bytes apart first: 3 more per code), the softmax sums are kept per score element and added
   up across warps once, and the output is stored 16 bytes a thread.
 
-H100, 1M x 32 queries: 0.18 ms against the Triton kernel's 0.31 (kernels/RESULTS.md, with what
+H100, 1M x 32 queries: 0.17 ms against the Triton kernel's 0.31 (kernels/RESULTS.md, with what
 each part costs). Numerics are sparse_decode's: keys decoded exactly to BF16, scores and softmax
 in float32 scaled by D**-0.5, the unnormalised probabilities rounded to BF16 for P K with a
 float32 accumulator, the sum taken from the unrounded ones. The float32 sums run in another order
@@ -45,6 +46,12 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 HEADS, HEAD_DIM, NOPE = 64, 512, 448  # the shape the layouts below are written for
 KEYS_PER_TILE = 64
+# Keys per program (hca_decode.HCA_KEYS_PER_SPLIT is the Triton kernel's), and a smaller split for
+# queries of at most SHORT_QUERY_KEYS keys (the 1,152 keys of 128K: 4 programs instead of 3, one of
+# them 2 tiles long). H100 sweep, ms at 1M x 32 / 128K x 32 / 1M x 1 / 128K x 1 with one split size
+# for all: 320 keys 0.202 / 0.028 / 0.030 / 0.024, 512 0.174 / 0.037 / 0.037 / 0.034, 768 0.161 /
+# 0.048 / 0.049 / 0.045 (fewer, longer programs win at 1M x 32: 3 waves of 132 instead of 5).
+KEYS_PER_SPLIT, SHORT_QUERY_KEYS, SHORT_QUERY_SPLIT = 512, 1536, 320
 WARPS = 8  # two warp groups: the [64, 512] float32 output is 128 registers a thread
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
 _H, _D, _NOPE, _N, _WARPS = (tl.constexpr(v) for v in (HEADS, HEAD_DIM, NOPE, KEYS_PER_TILE, WARPS))
@@ -79,35 +86,38 @@ _FP8_WORD_TO_BF16_PTX = tl.constexpr("""{
 if gluon is not None:
 
     @gluon.jit
-    def _row_pointers(start, t, b, hi, swa_ptr, swa_page_stride, swa_tab_ptr, swa_tab_stride, ent_ptr,
-                      ent_page_stride, blk_tab_ptr, blk_tab_stride, W: gl.constexpr, PER_PAGE: gl.constexpr,
-                      SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr, row_l: gl.constexpr):
-        """Byte pointers of the tile's key rows [N] (row_l) and which are real keys: slot i < W is
-        the window's position t-W+1+i, slot W+j is HCA entry j (sparse_decode's key list)."""
+    def _slots(start, t, hi, W: gl.constexpr, row_l: gl.constexpr):
+        """Key slots [start, start + N) of a query at position t: slot i < W is the window's
+        position p = t-W+1+i, slot W+j is HCA entry j (sparse_decode's key list). Returns the
+        slots, their positions and which are keys."""
         i = start + gl.arange(0, _N, layout=row_l)
         p = t - (W - 1) + i
-        in_win = i < W
-        valid = (i < hi) & ((p >= 0) | (i >= W))
-        first = gl.maximum(t - (W - 1), 0) // SWA_PAGE
-        win_page = gl.load(swa_tab_ptr + b.to(gl.int64) * swa_tab_stride + p // SWA_PAGE - first,
-                           mask=valid & in_win, other=0)
-        e = gl.where(valid & (i >= W), i - W, 0)
-        ent_page = gl.load(blk_tab_ptr + b.to(gl.int64) * blk_tab_stride + e // PER_PAGE,
-                           mask=valid & (i >= W), other=0)
-        win_row = swa_ptr + win_page.to(gl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
-        ent_row = ent_ptr + ent_page.to(gl.int64) * ent_page_stride + (e % PER_PAGE) * ROW_STRIDE
-        return gl.where(in_win, win_row, ent_row), valid
+        return i, p, (i < hi) & ((p >= 0) | (i >= W))
 
     @gluon.jit
-    def _load_tile(start, t, b, hi, swa_ptr, swa_page_stride, swa_tab_ptr, swa_tab_stride, ent_ptr, ent_page_stride,
-                   blk_tab_ptr, blk_tab_stride, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
-                   ROW_STRIDE: gl.constexpr, word_l: gl.constexpr):
-        """Key slots [start, start + N)'s rows as 32-bit words: per 64-dim FP8 block its codes
-        [N, 16], the RoPE dims' BF16 pairs [N, 16] twice, and the scale words [N] (block c's byte
-        in bits 8(c%4)..). Slots that are not keys are not read (zeros)."""
-        rows, valid = _row_pointers(start, t, b, hi, swa_ptr, swa_page_stride, swa_tab_ptr, swa_tab_stride, ent_ptr,
-                                    ent_page_stride, blk_tab_ptr, blk_tab_stride, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
-                                    gl.SliceLayout(1, word_l))
+    def _tile_pages(start, t, b, hi, swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride, W: gl.constexpr,
+                    PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr, row_l: gl.constexpr):
+        """The page of each slot's row (a window page or an HCA block page; 0 where no key). Read a
+        step before the rows themselves: the rows' addresses depend on them, and read together
+        each row load waited for its page's."""
+        i, p, valid = _slots(start, t, hi, W, row_l)
+        first = gl.maximum(t - (W - 1), 0) // SWA_PAGE
+        win_page = gl.load(swa_tab_ptr + b.to(gl.int64) * swa_tab_stride + p // SWA_PAGE - first,
+                           mask=valid & (i < W), other=0)
+        ent_page = gl.load(blk_tab_ptr + b.to(gl.int64) * blk_tab_stride + gl.maximum(i - W, 0) // PER_PAGE,
+                           mask=valid & (i >= W), other=0)
+        return gl.where(i < W, win_page, ent_page)
+
+    @gluon.jit
+    def _load_tile(start, pages, t, hi, swa_ptr, swa_page_stride, ent_ptr, ent_page_stride, W: gl.constexpr,
+                   PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr, word_l: gl.constexpr):
+        """Key slots [start, start + N)'s rows (on `pages`) as 32-bit words: per 64-dim FP8 block
+        its codes [N, 16], the RoPE dims' BF16 pairs [N, 16] twice, and the scale words [N]
+        (block c's byte in bits 8(c%4)..). Slots that are not keys are not read (zeros)."""
+        i, p, valid = _slots(start, t, hi, W, gl.SliceLayout(1, word_l))
+        win_row = swa_ptr + pages.to(gl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
+        ent_row = ent_ptr + pages.to(gl.int64) * ent_page_stride + (gl.maximum(i - W, 0) % PER_PAGE) * ROW_STRIDE
+        rows = gl.where(i < W, win_row, ent_row)
         w = gl.arange(0, 16, layout=gl.SliceLayout(0, word_l))
         base = rows.to(gl.pointer_type(gl.int32))
         m = valid[:, None]
@@ -119,7 +129,6 @@ if gluon is not None:
         # the 7 scale bytes and the pad, one 8-byte load (rows are 8-byte aligned)
         scales = gl.load(rows.to(gl.pointer_type(gl.int64)) + (_NOPE + 2 * (_D - _NOPE)) // 8, mask=valid, other=0)
         return codes, rope_lo, rope_hi, scales.to(gl.int32), (scales >> 32).to(gl.int32)
-
 
     @gluon.jit
     def _bf16_pairs(words):
@@ -155,6 +164,7 @@ if gluon is not None:
         ent_ptr, ent_page_stride, blk_tab_ptr, blk_tab_stride, n_comp,
         out_ptr, part_o_ptr, part_ml_ptr, n_splits,
         W: gl.constexpr, PER_PAGE: gl.constexpr, RATIO: gl.constexpr, SPLIT: gl.constexpr,
+        SHORT_KEYS: gl.constexpr, SHORT_SPLIT: gl.constexpr,
         ROW_STRIDE: gl.constexpr, SWA_PAGE: gl.constexpr,
     ):
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, _N // 2, 16])
@@ -168,14 +178,22 @@ if gluon is not None:
         sp, b = gl.program_id(0), gl.program_id(1)
         t = gl.load(pos_ptr + b).to(gl.int32)
         n_keys = W + gl.minimum((t + 1) // RATIO, n_comp)
-        lo = sp * SPLIT
+        split = gl.where(n_keys <= SHORT_KEYS, SHORT_SPLIT, SPLIT)  # sparse_decode._split_size
+        lo = sp * split
         if lo < n_keys:
-            hi = gl.minimum(lo + SPLIT, n_keys)
+            hi = gl.minimum(lo + split, n_keys)
             # the first two tiles' loads go out before the query is staged, so their latency overlaps it
-            tile = _load_tile(lo, t, b, hi, swa_ptr, swa_page_stride, swa_tab_ptr, swa_tab_stride, ent_ptr,
-                              ent_page_stride, blk_tab_ptr, blk_tab_stride, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
-            tile2 = _load_tile(lo + _N, t, b, hi, swa_ptr, swa_page_stride, swa_tab_ptr, swa_tab_stride, ent_ptr,
-                               ent_page_stride, blk_tab_ptr, blk_tab_stride, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
+            row_l: gl.constexpr = gl.SliceLayout(1, word_l)
+            pages = _tile_pages(lo, t, b, hi, swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride, W, PER_PAGE,
+                                SWA_PAGE, row_l)
+            tile = _load_tile(lo, pages, t, hi, swa_ptr, swa_page_stride, ent_ptr, ent_page_stride, W, PER_PAGE,
+                              SWA_PAGE, ROW_STRIDE, word_l)
+            pages = _tile_pages(lo + _N, t, b, hi, swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride, W,
+                                PER_PAGE, SWA_PAGE, row_l)
+            tile2 = _load_tile(lo + _N, pages, t, hi, swa_ptr, swa_page_stride, ent_ptr, ent_page_stride, W, PER_PAGE,
+                               SWA_PAGE, ROW_STRIDE, word_l)
+            pages = _tile_pages(lo + 2 * _N, t, b, hi, swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride, W,
+                                PER_PAGE, SWA_PAGE, row_l)
             # the query, once: [64 heads, 512] BF16 in the layout wgmma reads
             qh = gl.arange(0, _H, layout=gl.SliceLayout(1, q_l))
             qd = gl.arange(0, _D, layout=gl.SliceLayout(0, q_l))
@@ -203,9 +221,10 @@ if gluon is not None:
                     # the buffer's last readers, the previous tile's products, finished before the
                     # barrier that ended the previous step
                     _decode_to_smem(tile, k_smem.index(1 - buf))
-                    tile = _load_tile(start + 2 * _N, t, b, hi, swa_ptr, swa_page_stride, swa_tab_ptr,
-                                      swa_tab_stride, ent_ptr, ent_page_stride, blk_tab_ptr, blk_tab_stride, W,
-                                      PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
+                    tile = _load_tile(start + 2 * _N, pages, t, hi, swa_ptr, swa_page_stride, ent_ptr, ent_page_stride,
+                                      W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
+                    pages = _tile_pages(start + 3 * _N, t, b, hi, swa_tab_ptr, swa_tab_stride, blk_tab_ptr,
+                                        blk_tab_stride, W, PER_PAGE, SWA_PAGE, row_l)
                 s = warpgroup_mma_wait(0, deps=[s_tok])
                 i = start + key
                 ok = (i < hi) & ((t - (W - 1) + i >= 0) | (i >= W))
@@ -222,7 +241,7 @@ if gluon is not None:
                 gl.thread_barrier()
 
             l_i = gl.sum(l_acc, axis=1)
-            if n_keys <= SPLIT:
+            if n_keys <= split:
                 # the only split: the sink (a logit that only adds to the denominator) is applied here
                 sink = gl.load(sink_ptr + gl.arange(0, _H, layout=gl.SliceLayout(1, s_l)))
                 mx = gl.maximum(m_i, sink)
@@ -259,8 +278,12 @@ def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:
     """Run the split kernel with sparse_decode.launch_split_attention's arguments (HCA: no top-k)."""
     (q, sink, positions, _, sm_scale, swa, swa_page_stride, swa_table, swa_tab_stride, entries, ent_page_stride,
      block_table, blk_tab_stride, _, _, _, n_comp, out, part_o, part_ml, _) = args
+    if consts["SPLIT"] % KEYS_PER_TILE or consts["SHORT_SPLIT"] % KEYS_PER_TILE:
+        raise ValueError(f"keys per split {consts['SPLIT']}, {consts['SHORT_SPLIT']} are not multiples of the "
+                         f"tile {KEYS_PER_TILE}")
     _split_kernel[(n_splits, batch)](
         q, sink, positions, sm_scale, swa, swa_page_stride, swa_table, swa_tab_stride, entries, ent_page_stride,
         block_table, blk_tab_stride, n_comp, out, part_o, part_ml, n_splits,
         W=consts["W"], PER_PAGE=consts["PER_PAGE"], RATIO=consts["RATIO"], SPLIT=consts["SPLIT"],
+        SHORT_KEYS=consts["SHORT_KEYS"], SHORT_SPLIT=consts["SHORT_SPLIT"],
         ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], num_warps=WARPS)

@@ -74,6 +74,13 @@ def _num_keys(t, n_comp, W: tl.constexpr, SELECTED: tl.constexpr, RATIO: tl.cons
 
 
 @triton.jit
+def _split_size(n_keys, SPLIT: tl.constexpr, SHORT_KEYS: tl.constexpr, SHORT_SPLIT: tl.constexpr):
+    """Keys per split of a query with n_keys keys: SHORT_SPLIT up to SHORT_KEYS keys, else SPLIT
+    (a rule of the query's own length, so its result never depends on its batch)."""
+    return tl.where(n_keys <= SHORT_KEYS, SHORT_SPLIT, SPLIT)
+
+
+@triton.jit
 def _attend_tile(qts, m_i, l_i, accs, base, row_off, valid, sm_scale, KEY: tl.constexpr, NOPE: tl.constexpr,
                  ROPE: tl.constexpr):
     """One online-softmax step over BLOCK_N keys (rows at base + row_off, invalid ones masked).
@@ -112,17 +119,19 @@ def _split_attention(
     topk_ptr, topk_stride, n_comp,
     out_ptr, part_o_ptr, part_ml_ptr, n_splits,
     W: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, PER_PAGE: tl.constexpr, RATIO: tl.constexpr,
-    SELECTED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    ROW_STRIDE: tl.constexpr, SWA_PAGE: tl.constexpr, F32_DOT: tl.constexpr,
+    SELECTED: tl.constexpr, SPLIT: tl.constexpr, SHORT_KEYS: tl.constexpr, SHORT_SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, ROW_STRIDE: tl.constexpr, SWA_PAGE: tl.constexpr,
+    F32_DOT: tl.constexpr,
 ):
     # Head blocks vary fastest so the programs reading the same key tiles run together (L2 reuse).
     hb, sp, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = tl.load(pos_ptr + b).to(tl.int32)
     n_keys = _num_keys(t, n_comp, W, SELECTED, RATIO)
-    lo = sp * SPLIT
+    split = _split_size(n_keys, SPLIT, SHORT_KEYS, SHORT_SPLIT)
+    lo = sp * split
     if lo >= n_keys:
         return
-    hi = tl.minimum(lo + SPLIT, n_keys)
+    hi = tl.minimum(lo + split, n_keys)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < H
     col = tl.arange(0, 64)
@@ -164,7 +173,7 @@ def _split_attention(
         row_off = page.to(tl.int64) * ent_page_stride + (e % PER_PAGE) * ROW_STRIDE
         m_i, l_i, accs = _attend_tile(qts, m_i, l_i, accs, ent_ptr, row_off, valid, sm_scale, KEY, NOPE, ROPE)
 
-    if n_keys <= SPLIT:
+    if n_keys <= split:
         # the only split: apply the sink (an extra logit that only adds to the denominator) here
         sink = tl.load(sink_ptr + h, mask=h_ok, other=0.0)
         mx = tl.maximum(m_i, sink)
@@ -186,12 +195,13 @@ def _split_attention(
 def _merge_splits(
     sink_ptr, pos_ptr, H, n_comp, out_ptr, part_o_ptr, part_ml_ptr, n_splits,
     W: tl.constexpr, D: tl.constexpr, RATIO: tl.constexpr, SELECTED: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    SHORT_KEYS: tl.constexpr, SHORT_SPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """o = (sum_s l_s e^(m_s-M) o_s) / (sum_s l_s e^(m_s-M) + e^(sink-M)) over the query's splits."""
     hb, db, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = tl.load(pos_ptr + b).to(tl.int32)
-    used = tl.cdiv(_num_keys(t, n_comp, W, SELECTED, RATIO), SPLIT)
+    n_keys = _num_keys(t, n_comp, W, SELECTED, RATIO)
+    used = tl.cdiv(n_keys, _split_size(n_keys, SPLIT, SHORT_KEYS, SHORT_SPLIT))
     if used <= 1:
         return
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -217,12 +227,17 @@ def _merge_splits(
 
 def launch_split_attention(q, sink, swa, swa_table, positions, entries, block_table, topk,
                            window: int, nope_dim: int, ratio: int, keys_per_split: int,
-                           split_kernel=None) -> torch.Tensor:
+                           short_query: tuple[int, int] = (0, 0), split_kernel=None) -> torch.Tensor | None:
     """Shared launcher of sparse_mqa_decode (topk given) and hca_decode (topk None: all visible).
 
+    Queries are cut into splits of keys_per_split keys, or of short_query[1] keys where they have
+    at most short_query[0] keys (more programs for a query that would have few; by the query's own
+    length, so results do not depend on the batch).
+
     split_kernel(args, consts, n_splits, B) -> bool, if given, runs the split programs in place of
-    `_split_attention` (same arguments and partials; hca_decode's Gluon kernel on Hopper) and says
-    whether it did; the merge is shared."""
+    `_split_attention` (same arguments and partials; hca_decode's Gluon kernel on Hopper, which
+    checks keys_per_split against its own tile) and says whether it did; the merge is shared.
+    Where it did not, nothing ran and None is returned: the caller launches again without it."""
     B, H, D = q.shape
     check_dims(D, nope_dim, entries.shape[-1])
     if swa.shape[-1] != entries.shape[-1] or swa.shape[1] != SWA_PAGE:
@@ -232,7 +247,7 @@ def launch_split_attention(q, sink, swa, swa_table, positions, entries, block_ta
     launch = (_GPU_LAUNCH if q.dtype != torch.float32 else _GPU_LAUNCH_F32)[topk is not None]
     if not q.is_cuda:  # the interpreter: small tiles, so the CPU tests can cut splits small
         launch = dict(BLOCK_H=INTERPRET_BLOCK_H, BLOCK_N=INTERPRET_BLOCK_N)
-    if keys_per_split % launch["BLOCK_N"]:
+    if split_kernel is None and keys_per_split % launch["BLOCK_N"]:
         raise ValueError(f"keys_per_split {keys_per_split} is not a multiple of the tile {launch['BLOCK_N']}")
     q = q.contiguous()
     sink = sink.float().contiguous()
@@ -246,7 +261,10 @@ def launch_split_attention(q, sink, swa, swa_table, positions, entries, block_ta
     else:
         topk = block_table  # never read
         n_comp = block_table.shape[1] * per_page
+    short_keys, short_split = short_query
     n_splits = triton.cdiv(window + n_comp, keys_per_split)
+    if short_keys:
+        n_splits = max(n_splits, triton.cdiv(min(window + n_comp, short_keys), short_split))
     out = torch.empty_like(q)
     if B == 0:
         return out
@@ -254,7 +272,8 @@ def launch_split_attention(q, sink, swa, swa_table, positions, entries, block_ta
     n_part = n_splits if n_splits > 1 else 0
     part_o = torch.empty(B, n_part, H, D, dtype=q.dtype, device=q.device)
     part_ml = torch.empty(B, n_part, H, 2, dtype=torch.float32, device=q.device)
-    common = dict(W=window, RATIO=ratio, SELECTED=selected, SPLIT=keys_per_split)
+    common = dict(W=window, RATIO=ratio, SELECTED=selected, SPLIT=keys_per_split, SHORT_KEYS=short_keys,
+                  SHORT_SPLIT=short_split or keys_per_split)
     args = (q, sink, positions, H, D**-0.5,
             swa, swa.stride(0), swa_table, swa_table.stride(0),
             entries, entries.stride(0), block_table, block_table.stride(0), block_table.shape[1],
@@ -266,8 +285,10 @@ def launch_split_attention(q, sink, swa, swa_table, positions, entries, block_ta
                   # the interpreter's tl.dot multiplies bf16 bit patterns as integers; float32
                   # operands holding the same bf16 values give what a bf16 tensor-core dot gives
                   F32_DOT=not q.is_cuda)
-    if split_kernel is None or not split_kernel(args, consts, n_splits, B):
+    if split_kernel is None:
         _split_attention[(triton.cdiv(H, launch["BLOCK_H"]), n_splits, B)](*args, **consts, **launch)
+    elif not split_kernel(args, consts, n_splits, B):
+        return None
     if n_splits > 1:
         _merge_splits[(triton.cdiv(H, MERGE_BLOCK_H), D // MERGE_BLOCK_D, B)](
             sink, positions, H, n_comp, out, part_o, part_ml, n_splits, D=D, BLOCK_H=MERGE_BLOCK_H,

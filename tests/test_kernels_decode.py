@@ -200,6 +200,22 @@ def test_hca_decode_of_a_query_does_not_depend_on_its_batch(triton_kernels, smal
         assert torch.equal(case.hca(slice(b, b + 1)), together[b : b + 1])
 
 
+def test_short_queries_take_their_own_split_size(triton_kernels):
+    """launch_split_attention's short_query rule (hca_decode's Gluon path uses it): queries of at
+    most 160 keys in splits of 32, the one of 167 keys in splits of 64. The split programs and the
+    merge must apply the same rule per query, or the merge reads partials nobody wrote."""
+    case = build_case(SMALL, HCA_POSITIONS, heads=16, topk=1, dtype=torch.float32)
+    got = sparse_mod.launch_split_attention(case.q, case.sink, case.swa, case.swa_table, case.positions,
+                                            case.hca_rows, case.block_table, None, WINDOW, case.nope, ratio=128,
+                                            keys_per_split=64, short_query=(160, 32))
+    assert_close(got, case.hca_ref(), torch.float32)
+    plain = sparse_mod.launch_split_attention(case.q, case.sink, case.swa, case.swa_table, case.positions,
+                                              case.hca_rows, case.block_table, None, WINDOW, case.nope, ratio=128,
+                                              keys_per_split=64)
+    assert torch.equal(got[3], plain[3])  # 167 keys: the long rule, the same splits
+    assert not torch.equal(got[:3], plain[:3])  # 128-129 keys: 32-key splits round otherwise
+
+
 def test_a_gluon_hca_kernel_that_does_not_compile_leaves_the_triton_kernel_in_its_place(
         triton_kernels, small_splits, monkeypatch, caplog):
     """Gluon's API moves between Triton releases: if the Hopper kernel (hca_decode_hopper.py) fails
@@ -270,15 +286,15 @@ def test_gpu_decode_is_batch_invariant_at_flash_shapes():
 def test_gpu_hopper_hca_kernel_matches_the_reference_and_the_triton_kernel(triton_kernels, monkeypatch):
     """On Hopper the HCA split programs run in Gluon (hca_decode_hopper.py). Queries whose window
     starts before position 0, one split (the sink applied in the kernel), several splits with a
-    partial last tile: within the bf16 tolerance of the reference and of the Triton kernel, and no
-    entry past a query's visible count is read."""
+    partial last tile, of both split sizes: within the bf16 tolerance of the reference and of the
+    Triton kernel, and no entry past a query's visible count is read."""
     from kernels import hca_decode_hopper as HH
 
     q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
     rows = torch.zeros(1, 2, 584, dtype=torch.uint8, device="cuda")
     if not HH.usable(q, rows, WINDOW, FULL.nope_head_dim):
         pytest.skip("needs a Hopper GPU with Gluon")
-    positions = [5, 129, 300, 8191, 70000, 131071]
+    positions = [5, 129, 300, 8191, 70000, 131071, 200000]  # 128 ... 1,690 keys: short and long splits
     case = build_case(FULL, positions, heads=FULL.num_attention_heads, topk=1, dtype=torch.bfloat16, device="cuda")
     got = case.hca()
     assert hca_mod.HOPPER_HCA, "the Gluon kernel fell back to the Triton one (see the log): nothing was compared"
