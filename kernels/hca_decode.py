@@ -46,7 +46,7 @@ def hca_decode(q: torch.Tensor, sink: torch.Tensor, swa: torch.Tensor, swa_table
     if not use_triton(q):
         return reference(q, sink, swa, swa_table, positions, entries, block_table, window, nope_dim)
     common = (q, sink, swa, swa_table, positions, entries, block_table, None, window, nope_dim)
-    if HOPPER_HCA and hopper.usable(q, entries, window, nope_dim):
+    if HOPPER_HCA and hopper.usable(q, swa, entries, window, nope_dim):
         out = launch_split_attention(*common, ratio=BLOCK // entries.shape[1], keys_per_split=hopper.KEYS_PER_SPLIT,
                                      short_query=(hopper.SHORT_QUERY_KEYS, hopper.SHORT_QUERY_SPLIT),
                                      split_kernel=_hopper_split)

@@ -266,12 +266,19 @@ def _is_hopper(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
-def usable(q: torch.Tensor, entries: torch.Tensor, window: int, nope_dim: int) -> bool:
+def rows_aligned(*pools: torch.Tensor) -> bool:
+    """Whether every row of these page pools ([pages, rows, row_bytes] uint8 views) starts on an
+    8-byte boundary: the kernel reads a row's scale bytes as one 8-byte word and its codes in
+    8-byte pieces, which fault on a misaligned address."""
+    return all(t.data_ptr() % 8 == 0 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 for t in pools)
+
+
+def usable(q: torch.Tensor, swa: torch.Tensor, entries: torch.Tensor, window: int, nope_dim: int) -> bool:
     """Whether this kernel runs the HCA split attention: a Hopper GPU with Gluon, a BF16 query of
-    64 heads x 512 dims with 448 FP8 dims, rows of 8-byte multiples and a window of whole tiles."""
+    64 heads x 512 dims with 448 FP8 dims, 8-byte aligned rows and a window of whole tiles."""
     return (gluon is not None and q.is_cuda and q.dtype == torch.bfloat16 and _is_hopper(q.device)
             and tuple(q.shape[1:]) == (HEADS, HEAD_DIM) and nope_dim == NOPE and window % KEYS_PER_TILE == 0
-            and entries.stride(1) % 8 == 0)
+            and rows_aligned(swa, entries))
 
 
 def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:

@@ -297,7 +297,7 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                 except Exception as e:  # one kernel failing must not hide the others' figures
                     r = {"error": f"{type(e).__name__}: {e}"}
                 if name in ("sparse_mqa_decode", "hca_decode", "hca_decode_triton"):  # the launch shape that ran
-                    gluon = name == "hca_decode" and hca.HOPPER_HCA and hca.hopper.usable(x["q"], x["hca_main"],
+                    gluon = name == "hca_decode" and hca.HOPPER_HCA and hca.hopper.usable(x["q"], x["swa"], x["hca_main"],
                                                                                         WINDOW, nope)
                     r["config"] = "gluon" if gluon else str(sparse._GPU_LAUNCH[name == "sparse_mqa_decode"])
                 out.append({"kernel": name, "context": T, "batch": B, "pages": "shared" if x["shared"] else "distinct", **r})

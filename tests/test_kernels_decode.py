@@ -241,6 +241,18 @@ def test_a_gluon_hca_kernel_that_does_not_compile_leaves_the_triton_kernel_in_it
     assert sum("Gluon HCA kernel failed" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_the_gluon_hca_kernel_takes_only_8_byte_aligned_rows():
+    """hca_decode_hopper reads 8-byte words of every row: a pool whose base, page stride or row
+    stride is not a multiple of 8 must go to the Triton kernel instead of faulting."""
+    from kernels import hca_decode_hopper as HH
+
+    pool = torch.zeros(8192, dtype=torch.uint8)
+    assert HH.rows_aligned(pool[: 4 * 2 * 584].view(4, 2, 584), pool[8 : 8 + 8 * 584].view(8, 1, 584))
+    assert not HH.rows_aligned(pool[4 : 4 + 4 * 2 * 584].view(4, 2, 584))  # the base
+    assert not HH.rows_aligned(pool.as_strided((4, 2, 584), (1170, 584, 1)))  # the page stride
+    assert not HH.rows_aligned(pool.as_strided((4, 2, 584), (1176, 588, 1)))  # the row stride
+
+
 def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
     monkeypatch.setenv("V4SERVE_KERNELS", "auto")
     case = build_case(SMALL, [300], heads=4, topk=8, dtype=torch.float32)
@@ -292,7 +304,7 @@ def test_gpu_hopper_hca_kernel_matches_the_reference_and_the_triton_kernel(trito
 
     q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
     rows = torch.zeros(1, 2, 584, dtype=torch.uint8, device="cuda")
-    if not HH.usable(q, rows, WINDOW, FULL.nope_head_dim):
+    if not HH.usable(q, rows, rows, WINDOW, FULL.nope_head_dim):
         pytest.skip("needs a Hopper GPU with Gluon")
     positions = [5, 129, 300, 8191, 70000, 131071, 200000]  # 128 ... 1,690 keys: short and long splits
     case = build_case(FULL, positions, heads=FULL.num_attention_heads, topk=1, dtype=torch.bfloat16, device="cuda")
