@@ -1,12 +1,14 @@
 """Launch shapes of the decode kernels, swept over the bench_kernels inputs (GPU).
 
-    python -m load_tests.sweep_kernel_launch [--only scan|hca|csa]
+    python -m load_tests.sweep_kernel_launch [--only scan|hca|hca-gluon|csa]
 
 For the FP8 scan in Triton (the kernel of GPUs other than Hopper's; Hopper runs the Gluon one of
 kernels/indexer_scan_hopper.py, whose launch is fixed there): pages per step x warps x programs per
 SM x pipeline stages; for HCA decode:
 heads per program x keys per tile x warps x pipeline stages x keys per split; for CSA decode the
-same. Prints time, the fraction of the binding ceiling (measured first, in the same run), whether
+same; for HCA decode's Gluon kernel (kernels/hca_decode_hopper.py, Hopper only) keys per split,
+one size for every query, then the rule it ships with (KEYS_PER_SPLIT, SHORT_QUERY_KEYS,
+SHORT_QUERY_SPLIT there; a split size changes the rounding too). Prints time, the fraction of the binding ceiling (measured first, in the same run), whether
 the result equals the first shape's bit for bit (a shape that changes the rounding must be
 fixed, not autotuned: see kernels/sparse_decode.py) and how far it is from it. The chosen shapes
 are the constants FP8_PAGES / SCAN_WARPS / FP8_PROGRAMS_PER_SM / SCAN_STAGES in
@@ -50,7 +52,7 @@ def sweep(name, shapes, apply, fn, traffic, ceil, values=lambda out: out.float()
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("scan", "hca", "csa"), help="sweep one kernel only")
+    ap.add_argument("--only", choices=("scan", "hca", "hca-gluon", "csa"), help="sweep one kernel only")
     ap.add_argument("--cases", default="131072x32,1048576x32,1048576x1",
                     help="context x batch of each input set, comma-separated")
     args = ap.parse_args()
@@ -64,6 +66,8 @@ def main() -> None:
     scan_default = (idx.FP8_PAGES, idx.SCAN_WARPS, idx.FP8_PROGRAMS_PER_SM, idx.SCAN_STAGES)
     hca_default = (dict(sp._GPU_LAUNCH[False]), hca.HCA_KEYS_PER_SPLIT)
     csa_default = (dict(sp._GPU_LAUNCH[True]), sp.SPARSE_KEYS_PER_SPLIT)
+    hopper = hca.hopper
+    gluon_default = (hopper.KEYS_PER_SPLIT, hopper.SHORT_QUERY_KEYS, hopper.SHORT_QUERY_SPLIT)
     for T, B in cases:
         x = bk.kernel_inputs(cfg, T, B, rows)
 
@@ -97,6 +101,18 @@ def main() -> None:
                                              x["hca_main"], x["block_table"], bk.WINDOW, cfg.nope_head_dim),
                       hca.decode_traffic(B, T), ceil)
         sp._GPU_LAUNCH[False], hca.HCA_KEYS_PER_SPLIT = hca_default
+
+        def set_gluon(split, short_keys, short_split):
+            hopper.KEYS_PER_SPLIT, hopper.SHORT_QUERY_KEYS, hopper.SHORT_QUERY_SPLIT = split, short_keys, short_split
+
+        if only in (None, "hca-gluon") and hopper.usable(x["q"], x["swa"], x["hca_main"], bk.WINDOW, cfg.nope_head_dim):
+            sweep(f"hca gluon T={T} B={B} (keys per split, short query keys, their split)",
+                  tuple((n, 0, n) for n in (256, 320, 384, 448, 512, 576, 640, 768)) + (gluon_default,),
+                  set_gluon,
+                  lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
+                                         x["hca_main"], x["block_table"], bk.WINDOW, cfg.nope_head_dim),
+                  hca.decode_traffic(B, T), ceil)
+        set_gluon(*gluon_default)
 
         def set_csa(heads, block_n, warps, split):
             sp._GPU_LAUNCH[True] = dict(BLOCK_H=heads, BLOCK_N=block_n, num_warps=warps, num_stages=1)
