@@ -4,7 +4,8 @@ visible HCA entry e < (t+1)/128, all heads in one softmax with the sink.
 It is the split kernel of sparse_decode.py with the compressed slots numbered 0..visible-1 instead
 of taken from a top-k list. The key list grows with the context (8,192 entries + 128 window keys
 at 1M), so the fixed split size here is larger than CSA's: a split's partial output (H x D per
-query) must stay small next to the key bytes it reads.
+query) must stay small next to the key bytes it reads. On Hopper the split programs are a Gluon
+kernel (hca_decode_hopper.py: its own split sizes, the same partials and merge).
 """
 
 from __future__ import annotations
@@ -45,14 +46,14 @@ def hca_decode(q: torch.Tensor, sink: torch.Tensor, swa: torch.Tensor, swa_table
     """
     if not use_triton(q):
         return reference(q, sink, swa, swa_table, positions, entries, block_table, window, nope_dim)
-    common = (q, sink, swa, swa_table, positions, entries, block_table, None, window, nope_dim)
+    common = (q, sink, swa, swa_table, positions, entries, block_table, None, window, nope_dim, BLOCK // entries.shape[1])
     if HOPPER_HCA and hopper.usable(q, swa, entries, window, nope_dim):
-        out = launch_split_attention(*common, ratio=BLOCK // entries.shape[1], keys_per_split=hopper.KEYS_PER_SPLIT,
+        out = launch_split_attention(*common, keys_per_split=hopper.KEYS_PER_SPLIT,
                                      short_query=(hopper.SHORT_QUERY_KEYS, hopper.SHORT_QUERY_SPLIT),
                                      split_kernel=_hopper_split)
-        if out is not None:
+        if out is not None:  # else the Gluon kernel could not run here: the Triton one, with its splits
             return out
-    return launch_split_attention(*common, ratio=BLOCK // entries.shape[1], keys_per_split=HCA_KEYS_PER_SPLIT)
+    return launch_split_attention(*common, keys_per_split=HCA_KEYS_PER_SPLIT)
 
 
 def _hopper_split(args, consts, n_splits: int, batch: int) -> bool:

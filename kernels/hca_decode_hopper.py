@@ -95,11 +95,13 @@ if gluon is not None:
         return i, p, (i < hi) & ((p >= 0) | (i >= W))
 
     @gluon.jit
-    def _tile_pages(start, t, b, hi, swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride, W: gl.constexpr,
-                    PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr, row_l: gl.constexpr):
-        """The page of each slot's row (a window page or an HCA block page; 0 where no key). Read a
-        step before the rows themselves: the rows' addresses depend on them, and read together
-        each row load waited for its page's."""
+    def _tile_pages(start, t, b, hi, tables, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
+                    row_l: gl.constexpr):
+        """The page of each slot's row (a window page or an HCA block page; 0 where no key), from
+        tables = (window table, its row stride, block table, its row stride). Read a step before
+        the rows themselves: the rows' addresses depend on them, and read together each row load
+        waited for its page's."""
+        swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride = tables
         i, p, valid = _slots(start, t, hi, W, row_l)
         first = gl.maximum(t - (W - 1), 0) // SWA_PAGE
         win_page = gl.load(swa_tab_ptr + b.to(gl.int64) * swa_tab_stride + p // SWA_PAGE - first,
@@ -109,11 +111,13 @@ if gluon is not None:
         return gl.where(i < W, win_page, ent_page)
 
     @gluon.jit
-    def _load_tile(start, pages, t, hi, swa_ptr, swa_page_stride, ent_ptr, ent_page_stride, W: gl.constexpr,
-                   PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr, word_l: gl.constexpr):
-        """Key slots [start, start + N)'s rows (on `pages`) as 32-bit words: per 64-dim FP8 block
-        its codes [N, 16], the RoPE dims' BF16 pairs [N, 16] twice, and the scale words [N]
-        (block c's byte in bits 8(c%4)..). Slots that are not keys are not read (zeros)."""
+    def _load_tile(start, pages, t, hi, pools, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
+                   ROW_STRIDE: gl.constexpr, word_l: gl.constexpr):
+        """Key slots [start, start + N)'s rows (on `pages`, in pools = (window pages, their stride,
+        HCA pages, their stride)) as 32-bit words: per 64-dim FP8 block its codes [N, 16], the RoPE
+        dims' BF16 pairs [N, 16] twice, and the scale words [N] (block c's byte in bits
+        8(c%4)..). Slots that are not keys are not read (zeros)."""
+        swa_ptr, swa_page_stride, ent_ptr, ent_page_stride = pools
         i, p, valid = _slots(start, t, hi, W, gl.SliceLayout(1, word_l))
         win_row = swa_ptr + pages.to(gl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
         ent_row = ent_ptr + pages.to(gl.int64) * ent_page_stride + (gl.maximum(i - W, 0) % PER_PAGE) * ROW_STRIDE
@@ -183,17 +187,14 @@ if gluon is not None:
         if lo < n_keys:
             hi = gl.minimum(lo + split, n_keys)
             # the first two tiles' loads go out before the query is staged, so their latency overlaps it
+            tables = (swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride)
+            pools = (swa_ptr, swa_page_stride, ent_ptr, ent_page_stride)
             row_l: gl.constexpr = gl.SliceLayout(1, word_l)
-            pages = _tile_pages(lo, t, b, hi, swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride, W, PER_PAGE,
-                                SWA_PAGE, row_l)
-            tile = _load_tile(lo, pages, t, hi, swa_ptr, swa_page_stride, ent_ptr, ent_page_stride, W, PER_PAGE,
-                              SWA_PAGE, ROW_STRIDE, word_l)
-            pages = _tile_pages(lo + _N, t, b, hi, swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride, W,
-                                PER_PAGE, SWA_PAGE, row_l)
-            tile2 = _load_tile(lo + _N, pages, t, hi, swa_ptr, swa_page_stride, ent_ptr, ent_page_stride, W, PER_PAGE,
-                               SWA_PAGE, ROW_STRIDE, word_l)
-            pages = _tile_pages(lo + 2 * _N, t, b, hi, swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride, W,
-                                PER_PAGE, SWA_PAGE, row_l)
+            pages = _tile_pages(lo, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
+            tile = _load_tile(lo, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
+            pages = _tile_pages(lo + _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
+            tile2 = _load_tile(lo + _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
+            pages = _tile_pages(lo + 2 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
             # the query, once: [64 heads, 512] BF16 in the layout wgmma reads
             qh = gl.arange(0, _H, layout=gl.SliceLayout(1, q_l))
             qd = gl.arange(0, _D, layout=gl.SliceLayout(0, q_l))
@@ -205,7 +206,6 @@ if gluon is not None:
             m_i = gl.full([_H], _NEG_INIT, gl.float32, gl.SliceLayout(1, s_l))
             # the softmax sums, kept per score element and added up across the warps once at the end
             l_acc = gl.zeros([_H, _N], gl.float32, s_l)
-            key = gl.arange(0, _N, layout=gl.SliceLayout(0, s_l))
 
             # two key tiles in shared memory: the next one is decoded while this one's scores run
             k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, _N, _D], smem_l)
@@ -221,14 +221,11 @@ if gluon is not None:
                     # the buffer's last readers, the previous tile's products, finished before the
                     # barrier that ended the previous step
                     _decode_to_smem(tile, k_smem.index(1 - buf))
-                    tile = _load_tile(start + 2 * _N, pages, t, hi, swa_ptr, swa_page_stride, ent_ptr, ent_page_stride,
-                                      W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
-                    pages = _tile_pages(start + 3 * _N, t, b, hi, swa_tab_ptr, swa_tab_stride, blk_tab_ptr,
-                                        blk_tab_stride, W, PER_PAGE, SWA_PAGE, row_l)
+                    tile = _load_tile(start + 2 * _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
+                    pages = _tile_pages(start + 3 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
                 s = warpgroup_mma_wait(0, deps=[s_tok])
-                i = start + key
-                ok = (i < hi) & ((t - (W - 1) + i >= 0) | (i >= W))
-                s = gl.where(ok[None, :], s * sm_scale, float("-inf"))
+                _, _, is_key = _slots(start, t, hi, W, gl.SliceLayout(0, s_l))
+                s = gl.where(is_key[None, :], s * sm_scale, float("-inf"))
                 m_new = gl.maximum(m_i, gl.max(s, axis=1))
                 alpha = gl.exp(m_i - m_new)
                 p = gl.exp(s - m_new[:, None])
