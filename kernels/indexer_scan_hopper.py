@@ -22,6 +22,20 @@ loop waited on right after issuing them. Here the layouts are stated:
 H100, 1M context x 32 queries: 0.35 ms against the Triton scan's 0.52 (kernels/RESULTS.md).
 Hopper only (wgmma); indexer_topk uses it where `usable` says so and keeps the Triton scan
 elsewhere, which is also what the CPU tests run in the interpreter (Gluon has no interpreter).
+
+How a program's pages reach it (LOADER). Loading each thread's own words (`_scan_kernel`, the
+"registers" loader) caps the scan at about 77% of the copy rate even with nothing else in the
+loop (kernels/RESULTS.md): a warp's 4-byte loads touch 16 bytes in each of 8 rows of 68. The
+bulk-copy loaders move whole pages instead, the copy engine (TMA) writing a page's 4,352 bytes
+as they lie (17 words a row) into a ring of shared-memory slots, two pages a slot, and the
+threads read their words from there through a padded layout that skips each row's 17th word:
+  * "bulk" (`_scan_kernel_tma`): the scoring warps issue the copies themselves, STAGES - 1 steps
+    ahead, with a barrier a step before a slot is refilled;
+  * "bulk_ws" (`_scan_kernel_ws`): one loader warp issues them and the scoring warp group only
+    waits for full slots and hands them back (warp specialization: the loader runs ahead on its
+    own, with 24 registers, and the scorer keeps 232).
+Both need pages whose rows lie back to back on 16-byte boundaries (`bulk_copy_usable`); other
+pools take the registers loader. All three give the same keys (the sums are the same code).
 """
 
 from __future__ import annotations
@@ -37,7 +51,8 @@ from .scan_operands import E2M1_TO_E4M3_PTX
 try:  # Gluon ships with Triton 3.4+; without it the Triton scan runs everywhere
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
@@ -47,6 +62,12 @@ PROGRAMS_PER_SM = 2  # H100 sweep: 2 programs (0.347 ms at 1M x 32); 64-row step
 DI = 128  # the layouts below hold a row's 4 block scales in one word
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
 _ROWS, _WARPS, _DI = tl.constexpr(ROWS_PER_STEP), tl.constexpr(WARPS), tl.constexpr(DI)
+PAGE_WORDS = 64 * 17  # a page of 64 rows of 68 bytes, as 32-bit words
+_PAGE_WORDS = tl.constexpr(PAGE_WORDS)
+PAGE_SLOT = 2048  # words from one page of a ring slot to the next (bulk copies land on 128-byte boundaries)
+_PAGE_SLOT = tl.constexpr(PAGE_SLOT)
+STAGES = 4  # two-page steps in flight per program (bulk-copy scan)
+LOADER_REGS = tl.constexpr(24)  # registers a thread of the loader warp keeps (the fewest; its values live in uniform registers)
 
 
 if gluon is not None:
@@ -89,72 +110,273 @@ if gluon is not None:
             blocks = blocks + (gl.load(row[:, None] + b * 4 + col[None, :], mask=in_range[:, None], other=0),)
         return scales, blocks
 
-    @gluon.jit
-    def _scan_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
-                     q8_stride_s, table_stride_s, page_stride, out_stride_s, n_blk, n_cols, pages_per_prog,
-                     row_stride: gl.constexpr, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr):
-        ROWS: gl.constexpr = _ROWS
-        NB: gl.constexpr = _DI // 32
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_WARPS, 1],
-                                                        instr_shape=[16, HP, 32])
-        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=4)
-        row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
-        # codes as [row, word, byte]: the thread holding a_l's K groups q and q + 4 of a row (lane
-        # bits 0-1 = q, rows as a_l spreads them over lanes, warps and registers) holds word q
-        raw3_l: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 0, 1], [0, 0, 2], [8, 0, 0], [64, 0, 0]],
-            lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-            warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[ROWS, 4, 4])
-        word_l: gl.constexpr = gl.SliceLayout(2, raw3_l)
-        q_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [_WARPS, 1], [1, 0])
-        q_smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
 
+    @gluon.constexpr_function
+    def _acc_layout(HP):
+        """wgmma's accumulator of a step: [ROWS keys, HP heads] over one warp group."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, HP, 32])
+
+    @gluon.constexpr_function
+    def _operand_layout(HP):
+        """wgmma's register operand of a step's codes (the FP8 dot's A, K groups of 4)."""
+        return gl.DotOperandLayout(operand_index=0, parent=_acc_layout(HP), k_width=4)
+
+    # codes as [row, word, byte]: the thread holding the operand's K groups q and q + 4 of a row
+    # (lane bits 0-1 = q, rows as the operand spreads them over lanes, warps and registers) holds
+    # word q; a step's words [ROWS, 4] drop the byte dim
+    _RAW3_L = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [8, 0, 0], [64, 0, 0]],
+        lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[ROWS_PER_STEP, 4, 4]))
+    _WORD_L = gl.constexpr(gl.SliceLayout(2, _RAW3_L.value))
+
+    @gluon.jit
+    def _program_span(pos_ptr, n_cols, n_blk, pages_per_prog):
+        """Program (s, j) scores query s's pages [page_lo, vis_hi) and writes the sentinel up to page_hi."""
         s = gl.program_id(0)
         page_lo = gl.program_id(1) * pages_per_prog
         page_hi = gl.minimum(page_lo + pages_per_prog, gl.cdiv(n_cols, 64))
         n_vis = (gl.load(pos_ptr + s).to(gl.int32) + 1) // 4
         vis_hi = gl.minimum(page_hi, gl.minimum(gl.cdiv(n_vis, 64), n_blk))
-        out_row = out_ptr + s.to(gl.int64) * out_stride_s
-        if gl.load(mode_ptr + s) == MODE:  # else the general scan scores this query
-            # the query's blocks [HP, 32] (K contiguous, as an FP8 dot's shared operand must be), in
-            # this kernel's K order: position 16p + 4j + i holds code 8j + 2i + p, which q8's order
-            # (indexer_topk._fp8_query) keeps at 8j + 4p + i
-            h = gl.arange(0, HP, layout=gl.SliceLayout(1, q_l))
-            k = gl.arange(0, 32, layout=gl.SliceLayout(0, q_l))
-            q_src = q8_ptr + s.to(gl.int64) * q8_stride_s + h[:, None] * 32 + (8 * ((k % 16) // 4) + 4 * (k // 16) + k % 4)[None, :]
-            q_smem = gl.allocate_shared_memory(gl.float8e4nv, [NB, HP, 32], q_smem_l)
-            for b in gl.static_range(NB):
-                q_smem.index(b).store(gl.load(q_src + b * HP * 32))
-            fence_async_shared()
-            w8 = gl.load(w8_ptr + s * HP + gl.arange(0, HP, layout=gl.SliceLayout(0, acc_l)))
-            table_row = table_ptr + s.to(gl.int64) * table_stride_s
-            rows = gl.arange(0, ROWS, layout=row_l)
-            zero = gl.zeros([ROWS, HP], gl.float32, acc_l)
-            scales, blocks = _step_loads(rows_ptr, table_row, page_lo, vis_hi, n_blk, page_stride, row_stride, ROWS,
-                                         row_l, word_l)
-            for page in range(page_lo, vis_hi, 2):
-                next_scales, next_blocks = _step_loads(rows_ptr, table_row, page + 2, vis_hi, n_blk, page_stride,
-                                                       row_stride, ROWS, row_l, word_l)
-                acc = zero
-                for b in gl.static_range(NB):
-                    # one block's exact sums (fresh accumulator), times the key's block scale
-                    d = warpgroup_mma(_dot_operand(blocks[b], ROWS, a_l, raw3_l), q_smem.index(b).permute((1, 0)),
-                                      zero, use_acc=False)
-                    e = (scales >> (8 * b)) & 0xFF
-                    acc = acc + d * gl.where(e == 0, 2.0**-127, (e << 23).to(gl.float32, bitcast=True))[:, None]
-                # the score key as indexer_topk._keys_of forms it
-                score = gl.sum(w8[None, :] * gl.maximum(acc, 0.0), axis=1)
-                score = gl.where(score == 0.0, 0.0, score)
-                bits = score.to(gl.int32, bitcast=True)
-                ordered = gl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(gl.int64)
-                col = page * 64 + rows
-                key = gl.where(col < n_vis, ordered * 4294967296 + (2147483647 - col), SENTINEL_KEY)
-                gl.store(out_row + col, key, mask=col < vis_hi * 64)
-                scales, blocks = next_scales, next_blocks
+        return s, page_lo, page_hi, n_vis, vis_hi
 
+    @gluon.jit
+    def _stage_query(q8_ptr, s, q8_stride_s, HP: gl.constexpr):
+        """The query's blocks [NB, HP, 32] in shared memory (K contiguous, as an FP8 dot's shared
+        operand must be), in the step operand's K order: position 16p + 4j + i holds code
+        8j + 2i + p, which q8's order (indexer_topk._fp8_query) keeps at 8j + 4p + i."""
+        q_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [_WARPS, 1], [1, 0])
+        h = gl.arange(0, HP, layout=gl.SliceLayout(1, q_l))
+        k = gl.arange(0, 32, layout=gl.SliceLayout(0, q_l))
+        q_src = q8_ptr + s.to(gl.int64) * q8_stride_s + h[:, None] * 32 + (8 * ((k % 16) // 4) + 4 * (k // 16) + k % 4)[None, :]
+        q_smem = gl.allocate_shared_memory(gl.float8e4nv, [_DI // 32, HP, 32],
+                                           gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2))
+        for b in gl.static_range(_DI // 32):
+            q_smem.index(b).store(gl.load(q_src + b * HP * 32))
+        return q_smem
+
+    @gluon.jit
+    def _step_keys(blocks, scales, q_smem, w8, col, n_vis, SENTINEL_KEY: gl.constexpr):
+        """One step's score keys [ROWS] (the accumulator's row layout) from its code words (NB
+        blocks of [ROWS, 4]) and scale words: per block one exact dot with a fresh accumulator,
+        times the key's block scale, then the ReLU'd, weighted head sum as the int64 key of
+        indexer_topk._keys_of."""
+        ROWS: gl.constexpr = _ROWS
+        HP: gl.constexpr = w8.shape[0]
+        zero = gl.zeros([ROWS, HP], gl.float32, _acc_layout(HP))
+        acc = zero
+        for b in gl.static_range(_DI // 32):
+            d = warpgroup_mma(_dot_operand(blocks[b], ROWS, _operand_layout(HP), _RAW3_L), q_smem.index(b).permute((1, 0)),
+                              zero, use_acc=False)
+            e = (scales >> (8 * b)) & 0xFF
+            acc = acc + d * gl.where(e == 0, 2.0**-127, (e << 23).to(gl.float32, bitcast=True))[:, None]
+        score = gl.sum(w8[None, :] * gl.maximum(acc, 0.0), axis=1)
+        score = gl.where(score == 0.0, 0.0, score)
+        bits = score.to(gl.int32, bitcast=True)
+        ordered = gl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(gl.int64)
+        return gl.where(col < n_vis, ordered * 4294967296 + (2147483647 - col), SENTINEL_KEY)
+
+    @gluon.jit
+    def _head_weights(w8_ptr, s, HP: gl.constexpr):
+        return gl.load(w8_ptr + s * HP + gl.arange(0, HP, layout=gl.SliceLayout(0, _acc_layout(HP))))
+
+    @gluon.jit
+    def _write_sentinels(out_row, page_lo, vis_hi, page_hi, SENTINEL_KEY: gl.constexpr):
+        """The sentinel key into every column of the program's pages that no query sees."""
         n = gl.arange(0, 64, layout=gl.BlockedLayout([1], [32], [_WARPS], [0]))
         for page in range(gl.maximum(vis_hi, page_lo), page_hi):
             gl.store(out_row + page * 64 + n, gl.full([64], SENTINEL_KEY, gl.int64, n.type.layout))
+
+    @gluon.jit
+    def _scan_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
+                     q8_stride_s, table_stride_s, page_stride, out_stride_s, n_blk, n_cols, pages_per_prog,
+                     row_stride: gl.constexpr, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr):
+        """The registers loader: each thread loads its own words, the next step's before this
+        step's dots."""
+        ROWS: gl.constexpr = _ROWS
+        row_l: gl.constexpr = gl.SliceLayout(1, _acc_layout(HP))
+        s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
+        out_row = out_ptr + s.to(gl.int64) * out_stride_s
+        if gl.load(mode_ptr + s) == MODE:  # else the general scan scores this query
+            q_smem = _stage_query(q8_ptr, s, q8_stride_s, HP)
+            fence_async_shared()
+            w8 = _head_weights(w8_ptr, s, HP)
+            table_row = table_ptr + s.to(gl.int64) * table_stride_s
+            rows = gl.arange(0, ROWS, layout=row_l)
+            scales, blocks = _step_loads(rows_ptr, table_row, page_lo, vis_hi, n_blk, page_stride, row_stride, ROWS,
+                                         row_l, _WORD_L)
+            for page in range(page_lo, vis_hi, 2):
+                next_scales, next_blocks = _step_loads(rows_ptr, table_row, page + 2, vis_hi, n_blk, page_stride,
+                                                       row_stride, ROWS, row_l, _WORD_L)
+                col = page * 64 + rows
+                gl.store(out_row + col, _step_keys(blocks, scales, q_smem, w8, col, n_vis, SENTINEL_KEY),
+                         mask=col < vis_hi * 64)
+                scales, blocks = next_scales, next_blocks
+        _write_sentinels(out_row, page_lo, vis_hi, page_hi, SENTINEL_KEY)
+
+    # -- the bulk-copy loaders: a ring slot holds a step's two pages at words 0 and PAGE_SLOT, each
+    #    as it lies in memory (17 words a row) -------------------------------------------------------
+
+    @gluon.jit
+    def _page_ids(table_row, step, page_lo, n_steps, vis_hi, n_blk):
+        """The pool pages of step `step`'s two table columns (page 0 for columns past vis_hi: their
+        rows are read but never stored)."""
+        pg = page_lo + 2 * step
+        live = step < n_steps
+        a = gl.load(table_row + gl.minimum(pg, n_blk - 1), mask=live & (pg < vis_hi), other=0)
+        b = gl.load(table_row + gl.minimum(pg + 1, n_blk - 1), mask=live & (pg + 1 < vis_hi), other=0)
+        return a, b
+
+    @gluon.jit
+    def _issue_step(head_desc, tail_desc, ring, bars, step, ids, n_steps, STAGES: gl.constexpr):
+        """Start the bulk copies of one step's two pages into its ring slot: each page as 1,024 words
+        and 64 (a TMA box is at most 256 elements a side, a power of two each, and a page is 17 x 64
+        words), one barrier completing when all 8,704 bytes have landed."""
+        tma_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+        slot = step % STAGES
+        live = step < n_steps
+        bar = bars.index(slot)
+        buf = ring.index(slot)
+        mbarrier.expect(bar, 2 * _PAGE_WORDS * 4, pred=live)
+        for p in gl.static_range(2):
+            tma.async_copy_global_to_shared(head_desc, [ids[p], 0, 0], bar,
+                                            buf.slice(p * _PAGE_SLOT, 1024)._reinterpret(gl.int32, [1, 16, 64], tma_l),
+                                            pred=live)
+            tma.async_copy_global_to_shared(tail_desc, [ids[p], 16, 0], bar,
+                                            buf.slice(p * _PAGE_SLOT + 1024, 64)._reinterpret(gl.int32, [1, 1, 64],
+                                                                                              tma_l),
+                                            pred=live)
+
+    @gluon.jit
+    def _slot_words(buf, HP: gl.constexpr):
+        """A ring slot's scale words [ROWS] (the accumulator's row layout) and each block's code words
+        [ROWS, 4] (_WORD_L), read through padded layouts that skip each row's other words: row r
+        of page p at p * PAGE_SLOT + 17 r, its scale word at + 16."""
+        ROWS: gl.constexpr = _ROWS
+        # one page's words and scales in _WORD_L and the row layout without their page bit (rows 64 apart)
+        w64_l: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[8, 0]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 4])
+        r64_l: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[8]], lane_bases=[[0], [0], [1], [2], [4]], warp_bases=[[16], [32]], block_bases=[], shape=[64])
+        codes_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[16, 1]], [64, 16], [1, 0])
+        scales_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[1, 16]], [64], [0])
+        pages = (buf.slice(0, _PAGE_SLOT), buf.slice(_PAGE_SLOT, _PAGE_SLOT))
+        scales = _both_pages(pages[0].slice(16, 16)._reinterpret(gl.int32, [64], scales_l).load(r64_l),
+                             pages[1].slice(16, 16)._reinterpret(gl.int32, [64], scales_l).load(r64_l),
+                             ROWS, gl.SliceLayout(1, _acc_layout(HP)))
+        codes = (pages[0]._reinterpret(gl.int32, [64, 16], codes_l), pages[1]._reinterpret(gl.int32, [64, 16], codes_l))
+        blocks = ()
+        for b in gl.static_range(_DI // 32):
+            blocks = blocks + (_both_pages(codes[0].slice(4 * b, 4, dim=1).load(w64_l),
+                                           codes[1].slice(4 * b, 4, dim=1).load(w64_l), ROWS, _WORD_L),)
+        return scales, blocks
+
+    @gluon.jit
+    def _both_pages(a, b, ROWS: gl.constexpr, layout: gl.constexpr):
+        """Two pages' [64, ...] values -> [128, ...] (page 1's rows after page 0's), in `layout`."""
+        j = gl.join(a, b)
+        if len(a.shape) == 1:
+            j = j.permute(1, 0).reshape([ROWS])
+        else:
+            j = j.permute(2, 0, 1).reshape([ROWS, a.shape[1]])
+        return gl.convert_layout(j, layout)
+
+    @gluon.jit
+    def _ring(STAGES: gl.constexpr):
+        """STAGES ring slots of two pages and a barrier per slot, initialised."""
+        ring = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * _PAGE_SLOT], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        return ring, bars
+
+    @gluon.jit
+    def _scan_kernel_tma(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, table_ptr, out_ptr,
+                         q8_stride_s, table_stride_s, out_stride_s, n_blk, n_cols, pages_per_prog,
+                         HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr, STAGES: gl.constexpr):
+        """The "bulk" loader: the scoring warps issue the copies STAGES - 1 steps ahead."""
+        ROWS: gl.constexpr = _ROWS
+        s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
+        out_row = out_ptr + s.to(gl.int64) * out_stride_s
+        if gl.load(mode_ptr + s) == MODE:
+            q_smem = _stage_query(q8_ptr, s, q8_stride_s, HP)
+            ring, bars = _ring(STAGES)
+            fence_async_shared()
+            w8 = _head_weights(w8_ptr, s, HP)
+            table_row = table_ptr + s.to(gl.int64) * table_stride_s
+            rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, _acc_layout(HP)))
+            n_steps = gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2)
+            for j in gl.static_range(STAGES - 1):
+                _issue_step(head_desc, tail_desc, ring, bars, j, _page_ids(table_row, j, page_lo, n_steps, vis_hi, n_blk),
+                            n_steps, STAGES)
+            ids = _page_ids(table_row, STAGES - 1, page_lo, n_steps, vis_hi, n_blk)
+            for it in range(n_steps):
+                # every warp is past step it - 1, so its slot may be refilled
+                gl.thread_barrier()
+                _issue_step(head_desc, tail_desc, ring, bars, it + STAGES - 1, ids, n_steps, STAGES)
+                ids = _page_ids(table_row, it + STAGES, page_lo, n_steps, vis_hi, n_blk)
+                slot = it % STAGES
+                mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
+                scales, blocks = _slot_words(ring.index(slot), HP)
+                col = (page_lo + 2 * it) * 64 + rows
+                gl.store(out_row + col, _step_keys(blocks, scales, q_smem, w8, col, n_vis, SENTINEL_KEY),
+                         mask=col < vis_hi * 64)
+            for i in gl.static_range(STAGES):
+                mbarrier.invalidate(bars.index(i))
+        _write_sentinels(out_row, page_lo, vis_hi, page_hi, SENTINEL_KEY)
+
+    @gluon.jit
+    def _load_pages(head_desc, tail_desc, ring, ready, empty, table_row, page_lo, n_steps, vis_hi, n_blk,
+                    STAGES: gl.constexpr):
+        """The loader warp of "bulk_ws": each step's two pages into the ring, up to STAGES steps
+        ahead of the scorer, a slot refilled once the scorer has handed it back."""
+        for it in range(n_steps):
+            ids = _page_ids(table_row, it, page_lo, n_steps, vis_hi, n_blk)
+            mbarrier.wait(empty.index(it % STAGES), ((it // STAGES) & 1) ^ 1)
+            _issue_step(head_desc, tail_desc, ring, ready, it, ids, n_steps, STAGES)
+
+    @gluon.jit
+    def _score_pages(ring, ready, empty, q_smem, w8_ptr, out_row, s, page_lo, n_steps, n_vis, vis_hi,
+                     HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, STAGES: gl.constexpr):
+        """The scoring warp group of "bulk_ws": a full slot's words into registers, the slot handed
+        back at once, then the step's keys."""
+        w8 = _head_weights(w8_ptr, s, HP)
+        rows = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, _acc_layout(HP)))
+        for it in range(n_steps):
+            slot = it % STAGES
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            scales, blocks = _slot_words(ring.index(slot), HP)
+            # the slot's reads come before the loader's next bulk copy into it
+            fence_async_shared()
+            mbarrier.arrive(empty.index(slot), count=1)
+            col = (page_lo + 2 * it) * 64 + rows
+            gl.store(out_row + col, _step_keys(blocks, scales, q_smem, w8, col, n_vis, SENTINEL_KEY),
+                     mask=col < vis_hi * 64)
+
+    @gluon.jit
+    def _scan_kernel_ws(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, table_ptr, out_ptr,
+                        q8_stride_s, table_stride_s, out_stride_s, n_blk, n_cols, pages_per_prog,
+                        HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr, STAGES: gl.constexpr):
+        """The "bulk_ws" loader: one loader warp beside the scoring warp group."""
+        s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
+        out_row = out_ptr + s.to(gl.int64) * out_stride_s
+        # queries of the general scan score no step here
+        n_steps = gl.where(gl.load(mode_ptr + s) == MODE, gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2), 0)
+        q_smem = _stage_query(q8_ptr, s, q8_stride_s, HP)
+        ring, ready = _ring(STAGES)
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(empty.index(i), count=1)
+        fence_async_shared()
+        table_row = table_ptr + s.to(gl.int64) * table_stride_s
+        gl.warp_specialize([
+            (_score_pages, (ring, ready, empty, q_smem, w8_ptr, out_row, s, page_lo, n_steps, n_vis, vis_hi, HP,
+                            SENTINEL_KEY, STAGES)),
+            (_load_pages, (head_desc, tail_desc, ring, ready, empty, table_row, page_lo, n_steps, vis_hi, n_blk,
+                           STAGES)),
+        ], [1], [LOADER_REGS])
+        _write_sentinels(out_row, page_lo, vis_hi, page_hi, SENTINEL_KEY)
 
 
 @functools.cache
@@ -169,6 +391,28 @@ def usable(q8: torch.Tensor, index_rows: torch.Tensor) -> bool:
             and index_scales_as_words(index_rows, DI))
 
 
+LOADERS = ("registers", "bulk", "bulk_ws")
+LOADER = "registers"  # how a program's pages reach it (module docstring); the bulk-copy loaders await their first GPU run
+
+
+def bulk_copy_usable(index_rows: torch.Tensor) -> bool:
+    """Whether the bulk-copy engine can read these indexer pages (uint8 [P, 64, 68]) as [17, 64]
+    words: a page's rows back to back, the base and every page on 16-byte boundaries."""
+    return (index_rows.stride(2) == 1 and index_rows.stride(1) == index_rows.shape[2] == 68
+            and index_rows.data_ptr() % 16 == 0 and index_rows.stride(0) % 16 == 0)
+
+
+def _page_descriptors(index_rows: torch.Tensor):
+    """Bulk-copy descriptors of the pages as [P, 17, 64] 32-bit words: words 0-1023 of a page (16
+    x 64) and its last 64 (a box side is at most 256 elements)."""
+    P = index_rows.shape[0]
+    words = torch.empty(0, dtype=torch.int32, device=index_rows.device).set_(
+        index_rows.untyped_storage(), index_rows.storage_offset() // 4, (P, 17, 64), (index_rows.stride(0) // 4, 64, 1))
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+    return (TensorDescriptor(words, [P, 17, 64], [index_rows.stride(0) // 4, 64, 1], [1, 16, 64], layout),
+            TensorDescriptor(words, [P, 17, 64], [index_rows.stride(0) // 4, 64, 1], [1, 1, 64], layout))
+
+
 def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages_per_prog: int, sentinel: int,
              fp8_mode: int) -> None:
     """Write the FP8 scan's keys into out [S, n_cols] for the queries whose mode is fp8_mode, and the
@@ -177,7 +421,16 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
     S = q8.shape[0]
     n_pages = -(-n_cols // 64)
     ppp = pages_per_prog + pages_per_prog % 2  # whole steps of two pages
-    _scan_kernel[(S, -(-n_pages // ppp))](
-        q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table.stride(0) if table.shape[0] > 1 else 0,
+    grid = (S, -(-n_pages // ppp))
+    table_stride = table.stride(0) if table.shape[0] > 1 else 0
+    if LOADER != "registers" and bulk_copy_usable(index_rows):
+        kernel = _scan_kernel_ws if LOADER == "bulk_ws" else _scan_kernel_tma
+        extra = dict(maxnreg=128) if LOADER == "bulk_ws" else {}
+        kernel[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0), table_stride,
+                     out.stride(0), table.shape[1], n_cols, ppp, HP=w8.shape[1], SENTINEL_KEY=sentinel, MODE=fp8_mode,
+                     STAGES=STAGES, num_warps=WARPS, **extra)
+        return
+    _scan_kernel[grid](
+        q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table_stride,
         index_rows.stride(0), out.stride(0), table.shape[1], n_cols, ppp, row_stride=index_rows.stride(1),
         HP=w8.shape[1], SENTINEL_KEY=sentinel, MODE=fp8_mode, num_warps=WARPS)

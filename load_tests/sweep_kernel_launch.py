@@ -1,10 +1,13 @@
 """Launch shapes of the decode kernels, swept over the bench_kernels inputs (GPU).
 
-    python -m load_tests.sweep_kernel_launch [--only scan|hca|hca-gluon|csa]
+    python -m load_tests.sweep_kernel_launch [--only scan|scan-gluon|hca|hca-gluon|csa]
 
 For the FP8 scan in Triton (the kernel of GPUs other than Hopper's; Hopper runs the Gluon one of
 kernels/indexer_scan_hopper.py, whose launch is fixed there): pages per step x warps x programs per
-SM x pipeline stages; for HCA decode:
+SM x pipeline stages; for the Gluon scan (Hopper only) how its pages reach a program (the
+LOADER of kernels/indexer_scan_hopper.py: each thread's own loads, or bulk copies into a ring of
+STAGES slots, issued by the scoring warps or by a loader warp of their own) x programs per SM;
+for HCA decode:
 heads per program x keys per tile x warps x pipeline stages x keys per split; for CSA decode the
 same; for HCA decode's Gluon kernel (kernels/hca_decode_hopper.py, Hopper only) keys per split,
 one size for every query, then the rule it ships with (KEYS_PER_SPLIT, SHORT_QUERY_KEYS,
@@ -23,6 +26,7 @@ import argparse
 import torch
 
 from kernels import hca_decode as hca
+from kernels import indexer_scan_hopper as scan_hopper
 from kernels import indexer_topk as idx
 from kernels import sparse_decode as sp
 from kernels.key_select_ref import scores_from_keys
@@ -52,7 +56,7 @@ def sweep(name, shapes, apply, fn, traffic, ceil, values=lambda out: out.float()
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("scan", "hca", "hca-gluon", "csa"), help="sweep one kernel only")
+    ap.add_argument("--only", choices=("scan", "scan-gluon", "hca", "hca-gluon", "csa"), help="sweep one kernel only")
     ap.add_argument("--cases", default="131072x32,1048576x32,1048576x1",
                     help="context x batch of each input set, comma-separated")
     args = ap.parse_args()
@@ -63,6 +67,7 @@ def main() -> None:
     print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
           f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     rows = bk.encoded_rows(cfg)
+    scan_gluon_default = (scan_hopper.LOADER, scan_hopper.STAGES, scan_hopper.PROGRAMS_PER_SM)
     scan_default = (idx.FP8_PAGES, idx.SCAN_WARPS, idx.FP8_PROGRAMS_PER_SM, idx.SCAN_STAGES)
     hca_default = (dict(sp._GPU_LAUNCH[False]), hca.HCA_KEYS_PER_SPLIT)
     csa_default = (dict(sp._GPU_LAUNCH[True]), sp.SPARSE_KEYS_PER_SPLIT)
@@ -84,6 +89,19 @@ def main() -> None:
                                                    x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops),
                       idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim), ceil, scores_from_keys)
         set_scan(*scan_default)
+
+        def set_scan_gluon(loader, stages, pps):
+            scan_hopper.LOADER, scan_hopper.STAGES, scan_hopper.PROGRAMS_PER_SM = loader, stages, pps
+
+        if only in (None, "scan-gluon") and idx.HOPPER_SCAN and scan_hopper.usable(ops[0], x["csa_index"]):
+            sweep(f"fp8 scan gluon T={T} B={B} (loader, bulk-copy stages, programs/SM)",
+                  (("registers", 4, 2), ("bulk_ws", 3, 2), ("bulk_ws", 4, 2), ("bulk_ws", 6, 2), ("bulk_ws", 4, 1),
+                   ("bulk", 4, 2), scan_gluon_default),
+                  set_scan_gluon,
+                  lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
+                                               x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops),
+                  idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim), ceil, scores_from_keys)
+        set_scan_gluon(*scan_gluon_default)
 
         def set_hca(heads, block_n, warps, stages, split):
             sp._GPU_LAUNCH[False] = dict(BLOCK_H=heads, BLOCK_N=block_n, num_warps=warps, num_stages=stages)

@@ -334,6 +334,17 @@ def test_scale_words_are_read_only_from_4_byte_aligned_rows_pages_and_base():
     assert not index_scales_as_words(odd_pages, 128)  # pages 2 bytes apart from 4-byte alignment
 
 
+def test_bulk_copies_read_only_pages_of_back_to_back_rows_on_16_byte_boundaries():
+    from kernels.indexer_scan_hopper import bulk_copy_usable
+
+    pool = torch.zeros(3, 2, 64, 68, dtype=torch.uint8)  # pages of two slots, as the pools interleave them
+    assert bulk_copy_usable(pool[:, 1])
+    assert bulk_copy_usable(torch.zeros(5, 64, 68, dtype=torch.uint8))
+    assert not bulk_copy_usable(pool.view(-1)[4:4 + 3 * 64 * 68].view(3, 64, 68))  # base 4 bytes off
+    assert not bulk_copy_usable(torch.zeros(3, 64, 72, dtype=torch.uint8)[..., :68])  # rows not back to back
+    odd_pages = torch.zeros(3 * 64 * 68 + 16, dtype=torch.uint8).as_strided((3, 64, 68), (64 * 68 + 4, 68, 1))
+    assert not bulk_copy_usable(odd_pages)  # pages 4 bytes apart from 16-byte alignment
+
 def test_scan_traffic_counts_key_rows_and_dot_flops():
     nbytes, flops = K.scan_traffic(2, 1 << 20, 64, 128)
     n = (1 << 20) // 4
@@ -366,17 +377,20 @@ def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
 
 
 @pytest.mark.gpu
-def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch):
-    """On Hopper the FP8 scan runs in Gluon (indexer_scan_hopper.py): its keys must be the Triton
-    kernel's bit for bit, for decode rows of their own requests (a partial page, a query seeing
-    nothing, a table wider than the context, queries of both modes in one launch) and for a
-    prefill chunk sharing one table row."""
+@pytest.mark.parametrize("loader", ["registers", "bulk", "bulk_ws"])
+def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, loader):
+    """On Hopper the FP8 scan runs in Gluon (indexer_scan_hopper.py): with each way of loading its
+    pages, its keys must be the Triton kernel's bit for bit, for decode rows of their own requests
+    (a partial page, a query seeing nothing, a table wider than the context, queries of both
+    modes in one launch) and for a prefill chunk sharing one table row."""
     from kernels import indexer_scan_hopper as H
 
     if not H.usable(torch.zeros(1, 4, 64, 32, device="cuda"), torch.zeros(1, 64, 68, dtype=torch.uint8, device="cuda")):
         pytest.skip("needs a Hopper GPU with Gluon")
+    monkeypatch.setattr(H, "LOADER", loader)
     Hi, Di, n_blk = 64, 128, 96
     rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")
+    assert H.bulk_copy_usable(rows)  # so the bulk loaders are the ones compared
     g = torch.Generator().manual_seed(29)
     table = torch.stack([torch.randperm(5 * n_blk, generator=g)[:n_blk] for _ in range(5)]).int().cuda()
     pos = torch.tensor([n_blk * 256 - 1, 50 * 256 + 77, 2, 3 * 256 + 5, 40 * 256], device="cuda")
