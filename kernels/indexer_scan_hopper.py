@@ -405,12 +405,12 @@ def bulk_copy_usable(index_rows: torch.Tensor) -> bool:
 def _page_descriptors(index_rows: torch.Tensor):
     """Bulk-copy descriptors of the pages as [P, 17, 64] 32-bit words: words 0-1023 of a page (16
     x 64) and its last 64 (a box side is at most 256 elements)."""
-    P = index_rows.shape[0]
+    shape, strides = [index_rows.shape[0], 17, 64], [index_rows.stride(0) // 4, 64, 1]
     words = torch.empty(0, dtype=torch.int32, device=index_rows.device).set_(
-        index_rows.untyped_storage(), index_rows.storage_offset() // 4, (P, 17, 64), (index_rows.stride(0) // 4, 64, 1))
+        index_rows.untyped_storage(), index_rows.storage_offset() // 4, shape, strides)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-    return (TensorDescriptor(words, [P, 17, 64], [index_rows.stride(0) // 4, 64, 1], [1, 16, 64], layout),
-            TensorDescriptor(words, [P, 17, 64], [index_rows.stride(0) // 4, 64, 1], [1, 1, 64], layout))
+    return (TensorDescriptor(words, shape, strides, [1, 16, 64], layout),
+            TensorDescriptor(words, shape, strides, [1, 1, 64], layout))
 
 
 def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages_per_prog: int, sentinel: int,
@@ -423,8 +423,12 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
     ppp = pages_per_prog + pages_per_prog % 2  # whole steps of two pages
     grid = (S, -(-n_pages // ppp))
     table_stride = table.stride(0) if table.shape[0] > 1 else 0
+    if LOADER not in LOADERS:
+        raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
     if LOADER != "registers" and bulk_copy_usable(index_rows):
         kernel = _scan_kernel_ws if LOADER == "bulk_ws" else _scan_kernel_tma
+        # bulk_ws: 8 warps of 128 registers, so that two programs fill an SM's register file;
+        # setmaxnreg then moves them to the scoring warp group (232) from the loader's (24)
         extra = dict(maxnreg=128) if LOADER == "bulk_ws" else {}
         kernel[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0), table_stride,
                      out.stride(0), table.shape[1], n_cols, ppp, HP=w8.shape[1], SENTINEL_KEY=sentinel, MODE=fp8_mode,

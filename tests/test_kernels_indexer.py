@@ -345,6 +345,17 @@ def test_bulk_copies_read_only_pages_of_back_to_back_rows_on_16_byte_boundaries(
     odd_pages = torch.zeros(3 * 64 * 68 + 16, dtype=torch.uint8).as_strided((3, 64, 68), (64 * 68 + 4, 68, 1))
     assert not bulk_copy_usable(odd_pages)  # pages 4 bytes apart from 16-byte alignment
 
+
+def test_an_unknown_gluon_scan_loader_is_an_error_not_a_silent_choice(monkeypatch):
+    from kernels import indexer_scan_hopper as H
+
+    monkeypatch.setattr(H, "LOADER", "bulkws")
+    rows = torch.zeros(2, 64, 68, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="bulkws"):
+        H.scan_fp8(torch.zeros(1, 4, 64, 32), torch.zeros(1, 64), torch.zeros(1, dtype=torch.int32),
+                   torch.zeros(1, dtype=torch.int64), rows, torch.zeros(1, 2, dtype=torch.int32),
+                   torch.zeros(1, 128, dtype=torch.int64), 128, 2, -1, 0)
+
 def test_scan_traffic_counts_key_rows_and_dot_flops():
     nbytes, flops = K.scan_traffic(2, 1 << 20, 64, 128)
     n = (1 << 20) // 4
