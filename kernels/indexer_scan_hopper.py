@@ -67,7 +67,8 @@ _PAGE_WORDS = tl.constexpr(PAGE_WORDS)
 PAGE_SLOT = 2048  # words from one page of a ring slot to the next (bulk copies land on 128-byte boundaries)
 _PAGE_SLOT = tl.constexpr(PAGE_SLOT)
 STAGES = 4  # two-page steps in flight per program (bulk-copy scan)
-LOADER_REGS = tl.constexpr(24)  # registers a thread of the loader warp keeps (the fewest; its values live in uniform registers)
+# registers a thread of the loader warp keeps: the fewest, its values live in uniform registers
+LOADER_REGS = tl.constexpr(24)
 
 
 if gluon is not None:
@@ -148,7 +149,8 @@ if gluon is not None:
         q_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [_WARPS, 1], [1, 0])
         h = gl.arange(0, HP, layout=gl.SliceLayout(1, q_l))
         k = gl.arange(0, 32, layout=gl.SliceLayout(0, q_l))
-        q_src = q8_ptr + s.to(gl.int64) * q8_stride_s + h[:, None] * 32 + (8 * ((k % 16) // 4) + 4 * (k // 16) + k % 4)[None, :]
+        order = 8 * ((k % 16) // 4) + 4 * (k // 16) + k % 4
+        q_src = q8_ptr + s.to(gl.int64) * q8_stride_s + h[:, None] * 32 + order[None, :]
         q_smem = gl.allocate_shared_memory(gl.float8e4nv, [_DI // 32, HP, 32],
                                            gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2))
         for b in gl.static_range(_DI // 32):
@@ -166,8 +168,8 @@ if gluon is not None:
         zero = gl.zeros([ROWS, HP], gl.float32, _acc_layout(HP))
         acc = zero
         for b in gl.static_range(_DI // 32):
-            d = warpgroup_mma(_dot_operand(blocks[b], ROWS, _operand_layout(HP), _RAW3_L), q_smem.index(b).permute((1, 0)),
-                              zero, use_acc=False)
+            a = _dot_operand(blocks[b], ROWS, _operand_layout(HP), _RAW3_L)
+            d = warpgroup_mma(a, q_smem.index(b).permute((1, 0)), zero, use_acc=False)
             e = (scales >> (8 * b)) & 0xFF
             acc = acc + d * gl.where(e == 0, 2.0**-127, (e << 23).to(gl.float32, bitcast=True))[:, None]
         score = gl.sum(w8[None, :] * gl.maximum(acc, 0.0), axis=1)
@@ -308,8 +310,8 @@ if gluon is not None:
             rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, _acc_layout(HP)))
             n_steps = gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2)
             for j in gl.static_range(STAGES - 1):
-                _issue_step(head_desc, tail_desc, ring, bars, j, _page_ids(table_row, j, page_lo, n_steps, vis_hi, n_blk),
-                            n_steps, STAGES)
+                ids = _page_ids(table_row, j, page_lo, n_steps, vis_hi, n_blk)
+                _issue_step(head_desc, tail_desc, ring, bars, j, ids, n_steps, STAGES)
             ids = _page_ids(table_row, STAGES - 1, page_lo, n_steps, vis_hi, n_blk)
             for it in range(n_steps):
                 # every warp is past step it - 1, so its slot may be refilled
@@ -392,7 +394,8 @@ def usable(q8: torch.Tensor, index_rows: torch.Tensor) -> bool:
 
 
 LOADERS = ("registers", "bulk", "bulk_ws")
-LOADER = "registers"  # how a program's pages reach it (module docstring); the bulk-copy loaders await their first GPU run
+# how a program's pages reach it (module docstring); the bulk-copy loaders await their first GPU run
+LOADER = "registers"
 
 
 def bulk_copy_usable(index_rows: torch.Tensor) -> bool:
