@@ -45,7 +45,7 @@ import functools
 import torch
 import triton.language as tl
 
-from .kv_layout import index_scales_as_words
+from .kv_layout import index_row_bytes, index_scales_as_words
 from .scan_operands import E2M1_TO_E4M3_PTX
 
 try:  # Gluon ships with Triton 3.4+; without it the Triton scan runs everywhere
@@ -62,7 +62,8 @@ PROGRAMS_PER_SM = 2  # H100 sweep: 2 programs (0.347 ms at 1M x 32); 64-row step
 DI = 128  # the layouts below hold a row's 4 block scales in one word
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
 _ROWS, _WARPS, _DI = tl.constexpr(ROWS_PER_STEP), tl.constexpr(WARPS), tl.constexpr(DI)
-PAGE_WORDS = 64 * 17  # a page of 64 rows of 68 bytes, as 32-bit words
+ROW_WORDS = index_row_bytes(DI) // 4  # an indexer row as 32-bit words: 16 of codes, 1 of scales
+PAGE_WORDS = 64 * ROW_WORDS  # a page of 64 rows, as 32-bit words
 _PAGE_WORDS = tl.constexpr(PAGE_WORDS)
 PAGE_SLOT = 2048  # words from one page of a ring slot to the next (bulk copies land on 128-byte boundaries)
 _PAGE_SLOT = tl.constexpr(PAGE_SLOT)
@@ -285,13 +286,18 @@ if gluon is not None:
         return gl.convert_layout(j, layout)
 
     @gluon.jit
-    def _ring(STAGES: gl.constexpr):
-        """STAGES ring slots of two pages and a barrier per slot, initialised."""
-        ring = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * _PAGE_SLOT], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    def _barriers(STAGES: gl.constexpr):
+        """One barrier per ring slot, initialised (one arrival completes a phase)."""
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
-        return ring, bars
+        return bars
+
+    @gluon.jit
+    def _ring(STAGES: gl.constexpr):
+        """STAGES ring slots of two pages and the barrier each completes when its copies land."""
+        ring = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * _PAGE_SLOT], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        return ring, _barriers(STAGES)
 
     @gluon.jit
     def _scan_kernel_tma(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, table_ptr, out_ptr,
@@ -367,9 +373,7 @@ if gluon is not None:
         n_steps = gl.where(gl.load(mode_ptr + s) == MODE, gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2), 0)
         q_smem = _stage_query(q8_ptr, s, q8_stride_s, HP)
         ring, ready = _ring(STAGES)
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(empty.index(i), count=1)
+        empty = _barriers(STAGES)  # the scorer's hand-backs
         fence_async_shared()
         table_row = table_ptr + s.to(gl.int64) * table_stride_s
         gl.warp_specialize([
@@ -401,14 +405,14 @@ LOADER = "registers"
 def bulk_copy_usable(index_rows: torch.Tensor) -> bool:
     """Whether the bulk-copy engine can read these indexer pages (uint8 [P, 64, 68]) as [17, 64]
     words: a page's rows back to back, the base and every page on 16-byte boundaries."""
-    return (index_rows.stride(2) == 1 and index_rows.stride(1) == index_rows.shape[2] == 68
+    return (index_rows.stride(2) == 1 and index_rows.stride(1) == index_rows.shape[2] == 4 * ROW_WORDS
             and index_rows.data_ptr() % 16 == 0 and index_rows.stride(0) % 16 == 0)
 
 
 def _page_descriptors(index_rows: torch.Tensor):
     """Bulk-copy descriptors of the pages as [P, 17, 64] 32-bit words: words 0-1023 of a page (16
     x 64) and its last 64 (a box side is at most 256 elements)."""
-    shape, strides = [index_rows.shape[0], 17, 64], [index_rows.stride(0) // 4, 64, 1]
+    shape, strides = [index_rows.shape[0], PAGE_WORDS // 64, 64], [index_rows.stride(0) // 4, 64, 1]
     words = torch.empty(0, dtype=torch.int32, device=index_rows.device).set_(
         index_rows.untyped_storage(), index_rows.storage_offset() // 4, shape, strides)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
