@@ -356,6 +356,7 @@ def test_an_unknown_gluon_scan_loader_is_an_error_not_a_silent_choice(monkeypatc
                    torch.zeros(1, dtype=torch.int64), rows, torch.zeros(1, 2, dtype=torch.int32),
                    torch.zeros(1, 128, dtype=torch.int64), 128, 2, -1, 0)
 
+
 def test_scan_traffic_counts_key_rows_and_dot_flops():
     nbytes, flops = K.scan_traffic(2, 1 << 20, 64, 128)
     n = (1 << 20) // 4
@@ -388,7 +389,7 @@ def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("loader", ["registers", "bulk", "bulk_ws"])
+@pytest.mark.parametrize("loader", K.hopper_scan.LOADERS)
 def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, loader):
     """On Hopper the FP8 scan runs in Gluon (indexer_scan_hopper.py): with each way of loading its
     pages, its keys must be the Triton kernel's bit for bit, for decode rows of their own requests
