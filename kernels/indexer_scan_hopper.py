@@ -19,23 +19,23 @@ loop waited on right after issuing them. Here the layouts are stated:
 * the next step's words are loaded before this step's dots (carried in registers as 32-bit
   words: as bytes each would take a register and a repack).
 
-H100, 1M context x 32 queries: 0.35 ms against the Triton scan's 0.52 (kernels/RESULTS.md).
+H100, 1M context x 32 queries: 0.32 ms, the registers loader 0.36, the Triton scan 0.52 (kernels/RESULTS.md).
 Hopper only (wgmma); indexer_topk uses it where `usable` says so and keeps the Triton scan
 elsewhere, which is also what the CPU tests run in the interpreter (Gluon has no interpreter).
 
 How a program's pages reach it (LOADER). Loading each thread's own words (`_scan_kernel`, the
 "registers" loader) caps the scan at about 77% of the copy rate even with nothing else in the
 loop (kernels/RESULTS.md): a warp's 4-byte loads touch 16 bytes in each of 8 rows of 68. The
-bulk-copy loaders move whole pages instead, the copy engine (TMA) writing a page's 4,352 bytes
-as they lie (17 words a row) into a ring of shared-memory slots, two pages a slot, and the
-threads read their words from there through a padded layout that skips each row's 17th word:
-  * "bulk" (`_scan_kernel_tma`): the scoring warps issue the copies themselves, STAGES - 1 steps
-    ahead, with a barrier a step before a slot is refilled;
-  * "bulk_ws" (`_scan_kernel_ws`): one loader warp issues them and the scoring warp group only
-    waits for full slots and hands them back (warp specialization: the loader runs ahead on its
-    own, with 24 registers, and the scorer keeps 232).
-Both need pages whose rows lie back to back on 16-byte boundaries (`bulk_copy_usable`); other
-pools take the registers loader. All three give the same keys (the sums are the same code).
+"bulk_ws" loader (`_scan_kernel_ws`) moves whole pages instead: one loader warp has the copy
+engine (TMA) write each page's 4,352 bytes as they lie (17 words a row) into a ring of STAGES
+shared-memory slots, two pages a slot; the scoring warp group waits for a full slot, reads its
+words through a padded layout that skips each row's 17th word, hands the slot back, and scores
+the two pages with each block's dot started before the previous one's float32 scale and add
+(`_store_slot_keys`), so the tensor cores work under the warps' math (warp specialization: the
+loader runs ahead on its own with 24 registers, the scorer takes the rest). It needs pages
+whose rows lie back to back on 16-byte boundaries (`bulk_copy_usable`, which the engine's pools
+meet); other pools take the registers loader. Both give the same keys: the same sums in the
+same order (_block_scale, _keys_of), checked bit for bit on the GPU.
 """
 
 from __future__ import annotations
@@ -51,14 +51,15 @@ from .scan_operands import E2M1_TO_E4M3_PTX
 try:  # Gluon ships with Triton 3.4+; without it the Triton scan runs everywhere
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
 ROWS_PER_STEP = 128  # two 64-entry pages: one [128, 32] x [32, heads] dot per block
 WARPS = 4  # one warp group; about 250 registers a thread, so two programs per SM
-PROGRAMS_PER_SM = 2  # H100 sweep: 2 programs (0.347 ms at 1M x 32); 64-row steps at 3 or 4 per SM 0.39-0.51
+PROGRAMS_PER_SM = 2  # H100 sweeps at 1M x 32: bulk_ws 0.32 ms at 2, 0.40 at 1, 0.52 at 3 (it spills)
 DI = 128  # the layouts below hold a row's 4 block scales in one word
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
 _ROWS, _WARPS, _DI = tl.constexpr(ROWS_PER_STEP), tl.constexpr(WARPS), tl.constexpr(DI)
@@ -67,7 +68,7 @@ PAGE_WORDS = 64 * ROW_WORDS  # a page of 64 rows, as 32-bit words
 _PAGE_WORDS = tl.constexpr(PAGE_WORDS)
 PAGE_SLOT = 2048  # words from one page of a ring slot to the next (bulk copies land on 128-byte boundaries)
 _PAGE_SLOT = tl.constexpr(PAGE_SLOT)
-STAGES = 4  # two-page steps in flight per program (bulk-copy scan)
+STAGES = 4  # two-page steps in flight per program (bulk_ws; H100: 2-6 within 3%)
 # registers a thread of the loader warp keeps: the fewest, its values live in uniform registers
 LOADER_REGS = tl.constexpr(24)
 
@@ -171,8 +172,20 @@ if gluon is not None:
         for b in gl.static_range(_DI // 32):
             a = _dot_operand(blocks[b], ROWS, _operand_layout(HP), _RAW3_L)
             d = warpgroup_mma(a, q_smem.index(b).permute((1, 0)), zero, use_acc=False)
-            e = (scales >> (8 * b)) & 0xFF
-            acc = acc + d * gl.where(e == 0, 2.0**-127, (e << 23).to(gl.float32, bitcast=True))[:, None]
+            acc = acc + d * _block_scale(scales, b)[:, None]
+        return _keys_of(acc, w8, col, n_vis, SENTINEL_KEY)
+
+    @gluon.jit
+    def _block_scale(scales, b: gl.constexpr):
+        """Block b's scale of each row, as float32, from the rows' scale words (E8M0: 2**(e - 127))."""
+        e = (scales >> (8 * b)) & 0xFF
+        return gl.where(e == 0, 2.0**-127, (e << 23).to(gl.float32, bitcast=True))
+
+    @gluon.jit
+    def _keys_of(acc, w8, col, n_vis, SENTINEL_KEY: gl.constexpr):
+        """Rows' block-summed head scores [rows, HP] -> their int64 keys (indexer_topk._keys_of):
+        the ReLU'd, weighted head sum, its bits ordered as integers, the column below them; the
+        sentinel past the query's visible entries."""
         score = gl.sum(w8[None, :] * gl.maximum(acc, 0.0), axis=1)
         score = gl.where(score == 0.0, 0.0, score)
         bits = score.to(gl.int32, bitcast=True)
@@ -250,40 +263,61 @@ if gluon is not None:
                                                                                               tma_l),
                                             pred=live)
 
+    # one page's words [64, 4] as the [row, word, byte] view _dot_operand takes (_RAW3_L without the
+    # register bit that picks a step's second page: a page is one 64-row dot of the warp group)
+    _PAGE_RAW3_L = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [8, 0, 0]],
+        lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, 4, 4]))
+    _PAGE_WORD_L = gl.constexpr(gl.SliceLayout(2, _PAGE_RAW3_L.value))
+
     @gluon.jit
-    def _slot_words(buf, HP: gl.constexpr):
-        """A ring slot's scale words [ROWS] (the accumulator's row layout) and each block's code words
-        [ROWS, 4] (_WORD_L), read through padded layouts that skip each row's other words: row r
-        of page p at p * PAGE_SLOT + 17 r, its scale word at + 16."""
-        ROWS: gl.constexpr = _ROWS
-        # one page's words and scales in _WORD_L and the row layout without their page bit (rows 64 apart)
-        w64_l: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[8, 0]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 4])
-        r64_l: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[8]], lane_bases=[[0], [0], [1], [2], [4]], warp_bases=[[16], [32]], block_bases=[], shape=[64])
+    def _page_words(page, HP: gl.constexpr):
+        """A ring slot's page (17 words a row, as it lies in memory) -> its rows' scale words [64]
+        (the accumulator's row layout) and each block's code words [64, 4] (_PAGE_WORD_L), read
+        through padded layouts that skip each row's other words: row r at 17 r, its scale at + 16."""
         codes_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[16, 1]], [64, 16], [1, 0])
         scales_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[1, 16]], [64], [0])
-        pages = (buf.slice(0, _PAGE_SLOT), buf.slice(_PAGE_SLOT, _PAGE_SLOT))
-        scales = _both_pages(pages[0].slice(16, 16)._reinterpret(gl.int32, [64], scales_l).load(r64_l),
-                             pages[1].slice(16, 16)._reinterpret(gl.int32, [64], scales_l).load(r64_l),
-                             ROWS, gl.SliceLayout(1, _acc_layout(HP)))
-        codes = (pages[0]._reinterpret(gl.int32, [64, 16], codes_l), pages[1]._reinterpret(gl.int32, [64, 16], codes_l))
+        scales = page.slice(16, 16)._reinterpret(gl.int32, [64], scales_l).load(gl.SliceLayout(1, _acc_layout(HP)))
+        codes = page._reinterpret(gl.int32, [64, 16], codes_l)
         blocks = ()
         for b in gl.static_range(_DI // 32):
-            blocks = blocks + (_both_pages(codes[0].slice(4 * b, 4, dim=1).load(w64_l),
-                                           codes[1].slice(4 * b, 4, dim=1).load(w64_l), ROWS, _WORD_L),)
+            blocks = blocks + (codes.slice(4 * b, 4, dim=1).load(_PAGE_WORD_L),)
         return scales, blocks
 
     @gluon.jit
-    def _both_pages(a, b, ROWS: gl.constexpr, layout: gl.constexpr):
-        """Two pages' [64, ...] values -> [128, ...] (page 1's rows after page 0's), in `layout`."""
-        j = gl.join(a, b)
-        if len(a.shape) == 1:
-            j = j.permute(1, 0).reshape([ROWS])
-        else:
-            j = j.permute(2, 0, 1).reshape([ROWS, a.shape[1]])
-        return gl.convert_layout(j, layout)
+    def _issue_dot(words, q_smem, b: gl.constexpr, zero):
+        """Start block b's dot of a page's rows (a fresh accumulator) on the tensor cores; the result
+        is waited for with warpgroup_mma_wait."""
+        HP: gl.constexpr = zero.shape[1]
+        a = _dot_operand(words, 64, _operand_layout(HP), _PAGE_RAW3_L)
+        return warpgroup_mma(a, q_smem.index(b).permute((1, 0)), zero, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _store_slot_keys(pages, q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY: gl.constexpr):
+        """A step's keys (the words of its two pages), stored at columns col0 + [0, 128). The same
+        sums as _step_keys, page by page, with each dot started before the previous one's scale and
+        add: the tensor cores work under the float32 math instead of the warps waiting on them. A
+        page is 64 rows, so two dots in flight and the sum take 96 registers a thread."""
+        HP: gl.constexpr = w8.shape[0]
+        NB: gl.constexpr = _DI // 32
+        zero = gl.zeros([64, HP], gl.float32, _acc_layout(HP))
+        rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _acc_layout(HP)))
+        pending = _issue_dot(pages[0][1][0], q_smem, 0, zero)
+        acc = zero
+        for i in gl.static_range(2 * NB):  # (page, block) = divmod(i, NB)
+            if i + 1 < 2 * NB:
+                started = _issue_dot(pages[(i + 1) // NB][1][(i + 1) % NB], q_smem, (i + 1) % NB, zero)
+                d = warpgroup_mma_wait(1, deps=[pending])
+                pending = started
+            else:
+                d = warpgroup_mma_wait(0, deps=[pending])
+            if i % NB == 0:
+                acc = zero
+            acc = acc + d * _block_scale(pages[i // NB][0], i % NB)[:, None]
+            if i % NB == NB - 1:
+                col = col0 + 64 * (i // NB) + rows
+                gl.store(out_row + col, _keys_of(acc, w8, col, n_vis, SENTINEL_KEY), mask=col < vis_hi * 64)
 
     @gluon.jit
     def _barriers(STAGES: gl.constexpr):
@@ -300,45 +334,10 @@ if gluon is not None:
         return ring, _barriers(STAGES)
 
     @gluon.jit
-    def _scan_kernel_tma(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, table_ptr, out_ptr,
-                         q8_stride_s, table_stride_s, out_stride_s, n_blk, n_cols, pages_per_prog,
-                         HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr, STAGES: gl.constexpr):
-        """The "bulk" loader: the scoring warps issue the copies STAGES - 1 steps ahead."""
-        ROWS: gl.constexpr = _ROWS
-        s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
-        out_row = out_ptr + s.to(gl.int64) * out_stride_s
-        if gl.load(mode_ptr + s) == MODE:
-            q_smem = _stage_query(q8_ptr, s, q8_stride_s, HP)
-            ring, bars = _ring(STAGES)
-            fence_async_shared()
-            w8 = _head_weights(w8_ptr, s, HP)
-            table_row = table_ptr + s.to(gl.int64) * table_stride_s
-            rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, _acc_layout(HP)))
-            n_steps = gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2)
-            for j in gl.static_range(STAGES - 1):
-                ids = _page_ids(table_row, j, page_lo, n_steps, vis_hi, n_blk)
-                _issue_step(head_desc, tail_desc, ring, bars, j, ids, n_steps, STAGES)
-            ids = _page_ids(table_row, STAGES - 1, page_lo, n_steps, vis_hi, n_blk)
-            for it in range(n_steps):
-                # every warp is past step it - 1, so its slot may be refilled
-                gl.thread_barrier()
-                _issue_step(head_desc, tail_desc, ring, bars, it + STAGES - 1, ids, n_steps, STAGES)
-                ids = _page_ids(table_row, it + STAGES, page_lo, n_steps, vis_hi, n_blk)
-                slot = it % STAGES
-                mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
-                scales, blocks = _slot_words(ring.index(slot), HP)
-                col = (page_lo + 2 * it) * 64 + rows
-                gl.store(out_row + col, _step_keys(blocks, scales, q_smem, w8, col, n_vis, SENTINEL_KEY),
-                         mask=col < vis_hi * 64)
-            for i in gl.static_range(STAGES):
-                mbarrier.invalidate(bars.index(i))
-        _write_sentinels(out_row, page_lo, vis_hi, page_hi, SENTINEL_KEY)
-
-    @gluon.jit
     def _load_pages(head_desc, tail_desc, ring, ready, empty, table_row, page_lo, n_steps, vis_hi, n_blk,
                     STAGES: gl.constexpr):
-        """The loader warp of "bulk_ws": each step's two pages into the ring, up to STAGES steps
-        ahead of the scorer, a slot refilled once the scorer has handed it back."""
+        """The loader warp: each step's two pages into the ring, up to STAGES steps ahead of the
+        scorer, a slot refilled once the scorer has handed it back."""
         for it in range(n_steps):
             ids = _page_ids(table_row, it, page_lo, n_steps, vis_hi, n_blk)
             mbarrier.wait(empty.index(it % STAGES), ((it // STAGES) & 1) ^ 1)
@@ -347,20 +346,18 @@ if gluon is not None:
     @gluon.jit
     def _score_pages(ring, ready, empty, q_smem, w8_ptr, out_row, s, page_lo, n_steps, n_vis, vis_hi,
                      HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, STAGES: gl.constexpr):
-        """The scoring warp group of "bulk_ws": a full slot's words into registers, the slot handed
-        back at once, then the step's keys."""
+        """The scoring warp group: a full slot's words into registers, the slot handed back at once,
+        then the step's keys."""
         w8 = _head_weights(w8_ptr, s, HP)
-        rows = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, _acc_layout(HP)))
         for it in range(n_steps):
             slot = it % STAGES
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            scales, blocks = _slot_words(ring.index(slot), HP)
+            buf = ring.index(slot)
+            pages = (_page_words(buf.slice(0, _PAGE_SLOT), HP), _page_words(buf.slice(_PAGE_SLOT, _PAGE_SLOT), HP))
             # the slot's reads come before the loader's next bulk copy into it
             fence_async_shared()
             mbarrier.arrive(empty.index(slot), count=1)
-            col = (page_lo + 2 * it) * 64 + rows
-            gl.store(out_row + col, _step_keys(blocks, scales, q_smem, w8, col, n_vis, SENTINEL_KEY),
-                     mask=col < vis_hi * 64)
+            _store_slot_keys(pages, q_smem, w8, out_row, (page_lo + 2 * it) * 64, n_vis, vis_hi, SENTINEL_KEY)
 
     @gluon.jit
     def _scan_kernel_ws(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, table_ptr, out_ptr,
@@ -397,9 +394,10 @@ def usable(q8: torch.Tensor, index_rows: torch.Tensor) -> bool:
             and index_scales_as_words(index_rows, DI))
 
 
-LOADERS = ("registers", "bulk", "bulk_ws")
-# how a program's pages reach it (module docstring); the bulk-copy loaders await their first GPU run
-LOADER = "registers"
+LOADERS = ("registers", "bulk_ws")
+# how a program's pages reach it (module docstring); bulk_ws where the pool allows it (H200 sweep,
+# 1M x 32: 0.311 ms against the registers loader's 0.361, kernels/RESULTS.md)
+LOADER = "bulk_ws"
 
 
 def bulk_copy_usable(index_rows: torch.Tensor) -> bool:
@@ -432,14 +430,14 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
     table_stride = table.stride(0) if table.shape[0] > 1 else 0
     if LOADER not in LOADERS:
         raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
-    if LOADER != "registers" and bulk_copy_usable(index_rows):
-        kernel = _scan_kernel_ws if LOADER == "bulk_ws" else _scan_kernel_tma
-        # bulk_ws: 8 warps of 128 registers, so that two programs fill an SM's register file;
-        # setmaxnreg then moves them to the scoring warp group (232) from the loader's (24)
-        extra = dict(maxnreg=128) if LOADER == "bulk_ws" else {}
-        kernel[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0), table_stride,
-                     out.stride(0), table.shape[1], n_cols, ppp, HP=w8.shape[1], SENTINEL_KEY=sentinel, MODE=fp8_mode,
-                     STAGES=STAGES, num_warps=WARPS, **extra)
+    if LOADER == "bulk_ws" and bulk_copy_usable(index_rows):
+        # 8 warps (the scoring group and the loader warp's group) of as many registers as lets
+        # PROGRAMS_PER_SM programs share an SM's 64K; setmaxnreg then gives the loader 24 and the
+        # scoring group the rest (232 at two programs an SM)
+        maxnreg = 65536 // (PROGRAMS_PER_SM * 8 * 32) // 8 * 8
+        _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0),
+                              table_stride, out.stride(0), table.shape[1], n_cols, ppp, HP=w8.shape[1],
+                              SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, num_warps=WARPS, maxnreg=maxnreg)
         return
     _scan_kernel[grid](
         q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table_stride,

@@ -6,7 +6,7 @@ For the FP8 scan in Triton (the kernel of GPUs other than Hopper's; Hopper runs 
 kernels/indexer_scan_hopper.py, whose launch is fixed there): pages per step x warps x programs per
 SM x pipeline stages; for the Gluon scan (Hopper only) how its pages reach a program (the
 LOADER of kernels/indexer_scan_hopper.py: each thread's own loads, or bulk copies into a ring of
-STAGES slots, issued by the scoring warps or by a loader warp of their own) x programs per SM;
+STAGES slots by a loader warp of their own) x programs per SM;
 for HCA decode:
 heads per program x keys per tile x warps x pipeline stages x keys per split; for CSA decode the
 same; for HCA decode's Gluon kernel (kernels/hca_decode_hopper.py, Hopper only) keys per split,
@@ -95,8 +95,8 @@ def main() -> None:
 
         if only in (None, "scan-gluon") and idx.HOPPER_SCAN and scan_hopper.usable(ops[0], x["csa_index"]):
             sweep(f"fp8 scan gluon T={T} B={B} (loader, bulk-copy stages, programs/SM)",
-                  (("registers", 4, 2), ("bulk_ws", 3, 2), ("bulk_ws", 4, 2), ("bulk_ws", 6, 2), ("bulk_ws", 4, 1),
-                   ("bulk", 4, 2), scan_gluon_default),
+                  (("registers", 4, 2), ("bulk_ws", 2, 2), ("bulk_ws", 3, 2), ("bulk_ws", 4, 2), ("bulk_ws", 6, 2),
+                   ("bulk_ws", 3, 3), ("bulk_ws", 4, 1), scan_gluon_default),
                   set_scan_gluon,
                   lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
                                                x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops),
