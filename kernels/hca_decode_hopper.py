@@ -25,6 +25,16 @@ float32 accumulator, the sum taken from the unrounded ones. The float32 sums run
 than the Triton kernel's (tiles of 64 keys, not 128), so the two agree within sparse_decode's
 tolerance of the reference, not bit for bit; a process runs one of them for every request.
 
+Two schedules (SCHEDULE). "lockstep" (`_split_kernel`, above) has every warp load, decode, score
+and accumulate, so decode, scores, softmax and output product follow each other once per tile,
+with barriers between, and one program per SM has nothing else to run while it waits (the
+seventh session's profile: 29% of the warps' stalls in the decode, 34% waiting on the products).
+"warp_specialized" (`_split_kernel_ws`) gives the loads and the decode a warp group of its own
+(`_decode_tiles`: 16 keys a load, two loads in flight, 104 registers) filling the two decoded
+tiles as a ring with barriers, while the 8 math warps (`_attend_tiles`, 200 registers) score each
+full tile and start its output product asynchronously, so it runs under the next tile's scores.
+The tiles, products and sums are the lockstep kernel's, so the bits are too.
+
 Hopper only (wgmma), 64 BF16 heads of 512 dims with 448 FP8 dims and a window of whole tiles:
 `usable` says so and hca_decode keeps the Triton kernel elsewhere (CPU, the interpreter, other
 shapes, Blackwell).
@@ -40,7 +50,8 @@ import triton.language as tl
 try:  # Gluon ships with Triton 3.4+; without it the Triton kernel runs everywhere
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                   warpgroup_mma_init, warpgroup_mma_wait)
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
@@ -53,9 +64,18 @@ KEYS_PER_TILE = 64
 # 0.048 / 0.049 / 0.045 (fewer, longer programs win at 1M x 32: 3 waves of 132 instead of 5).
 KEYS_PER_SPLIT, SHORT_QUERY_KEYS, SHORT_QUERY_SPLIT = 512, 1536, 320
 WARPS = 8  # two warp groups: the [64, 512] float32 output is 128 registers a thread
+# who loads and decodes the key tiles (module docstring): "lockstep", all 8 warps between the
+# products (measured, kernels/RESULTS.md), or "warp_specialized", a decoder warp group of its own
+# (built and compiled, not yet run on a GPU)
+SCHEDULES = ("lockstep", "warp_specialized")
+SCHEDULE = "lockstep"
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
 _H, _D, _NOPE, _N, _WARPS = (tl.constexpr(v) for v in (HEADS, HEAD_DIM, NOPE, KEYS_PER_TILE, WARPS))
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start, as sparse_decode.NEG_INIT
+# the warp-specialized schedule: keys a decoder load covers, the decoder's warps and registers
+# (setmaxnreg; the math warps take the rest of 168 a thread over 12 warps)
+SUB_TILE, DECODER_WARPS, DECODER_REGS = 16, 4, 104
+_SUB, _DEC_WARPS, _DEC_REGS = (tl.constexpr(v) for v in (SUB_TILE, DECODER_WARPS, DECODER_REGS))
 # 4 E4M3 codes (a 32-bit word) times a power-of-two scale -> 4 BF16 values as 2 words, each
 # step exact: E4M3 -> F16 -> F32, the product (no flush of subnormals), F32 -> BF16 of a value
 # with at most 4 significant bits. In PTX because the compiler took each code out of its word
@@ -86,23 +106,23 @@ _FP8_WORD_TO_BF16_PTX = tl.constexpr("""{
 if gluon is not None:
 
     @gluon.jit
-    def _slots(start, t, hi, W: gl.constexpr, row_l: gl.constexpr):
-        """Key slots [start, start + N) of a query at position t: slot i < W is the window's
+    def _slots(start, t, hi, W: gl.constexpr, row_l: gl.constexpr, ROWS: gl.constexpr):
+        """Key slots [start, start + ROWS) of a query at position t: slot i < W is the window's
         position p = t-W+1+i, slot W+j is HCA entry j (sparse_decode's key list). Returns the
         slots, their positions and which are keys."""
-        i = start + gl.arange(0, _N, layout=row_l)
+        i = start + gl.arange(0, ROWS, layout=row_l)
         p = t - (W - 1) + i
         return i, p, (i < hi) & ((p >= 0) | (i >= W))
 
     @gluon.jit
     def _tile_pages(start, t, b, hi, tables, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
-                    row_l: gl.constexpr):
+                    row_l: gl.constexpr, ROWS: gl.constexpr = _N):
         """The page of each slot's row (a window page or an HCA block page; 0 where no key), from
         tables = (window table, its row stride, block table, its row stride). Read a step before
         the rows themselves: the rows' addresses depend on them, and read together each row load
         waited for its page's."""
         swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride = tables
-        i, p, valid = _slots(start, t, hi, W, row_l)
+        i, p, valid = _slots(start, t, hi, W, row_l, ROWS)
         first = gl.maximum(t - (W - 1), 0) // SWA_PAGE
         win_page = gl.load(swa_tab_ptr + b.to(gl.int64) * swa_tab_stride + p // SWA_PAGE - first,
                            mask=valid & (i < W), other=0)
@@ -112,13 +132,13 @@ if gluon is not None:
 
     @gluon.jit
     def _load_tile(start, pages, t, hi, pools, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
-                   ROW_STRIDE: gl.constexpr, word_l: gl.constexpr):
+                   ROW_STRIDE: gl.constexpr, word_l: gl.constexpr, ROWS: gl.constexpr = _N):
         """Key slots [start, start + N)'s rows (on `pages`, in pools = (window pages, their stride,
         HCA pages, their stride)) as 32-bit words: per 64-dim FP8 block its codes [N, 16], the RoPE
         dims' BF16 pairs [N, 16] twice, and the scale words [N] (block c's byte in bits
         8(c%4)..). Slots that are not keys are not read (zeros)."""
         swa_ptr, swa_page_stride, ent_ptr, ent_page_stride = pools
-        i, p, valid = _slots(start, t, hi, W, gl.SliceLayout(1, word_l))
+        i, p, valid = _slots(start, t, hi, W, gl.SliceLayout(1, word_l), ROWS)
         win_row = swa_ptr + pages.to(gl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
         ent_row = ent_ptr + pages.to(gl.int64) * ent_page_stride + (gl.maximum(i - W, 0) % PER_PAGE) * ROW_STRIDE
         rows = gl.where(i < W, win_row, ent_row)
@@ -147,19 +167,86 @@ if gluon is not None:
         lo, hi = gl.inline_asm_elementwise(_FP8_WORD_TO_BF16_PTX, "=r,=r,r,r", [words, scale[:, None]],
                                            dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
         # [N, 16 words, 2 (within a pair), 2 (which pair)] -> column 4 word + 2 pair + within
-        return gl.join(_bf16_pairs(lo), _bf16_pairs(hi)).permute(0, 1, 3, 2).reshape(_N, 64)
+        return gl.join(_bf16_pairs(lo), _bf16_pairs(hi)).permute(0, 1, 3, 2).reshape(words.shape[0], 64)
 
     @gluon.jit
     def _decode_to_smem(tile, k_smem):
         """Decode a loaded tile exactly to BF16 into k_smem [N, 512]: code x 2**(byte - 127) per
         64-dim block (main_rows.load_main_chunk's arithmetic), then the RoPE dims as stored."""
         codes, rope_lo, rope_hi, s0, s1 = tile
+        ROWS: gl.constexpr = rope_lo.shape[0]
         for c in gl.static_range(_NOPE // 64):
             word = s0 if c < 4 else s1
             e = (word >> (8 * (c % 4))) & 0xFF
             k_smem.slice(c * 64, 64, dim=1).store(_decode_block(codes[c], (e << 23).to(gl.float32, bitcast=True)))
-        rope = gl.join(_bf16_pairs(rope_lo).reshape(_N, 32), _bf16_pairs(rope_hi).reshape(_N, 32))
-        k_smem.slice(_NOPE, 64, dim=1).store(rope.permute(0, 2, 1).reshape(_N, 64))
+        rope = gl.join(_bf16_pairs(rope_lo).reshape(ROWS, 32), _bf16_pairs(rope_hi).reshape(ROWS, 32))
+        k_smem.slice(_NOPE, 64, dim=1).store(rope.permute(0, 2, 1).reshape(ROWS, 64))
+
+    # the programs' layouts: scores [64 heads, 64 keys] and output [64 heads, 512] over two warp
+    # groups (each 32 keys' columns, each 256 dims), the probabilities as the output product's
+    # register operand, the query and key tiles in shared memory as wgmma reads them
+    _S_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, _N // 2, 16]))
+    _O_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, _D // 2, 16]))
+    _P_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_O_L.value, k_width=2))
+    _SMEM_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+    _Q_L = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [_WARPS, 1], [1, 0]))
+
+    @gluon.jit
+    def _store_query(q_smem, q_ptr, b):
+        """Query b [64 heads, 512] BF16 into q_smem, once."""
+        qh = gl.arange(0, _H, layout=gl.SliceLayout(1, _Q_L))
+        qd = gl.arange(0, _D, layout=gl.SliceLayout(0, _Q_L))
+        q_smem.store(gl.load(q_ptr + (b.to(gl.int64) * _H + qh)[:, None] * _D + qd[None, :]))
+
+    @gluon.jit
+    def _softmax_step(s, start, t, hi, m_i, l_acc, sm_scale, W: gl.constexpr):
+        """One tile's raw scores [64, N] -> its probabilities as the output product's operand, the
+        factor the output is rescaled by, the new running maxima and the per-element sums."""
+        _, _, is_key = _slots(start, t, hi, W, gl.SliceLayout(0, _S_L), _N)
+        s = gl.where(is_key[None, :], s * sm_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        alpha = gl.exp(m_i - m_new)
+        p = gl.exp(s - m_new[:, None])
+        l_acc = l_acc * alpha[:, None] + p
+        p_op = gl.convert_layout(p.to(gl.bfloat16), _P_L)
+        return p_op, gl.convert_layout(alpha, gl.SliceLayout(1, _O_L)), m_new, l_acc
+
+    @gluon.jit
+    def _store_output(o, m_i, l_acc, sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, b, sp, n_splits, n_keys, split):
+        """The split's result: with the sink, the normalised output where the split is the query's
+        only one; else the output over its own sum, with the maxima and sums _merge_splits needs."""
+        l_i = gl.sum(l_acc, axis=1)
+        if n_keys <= split:
+            # the only split: the sink (a logit that only adds to the denominator) is applied here
+            sink = gl.load(sink_ptr + gl.arange(0, _H, layout=gl.SliceLayout(1, _S_L)))
+            mx = gl.maximum(m_i, sink)
+            a = gl.exp(m_i - mx)
+            factor = a / (l_i * a + gl.exp(sink - mx))
+            dst = out_ptr + b.to(gl.int64) * (_H * _D)
+        else:
+            row = (b.to(gl.int64) * n_splits + sp) * _H  # [B, n_splits, H] rows of this split's partials
+            factor = 1.0 / gl.where(l_i > 0, l_i, 1.0)
+            dst = part_o_ptr + row * _D
+            hs = gl.arange(0, _H, layout=gl.SliceLayout(1, _S_L))
+            gl.store(part_ml_ptr + (row + hs) * 2, m_i)
+            gl.store(part_ml_ptr + (row + hs) * 2 + 1, l_i)
+        # out and the partials are BF16 (usable): stored 16 bytes a thread, not wgmma's pairs
+        qh = gl.arange(0, _H, layout=gl.SliceLayout(1, _Q_L))
+        qd = gl.arange(0, _D, layout=gl.SliceLayout(0, _Q_L))
+        factor = gl.convert_layout(factor, gl.SliceLayout(1, _O_L))
+        res = gl.convert_layout((o * factor[:, None]).to(gl.bfloat16), _Q_L)
+        gl.store(dst + qh[:, None] * _D + qd[None, :], res)
+
+    @gluon.jit
+    def _program_keys(pos_ptr, n_comp, W: gl.constexpr, RATIO: gl.constexpr, SPLIT: gl.constexpr,
+                      SHORT_KEYS: gl.constexpr, SHORT_SPLIT: gl.constexpr):
+        """Program (sp, b): query b's position, its key count, its split size and this split's keys [lo, hi)."""
+        sp, b = gl.program_id(0), gl.program_id(1)
+        t = gl.load(pos_ptr + b).to(gl.int32)
+        n_keys = W + gl.minimum((t + 1) // RATIO, n_comp)
+        split = gl.where(n_keys <= SHORT_KEYS, SHORT_SPLIT, SPLIT)  # sparse_decode._split_size
+        lo = sp * split
+        return sp, b, t, n_keys, split, lo, gl.minimum(lo + split, n_keys)
 
     @gluon.jit
     def _split_kernel(
@@ -171,21 +258,11 @@ if gluon is not None:
         SHORT_KEYS: gl.constexpr, SHORT_SPLIT: gl.constexpr,
         ROW_STRIDE: gl.constexpr, SWA_PAGE: gl.constexpr,
     ):
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, _N // 2, 16])
-        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, _D // 2, 16])
-        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-        smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        """The "lockstep" schedule: all 8 warps load, decode, score and accumulate each tile."""
         # raw rows: a thread loads 2 words (8 bytes; rows are 8-byte aligned) of 2 rows per block
         word_l: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [_WARPS, 1], [1, 0])
-        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [_WARPS, 1], [1, 0])
-
-        sp, b = gl.program_id(0), gl.program_id(1)
-        t = gl.load(pos_ptr + b).to(gl.int32)
-        n_keys = W + gl.minimum((t + 1) // RATIO, n_comp)
-        split = gl.where(n_keys <= SHORT_KEYS, SHORT_SPLIT, SPLIT)  # sparse_decode._split_size
-        lo = sp * split
+        sp, b, t, n_keys, split, lo, hi = _program_keys(pos_ptr, n_comp, W, RATIO, SPLIT, SHORT_KEYS, SHORT_SPLIT)
         if lo < n_keys:
-            hi = gl.minimum(lo + split, n_keys)
             # the first two tiles' loads go out before the query is staged, so their latency overlaps it
             tables = (swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride)
             pools = (swa_ptr, swa_page_stride, ent_ptr, ent_page_stride)
@@ -196,19 +273,17 @@ if gluon is not None:
             tile2 = _load_tile(lo + _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
             pages = _tile_pages(lo + 2 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
             # the query, once: [64 heads, 512] BF16 in the layout wgmma reads
-            qh = gl.arange(0, _H, layout=gl.SliceLayout(1, q_l))
-            qd = gl.arange(0, _D, layout=gl.SliceLayout(0, q_l))
-            q_smem = gl.allocate_shared_memory(gl.bfloat16, [_H, _D], smem_l)
-            q_smem.store(gl.load(q_ptr + (b.to(gl.int64) * _H + qh)[:, None] * _D + qd[None, :]))
+            q_smem = gl.allocate_shared_memory(gl.bfloat16, [_H, _D], _SMEM_L)
+            _store_query(q_smem, q_ptr, b)
 
-            o = gl.zeros([_H, _D], gl.float32, o_l)
-            s_zero = gl.zeros([_H, _N], gl.float32, s_l)
-            m_i = gl.full([_H], _NEG_INIT, gl.float32, gl.SliceLayout(1, s_l))
+            o = gl.zeros([_H, _D], gl.float32, _O_L)
+            s_zero = gl.zeros([_H, _N], gl.float32, _S_L)
+            m_i = gl.full([_H], _NEG_INIT, gl.float32, gl.SliceLayout(1, _S_L))
             # the softmax sums, kept per score element and added up across the warps once at the end
-            l_acc = gl.zeros([_H, _N], gl.float32, s_l)
+            l_acc = gl.zeros([_H, _N], gl.float32, _S_L)
 
             # two key tiles in shared memory: the next one is decoded while this one's scores run
-            k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, _N, _D], smem_l)
+            k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, _N, _D], _SMEM_L)
             _decode_to_smem(tile, k_smem.index(0))
             tile = tile2
             fence_async_shared()
@@ -224,38 +299,106 @@ if gluon is not None:
                     tile = _load_tile(start + 2 * _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
                     pages = _tile_pages(start + 3 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
                 s = warpgroup_mma_wait(0, deps=[s_tok])
-                _, _, is_key = _slots(start, t, hi, W, gl.SliceLayout(0, s_l))
-                s = gl.where(is_key[None, :], s * sm_scale, float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(s, axis=1))
-                alpha = gl.exp(m_i - m_new)
-                p = gl.exp(s - m_new[:, None])
-                l_acc = l_acc * alpha[:, None] + p
-                m_i = m_new
-                p_op = gl.convert_layout(p.to(gl.bfloat16), p_l)
-                o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+                p_op, alpha, m_i, l_acc = _softmax_step(s, start, t, hi, m_i, l_acc, sm_scale, W)
+                o = o * alpha[:, None]
                 o = warpgroup_mma(p_op, cur, o)
                 fence_async_shared()  # the decoded tile's stores, before the next step's products read them
                 gl.thread_barrier()
+            _store_output(o, m_i, l_acc, sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, b, sp, n_splits, n_keys, split)
 
-            l_i = gl.sum(l_acc, axis=1)
-            if n_keys <= split:
-                # the only split: the sink (a logit that only adds to the denominator) is applied here
-                sink = gl.load(sink_ptr + gl.arange(0, _H, layout=gl.SliceLayout(1, s_l)))
-                mx = gl.maximum(m_i, sink)
-                a = gl.exp(m_i - mx)
-                factor = a / (l_i * a + gl.exp(sink - mx))
-                dst = out_ptr + b.to(gl.int64) * (_H * _D)
-            else:
-                row = (b.to(gl.int64) * n_splits + sp) * _H  # [B, n_splits, H] rows of this split's partials
-                factor = 1.0 / gl.where(l_i > 0, l_i, 1.0)
-                dst = part_o_ptr + row * _D
-                hs = gl.arange(0, _H, layout=gl.SliceLayout(1, s_l))
-                gl.store(part_ml_ptr + (row + hs) * 2, m_i)
-                gl.store(part_ml_ptr + (row + hs) * 2 + 1, l_i)
-            # out and the partials are BF16 (usable): stored 16 bytes a thread, not wgmma's pairs
-            factor = gl.convert_layout(factor, gl.SliceLayout(1, o_l))
-            res = gl.convert_layout((o * factor[:, None]).to(gl.bfloat16), q_l)
-            gl.store(dst + qh[:, None] * _D + qd[None, :], res)
+    # -- the "warp_specialized" schedule: a decoder warp group fills a ring of two decoded tiles
+    #    while the two math warp groups score and accumulate -------------------------------------
+
+    @gluon.jit
+    def _decode_tiles(k_smem, ready, free, t, b, lo, hi, n_tiles, tables, pools, W: gl.constexpr,
+                      PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr):
+        """The decoder warp group: each tile's rows, SUB keys at a time (two sub-tiles' loads in
+        flight: the registers of a whole tile's loads would not fit beside the math), decoded into
+        ring slot tile % 2 once the math has handed it back, then the slot marked full."""
+        SUB: gl.constexpr = _SUB
+        word_l: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [_DEC_WARPS, 1], [1, 0])
+        row_l: gl.constexpr = gl.SliceLayout(1, word_l)
+        pages = _tile_pages(lo, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, SUB)
+        raw_a = _load_tile(lo, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l, SUB)
+        pages = _tile_pages(lo + SUB, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, SUB)
+        raw_b = _load_tile(lo + SUB, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l, SUB)
+        pages = _tile_pages(lo + 2 * SUB, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, SUB)
+        for tile in range(n_tiles):
+            slot = tile % 2
+            # the math's products of tile - 2 have read this slot (passes at once for tiles 0, 1)
+            mbarrier.wait(free.index(slot), ((tile // 2) & 1) ^ 1)
+            dst = k_smem.index(slot)
+            for j in gl.static_range(_N // SUB):
+                start = lo + tile * _N + (j + 2) * SUB  # the sub-tile two ahead (no keys past hi: not read)
+                raw_next = _load_tile(start, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l, SUB)
+                pages = _tile_pages(start + SUB, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, SUB)
+                _decode_to_smem(raw_a, dst.slice(j * SUB, SUB, dim=0))
+                raw_a = raw_b
+                raw_b = raw_next
+            fence_async_shared()  # the decoded stores, before the math's products read them
+            mbarrier.arrive(ready.index(slot), count=1)
+
+    @gluon.jit
+    def _attend_tiles(q_smem, k_smem, ready, free, q_ptr, sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, sm_scale,
+                      sp, b, t, n_keys, split, lo, hi, n_tiles, n_splits, W: gl.constexpr):
+        """The math warp groups: the query into shared memory, then per full slot the scores, the
+        softmax and the output product, each tile's output product running on the tensor cores
+        under the next tile's scores (the slot is handed back once it is done)."""
+        if n_tiles > 0:
+            _store_query(q_smem, q_ptr, b)
+            fence_async_shared()
+            gl.thread_barrier()
+            o = gl.zeros([_H, _D], gl.float32, _O_L)
+            s_zero = gl.zeros([_H, _N], gl.float32, _S_L)
+            m_i = gl.full([_H], _NEG_INIT, gl.float32, gl.SliceLayout(1, _S_L))
+            l_acc = gl.zeros([_H, _N], gl.float32, _S_L)
+            o_tok = warpgroup_mma_init(o)
+            for tile in range(n_tiles):
+                slot = tile % 2
+                mbarrier.wait(ready.index(slot), (tile // 2) & 1)
+                cur = k_smem.index(slot)
+                s_tok = warpgroup_mma(q_smem, cur.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                # the previous tile's output product (issued before these scores) is done: its slot
+                # goes back to the decoder
+                o = warpgroup_mma_wait(1, deps=[o_tok])
+                mbarrier.arrive(free.index(1 - slot), count=1, pred=tile > 0)
+                s = warpgroup_mma_wait(0, deps=[s_tok])
+                p_op, alpha, m_i, l_acc = _softmax_step(s, lo + tile * _N, t, hi, m_i, l_acc, sm_scale, W)
+                o = o * alpha[:, None]
+                o_tok = warpgroup_mma(p_op, cur, o, is_async=True)
+            o = warpgroup_mma_wait(0, deps=[o_tok])
+            _store_output(o, m_i, l_acc, sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, b, sp, n_splits, n_keys, split)
+
+    @gluon.jit
+    def _split_kernel_ws(
+        q_ptr, sink_ptr, pos_ptr, sm_scale,
+        swa_ptr, swa_page_stride, swa_tab_ptr, swa_tab_stride,
+        ent_ptr, ent_page_stride, blk_tab_ptr, blk_tab_stride, n_comp,
+        out_ptr, part_o_ptr, part_ml_ptr, n_splits,
+        W: gl.constexpr, PER_PAGE: gl.constexpr, RATIO: gl.constexpr, SPLIT: gl.constexpr,
+        SHORT_KEYS: gl.constexpr, SHORT_SPLIT: gl.constexpr,
+        ROW_STRIDE: gl.constexpr, SWA_PAGE: gl.constexpr,
+    ):
+        """The "warp_specialized" schedule: the lockstep kernel's math in its 8 warps, the loads and
+        the decode in a warp group of their own (the same tiles, products and sums, so the same bits)."""
+        sp, b, t, n_keys, split, lo, hi = _program_keys(pos_ptr, n_comp, W, RATIO, SPLIT, SHORT_KEYS, SHORT_SPLIT)
+        n_tiles = gl.where(lo < n_keys, gl.cdiv(hi - lo, _N), 0)
+        q_smem = gl.allocate_shared_memory(gl.bfloat16, [_H, _D], _SMEM_L)
+        k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, _N, _D], _SMEM_L)
+        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=1)
+        fence_async_shared()
+        tables = (swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride)
+        pools = (swa_ptr, swa_page_stride, ent_ptr, ent_page_stride)
+        gl.warp_specialize([
+            (_attend_tiles, (q_smem, k_smem, ready, free, q_ptr, sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, sm_scale,
+                             sp, b, t, n_keys, split, lo, hi, n_tiles, n_splits, W)),
+            (_decode_tiles, (k_smem, ready, free, t, b, lo, hi, n_tiles, tables, pools, W, PER_PAGE, SWA_PAGE,
+                             ROW_STRIDE)),
+        ], [_DEC_WARPS], [_DEC_REGS])
 
 
 @functools.cache
@@ -285,9 +428,16 @@ def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:
     if consts["SPLIT"] % KEYS_PER_TILE or consts["SHORT_SPLIT"] % KEYS_PER_TILE:
         raise ValueError(f"keys per split {consts['SPLIT']}, {consts['SHORT_SPLIT']} are not multiples of the "
                          f"tile {KEYS_PER_TILE}")
-    _split_kernel[(n_splits, batch)](
+    if SCHEDULE not in SCHEDULES:
+        raise ValueError(f"SCHEDULE must be one of {SCHEDULES}, got {SCHEDULE!r}")
+    kernel, extra = _split_kernel, {}
+    if SCHEDULE == "warp_specialized":
+        # as many registers a thread as lets the 12 warps share an SM's 64K; setmaxnreg then gives
+        # the decoder warps DECODER_REGS and the math warps the rest (200)
+        kernel, extra = _split_kernel_ws, dict(maxnreg=65536 // ((WARPS + DECODER_WARPS) * 32) // 8 * 8)
+    kernel[(n_splits, batch)](
         q, sink, positions, sm_scale, swa, swa_page_stride, swa_table, swa_tab_stride, entries, ent_page_stride,
         block_table, blk_tab_stride, n_comp, out, part_o, part_ml, n_splits,
         W=consts["W"], PER_PAGE=consts["PER_PAGE"], RATIO=consts["RATIO"], SPLIT=consts["SPLIT"],
         SHORT_KEYS=consts["SHORT_KEYS"], SHORT_SPLIT=consts["SHORT_SPLIT"],
-        ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], num_warps=WARPS)
+        ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], num_warps=WARPS, **extra)

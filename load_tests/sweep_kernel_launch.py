@@ -9,9 +9,10 @@ LOADER of kernels/indexer_scan_hopper.py: each thread's own loads, or bulk copie
 STAGES slots by a loader warp of their own) x programs per SM;
 for HCA decode:
 heads per program x keys per tile x warps x pipeline stages x keys per split; for CSA decode the
-same; for HCA decode's Gluon kernel (kernels/hca_decode_hopper.py, Hopper only) keys per split,
-one size for every query, then the rule it ships with (KEYS_PER_SPLIT, SHORT_QUERY_KEYS,
-SHORT_QUERY_SPLIT there; a split size changes the rounding too). Prints time, the fraction of the binding ceiling (measured first, in the same run), whether
+same; for HCA decode's Gluon kernel (kernels/hca_decode_hopper.py, Hopper only) its SCHEDULE (who
+decodes the key tiles) under the split rule it ships with, then x keys per split, one size for
+every query (KEYS_PER_SPLIT, SHORT_QUERY_KEYS, SHORT_QUERY_SPLIT there; a split size changes the
+rounding too). Prints time, the fraction of the binding ceiling (measured first, in the same run), whether
 the result equals the first shape's bit for bit (a shape that changes the rounding must be
 fixed, not autotuned: see kernels/sparse_decode.py) and how far it is from it. The chosen shapes
 are the constants FP8_PAGES / SCAN_WARPS / FP8_PROGRAMS_PER_SM / SCAN_STAGES in
@@ -72,7 +73,7 @@ def main() -> None:
     hca_default = (dict(sp._GPU_LAUNCH[False]), hca.HCA_KEYS_PER_SPLIT)
     csa_default = (dict(sp._GPU_LAUNCH[True]), sp.SPARSE_KEYS_PER_SPLIT)
     hopper = hca.hopper
-    gluon_default = (hopper.KEYS_PER_SPLIT, hopper.SHORT_QUERY_KEYS, hopper.SHORT_QUERY_SPLIT)
+    gluon_default = (hopper.SCHEDULE, hopper.KEYS_PER_SPLIT, hopper.SHORT_QUERY_KEYS, hopper.SHORT_QUERY_SPLIT)
     for T, B in cases:
         x = bk.kernel_inputs(cfg, T, B, rows)
 
@@ -120,12 +121,15 @@ def main() -> None:
                       hca.decode_traffic(B, T), ceil)
         sp._GPU_LAUNCH[False], hca.HCA_KEYS_PER_SPLIT = hca_default
 
-        def set_gluon(split, short_keys, short_split):
+        def set_gluon(schedule, split, short_keys, short_split):
+            hopper.SCHEDULE = schedule
             hopper.KEYS_PER_SPLIT, hopper.SHORT_QUERY_KEYS, hopper.SHORT_QUERY_SPLIT = split, short_keys, short_split
 
         if only in (None, "hca-gluon") and hopper.usable(x["q"], x["swa"], x["hca_main"], bk.WINDOW, cfg.nope_head_dim):
-            sweep(f"hca gluon T={T} B={B} (keys per split, short query keys, their split)",
-                  tuple((n, 0, n) for n in (256, 320, 384, 448, 512, 576, 640, 768)) + (gluon_default,),
+            # the shipped rule under each schedule first (same split, so the same bits), then split sizes
+            sweep(f"hca gluon T={T} B={B} (schedule, keys per split, short query keys, their split)",
+                  tuple((sched, *gluon_default[1:]) for sched in hopper.SCHEDULES)
+                  + tuple((sched, n, 0, n) for sched in hopper.SCHEDULES for n in (320, 512, 768)) + (gluon_default,),
                   set_gluon,
                   lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
                                          x["hca_main"], x["block_table"], bk.WINDOW, cfg.nope_head_dim),

@@ -253,6 +253,14 @@ def test_the_gluon_hca_kernel_takes_only_8_byte_aligned_rows():
     assert not HH.rows_aligned(pool.as_strided((4, 2, 584), (1176, 588, 1)))  # the row stride
 
 
+def test_an_unknown_gluon_hca_schedule_is_an_error_not_a_silent_choice(monkeypatch):
+    from kernels import hca_decode_hopper as HH
+
+    monkeypatch.setattr(HH, "SCHEDULE", "warp-specialized")
+    with pytest.raises(ValueError, match="warp-specialized"):
+        HH.launch((None,) * 21, dict(SPLIT=512, SHORT_SPLIT=320), 1, 1)
+
+
 def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
     monkeypatch.setenv("V4SERVE_KERNELS", "auto")
     case = build_case(SMALL, [300], heads=4, topk=8, dtype=torch.float32)
@@ -295,11 +303,13 @@ def test_gpu_decode_is_batch_invariant_at_flash_shapes():
 
 
 @pytest.mark.gpu
-def test_gpu_hopper_hca_kernel_matches_the_reference_and_the_triton_kernel(triton_kernels, monkeypatch):
+@pytest.mark.parametrize("schedule", hca_mod.hopper.SCHEDULES)
+def test_gpu_hopper_hca_kernel_matches_the_reference_and_the_triton_kernel(triton_kernels, monkeypatch, schedule):
     """On Hopper the HCA split programs run in Gluon (hca_decode_hopper.py). Queries whose window
     starts before position 0, one split (the sink applied in the kernel), several splits with a
     partial last tile, of both split sizes: within the bf16 tolerance of the reference and of the
-    Triton kernel, and no entry past a query's visible count is read."""
+    Triton kernel, the lockstep kernel's bits under every schedule, and no entry past a query's
+    visible count is read."""
     from kernels import hca_decode_hopper as HH
 
     q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
@@ -308,8 +318,12 @@ def test_gpu_hopper_hca_kernel_matches_the_reference_and_the_triton_kernel(trito
         pytest.skip("needs a Hopper GPU with Gluon")
     positions = [5, 129, 300, 8191, 70000, 131071, 200000]  # 128 ... 1,690 keys: short and long splits
     case = build_case(FULL, positions, heads=FULL.num_attention_heads, topk=1, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setattr(HH, "SCHEDULE", "lockstep")
+    lockstep = case.hca()
+    monkeypatch.setattr(HH, "SCHEDULE", schedule)
     got = case.hca()
     assert hca_mod.HOPPER_HCA, "the Gluon kernel fell back to the Triton one (see the log): nothing was compared"
+    assert torch.equal(got, lockstep)  # the same tiles, products and sums, whoever decodes the keys
     assert_close(got, case.hca_ref(), torch.bfloat16)
     monkeypatch.setattr(hca_mod, "HOPPER_HCA", False)
     assert_close(got, case.hca(), torch.bfloat16)
