@@ -234,34 +234,30 @@ if gluon is not None:
     #    as it lies in memory (17 words a row) -------------------------------------------------------
 
     @gluon.jit
-    def _page_ids(table_row, step, page_lo, n_steps, vis_hi, n_blk):
+    def _page_ids(table_row, step, page_lo, vis_hi, n_blk):
         """The pool pages of step `step`'s two table columns (page 0 for columns past vis_hi: their
         rows are read but never stored)."""
         pg = page_lo + 2 * step
-        live = step < n_steps
-        a = gl.load(table_row + gl.minimum(pg, n_blk - 1), mask=live & (pg < vis_hi), other=0)
-        b = gl.load(table_row + gl.minimum(pg + 1, n_blk - 1), mask=live & (pg + 1 < vis_hi), other=0)
+        a = gl.load(table_row + gl.minimum(pg, n_blk - 1), mask=pg < vis_hi, other=0)
+        b = gl.load(table_row + gl.minimum(pg + 1, n_blk - 1), mask=pg + 1 < vis_hi, other=0)
         return a, b
 
     @gluon.jit
-    def _issue_step(head_desc, tail_desc, ring, bars, step, ids, n_steps, STAGES: gl.constexpr):
+    def _issue_step(head_desc, tail_desc, ring, bars, step, ids, STAGES: gl.constexpr):
         """Start the bulk copies of one step's two pages into its ring slot: each page as 1,024 words
         and 64 (a TMA box is at most 256 elements a side, a power of two each, and a page is 17 x 64
         words), one barrier completing when all 8,704 bytes have landed."""
         tma_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
         slot = step % STAGES
-        live = step < n_steps
         bar = bars.index(slot)
         buf = ring.index(slot)
-        mbarrier.expect(bar, 2 * _PAGE_WORDS * 4, pred=live)
+        mbarrier.expect(bar, 2 * _PAGE_WORDS * 4)
         for p in gl.static_range(2):
             tma.async_copy_global_to_shared(head_desc, [ids[p], 0, 0], bar,
-                                            buf.slice(p * _PAGE_SLOT, 1024)._reinterpret(gl.int32, [1, 16, 64], tma_l),
-                                            pred=live)
+                                            buf.slice(p * _PAGE_SLOT, 1024)._reinterpret(gl.int32, [1, 16, 64], tma_l))
             tma.async_copy_global_to_shared(tail_desc, [ids[p], 16, 0], bar,
                                             buf.slice(p * _PAGE_SLOT + 1024, 64)._reinterpret(gl.int32, [1, 1, 64],
-                                                                                              tma_l),
-                                            pred=live)
+                                                                                              tma_l))
 
     # one page's words [64, 4] as the [row, word, byte] view _dot_operand takes (_RAW3_L without the
     # register bit that picks a step's second page: a page is one 64-row dot of the warp group)
@@ -339,9 +335,9 @@ if gluon is not None:
         """The loader warp: each step's two pages into the ring, up to STAGES steps ahead of the
         scorer, a slot refilled once the scorer has handed it back."""
         for it in range(n_steps):
-            ids = _page_ids(table_row, it, page_lo, n_steps, vis_hi, n_blk)
+            ids = _page_ids(table_row, it, page_lo, vis_hi, n_blk)
             mbarrier.wait(empty.index(it % STAGES), ((it // STAGES) & 1) ^ 1)
-            _issue_step(head_desc, tail_desc, ring, ready, it, ids, n_steps, STAGES)
+            _issue_step(head_desc, tail_desc, ring, ready, it, ids, STAGES)
 
     @gluon.jit
     def _score_pages(ring, ready, empty, q_smem, w8_ptr, out_row, s, page_lo, n_steps, n_vis, vis_hi,
@@ -431,10 +427,10 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
     if LOADER not in LOADERS:
         raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
     if LOADER == "bulk_ws" and bulk_copy_usable(index_rows):
-        # 8 warps (the scoring group and the loader warp's group) of as many registers as lets
+        # 2 x WARPS warps (the scoring group and the loader warp's group) of as many registers as lets
         # PROGRAMS_PER_SM programs share an SM's 64K; setmaxnreg then gives the loader 24 and the
         # scoring group the rest (232 at two programs an SM)
-        maxnreg = 65536 // (PROGRAMS_PER_SM * 8 * 32) // 8 * 8
+        maxnreg = 65536 // (PROGRAMS_PER_SM * 2 * WARPS * 32) // 8 * 8
         _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0),
                               table_stride, out.stride(0), table.shape[1], n_cols, ppp, HP=w8.shape[1],
                               SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, num_warps=WARPS, maxnreg=maxnreg)
