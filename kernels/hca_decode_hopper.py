@@ -25,11 +25,11 @@ float32 accumulator, the sum taken from the unrounded ones. The float32 sums run
 than the Triton kernel's (tiles of 64 keys, not 128), so the two agree within sparse_decode's
 tolerance of the reference, not bit for bit; a process runs one of them for every request.
 
-Two schedules (SCHEDULE). "lockstep" (`_split_kernel`, above) has every warp load, decode, score
+Two schedules (SCHEDULE). "lockstep" (`_lockstep_split`) has every warp load, decode, score
 and accumulate, so decode, scores, softmax and output product follow each other once per tile,
 with barriers between, and one program per SM has nothing else to run while it waits (the
 seventh session's profile: 29% of the warps' stalls in the decode, 34% waiting on the products).
-"warp_specialized" (`_split_kernel_ws`) gives the loads and the decode a warp group of its own
+"warp_specialized" (`_warp_specialized_split`) gives the loads and the decode a warp group of its own
 (`_decode_tiles`: 16 keys a load, two loads in flight, 104 registers) filling the two decoded
 tiles as a ring with barriers, while the 8 math warps (`_attend_tiles`, 200 registers) score each
 full tile and start its output product asynchronously, so it runs under the next tile's scores.
@@ -212,9 +212,11 @@ if gluon is not None:
         return p_op, gl.convert_layout(alpha, gl.SliceLayout(1, _O_L)), m_new, l_acc
 
     @gluon.jit
-    def _store_output(o, m_i, l_acc, sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, b, sp, n_splits, n_keys, split):
+    def _store_output(o, m_i, l_acc, span, dest):
         """The split's result: with the sink, the normalised output where the split is the query's
         only one; else the output over its own sum, with the maxima and sums _merge_splits needs."""
+        sp, b, _, n_keys, split, _, _ = span
+        sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, n_splits = dest
         l_i = gl.sum(l_acc, axis=1)
         if n_keys <= split:
             # the only split: the sink (a logit that only adds to the denominator) is applied here
@@ -238,17 +240,6 @@ if gluon is not None:
         gl.store(dst + qh[:, None] * _D + qd[None, :], res)
 
     @gluon.jit
-    def _program_keys(pos_ptr, n_comp, W: gl.constexpr, RATIO: gl.constexpr, SPLIT: gl.constexpr,
-                      SHORT_KEYS: gl.constexpr, SHORT_SPLIT: gl.constexpr):
-        """Program (sp, b): query b's position, its key count, its split size and this split's keys [lo, hi)."""
-        sp, b = gl.program_id(0), gl.program_id(1)
-        t = gl.load(pos_ptr + b).to(gl.int32)
-        n_keys = W + gl.minimum((t + 1) // RATIO, n_comp)
-        split = gl.where(n_keys <= SHORT_KEYS, SHORT_SPLIT, SPLIT)  # sparse_decode._split_size
-        lo = sp * split
-        return sp, b, t, n_keys, split, lo, gl.minimum(lo + split, n_keys)
-
-    @gluon.jit
     def _split_kernel(
         q_ptr, sink_ptr, pos_ptr, sm_scale,
         swa_ptr, swa_page_stride, swa_tab_ptr, swa_tab_stride,
@@ -256,16 +247,33 @@ if gluon is not None:
         out_ptr, part_o_ptr, part_ml_ptr, n_splits,
         W: gl.constexpr, PER_PAGE: gl.constexpr, RATIO: gl.constexpr, SPLIT: gl.constexpr,
         SHORT_KEYS: gl.constexpr, SHORT_SPLIT: gl.constexpr,
-        ROW_STRIDE: gl.constexpr, SWA_PAGE: gl.constexpr,
+        ROW_STRIDE: gl.constexpr, SWA_PAGE: gl.constexpr, WARP_SPECIALIZED: gl.constexpr,
     ):
+        """Program (sp, b): split sp of query b's keys, under the schedule WARP_SPECIALIZED names."""
+        sp, b = gl.program_id(0), gl.program_id(1)
+        t = gl.load(pos_ptr + b).to(gl.int32)
+        n_keys = W + gl.minimum((t + 1) // RATIO, n_comp)
+        split = gl.where(n_keys <= SHORT_KEYS, SHORT_SPLIT, SPLIT)  # sparse_decode._split_size
+        lo = sp * split
+        # this split's keys [lo, hi) and what the schedules need of the query
+        span = (sp, b, t, n_keys, split, lo, gl.minimum(lo + split, n_keys))
+        tables = (swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride)
+        pools = (swa_ptr, swa_page_stride, ent_ptr, ent_page_stride)
+        dest = (sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, n_splits)
+        if WARP_SPECIALIZED:
+            _warp_specialized_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)
+        else:
+            _lockstep_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)
+
+    @gluon.jit
+    def _lockstep_split(q_ptr, sm_scale, span, tables, pools, dest, W: gl.constexpr, PER_PAGE: gl.constexpr,
+                        SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr):
         """The "lockstep" schedule: all 8 warps load, decode, score and accumulate each tile."""
+        _, b, t, n_keys, _, lo, hi = span
         # raw rows: a thread loads 2 words (8 bytes; rows are 8-byte aligned) of 2 rows per block
         word_l: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [_WARPS, 1], [1, 0])
-        sp, b, t, n_keys, split, lo, hi = _program_keys(pos_ptr, n_comp, W, RATIO, SPLIT, SHORT_KEYS, SHORT_SPLIT)
         if lo < n_keys:
             # the first two tiles' loads go out before the query is staged, so their latency overlaps it
-            tables = (swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride)
-            pools = (swa_ptr, swa_page_stride, ent_ptr, ent_page_stride)
             row_l: gl.constexpr = gl.SliceLayout(1, word_l)
             pages = _tile_pages(lo, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
             tile = _load_tile(lo, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
@@ -304,17 +312,18 @@ if gluon is not None:
                 o = warpgroup_mma(p_op, cur, o)
                 fence_async_shared()  # the decoded tile's stores, before the next step's products read them
                 gl.thread_barrier()
-            _store_output(o, m_i, l_acc, sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, b, sp, n_splits, n_keys, split)
+            _store_output(o, m_i, l_acc, span, dest)
 
     # -- the "warp_specialized" schedule: a decoder warp group fills a ring of two decoded tiles
     #    while the two math warp groups score and accumulate -------------------------------------
 
     @gluon.jit
-    def _decode_tiles(k_smem, ready, free, t, b, lo, hi, n_tiles, tables, pools, W: gl.constexpr,
-                      PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr):
+    def _decode_tiles(k_smem, ready, free, span, n_tiles, tables, pools, W: gl.constexpr, PER_PAGE: gl.constexpr,
+                      SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr):
         """The decoder warp group: each tile's rows, SUB keys at a time (two sub-tiles' loads in
         flight: the registers of a whole tile's loads would not fit beside the math), decoded into
         ring slot tile % 2 once the math has handed it back, then the slot marked full."""
+        _, b, t, _, _, lo, hi = span
         SUB: gl.constexpr = _SUB
         word_l: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [_DEC_WARPS, 1], [1, 0])
         row_l: gl.constexpr = gl.SliceLayout(1, word_l)
@@ -339,11 +348,11 @@ if gluon is not None:
             mbarrier.arrive(ready.index(slot), count=1)
 
     @gluon.jit
-    def _attend_tiles(q_smem, k_smem, ready, free, q_ptr, sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, sm_scale,
-                      sp, b, t, n_keys, split, lo, hi, n_tiles, n_splits, W: gl.constexpr):
+    def _attend_tiles(q_smem, k_smem, ready, free, q_ptr, sm_scale, span, dest, n_tiles, W: gl.constexpr):
         """The math warp groups: the query into shared memory, then per full slot the scores, the
         softmax and the output product, each tile's output product running on the tensor cores
         under the next tile's scores (the slot is handed back once it is done)."""
+        _, b, t, _, _, lo, hi = span
         if n_tiles > 0:
             _store_query(q_smem, q_ptr, b)
             fence_async_shared()
@@ -367,21 +376,14 @@ if gluon is not None:
                 o = o * alpha[:, None]
                 o_tok = warpgroup_mma(p_op, cur, o, is_async=True)
             o = warpgroup_mma_wait(0, deps=[o_tok])
-            _store_output(o, m_i, l_acc, sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, b, sp, n_splits, n_keys, split)
+            _store_output(o, m_i, l_acc, span, dest)
 
     @gluon.jit
-    def _split_kernel_ws(
-        q_ptr, sink_ptr, pos_ptr, sm_scale,
-        swa_ptr, swa_page_stride, swa_tab_ptr, swa_tab_stride,
-        ent_ptr, ent_page_stride, blk_tab_ptr, blk_tab_stride, n_comp,
-        out_ptr, part_o_ptr, part_ml_ptr, n_splits,
-        W: gl.constexpr, PER_PAGE: gl.constexpr, RATIO: gl.constexpr, SPLIT: gl.constexpr,
-        SHORT_KEYS: gl.constexpr, SHORT_SPLIT: gl.constexpr,
-        ROW_STRIDE: gl.constexpr, SWA_PAGE: gl.constexpr,
-    ):
+    def _warp_specialized_split(q_ptr, sm_scale, span, tables, pools, dest, W: gl.constexpr, PER_PAGE: gl.constexpr,
+                                SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr):
         """The "warp_specialized" schedule: the lockstep kernel's math in its 8 warps, the loads and
         the decode in a warp group of their own (the same tiles, products and sums, so the same bits)."""
-        sp, b, t, n_keys, split, lo, hi = _program_keys(pos_ptr, n_comp, W, RATIO, SPLIT, SHORT_KEYS, SHORT_SPLIT)
+        _, _, _, n_keys, _, lo, hi = span
         n_tiles = gl.where(lo < n_keys, gl.cdiv(hi - lo, _N), 0)
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [_H, _D], _SMEM_L)
         k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, _N, _D], _SMEM_L)
@@ -391,15 +393,10 @@ if gluon is not None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(free.index(i), count=1)
         fence_async_shared()
-        tables = (swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride)
-        pools = (swa_ptr, swa_page_stride, ent_ptr, ent_page_stride)
         gl.warp_specialize([
-            (_attend_tiles, (q_smem, k_smem, ready, free, q_ptr, sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, sm_scale,
-                             sp, b, t, n_keys, split, lo, hi, n_tiles, n_splits, W)),
-            (_decode_tiles, (k_smem, ready, free, t, b, lo, hi, n_tiles, tables, pools, W, PER_PAGE, SWA_PAGE,
-                             ROW_STRIDE)),
+            (_attend_tiles, (q_smem, k_smem, ready, free, q_ptr, sm_scale, span, dest, n_tiles, W)),
+            (_decode_tiles, (k_smem, ready, free, span, n_tiles, tables, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)),
         ], [_DEC_WARPS], [_DEC_REGS])
-
 
 @functools.cache
 def _is_hopper(device: torch.device) -> bool:
@@ -430,14 +427,13 @@ def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:
                          f"tile {KEYS_PER_TILE}")
     if SCHEDULE not in SCHEDULES:
         raise ValueError(f"SCHEDULE must be one of {SCHEDULES}, got {SCHEDULE!r}")
-    kernel, extra = _split_kernel, {}
-    if SCHEDULE == "warp_specialized":
-        # as many registers a thread as lets the 12 warps share an SM's 64K; setmaxnreg then gives
-        # the decoder warps DECODER_REGS and the math warps the rest (200)
-        kernel, extra = _split_kernel_ws, dict(maxnreg=65536 // ((WARPS + DECODER_WARPS) * 32) // 8 * 8)
-    kernel[(n_splits, batch)](
+    ws = SCHEDULE == "warp_specialized"
+    # the warp-specialized kernel: as many registers a thread as lets its 12 warps share an SM's
+    # 64K; setmaxnreg then gives the decoder warps DECODER_REGS and the math warps the rest (200)
+    extra = dict(maxnreg=65536 // ((WARPS + DECODER_WARPS) * 32) // 8 * 8) if ws else {}
+    _split_kernel[(n_splits, batch)](
         q, sink, positions, sm_scale, swa, swa_page_stride, swa_table, swa_tab_stride, entries, ent_page_stride,
         block_table, blk_tab_stride, n_comp, out, part_o, part_ml, n_splits,
         W=consts["W"], PER_PAGE=consts["PER_PAGE"], RATIO=consts["RATIO"], SPLIT=consts["SPLIT"],
         SHORT_KEYS=consts["SHORT_KEYS"], SHORT_SPLIT=consts["SHORT_SPLIT"],
-        ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], num_warps=WARPS, **extra)
+        ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], WARP_SPECIALIZED=ws, num_warps=WARPS, **extra)
