@@ -96,8 +96,8 @@ def main() -> None:
 
         if only in (None, "scan-gluon") and idx.HOPPER_SCAN and scan_hopper.usable(ops[0], x["csa_index"]):
             sweep(f"fp8 scan gluon T={T} B={B} (loader, bulk-copy stages, programs/SM)",
-                  (("registers", 4, 2), ("bulk_ws", 2, 2), ("bulk_ws", 3, 2), ("bulk_ws", 4, 2), ("bulk_ws", 6, 2),
-                   ("bulk_ws", 3, 3), ("bulk_ws", 4, 1), scan_gluon_default),
+                  (("registers", 4, 2), ("bulk_ws", 2, 2), ("bulk_ws", 3, 2), ("bulk_ws", 6, 2), ("bulk_ws", 3, 3),
+                   ("bulk_ws", 4, 1), scan_gluon_default),  # the last row is the shipped setting
                   set_scan_gluon,
                   lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
                                                x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops),
@@ -129,7 +129,7 @@ def main() -> None:
             # the shipped rule under each schedule first (same split, so the same bits), then split sizes
             sweep(f"hca gluon T={T} B={B} (schedule, keys per split, short query keys, their split)",
                   tuple((sched, *gluon_default[1:]) for sched in hopper.SCHEDULES)
-                  + tuple((sched, n, 0, n) for sched in hopper.SCHEDULES for n in (320, 512, 768)) + (gluon_default,),
+                  + tuple((sched, n, 0, n) for sched in hopper.SCHEDULES for n in (320, 512, 768)),
                   set_gluon,
                   lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
                                          x["hca_main"], x["block_table"], bk.WINDOW, cfg.nope_head_dim),

@@ -402,7 +402,7 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     monkeypatch.setattr(H, "LOADER", loader)
     Hi, Di, n_blk = 64, 128, 96
     rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")
-    assert H.bulk_copy_usable(rows)  # so the bulk loaders are the ones compared
+    assert H.bulk_copy_usable(rows)  # so the bulk loader is the one compared
     g = torch.Generator().manual_seed(29)
     table = torch.stack([torch.randperm(5 * n_blk, generator=g)[:n_blk] for _ in range(5)]).int().cuda()
     pos = torch.tensor([n_blk * 256 - 1, 50 * 256 + 77, 2, 3 * 256 + 5, 40 * 256], device="cuda")
