@@ -19,7 +19,8 @@ loop waited on right after issuing them. Here the layouts are stated:
 * the next step's words are loaded before this step's dots (carried in registers as 32-bit
   words: as bytes each would take a register and a repack).
 
-H100, 1M context x 32 queries: 0.32 ms, the registers loader 0.36, the Triton scan 0.52 (kernels/RESULTS.md).
+H100, 1M context x 32 queries: 0.31 ms (68-69% of the copy rate), the registers loader 0.36, the Triton
+scan 0.52 (kernels/RESULTS.md).
 Hopper only (wgmma); indexer_topk uses it where `usable` says so and keeps the Triton scan
 elsewhere, which is also what the CPU tests run in the interpreter (Gluon has no interpreter).
 
@@ -144,20 +145,25 @@ if gluon is not None:
         return s, page_lo, page_hi, n_vis, vis_hi
 
     @gluon.jit
-    def _stage_query(q8_ptr, s, q8_stride_s, HP: gl.constexpr):
-        """The query's blocks [NB, HP, 32] in shared memory (K contiguous, as an FP8 dot's shared
-        operand must be), in the step operand's K order: position 16p + 4j + i holds code
-        8j + 2i + p, which q8's order (indexer_topk._fp8_query) keeps at 8j + 4p + i."""
+    def _query_smem(HP: gl.constexpr):
+        """Room for the query's blocks [NB, HP, 32] in shared memory (K contiguous, as an FP8 dot's
+        shared operand must be)."""
+        return gl.allocate_shared_memory(gl.float8e4nv, [_DI // 32, HP, 32],
+                                         gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2))
+
+    @gluon.jit
+    def _store_query(q_smem, q8_ptr, s, q8_stride_s):
+        """Query s's blocks into q_smem by one warp group, in the step operand's K order: position
+        16p + 4j + i holds code 8j + 2i + p, which q8's order (indexer_topk._fp8_query) keeps at
+        8j + 4p + i."""
+        HP: gl.constexpr = q_smem.shape[1]
         q_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [_WARPS, 1], [1, 0])
         h = gl.arange(0, HP, layout=gl.SliceLayout(1, q_l))
         k = gl.arange(0, 32, layout=gl.SliceLayout(0, q_l))
         order = 8 * ((k % 16) // 4) + 4 * (k // 16) + k % 4
         q_src = q8_ptr + s.to(gl.int64) * q8_stride_s + h[:, None] * 32 + order[None, :]
-        q_smem = gl.allocate_shared_memory(gl.float8e4nv, [_DI // 32, HP, 32],
-                                           gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2))
         for b in gl.static_range(_DI // 32):
             q_smem.index(b).store(gl.load(q_src + b * HP * 32))
-        return q_smem
 
     @gluon.jit
     def _step_keys(blocks, scales, q_smem, w8, col, n_vis, SENTINEL_KEY: gl.constexpr):
@@ -214,7 +220,8 @@ if gluon is not None:
         s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
         out_row = out_ptr + s.to(gl.int64) * out_stride_s
         if gl.load(mode_ptr + s) == MODE:  # else the general scan scores this query
-            q_smem = _stage_query(q8_ptr, s, q8_stride_s, HP)
+            q_smem = _query_smem(HP)
+            _store_query(q_smem, q8_ptr, s, q8_stride_s)
             fence_async_shared()
             w8 = _head_weights(w8_ptr, s, HP)
             table_row = table_ptr + s.to(gl.int64) * table_stride_s
@@ -334,24 +341,33 @@ if gluon is not None:
                     STAGES: gl.constexpr):
         """The loader warp: each step's two pages into the ring, up to STAGES steps ahead of the
         scorer, a slot refilled once the scorer has handed it back."""
+        ids = _page_ids(table_row, 0, page_lo, vis_hi, n_blk)
         for it in range(n_steps):
-            ids = _page_ids(table_row, it, page_lo, vis_hi, n_blk)
+            # the next step's page ids are read a step ahead, so no copy waits for a table read
+            next_ids = _page_ids(table_row, it + 1, page_lo, vis_hi, n_blk)
             mbarrier.wait(empty.index(it % STAGES), ((it // STAGES) & 1) ^ 1)
             _issue_step(head_desc, tail_desc, ring, ready, it, ids, STAGES)
+            ids = next_ids
 
     @gluon.jit
-    def _score_pages(ring, ready, empty, q_smem, w8_ptr, out_row, s, page_lo, n_steps, n_vis, vis_hi,
-                     HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, STAGES: gl.constexpr):
-        """The scoring warp group: a full slot's words into registers, the slot handed back at once,
-        then the step's keys."""
+    def _score_pages(ring, ready, empty, q_smem, q8_ptr, q8_stride_s, w8_ptr, out_row, s, page_lo, n_steps, n_vis,
+                     vis_hi, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, STAGES: gl.constexpr):
+        """The scoring warp group: the query into shared memory (while the loader warp's first copies
+        fly), then per step a full slot's words into registers, the slot handed back at once, and
+        the step's keys."""
+        if n_steps > 0:
+            _store_query(q_smem, q8_ptr, s, q8_stride_s)
+            fence_async_shared()  # the stores, before the dots read them through the async proxy
+            gl.thread_barrier()  # every warp's part of the query, before any warp's dot
         w8 = _head_weights(w8_ptr, s, HP)
         for it in range(n_steps):
             slot = it % STAGES
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             buf = ring.index(slot)
             pages = (_page_words(buf.slice(0, _PAGE_SLOT), HP), _page_words(buf.slice(_PAGE_SLOT, _PAGE_SLOT), HP))
-            # the slot's reads come before the loader's next bulk copy into it
-            fence_async_shared()
+            # handed back with no proxy fence: the arrive releases the warp group's reads of the slot
+            # (its threads meet at a barrier first), and the loader's copy into it waits on that
+            # phase; a fence here cost a MEMBAR.ALL.CTA a step, which waits on the step's key stores
             mbarrier.arrive(empty.index(slot), count=1)
             _store_slot_keys(pages, q_smem, w8, out_row, (page_lo + 2 * it) * 64, n_vis, vis_hi, SENTINEL_KEY)
 
@@ -364,14 +380,14 @@ if gluon is not None:
         out_row = out_ptr + s.to(gl.int64) * out_stride_s
         # queries of the general scan score no step here
         n_steps = gl.where(gl.load(mode_ptr + s) == MODE, gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2), 0)
-        q_smem = _stage_query(q8_ptr, s, q8_stride_s, HP)
+        q_smem = _query_smem(HP)  # filled by the scorer, while the loader warp starts the first copies
         ring, ready = _ring(STAGES)
         empty = _barriers(STAGES)  # the scorer's hand-backs
         fence_async_shared()
         table_row = table_ptr + s.to(gl.int64) * table_stride_s
         gl.warp_specialize([
-            (_score_pages, (ring, ready, empty, q_smem, w8_ptr, out_row, s, page_lo, n_steps, n_vis, vis_hi, HP,
-                            SENTINEL_KEY, STAGES)),
+            (_score_pages, (ring, ready, empty, q_smem, q8_ptr, q8_stride_s, w8_ptr, out_row, s, page_lo, n_steps,
+                            n_vis, vis_hi, HP, SENTINEL_KEY, STAGES)),
             (_load_pages, (head_desc, tail_desc, ring, ready, empty, table_row, page_lo, n_steps, vis_hi, n_blk,
                            STAGES)),
         ], [1], [LOADER_REGS])
@@ -391,8 +407,8 @@ def usable(q8: torch.Tensor, index_rows: torch.Tensor) -> bool:
 
 
 LOADERS = ("registers", "bulk_ws")
-# how a program's pages reach it (module docstring); bulk_ws where the pool allows it (H200 sweep,
-# 1M x 32: 0.311 ms against the registers loader's 0.361, kernels/RESULTS.md)
+# how a program's pages reach it (module docstring); bulk_ws where the pool allows it (H100, 1M x 32:
+# 0.308-0.311 ms against the registers loader's 0.362, kernels/RESULTS.md)
 LOADER = "bulk_ws"
 
 
@@ -433,7 +449,8 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         maxnreg = 65536 // (PROGRAMS_PER_SM * 2 * WARPS * 32) // 8 * 8
         _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0),
                               table_stride, out.stride(0), table.shape[1], n_cols, ppp, HP=w8.shape[1],
-                              SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, num_warps=WARPS, maxnreg=maxnreg)
+                              SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, num_warps=WARPS,
+                              maxnreg=maxnreg)
         return
     _scan_kernel[grid](
         q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table_stride,

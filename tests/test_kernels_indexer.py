@@ -405,6 +405,12 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     assert H.bulk_copy_usable(rows)  # so the bulk loader is the one compared
     g = torch.Generator().manual_seed(29)
     table = torch.stack([torch.randperm(5 * n_blk, generator=g)[:n_blk] for _ in range(5)]).int().cuda()
+    # the smallest scale codes in every query's first page: byte 0 is 2**-127, a subnormal
+    # (kv_layout), byte 1 the smallest normal; rows whose blocks all have them score tiny but not 0
+    first = table[:, 0].long()
+    rows[first, :16, 64:] = 0
+    rows[first, 16:32, 64:] = 1
+    rows[first, 32:40, 64:66] = 0
     pos = torch.tensor([n_blk * 256 - 1, 50 * 256 + 77, 2, 3 * 256 + 5, 40 * 256], device="cuda")
     q, w = make_queries(5, Hi, Di, seed=30, kind="fp4", device="cuda")
     q[3] = make_queries(1, Hi, Di, seed=31, kind="float", device="cuda")[0][0]  # the general scan's
