@@ -33,7 +33,11 @@ seventh session's profile: 29% of the warps' stalls in the decode, 34% waiting o
 (`_decode_tiles`: 16 keys a load, two loads in flight, 104 registers) filling the two decoded
 tiles as a ring with barriers, while the 8 math warps (`_attend_tiles`, 200 registers) score each
 full tile and start its output product asynchronously, so it runs under the next tile's scores.
-The tiles, products and sums are the lockstep kernel's, so the bits are too.
+The tiles, products and sums are the lockstep kernel's, so the bits are too (checked on an H100).
+It is the slower one there (1M x 32: 0.199 ms against 0.172): a quarter of all the kernel's warp
+samples are math warps waiting for a decoded tile, while the decoder (one warp a scheduler) waits
+on its loads and, less, for a free slot (the tenth session's profile, kernels/RESULTS.md), so
+"lockstep" ships.
 
 Hopper only (wgmma), 64 BF16 heads of 512 dims with 448 FP8 dims and a window of whole tiles:
 `usable` says so and hca_decode keeps the Triton kernel elsewhere (CPU, the interpreter, other
@@ -65,8 +69,8 @@ KEYS_PER_TILE = 64
 KEYS_PER_SPLIT, SHORT_QUERY_KEYS, SHORT_QUERY_SPLIT = 512, 1536, 320
 WARPS = 8  # two warp groups: the [64, 512] float32 output is 128 registers a thread
 # who loads and decodes the key tiles (module docstring): "lockstep", all 8 warps between the
-# products (measured, kernels/RESULTS.md), or "warp_specialized", a decoder warp group of its own
-# (built and compiled, not yet run on a GPU)
+# products, or "warp_specialized", a decoder warp group of its own (H100, 1M x 32: 0.172 against
+# 0.199 ms, kernels/RESULTS.md)
 SCHEDULES = ("lockstep", "warp_specialized")
 SCHEDULE = "lockstep"
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
