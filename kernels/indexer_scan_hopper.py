@@ -60,7 +60,10 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 ROWS_PER_STEP = 128  # two 64-entry pages: one [128, 32] x [32, heads] dot per block
 WARPS = 4  # one warp group; about 250 registers a thread, so two programs per SM
-PROGRAMS_PER_SM = 2  # H100 sweeps at 1M x 32: bulk_ws 0.32 ms at 2, 0.40 at 1, 0.52 at 3 (it spills)
+# H100 sweep at 1M x 32: bulk_ws 0.311 ms at 2, 0.374 at 1, 0.347 at 3 (where the two-page scorer
+# spills at 136 registers; the page-by-page one, SCORED_PAGES = 1, compiles to 723 instructions a
+# step with no spills there, not yet measured)
+PROGRAMS_PER_SM = 2
 DI = 128  # the layouts below hold a row's 4 block scales in one word
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
 _ROWS, _WARPS, _DI = tl.constexpr(ROWS_PER_STEP), tl.constexpr(WARPS), tl.constexpr(DI)
@@ -70,6 +73,9 @@ _PAGE_WORDS = tl.constexpr(PAGE_WORDS)
 PAGE_SLOT = 2048  # words from one page of a ring slot to the next (bulk copies land on 128-byte boundaries)
 _PAGE_SLOT = tl.constexpr(PAGE_SLOT)
 STAGES = 4  # two-page steps in flight per program (bulk_ws; H100: 2-6 within 3%)
+# pages of a step whose words and sums the bulk_ws scorer holds at once: 2, or 1 (page by page: fewer
+# registers, so that three programs an SM may fit without spilling; built, not yet measured)
+SCORED_PAGES = 2
 # registers a thread of the loader warp keeps: the fewest, its values live in uniform registers
 LOADER_REGS = tl.constexpr(24)
 
@@ -298,18 +304,20 @@ if gluon is not None:
 
     @gluon.jit
     def _store_slot_keys(pages, q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY: gl.constexpr):
-        """A step's keys (the words of its two pages), stored at columns col0 + [0, 128). The same
-        sums as _step_keys, page by page, with each dot started before the previous one's scale and
-        add: the tensor cores work under the float32 math instead of the warps waiting on them. A
-        page is 64 rows, so two dots in flight and the sum take 96 registers a thread."""
+        """The keys of consecutive pages (their words: one or two pages of a step), stored at columns
+        col0 + [0, 64 x pages). The same sums as _step_keys, page by page, with each dot started
+        before the previous one's scale and add: the tensor cores work under the float32 math
+        instead of the warps waiting on them. A page is 64 rows, so two dots in flight and the sum
+        take 96 registers a thread."""
         HP: gl.constexpr = w8.shape[0]
         NB: gl.constexpr = _DI // 32
+        NP: gl.constexpr = len(pages)
         zero = gl.zeros([64, HP], gl.float32, _acc_layout(HP))
         rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _acc_layout(HP)))
         pending = _issue_dot(pages[0][1][0], q_smem, 0, zero)
         acc = zero
-        for i in gl.static_range(2 * NB):  # (page, block) = divmod(i, NB)
-            if i + 1 < 2 * NB:
+        for i in gl.static_range(NP * NB):  # (page, block) = divmod(i, NB)
+            if i + 1 < NP * NB:
                 started = _issue_dot(pages[(i + 1) // NB][1][(i + 1) % NB], q_smem, (i + 1) % NB, zero)
                 d = warpgroup_mma_wait(1, deps=[pending])
                 pending = started
@@ -351,10 +359,12 @@ if gluon is not None:
 
     @gluon.jit
     def _score_pages(ring, ready, empty, q_smem, q8_ptr, q8_stride_s, w8_ptr, out_row, s, page_lo, n_steps, n_vis,
-                     vis_hi, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, STAGES: gl.constexpr):
+                     vis_hi, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, STAGES: gl.constexpr,
+                     SCORED_PAGES: gl.constexpr):
         """The scoring warp group: the query into shared memory (while the loader warp's first copies
         fly), then per step a full slot's words into registers, the slot handed back at once, and
-        the step's keys."""
+        the step's keys; or (SCORED_PAGES 1) the first page's words and keys, then the second
+        page's words, the hand-back and its keys, so half the words and sums are live at a time."""
         if n_steps > 0:
             _store_query(q_smem, q8_ptr, s, q8_stride_s)
             fence_async_shared()  # the stores, before the dots read them through the async proxy
@@ -364,17 +374,25 @@ if gluon is not None:
             slot = it % STAGES
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             buf = ring.index(slot)
-            pages = (_page_words(buf.slice(0, _PAGE_SLOT), HP), _page_words(buf.slice(_PAGE_SLOT, _PAGE_SLOT), HP))
+            col0 = (page_lo + 2 * it) * 64
+            first = _page_words(buf.slice(0, _PAGE_SLOT), HP)
+            if SCORED_PAGES == 1:
+                _store_slot_keys((first,), q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY)
+            last = _page_words(buf.slice(_PAGE_SLOT, _PAGE_SLOT), HP)
             # handed back with no proxy fence: the arrive releases the warp group's reads of the slot
             # (its threads meet at a barrier first), and the loader's copy into it waits on that
             # phase; a fence here cost a MEMBAR.ALL.CTA a step, which waits on the step's key stores
             mbarrier.arrive(empty.index(slot), count=1)
-            _store_slot_keys(pages, q_smem, w8, out_row, (page_lo + 2 * it) * 64, n_vis, vis_hi, SENTINEL_KEY)
+            if SCORED_PAGES == 1:
+                _store_slot_keys((last,), q_smem, w8, out_row, col0 + 64, n_vis, vis_hi, SENTINEL_KEY)
+            else:
+                _store_slot_keys((first, last), q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY)
 
     @gluon.jit
     def _scan_kernel_ws(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, table_ptr, out_ptr,
                         q8_stride_s, table_stride_s, out_stride_s, n_blk, n_cols, pages_per_prog,
-                        HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr, STAGES: gl.constexpr):
+                        HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr, STAGES: gl.constexpr,
+                        SCORED_PAGES: gl.constexpr):
         """The "bulk_ws" loader: one loader warp beside the scoring warp group."""
         s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
         out_row = out_ptr + s.to(gl.int64) * out_stride_s
@@ -387,7 +405,7 @@ if gluon is not None:
         table_row = table_ptr + s.to(gl.int64) * table_stride_s
         gl.warp_specialize([
             (_score_pages, (ring, ready, empty, q_smem, q8_ptr, q8_stride_s, w8_ptr, out_row, s, page_lo, n_steps,
-                            n_vis, vis_hi, HP, SENTINEL_KEY, STAGES)),
+                            n_vis, vis_hi, HP, SENTINEL_KEY, STAGES, SCORED_PAGES)),
             (_load_pages, (head_desc, tail_desc, ring, ready, empty, table_row, page_lo, n_steps, vis_hi, n_blk,
                            STAGES)),
         ], [1], [LOADER_REGS])
@@ -442,6 +460,8 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
     table_stride = table.stride(0) if table.shape[0] > 1 else 0
     if LOADER not in LOADERS:
         raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
+    if SCORED_PAGES not in (1, 2):
+        raise ValueError(f"SCORED_PAGES must be 1 or 2 (pages of a step), got {SCORED_PAGES!r}")
     if LOADER == "bulk_ws" and bulk_copy_usable(index_rows):
         # 2 x WARPS warps (the scoring group and the loader warp's group) of as many registers as lets
         # PROGRAMS_PER_SM programs share an SM's 64K; setmaxnreg then gives the loader 24 and the
@@ -449,8 +469,8 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         maxnreg = 65536 // (PROGRAMS_PER_SM * 2 * WARPS * 32) // 8 * 8
         _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0),
                               table_stride, out.stride(0), table.shape[1], n_cols, ppp, HP=w8.shape[1],
-                              SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, num_warps=WARPS,
-                              maxnreg=maxnreg)
+                              SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, SCORED_PAGES=SCORED_PAGES,
+                              num_warps=WARPS, maxnreg=maxnreg)
         return
     _scan_kernel[grid](
         q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table_stride,

@@ -348,12 +348,13 @@ def test_bulk_copies_read_only_pages_of_back_to_back_rows_on_16_byte_boundaries(
     assert not bulk_copy_usable(odd_pages)  # pages 4 bytes apart from 16-byte alignment
 
 
-def test_an_unknown_gluon_scan_loader_is_an_error_not_a_silent_choice(monkeypatch):
+@pytest.mark.parametrize("setting,value", [("LOADER", "bulkws"), ("SCORED_PAGES", 4)])
+def test_an_unknown_gluon_scan_setting_is_an_error_not_a_silent_choice(monkeypatch, setting, value):
     from kernels import indexer_scan_hopper as H
 
-    monkeypatch.setattr(H, "LOADER", "bulkws")
+    monkeypatch.setattr(H, setting, value)
     rows = torch.zeros(2, 64, 68, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="bulkws"):
+    with pytest.raises(ValueError, match=f"{setting} must .*{value}"):
         H.scan_fp8(torch.zeros(1, 4, 64, 32), torch.zeros(1, 64), torch.zeros(1, dtype=torch.int32),
                    torch.zeros(1, dtype=torch.int64), rows, torch.zeros(1, 2, dtype=torch.int32),
                    torch.zeros(1, 128, dtype=torch.int64), 128, 2, -1, 0)
@@ -391,17 +392,21 @@ def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("loader", K.hopper_scan.LOADERS)
-def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, loader):
+@pytest.mark.parametrize("loader,scored_pages,per_sm", [("registers", 2, 2), ("bulk_ws", 2, 2), ("bulk_ws", 1, 3)])
+def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, loader, scored_pages, per_sm):
     """On Hopper the FP8 scan runs in Gluon (indexer_scan_hopper.py): with each way of loading its
-    pages, its keys must be the Triton kernel's bit for bit, for decode rows of their own requests
-    (a partial page, a query seeing nothing, a table wider than the context, queries of both
-    modes in one launch) and for a prefill chunk sharing one table row."""
+    pages and of scoring them (two pages at once, or page by page at three programs an SM), its
+    keys must be the Triton kernel's bit for bit, for decode rows of their own requests (a partial
+    page, a query seeing nothing, a table wider than the context, queries of both modes in one
+    launch) and for a prefill chunk sharing one table row."""
     from kernels import indexer_scan_hopper as H
 
     if not H.usable(torch.zeros(1, 4, 64, 32, device="cuda"), torch.zeros(1, 64, 68, dtype=torch.uint8, device="cuda")):
         pytest.skip("needs a Hopper GPU with Gluon")
+    assert loader in H.LOADERS
     monkeypatch.setattr(H, "LOADER", loader)
+    monkeypatch.setattr(H, "SCORED_PAGES", scored_pages)
+    monkeypatch.setattr(H, "PROGRAMS_PER_SM", per_sm)
     Hi, Di, n_blk = 64, 128, 96
     rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")
     assert H.bulk_copy_usable(rows)  # so the bulk loader is the one compared
