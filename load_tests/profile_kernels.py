@@ -36,28 +36,28 @@ def kernel_sections(text: str) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def stall_columns(row: dict) -> list[str]:
-    return [c for c in row if c.startswith("stall_") and "Not Issued" not in c]
+def stalls(row: dict) -> dict[str, int]:
+    """One SASS line's samples per stall reason ("selected" is a warp issuing); ncu's copies of the
+    columns counting only the samples where no warp issued are left out."""
+    return {c[len("stall_"):]: int(v or 0) for c, v in row.items() if c.startswith("stall_") and "Not Issued" not in c}
 
 
 def stall_totals(rows: list[dict]) -> collections.Counter:
-    """Samples per stall reason ("selected" is a warp issuing) over the given SASS lines."""
+    """Samples per stall reason over the given SASS lines."""
     tot = collections.Counter()
     for r in rows:
-        for c in stall_columns(r):
-            tot[c[len("stall_"):]] += int(r[c] or 0)
+        tot.update(stalls(r))
     return tot
 
 
 def hottest(rows: list[dict], top: int) -> list[tuple[int, int, str, list[tuple[str, int]]]]:
     """The `top` lines with the most samples, in SASS order: (line, samples, instruction, its three
     largest reasons)."""
-    counted = [(i, int(r[SAMPLES] or 0), r) for i, r in enumerate(rows)]
-    best = sorted(counted, key=lambda x: -x[1])[:top]
+    best = sorted(range(len(rows)), key=lambda i: -int(rows[i][SAMPLES] or 0))[:top]
     out = []
-    for i, n, r in sorted(best, key=lambda x: x[0]):
-        reasons = sorted(((c[len("stall_"):], int(r[c] or 0)) for c in stall_columns(r)), key=lambda x: -x[1])
-        out.append((i, n, r["Source"].strip(), [x for x in reasons[:3] if x[1]]))
+    for i in sorted(best):
+        reasons = sorted(stalls(rows[i]).items(), key=lambda x: -x[1])
+        out.append((i, int(rows[i][SAMPLES] or 0), rows[i]["Source"].strip(), [x for x in reasons[:3] if x[1]]))
     return out
 
 
@@ -75,8 +75,9 @@ def print_stalls(path: str, kernel: int | None, rows: str | None, top: int) -> N
         lo, hi = (int(x) for x in rows.split(":")) if rows else (0, len(lines) - 1)
         chosen = lines[lo:hi + 1]
         tot = stall_totals(chosen)
-        n = sum(tot.values()) or 1
-        print(f"== kernel {k}: {name}, SASS lines {lo}-{hi}, {sum(tot.values())} samples")
+        n = sum(tot.values())
+        print(f"== kernel {k}: {name}, SASS lines {lo}-{hi}, {n} samples")
+        n = n or 1
         print("   " + ", ".join(f"{reason} {v / n:.1%}" for reason, v in tot.most_common(12)))
         for i, s, instr, reasons in hottest(chosen, top):
             instr = re.sub(r"\s+", " ", instr)[:64]
@@ -102,11 +103,10 @@ def launch(case: str) -> None:
     table = x["block_table"].to(torch.int32)
     n_cols = table.shape[1] * idx.PAGE_ENTRIES
     out = torch.empty(B, n_cols, dtype=torch.int64, device="cuda")
-    ppp = idx._pages_per_program(B, n_cols // idx.PAGE_ENTRIES, q8.device, scan_hopper.PROGRAMS_PER_SM)
 
-    def scan():
-        scan_hopper.scan_fp8(q8, w8, mode, x["positions"], x["csa_index"], table, out, n_cols, ppp, idx.SENTINEL,
-                             idx.MODE_FP8)
+    def scan():  # the Gluon launch alone, as index_score_keys makes it (not the general-mode one)
+        if not idx._hopper_scan(q8, w8, mode, x["positions"], x["csa_index"], table, out, n_cols):
+            raise RuntimeError("the Gluon scan did not run here (see the log)")
 
     def attend():
         hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"], x["hca_main"], x["block_table"],
