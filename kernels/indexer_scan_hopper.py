@@ -57,6 +57,8 @@ try:  # Gluon ships with Triton 3.4+; without it the Triton scan runs everywhere
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
+else:
+    from .grid_dependency import let_next_grid_start
 
 ROWS_PER_STEP = 128  # two 64-entry pages: one [128, 32] x [32, heads] dot per block
 WARPS = 4  # one warp group; about 250 registers a thread, so two programs per SM
@@ -223,6 +225,7 @@ if gluon is not None:
         step's dots."""
         ROWS: gl.constexpr = _ROWS
         row_l: gl.constexpr = gl.SliceLayout(1, _acc_layout(HP))
+        let_next_grid_start()  # the general scan may be scheduled from here on (grid_dependency)
         s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
         out_row = out_ptr + s.to(gl.int64) * out_stride_s
         if gl.load(mode_ptr + s) == MODE:  # else the general scan scores this query
@@ -394,6 +397,7 @@ if gluon is not None:
                         HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr, STAGES: gl.constexpr,
                         SCORED_PAGES: gl.constexpr):
         """The "bulk_ws" loader: one loader warp beside the scoring warp group."""
+        let_next_grid_start()  # the general scan may be scheduled from here on (grid_dependency)
         s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
         out_row = out_ptr + s.to(gl.int64) * out_stride_s
         # queries of the general scan score no step here

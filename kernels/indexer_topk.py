@@ -47,10 +47,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import grid_dependency
 from . import indexer_scan_hopper as hopper_scan
 from .block_quant import fp8_e4m3_block_quant
 from .dispatch import gluon_ran, use_triton
 from .geometry import BLOCK, CSA
+from .grid_dependency import wait_for_previous_grid
 from .indexer_topk_ref import index_scores, select_topk
 from .key_select import kernel_wins, select_entries
 from .key_select_ref import SENTINEL, entries_of_keys
@@ -118,9 +120,11 @@ def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
                  q_stride_s, q_stride_part, table_stride_s, page_stride, out_stride_s,
                  n_blk, n_cols, pages_per_prog, inv_sqrt_di, row_stride: tl.constexpr,
                  HP: tl.constexpr, DI: tl.constexpr, N_PARTS: tl.constexpr, SENTINEL_KEY: tl.constexpr,
-                 MODE: tl.constexpr):
+                 MODE: tl.constexpr, DEPENDENT: tl.constexpr):
     """Score keys of the visible entries of the queries in MODE (the general scan), from N_PARTS
-    BF16 query parts; the FP8 launch writes the sentinels."""
+    BF16 query parts; the FP8 launch writes the sentinels. DEPENDENT: launched as a dependent of
+    the FP8 launch (grid_dependency), which writes other rows of out, so a program scores first
+    and then waits for that launch's end (the work after this kernel waits for this one alone)."""
     s = tl.program_id(0)
     page_lo = tl.program_id(1) * pages_per_prog
     page_hi = tl.minimum(page_lo + pages_per_prog, tl.cdiv(n_cols, 64))
@@ -145,6 +149,7 @@ def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
                              N_PARTS, SENTINEL_KEY)
             tl.store(out_row + page * 64 + n, key)
             codes, scales = next_codes, next_scales
+    wait_for_previous_grid(DEPENDENT)
 
 
 @triton.jit
@@ -376,9 +381,13 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
                 PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8, num_stages=SCAN_STAGES,
                 WORD_SCALES=index_scales_as_words(index_rows, Di))
         ppp = _pages_per_program(S, n_pages, q.device, GENERAL_PROGRAMS_PER_SM)
+        # most queries take the FP8 scan, and then this launch's programs only end: as a dependent
+        # launch they do so in the FP8 scan's tail instead of after it (grid_dependency)
+        dependent = grid_dependency.enabled(q)
         _scan_kernel[(S, -(-n_pages // ppp))](
             parts, w_pad, mode, positions, index_rows, table, out, parts.stride(0), parts.stride(1), *common, ppp,
-            Di**-0.5, **consts, N_PARTS=GENERAL_PARTS, MODE=MODE_GENERAL)
+            Di**-0.5, **consts, N_PARTS=GENERAL_PARTS, MODE=MODE_GENERAL, DEPENDENT=dependent,
+            **grid_dependency.launch_kwargs(dependent))
     return out
 
 

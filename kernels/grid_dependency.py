@@ -1,0 +1,83 @@
+"""Programmatic dependent launch: the next kernel on a stream starts in the tail of this one.
+
+On Hopper and later, a kernel launched with `launch_pdl=True` (launch_kwargs) may be scheduled
+while the kernel before it on the stream still runs, once every program of that kernel has
+executed `griddepcontrol.launch_dependents` (let_next_grid_start) or ended. Its programs then take
+SMs as the earlier kernel's programs leave them, instead of the whole launch waiting for the last
+of them, and wait in `griddepcontrol.wait` (wait_for_previous_grid) for that kernel to end and its
+writes to be visible. A CUDA graph records the launch attribute as a programmatic edge.
+
+One pair uses it: the Gluon FP8 scan and the general scan after it (indexer_topk), whose
+programs, for a query of the FP8 scan, only end, and as a dependent launch do so in the FP8
+scan's tail instead of after it (H100, 128K x 32: 0.0458 against 0.0470 ms, kernels/RESULTS.md).
+The merge of HCA's split partials after the Gluon split kernel measured slower as a dependent
+(128K x 32: 0.0303 against 0.0286 ms), so it launches as before.
+
+Every program of a kernel launched this way waits before it ends, even one with nothing to do:
+the work after it on the stream waits for it alone, so its end must imply the end of the kernel
+before it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # Triton 3.4+
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gdc_wait = None
+
+try:  # Gluon ships with Triton 3.4+
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+
+def _launch_option_known() -> bool:
+    """Whether this Triton's CUDA launcher takes launch_pdl (an option of its compiler)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - depends on the installed Triton
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@functools.cache
+def _supported(device: torch.device) -> bool:
+    return (gdc_wait is not None and _launch_option_known()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch as dependents of the kernel before them: a CUDA GPU of
+    compute capability 9.0 or later, with a Triton that has the launch option (never on CPU,
+    where the interpreter runs no PTX)."""
+    return t.is_cuda and _supported(t.device)
+
+
+def launch_kwargs(on: bool) -> dict:
+    """The launch option of a dependent launch (none where `on` is False)."""
+    return {"launch_pdl": True} if on else {}
+
+
+@triton.jit
+def wait_for_previous_grid(ON: tl.constexpr):
+    """Wait until the kernel before this one on the stream has ended and its writes are visible
+    (nothing where ON is False: the launch was not a dependent one)."""
+    if ON:
+        gdc_wait()
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def let_next_grid_start():
+        """Let the next kernel on the stream, if launched as a dependent, be scheduled once every
+        program of this one has come here (or ended). Nothing otherwise."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 unused", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
