@@ -74,7 +74,9 @@ PAGE_WORDS = 64 * ROW_WORDS  # a page of 64 rows, as 32-bit words
 _PAGE_WORDS = tl.constexpr(PAGE_WORDS)
 PAGE_SLOT = 2048  # words from one page of a ring slot to the next (bulk copies land on 128-byte boundaries)
 _PAGE_SLOT = tl.constexpr(PAGE_SLOT)
-STAGES = 4  # two-page steps in flight per program (bulk_ws; H100: 2-6 within 3%)
+# two-page steps in flight per program (bulk_ws). H100, four alternations, ms (kernels/RESULTS.md):
+# 128K x 32 2: 0.0448-0.0451, 3: 0.0451-0.0459, 4: 0.0456-0.0462; 1M x 32 and 1M x 1 the same within noise
+STAGES = 2
 # pages of a step whose words and sums the bulk_ws scorer holds at once: 2, or 1 (page by page: fewer
 # registers, so that three programs an SM may fit without spilling; built, not yet measured)
 SCORED_PAGES = 2

@@ -99,7 +99,7 @@ def main() -> None:
 
         if only in (None, "scan-gluon") and idx.HOPPER_SCAN and scan_hopper.usable(ops[0], x["csa_index"]):
             sweep(f"fp8 scan gluon T={T} B={B} (loader, bulk-copy stages, programs/SM, pages scored at once)",
-                  (("registers", 4, 2, 2), ("bulk_ws", 2, 2, 2), ("bulk_ws", 4, 1, 2), ("bulk_ws", 4, 2, 1),
+                  (("registers", 2, 2, 2), ("bulk_ws", 4, 2, 2), ("bulk_ws", 2, 1, 2), ("bulk_ws", 2, 2, 1),
                    ("bulk_ws", 4, 3, 2), ("bulk_ws", 4, 3, 1), ("bulk_ws", 3, 3, 1),
                    scan_gluon_default),  # the last row is the shipped setting
                   set_scan_gluon,
