@@ -36,8 +36,9 @@ full tile and start its output product asynchronously, so it runs under the next
 The tiles, products and sums are the lockstep kernel's, so the bits are too (checked on an H100).
 It is the slower one there (1M x 32: 0.199 ms against 0.172): a quarter of all the kernel's warp
 samples are math warps waiting for a decoded tile, while the decoder (one warp a scheduler) waits
-on its loads and, less, for a free slot (the tenth session's profile, kernels/RESULTS.md), so
-"lockstep" ships.
+on its loads and, less, for a free slot (the tenth session's profile, kernels/RESULTS.md), and
+ptxas serializes all its wgmma (C7514: its output product is in flight around the loop's back
+edge; rotating the loop lifts that but spills, 0.190 ms), so "lockstep" ships.
 
 Hopper only (wgmma), 64 BF16 heads of 512 dims with 448 FP8 dims and a window of whole tiles:
 `usable` says so and hca_decode keeps the Triton kernel elsewhere (CPU, the interpreter, other
