@@ -63,8 +63,8 @@ else:
 ROWS_PER_STEP = 128  # two 64-entry pages: one [128, 32] x [32, heads] dot per block
 WARPS = 4  # one warp group; about 250 registers a thread, so two programs per SM
 # H100 sweep at 1M x 32: bulk_ws 0.311 ms at 2, 0.374 at 1, 0.347 at 3 (where the two-page scorer
-# spills at 136 registers; the page-by-page one, SCORED_PAGES = 1, compiles to 723 instructions a
-# step with no spills there, not yet measured)
+# spills at 136 registers); the page-by-page scorer (SCORED_PAGES = 1) fits three without spills
+# and measured 0.320 there, against 0.312 at two (kernels/RESULTS.md, eleventh session)
 PROGRAMS_PER_SM = 2
 DI = 128  # the layouts below hold a row's 4 block scales in one word
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
@@ -78,7 +78,7 @@ _PAGE_SLOT = tl.constexpr(PAGE_SLOT)
 # 128K x 32 2: 0.0448-0.0451, 3: 0.0451-0.0459, 4: 0.0456-0.0462; 1M x 32 and 1M x 1 the same within noise
 STAGES = 2
 # pages of a step whose words and sums the bulk_ws scorer holds at once: 2, or 1 (page by page: fewer
-# registers, so that three programs an SM may fit without spilling; built, not yet measured)
+# registers, for three programs an SM; slower at two and no faster at three, PROGRAMS_PER_SM above)
 SCORED_PAGES = 2
 # registers a thread of the loader warp keeps: the fewest, its values live in uniform registers
 LOADER_REGS = tl.constexpr(24)
