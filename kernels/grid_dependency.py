@@ -53,11 +53,15 @@ def _supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+# off: every launch waits for the one before it, as before (the launch sweep times both)
+DEPENDENT_LAUNCHES = True
+
+
 def enabled(t: torch.Tensor) -> bool:
     """Whether kernels on t's device launch as dependents of the kernel before them: a CUDA GPU of
     compute capability 9.0 or later, with a Triton that has the launch option (never on CPU,
-    where the interpreter runs no PTX)."""
-    return t.is_cuda and _supported(t.device)
+    where the interpreter runs no PTX), unless DEPENDENT_LAUNCHES is off."""
+    return DEPENDENT_LAUNCHES and t.is_cuda and _supported(t.device)
 
 
 def launch_kwargs(on: bool) -> dict:
