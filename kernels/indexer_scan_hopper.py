@@ -19,7 +19,7 @@ loop waited on right after issuing them. Here the layouts are stated:
 * the next step's words are loaded before this step's dots (carried in registers as 32-bit
   words: as bytes each would take a register and a repack).
 
-H100, 1M context x 32 queries: 0.31 ms (68-69% of the copy rate), the registers loader 0.36, the Triton
+H100, 1M context x 32 queries: 0.28-0.29 ms (73-76% of the copy rate), the registers loader 0.36, the Triton
 scan 0.52 (kernels/RESULTS.md).
 Hopper only (wgmma); indexer_topk uses it where `usable` says so and keeps the Triton scan
 elsewhere, which is also what the CPU tests run in the interpreter (Gluon has no interpreter).
@@ -36,7 +36,7 @@ the two pages with each block's dot started before the previous one's float32 sc
 loader runs ahead on its own with 24 registers, the scorer takes the rest). It needs pages
 whose rows lie back to back on 16-byte boundaries (`bulk_copy_usable`, which the engine's pools
 meet); other pools take the registers loader. Both give the same keys: the same sums in the
-same order (_block_scale, _keys_of), checked bit for bit on the GPU.
+same order (_block_scale, _keys_of, _head_partials), checked bit for bit on the GPU.
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ else:
 
 ROWS_PER_STEP = 128  # two 64-entry pages: one [128, 32] x [32, heads] dot per block
 WARPS = 4  # one warp group; about 250 registers a thread, so two programs per SM
-# H100 sweep at 1M x 32: bulk_ws 0.311 ms at 2, 0.374 at 1, 0.347 at 3 (where the two-page scorer
-# spills at 136 registers); the page-by-page scorer (SCORED_PAGES = 1) fits three without spills
-# and measured 0.320 there, against 0.312 at two (kernels/RESULTS.md, eleventh session)
+# H100 sweep at 1M x 32 (kernels/RESULTS.md, twelfth session): bulk_ws 0.287 ms at 2, 0.344 at 1, 0.331 at
+# 3 (where the two-page scorer spills at 136 registers); the page-by-page scorer (SCORED_PAGES = 1) fits
+# three without spills and measured 0.290 there, no faster than the two-page scorer at two
 PROGRAMS_PER_SM = 2
 DI = 128  # the layouts below hold a row's 4 block scales in one word
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
@@ -80,6 +80,9 @@ STAGES = 2
 # pages of a step whose words and sums the bulk_ws scorer holds at once: 2, or 1 (page by page: fewer
 # registers, for three programs an SM; slower at two and no faster at three, PROGRAMS_PER_SM above)
 SCORED_PAGES = 2
+# a float32 from the lane whose id is this one's xor 1 / xor 2 (_store_step_keys)
+_LANE_XOR1 = tl.constexpr("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;")
+_LANE_XOR2 = tl.constexpr("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;")
 # registers a thread of the loader warp keeps: the fewest, its values live in uniform registers
 LOADER_REGS = tl.constexpr(24)
 
@@ -194,15 +197,20 @@ if gluon is not None:
     @gluon.jit
     def _block_scale(scales, b: gl.constexpr):
         """Block b's scale of each row, as float32, from the rows' scale words (E8M0: 2**(e - 127))."""
-        e = (scales >> (8 * b)) & 0xFF
-        return gl.where(e == 0, 2.0**-127, (e << 23).to(gl.float32, bitcast=True))
+        # code 0 is 2**-127, a subnormal: its bits 0x00400000 lie below every normal scale's (e << 23),
+        # so one integer max makes it (a compare and a select did, 16 instructions a step more)
+        return gl.maximum(((scales >> (8 * b)) & 0xFF) << 23, 0x00400000).to(gl.float32, bitcast=True)
 
     @gluon.jit
     def _keys_of(acc, w8, col, n_vis, SENTINEL_KEY: gl.constexpr):
         """Rows' block-summed head scores [rows, HP] -> their int64 keys (indexer_topk._keys_of):
         the ReLU'd, weighted head sum, its bits ordered as integers, the column below them; the
         sentinel past the query's visible entries."""
-        score = gl.sum(w8[None, :] * gl.maximum(acc, 0.0), axis=1)
+        return _key_bits(gl.sum(w8[None, :] * gl.maximum(acc, 0.0), axis=1), col, n_vis, SENTINEL_KEY)
+
+    @gluon.jit
+    def _key_bits(score, col, n_vis, SENTINEL_KEY: gl.constexpr):
+        """Rows' scores -> their int64 keys (_keys_of's second half)."""
         score = gl.where(score == 0.0, 0.0, score)
         bits = score.to(gl.int32, bitcast=True)
         ordered = gl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(gl.int64)
@@ -318,7 +326,6 @@ if gluon is not None:
         NB: gl.constexpr = _DI // 32
         NP: gl.constexpr = len(pages)
         zero = gl.zeros([64, HP], gl.float32, _acc_layout(HP))
-        rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _acc_layout(HP)))
         pending = _issue_dot(pages[0][1][0], q_smem, 0, zero)
         acc = zero
         for i in gl.static_range(NP * NB):  # (page, block) = divmod(i, NB)
@@ -331,9 +338,75 @@ if gluon is not None:
             if i % NB == 0:
                 acc = zero
             acc = acc + d * _block_scale(pages[i // NB][0], i % NB)[:, None]
-            if i % NB == NB - 1:
-                col = col0 + 64 * (i // NB) + rows
-                gl.store(out_row + col, _keys_of(acc, w8, col, n_vis, SENTINEL_KEY), mask=col < vis_hi * 64)
+            if i % NB == NB - 1:  # a page's sums are complete
+                if NP == 1:
+                    _store_page_keys(_head_partials(acc, w8), out_row, col0, n_vis, vis_hi, SENTINEL_KEY)
+                elif i // NB == 0:
+                    first_page = _head_partials(acc, w8)  # two registers a thread, until the second page's
+                else:
+                    _store_step_keys(first_page, _head_partials(acc, w8), out_row, col0, n_vis, vis_hi,
+                                     SENTINEL_KEY)
+
+    # The head sum of a page's rows, and who finishes it. In the accumulator a row's 64 heads lie with
+    # the four lanes of a quad (lane q holds the columns 8j + 2q + e), and gl.sum over the heads ends
+    # with every lane of the quad holding the row's score: each thread then made the keys of both its
+    # rows, four times over in a quad (about 20 instructions a row). Here each lane first sums its own
+    # heads (the same float32 chain, in column order: _head_partials), then the quad's partial sums of
+    # a row are added as gl.sum's butterfly adds them, lanes q and q ^ 2 first, (p0 + p2) + (p1 + p3),
+    # but each add in the lane that keeps the row: the same sums, so the same bits, and one key a
+    # thread a step instead of four (sm_90a: 650 instructions a step against 706; H100, 1M x 32: 7-8%
+    # less time, kernels/RESULTS.md, twelfth session). The two-page scorer swaps the halves by
+    # explicit shuffles: the same exchange written as one gl.convert_layout compiled to a shared
+    # store and an ldmatrix a warp, and its keys were not the Triton scan's on the H100.
+    @gluon.jit
+    def _head_partials(acc, w8):
+        """A page's ReLU'd, weighted heads [64, HP] summed by each lane over its own columns, in
+        column order -> [64 rows, 4 lanes of the quad] (column 8j + 2q + e -> lane q)."""
+        HP: gl.constexpr = acc.shape[1]
+        y = w8[None, :] * gl.maximum(acc, 0.0)
+        return gl.sum(y.reshape(64, HP // 8, 4, 2).permute(0, 2, 1, 3).reshape(64, 4, HP // 4), axis=2)
+
+    # a page's partials [64 rows, 2 (q // 2), 2 (q % 2)] with q // 2 moved into a register and the
+    # row's bit 3 (a thread's second row) into that lane bit: a row's score ends in the two lanes q, q ^ 1
+    _PAGE_SUM_L = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 1, 0]],
+        lane_bases=[[0, 0, 1], [8, 0, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, 2, 2]))
+
+    @gluon.jit
+    def _store_page_keys(partials, out_row, col0, n_vis, vis_hi, SENTINEL_KEY: gl.constexpr):
+        """One page's keys (the page-by-page scorer), from _head_partials, at columns col0 + [0, 64)."""
+        p = gl.convert_layout(partials.reshape(64, 2, 2), _PAGE_SUM_L)
+        score = gl.sum(gl.sum(p, axis=1), axis=1)  # p_q + p_(q^2), then across lanes q, q ^ 1
+        col = col0 + gl.arange(0, 64, layout=gl.SliceLayout(1, gl.SliceLayout(1, _PAGE_SUM_L)))
+        gl.store(out_row + col, _key_bits(score, col, n_vis, SENTINEL_KEY), mask=col < vis_hi * 64)
+
+    @gluon.jit
+    def _from_lane_xor(x, ASM: gl.constexpr):
+        """x as the lane (this one's id xor a constant) holds it: a warp shuffle (_LANE_XOR1 / 2)."""
+        return gl.inline_asm_elementwise(ASM, "=f,f", [x], dtype=gl.float32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _store_step_keys(first, second, out_row, col0, n_vis, vis_hi, SENTINEL_KEY: gl.constexpr):
+        """A step's keys from its two pages' _head_partials [64, 4], at columns col0 + [0, 128): in
+        two rounds of shuffles the quad's lanes q < 2 finish the first page, the others the second,
+        and the even lanes of those a thread's first row (r), the odd ones its second (r + 8), so each
+        thread makes one key. In _head_partials' layout lane q holds partial q of rows r and r + 8
+        (the shuffles depend on it; the GPU test compares the keys with the Triton scan's)."""
+        q = gl.arange(0, 4, layout=gl.SliceLayout(0, first.type.layout))[None, :]
+        # lanes q and q ^ 2: p_q + p_(q^2) of both rows of the page lane q finishes
+        on_second = q >= 2
+        sums = gl.where(on_second, second, first) + _from_lane_xor(gl.where(on_second, first, second), _LANE_XOR2)
+        # lanes q and q ^ 1: (p_q + p_(q^2)) + (p_(q^1) + p_(q^3)), of the row lane q finishes
+        r, r8 = gl.split(sums.reshape(4, 2, 8, 4).permute(0, 2, 3, 1))  # [row // 16, row % 8, q] each
+        q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, r.type.layout)))[None, None, :]
+        odd = q % 2 == 1
+        score = gl.where(odd, r8, r) + _from_lane_xor(gl.where(odd, r, r8), _LANE_XOR1)
+        key_l: gl.constexpr = r.type.layout
+        row = (16 * gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, key_l)))[:, None, None]
+               + gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, key_l)))[None, :, None] + 8 * (q % 2))
+        col = col0 + 64 * (q // 2) + row
+        gl.store(out_row + col, _key_bits(score, col, n_vis, SENTINEL_KEY), mask=col < vis_hi * 64)
 
     @gluon.jit
     def _barriers(STAGES: gl.constexpr):
@@ -432,7 +505,7 @@ def usable(q8: torch.Tensor, index_rows: torch.Tensor) -> bool:
 
 LOADERS = ("registers", "bulk_ws")
 # how a program's pages reach it (module docstring); bulk_ws where the pool allows it (H100, 1M x 32:
-# 0.308-0.311 ms against the registers loader's 0.362, kernels/RESULTS.md)
+# 0.287 ms against the registers loader's 0.356, kernels/RESULTS.md)
 LOADER = "bulk_ws"
 
 
