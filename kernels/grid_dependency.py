@@ -7,9 +7,12 @@ SMs as the earlier kernel's programs leave them, instead of the whole launch wai
 of them, and wait in `griddepcontrol.wait` (wait_for_previous_grid) for that kernel to end and its
 writes to be visible. A CUDA graph records the launch attribute as a programmatic edge.
 
-One pair uses it: the Gluon FP8 scan and the general scan after it (indexer_topk), whose
-programs, for a query of the FP8 scan, only end, and as a dependent launch do so in the FP8
-scan's tail instead of after it (H100, 128K x 32: 0.0458 against 0.0470 ms, kernels/RESULTS.md).
+Two launches use it. The general scan after the Gluon FP8 scan (indexer_topk), whose programs,
+for a query of the FP8 scan, only end, and as a dependent launch do so in the FP8 scan's tail
+instead of after it (H100, 128K x 32: 0.0458 against 0.0470 ms). And the Gluon FP8 scan itself,
+as a dependent of whatever kernel comes before it: its programs allocate their shared memory and
+set up their barriers while that kernel ends, then wait before their first global read (H100,
+0.2-0.3 us a call, 5-7% at batch 1 and 8K-128K; kernels/RESULTS.md).
 The merge of HCA's split partials after the Gluon split kernel measured slower as a dependent
 (128K x 32: 0.0303 against 0.0286 ms), so it launches as before.
 
@@ -78,6 +81,13 @@ def wait_for_previous_grid(ON: tl.constexpr):
 
 
 if gluon is not None:
+
+    @gluon.jit
+    def wait_for_previous_grid_gluon(ON: gl.constexpr):
+        """wait_for_previous_grid, in Gluon."""
+        if ON:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0 unused", "=r", [], dtype=gl.int32, is_pure=False,
+                                      pack=1)
 
     @gluon.jit
     def let_next_grid_start():

@@ -46,6 +46,7 @@ import functools
 import torch
 import triton.language as tl
 
+from . import grid_dependency
 from .kv_layout import index_row_bytes, index_scales_as_words
 from .scan_operands import E2M1_TO_E4M3_PTX
 
@@ -58,7 +59,7 @@ try:  # Gluon ships with Triton 3.4+; without it the Triton scan runs everywhere
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 else:
-    from .grid_dependency import let_next_grid_start
+    from .grid_dependency import let_next_grid_start, wait_for_previous_grid_gluon
 
 ROWS_PER_STEP = 128  # two 64-entry pages: one [128, 32] x [32, heads] dot per block
 WARPS = 4  # one warp group; about 250 registers a thread, so two programs per SM
@@ -470,17 +471,18 @@ if gluon is not None:
     def _scan_kernel_ws(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, table_ptr, out_ptr,
                         q8_stride_s, table_stride_s, out_stride_s, n_blk, n_cols, pages_per_prog,
                         HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr, STAGES: gl.constexpr,
-                        SCORED_PAGES: gl.constexpr):
+                        SCORED_PAGES: gl.constexpr, DEPENDENT: gl.constexpr):
         """The "bulk_ws" loader: one loader warp beside the scoring warp group."""
         let_next_grid_start()  # the general scan may be scheduled from here on (grid_dependency)
-        s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
-        out_row = out_ptr + s.to(gl.int64) * out_stride_s
-        # queries of the general scan score no step here
-        n_steps = gl.where(gl.load(mode_ptr + s) == MODE, gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2), 0)
         q_smem = _query_smem(HP)  # filled by the scorer, while the loader warp starts the first copies
         ring, ready = _ring(STAGES)
         empty = _barriers(STAGES)  # the scorer's hand-backs
         fence_async_shared()
+        wait_for_previous_grid_gluon(DEPENDENT)  # before the first global read
+        s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
+        out_row = out_ptr + s.to(gl.int64) * out_stride_s
+        # queries of the general scan score no step here
+        n_steps = gl.where(gl.load(mode_ptr + s) == MODE, gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2), 0)
         table_row = table_ptr + s.to(gl.int64) * table_stride_s
         gl.warp_specialize([
             (_score_pages, (ring, ready, empty, q_smem, q8_ptr, q8_stride_s, w8_ptr, out_row, s, page_lo, n_steps,
@@ -541,6 +543,9 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
     if SCORED_PAGES not in (1, 2):
         raise ValueError(f"SCORED_PAGES must be 1 or 2 (pages of a step), got {SCORED_PAGES!r}")
+    # launched as a dependent of whatever kernel comes before it: its programs set up their shared
+    # memory while that kernel ends, and wait for it before their first global read (grid_dependency)
+    dependent = grid_dependency.enabled(q8)
     if LOADER == "bulk_ws" and bulk_copy_usable(index_rows):
         # 2 x WARPS warps (the scoring group and the loader warp's group) of as many registers as lets
         # PROGRAMS_PER_SM programs share an SM's 64K; setmaxnreg then gives the loader 24 and the
@@ -549,7 +554,8 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0),
                               table_stride, out.stride(0), table.shape[1], n_cols, ppp, HP=w8.shape[1],
                               SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, SCORED_PAGES=SCORED_PAGES,
-                              num_warps=WARPS, maxnreg=maxnreg)
+                              DEPENDENT=dependent, num_warps=WARPS, maxnreg=maxnreg,
+                              **grid_dependency.launch_kwargs(dependent))
         return
     _scan_kernel[grid](
         q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table_stride,

@@ -7,8 +7,8 @@ kernels/indexer_scan_hopper.py, whose launch is fixed there): pages per step x w
 SM x pipeline stages; for the Gluon scan (Hopper only) how its pages reach a program (the
 LOADER of kernels/indexer_scan_hopper.py: each thread's own loads, or bulk copies into a ring of
 STAGES slots by a loader warp of their own) x programs per SM x the pages of a step its scorer
-holds at once (SCORED_PAGES), and the shipped setting with and without the general scan launched
-as a dependent of it (kernels/grid_dependency.py);
+holds at once (SCORED_PAGES), and the shipped setting with and without dependent launches (the
+Gluon scan after the kernel before it, the general scan after the Gluon scan: kernels/grid_dependency.py);
 for HCA decode:
 heads per program x keys per tile x warps x pipeline stages x keys per split; for CSA decode the
 same; for HCA decode's Gluon kernel (kernels/hca_decode_hopper.py, Hopper only) its SCHEDULE (who
@@ -103,9 +103,9 @@ def main() -> None:
             shapes = (("registers", 2, 2, 2), ("bulk_ws", 4, 2, 2), ("bulk_ws", 2, 1, 2), ("bulk_ws", 2, 2, 1),
                       ("bulk_ws", 4, 3, 2), ("bulk_ws", 4, 3, 1), ("bulk_ws", 3, 3, 1))
             sweep(f"fp8 scan gluon T={T} B={B} (loader, bulk-copy stages, programs/SM, pages scored at once, "
-                  f"general scan as a dependent launch)",
+                  f"dependent launches)",
                   tuple(shape + (True,) for shape in shapes)
-                  # the shipped setting without, then with, the dependent launch (the last row ships)
+                  # the shipped setting without, then with, dependent launches (the last row ships)
                   + (scan_gluon_default[:-1] + (False,), scan_gluon_default),
                   set_scan_gluon,
                   lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
