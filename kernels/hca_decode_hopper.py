@@ -25,7 +25,7 @@ float32 accumulator, the sum taken from the unrounded ones. The float32 sums run
 than the Triton kernel's (tiles of 64 keys, not 128), so the two agree within sparse_decode's
 tolerance of the reference, not bit for bit; a process runs one of them for every request.
 
-Two schedules (SCHEDULE). "lockstep" (`_lockstep_split`) has every warp load, decode, score
+Three schedules (SCHEDULE). "lockstep" (`_lockstep_split`) has every warp load, decode, score
 and accumulate, so decode, scores, softmax and output product follow each other once per tile,
 with barriers between, and one program per SM has nothing else to run while it waits (the
 seventh session's profile: 29% of the warps' stalls in the decode, 34% waiting on the products).
@@ -39,6 +39,14 @@ samples are math warps waiting for a decoded tile, while the decoder (one warp a
 on its loads and, less, for a free slot (the tenth session's profile, kernels/RESULTS.md), and
 ptxas serializes all its wgmma (C7514: its output product is in flight around the loop's back
 edge; rotating the loop lifts that but spills, 0.190 ms), so "lockstep" ships.
+"async_copies" (`_async_copies_split`, twelfth session: compiled for sm_90a, 239 registers, no
+spills, 213 KB of shared memory; not yet run on a GPU) answers the lockstep profile's other long
+wait, a tile's loads not yet in when its decode starts (18% of the samples): the rows go by async
+copies (cp.async) into two raw slots two tiles ahead, where registers could not hold them (loaded
+a step earlier in registers the lockstep kernel spills 216 bytes), and with the raw slots beside
+it shared memory holds one decoded tile, not two, so a tile is decoded after the previous tile's
+output product instead of under its scores. The same tiles, products and sums as the lockstep
+kernel, so the GPU test asks for its bits and the launch sweep times it.
 
 Hopper only (wgmma), 64 BF16 heads of 512 dims with 448 FP8 dims and a window of whole tiles:
 `usable` says so and hca_decode keeps the Triton kernel elsewhere (CPU, the interpreter, other
@@ -55,6 +63,7 @@ import triton.language as tl
 try:  # Gluon ships with Triton 3.4+; without it the Triton kernel runs everywhere
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_init, warpgroup_mma_wait)
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -70,9 +79,10 @@ KEYS_PER_TILE = 64
 KEYS_PER_SPLIT, SHORT_QUERY_KEYS, SHORT_QUERY_SPLIT = 512, 1536, 320
 WARPS = 8  # two warp groups: the [64, 512] float32 output is 128 registers a thread
 # who loads and decodes the key tiles (module docstring): "lockstep", all 8 warps between the
-# products, or "warp_specialized", a decoder warp group of its own (H100, 1M x 32: 0.172 against
-# 0.199 ms, kernels/RESULTS.md)
-SCHEDULES = ("lockstep", "warp_specialized")
+# products, "warp_specialized", a decoder warp group of its own (H100, 1M x 32: 0.172 against
+# 0.199 ms, kernels/RESULTS.md), or "async_copies", the rows copied two tiles ahead into shared
+# memory (not yet measured)
+SCHEDULES = ("lockstep", "warp_specialized", "async_copies")
 SCHEDULE = "lockstep"
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
 _H, _D, _NOPE, _N, _WARPS = (tl.constexpr(v) for v in (HEADS, HEAD_DIM, NOPE, KEYS_PER_TILE, WARPS))
@@ -136,17 +146,25 @@ if gluon is not None:
         return gl.where(i < W, win_page, ent_page)
 
     @gluon.jit
+    def _tile_rows(start, pages, t, hi, pools, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
+                   ROW_STRIDE: gl.constexpr, row_l: gl.constexpr, ROWS: gl.constexpr):
+        """Key slots [start, start + ROWS)'s row addresses (bytes, on `pages`, in pools = (window pages,
+        their stride, HCA pages, their stride)) and which slots are keys."""
+        swa_ptr, swa_page_stride, ent_ptr, ent_page_stride = pools
+        i, p, valid = _slots(start, t, hi, W, row_l, ROWS)
+        win_row = swa_ptr + pages.to(gl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
+        ent_row = ent_ptr + pages.to(gl.int64) * ent_page_stride + (gl.maximum(i - W, 0) % PER_PAGE) * ROW_STRIDE
+        return gl.where(i < W, win_row, ent_row), valid
+
+    @gluon.jit
     def _load_tile(start, pages, t, hi, pools, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
                    ROW_STRIDE: gl.constexpr, word_l: gl.constexpr, ROWS: gl.constexpr = _N):
         """Key slots [start, start + N)'s rows (on `pages`, in pools = (window pages, their stride,
         HCA pages, their stride)) as 32-bit words: per 64-dim FP8 block its codes [N, 16], the RoPE
         dims' BF16 pairs [N, 16] twice, and the scale words [N] (block c's byte in bits
         8(c%4)..). Slots that are not keys are not read (zeros)."""
-        swa_ptr, swa_page_stride, ent_ptr, ent_page_stride = pools
-        i, p, valid = _slots(start, t, hi, W, gl.SliceLayout(1, word_l), ROWS)
-        win_row = swa_ptr + pages.to(gl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
-        ent_row = ent_ptr + pages.to(gl.int64) * ent_page_stride + (gl.maximum(i - W, 0) % PER_PAGE) * ROW_STRIDE
-        rows = gl.where(i < W, win_row, ent_row)
+        rows, valid = _tile_rows(start, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
+                                 gl.SliceLayout(1, word_l), ROWS)
         w = gl.arange(0, 16, layout=gl.SliceLayout(0, word_l))
         base = rows.to(gl.pointer_type(gl.int32))
         m = valid[:, None]
@@ -204,6 +222,14 @@ if gluon is not None:
         q_smem.store(gl.load(q_ptr + (b.to(gl.int64) * _H + qh)[:, None] * _D + qd[None, :]))
 
     @gluon.jit
+    def _attention_start():
+        """A split's running state before its first tile: the output [64, 512], a zero score tile
+        (the scores' product starts from it), the running maxima and the softmax sums, kept per
+        score element and added up across the warps once at the end."""
+        return (gl.zeros([_H, _D], gl.float32, _O_L), gl.zeros([_H, _N], gl.float32, _S_L),
+                gl.full([_H], _NEG_INIT, gl.float32, gl.SliceLayout(1, _S_L)), gl.zeros([_H, _N], gl.float32, _S_L))
+
+    @gluon.jit
     def _softmax_step(s, start, t, hi, m_i, l_acc, sm_scale, W: gl.constexpr):
         """One tile's raw scores [64, N] -> its probabilities as the output product's operand, the
         factor the output is rescaled by, the new running maxima and the per-element sums."""
@@ -252,9 +278,9 @@ if gluon is not None:
         out_ptr, part_o_ptr, part_ml_ptr, n_splits,
         W: gl.constexpr, PER_PAGE: gl.constexpr, RATIO: gl.constexpr, SPLIT: gl.constexpr,
         SHORT_KEYS: gl.constexpr, SHORT_SPLIT: gl.constexpr,
-        ROW_STRIDE: gl.constexpr, SWA_PAGE: gl.constexpr, WARP_SPECIALIZED: gl.constexpr,
+        ROW_STRIDE: gl.constexpr, SWA_PAGE: gl.constexpr, SCHEDULE_ID: gl.constexpr,
     ):
-        """Program (sp, b): split sp of query b's keys, under the schedule WARP_SPECIALIZED names."""
+        """Program (sp, b): split sp of query b's keys, under the schedule SCHEDULES[SCHEDULE_ID]."""
         sp, b = gl.program_id(0), gl.program_id(1)
         t = gl.load(pos_ptr + b).to(gl.int32)
         n_keys = W + gl.minimum((t + 1) // RATIO, n_comp)
@@ -265,8 +291,10 @@ if gluon is not None:
         tables = (swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride)
         pools = (swa_ptr, swa_page_stride, ent_ptr, ent_page_stride)
         dest = (sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, n_splits)
-        if WARP_SPECIALIZED:
+        if SCHEDULE_ID == 1:
             _warp_specialized_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)
+        elif SCHEDULE_ID == 2:
+            _async_copies_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)
         else:
             _lockstep_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)
 
@@ -289,11 +317,7 @@ if gluon is not None:
             q_smem = gl.allocate_shared_memory(gl.bfloat16, [_H, _D], _SMEM_L)
             _store_query(q_smem, q_ptr, b)
 
-            o = gl.zeros([_H, _D], gl.float32, _O_L)
-            s_zero = gl.zeros([_H, _N], gl.float32, _S_L)
-            m_i = gl.full([_H], _NEG_INIT, gl.float32, gl.SliceLayout(1, _S_L))
-            # the softmax sums, kept per score element and added up across the warps once at the end
-            l_acc = gl.zeros([_H, _N], gl.float32, _S_L)
+            o, s_zero, m_i, l_acc = _attention_start()
 
             # two key tiles in shared memory: the next one is decoded while this one's scores run
             k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, _N, _D], _SMEM_L)
@@ -317,6 +341,100 @@ if gluon is not None:
                 o = warpgroup_mma(p_op, cur, o)
                 fence_async_shared()  # the decoded tile's stores, before the next step's products read them
                 gl.thread_barrier()
+            _store_output(o, m_i, l_acc, span, dest)
+
+    # -- the "async_copies" schedule: a tile's rows reach shared memory by async copies two steps
+    #    ahead, into a pair of raw slots, and one decoded tile is decoded from there --------------
+
+    # the raw slots: the 7 FP8 blocks' code words [2 x 8 (7 used), N, 16], the RoPE words [2 x 2, N, 16]
+    # and the scale words [2, N] (one 8-byte word a row: 7 scale bytes and the pad), slot-major
+    _RAW_L = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    _RAW_ROW_L = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+
+    @gluon.jit
+    def _copy_tile(raw, slot, start, pages, t, hi, pools, W: gl.constexpr, PER_PAGE: gl.constexpr,
+                   SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr, word_l: gl.constexpr):
+        """Start async copies of key slots [start, start + N)'s rows (on `pages`) into raw slot `slot`,
+        the words _load_tile would load; slots that are not keys are filled with zeros. Not committed."""
+        codes_s, rope_s, scales_s = raw
+        rows, valid = _tile_rows(start, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
+                                 gl.SliceLayout(1, word_l), _N)
+        w = gl.arange(0, 16, layout=gl.SliceLayout(0, word_l))
+        base = rows.to(gl.pointer_type(gl.int32))
+        m = valid[:, None]
+        for c in gl.static_range(_NOPE // 64):
+            async_copy.async_copy_global_to_shared(codes_s.index(8 * slot + c), base[:, None] + (c * 16) + w[None, :],
+                                                   mask=m)
+        for r in gl.static_range(2):
+            async_copy.async_copy_global_to_shared(rope_s.index(2 * slot + r),
+                                                   base[:, None] + (_NOPE // 4 + 16 * r) + w[None, :], mask=m)
+        async_copy.async_copy_global_to_shared(
+            scales_s.index(slot), rows.to(gl.pointer_type(gl.int64)) + (_NOPE + 2 * (_D - _NOPE)) // 8, mask=valid)
+
+    @gluon.jit
+    def _decode_slot(raw, slot, k_smem, word_l: gl.constexpr):
+        """_decode_to_smem of raw slot `slot`'s tile, a block at a time from shared memory (the words
+        of a whole tile would not fit in the registers beside the output)."""
+        codes_s, rope_s, scales_s = raw
+        scales = scales_s.index(slot).load(gl.SliceLayout(1, word_l))
+        s0, s1 = scales.to(gl.int32), (scales >> 32).to(gl.int32)
+        for c in gl.static_range(_NOPE // 64):
+            word = s0 if c < 4 else s1
+            e = (word >> (8 * (c % 4))) & 0xFF
+            k_smem.slice(c * 64, 64, dim=1).store(
+                _decode_block(codes_s.index(8 * slot + c).load(word_l), (e << 23).to(gl.float32, bitcast=True)))
+        rope = gl.join(_bf16_pairs(rope_s.index(2 * slot).load(word_l)).reshape(_N, 32),
+                       _bf16_pairs(rope_s.index(2 * slot + 1).load(word_l)).reshape(_N, 32))
+        k_smem.slice(_NOPE, 64, dim=1).store(rope.permute(0, 2, 1).reshape(_N, 64))
+
+    @gluon.jit
+    def _async_copies_split(q_ptr, sm_scale, span, tables, pools, dest, W: gl.constexpr, PER_PAGE: gl.constexpr,
+                            SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr):
+        """The "async_copies" schedule: per tile the scores, the softmax and the output product, then
+        the next tile decoded from its raw slot into the one decoded tile; the rows of the tile two
+        ahead are copied into the freed slot meanwhile, so no warp waits on a load it just issued."""
+        _, b, t, n_keys, _, lo, hi = span
+        word_l: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [_WARPS, 1], [1, 0])
+        if lo < n_keys:
+            row_l: gl.constexpr = gl.SliceLayout(1, word_l)
+            raw = (gl.allocate_shared_memory(gl.int32, [16, _N, 16], _RAW_L),
+                   gl.allocate_shared_memory(gl.int32, [4, _N, 16], _RAW_L),
+                   gl.allocate_shared_memory(gl.int64, [2, _N], _RAW_ROW_L))
+            pages = _tile_pages(lo, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
+            _copy_tile(raw, 0, lo, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
+            async_copy.commit_group()
+            pages = _tile_pages(lo + _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
+            _copy_tile(raw, 1, lo + _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
+            async_copy.commit_group()
+            pages = _tile_pages(lo + 2 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
+            q_smem = gl.allocate_shared_memory(gl.bfloat16, [_H, _D], _SMEM_L)
+            _store_query(q_smem, q_ptr, b)
+            o, s_zero, m_i, l_acc = _attention_start()
+            k_smem = gl.allocate_shared_memory(gl.bfloat16, [_N, _D], _SMEM_L)
+            async_copy.wait_group(1)  # this thread's copies of the first tile
+            gl.thread_barrier()  # and every other thread's
+            _decode_slot(raw, 0, k_smem, word_l)
+            fence_async_shared()
+            gl.thread_barrier()
+            for start in range(lo, hi, _N):
+                slot = ((start - lo) // _N) % 2  # tile start's slot, free again: tile start + 2N's
+                s_tok = warpgroup_mma(q_smem, k_smem.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                if start + 2 * _N < hi:
+                    _copy_tile(raw, slot, start + 2 * _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
+                               word_l)
+                    pages = _tile_pages(start + 3 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
+                async_copy.commit_group()  # perhaps empty: a group a step keeps wait_group(1) meaning "the next tile"
+                s = warpgroup_mma_wait(0, deps=[s_tok])
+                p_op, alpha, m_i, l_acc = _softmax_step(s, start, t, hi, m_i, l_acc, sm_scale, W)
+                o = o * alpha[:, None]
+                o = warpgroup_mma(p_op, k_smem, o)
+                if start + _N < hi:
+                    async_copy.wait_group(1)  # tile start + N's copies, issued a step ago
+                    gl.thread_barrier()  # every thread's, and every warp group's output product done with k_smem
+                    _decode_slot(raw, 1 - slot, k_smem, word_l)
+                    fence_async_shared()  # the decoded tile's stores, before the next step's products read them
+                    gl.thread_barrier()
+            async_copy.wait_group(0)  # no copy may land after the program ends
             _store_output(o, m_i, l_acc, span, dest)
 
     # -- the "warp_specialized" schedule: a decoder warp group fills a ring of two decoded tiles
@@ -362,10 +480,7 @@ if gluon is not None:
             _store_query(q_smem, q_ptr, b)
             fence_async_shared()
             gl.thread_barrier()
-            o = gl.zeros([_H, _D], gl.float32, _O_L)
-            s_zero = gl.zeros([_H, _N], gl.float32, _S_L)
-            m_i = gl.full([_H], _NEG_INIT, gl.float32, gl.SliceLayout(1, _S_L))
-            l_acc = gl.zeros([_H, _N], gl.float32, _S_L)
+            o, s_zero, m_i, l_acc = _attention_start()
             o_tok = warpgroup_mma_init(o)
             for tile in range(n_tiles):
                 slot = tile % 2
@@ -433,6 +548,7 @@ def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:
     if SCHEDULE not in SCHEDULES:
         raise ValueError(f"SCHEDULE must be one of {SCHEDULES}, got {SCHEDULE!r}")
     ws = SCHEDULE == "warp_specialized"
+    schedule_id = SCHEDULES.index(SCHEDULE)
     # the warp-specialized kernel: as many registers a thread as lets its 12 warps share an SM's
     # 64K; setmaxnreg then gives the decoder warps DECODER_REGS and the math warps the rest (200)
     extra = dict(maxnreg=65536 // ((WARPS + DECODER_WARPS) * 32) // 8 * 8) if ws else {}
@@ -441,4 +557,4 @@ def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:
         block_table, blk_tab_stride, n_comp, out, part_o, part_ml, n_splits,
         W=consts["W"], PER_PAGE=consts["PER_PAGE"], RATIO=consts["RATIO"], SPLIT=consts["SPLIT"],
         SHORT_KEYS=consts["SHORT_KEYS"], SHORT_SPLIT=consts["SHORT_SPLIT"],
-        ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], WARP_SPECIALIZED=ws, num_warps=WARPS, **extra)
+        ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], SCHEDULE_ID=schedule_id, num_warps=WARPS, **extra)
