@@ -175,7 +175,8 @@ if gluon is not None:
         rope_hi = gl.load(base[:, None] + (_NOPE // 4 + 16) + w[None, :], mask=m, other=0)
         # the 7 scale bytes and the pad, one 8-byte load (rows are 8-byte aligned)
         scales = gl.load(rows.to(gl.pointer_type(gl.int64)) + (_NOPE + 2 * (_D - _NOPE)) // 8, mask=valid, other=0)
-        return codes, rope_lo, rope_hi, scales.to(gl.int32), (scales >> 32).to(gl.int32)
+        s0, s1 = _scale_words(scales)
+        return codes, rope_lo, rope_hi, s0, s1
 
     @gluon.jit
     def _bf16_pairs(words):
@@ -197,13 +198,29 @@ if gluon is not None:
         """Decode a loaded tile exactly to BF16 into k_smem [N, 512]: code x 2**(byte - 127) per
         64-dim block (main_rows.load_main_chunk's arithmetic), then the RoPE dims as stored."""
         codes, rope_lo, rope_hi, s0, s1 = tile
-        ROWS: gl.constexpr = rope_lo.shape[0]
         for c in gl.static_range(_NOPE // 64):
-            word = s0 if c < 4 else s1
-            e = (word >> (8 * (c % 4))) & 0xFF
-            k_smem.slice(c * 64, 64, dim=1).store(_decode_block(codes[c], (e << 23).to(gl.float32, bitcast=True)))
+            _store_block(k_smem, c, codes[c], s0, s1)
+        _store_rope(k_smem, rope_lo, rope_hi)
+
+    @gluon.jit
+    def _store_block(k_smem, c: gl.constexpr, words, s0, s1):
+        """FP8 block c's code words [N, 16], times its scale (byte c % 4 of the rows' scale word s0
+        for c < 4, else of s1), as BF16 into k_smem's columns [64 c, 64 c + 64)."""
+        word = s0 if c < 4 else s1
+        e = (word >> (8 * (c % 4))) & 0xFF
+        k_smem.slice(c * 64, 64, dim=1).store(_decode_block(words, (e << 23).to(gl.float32, bitcast=True)))
+
+    @gluon.jit
+    def _store_rope(k_smem, rope_lo, rope_hi):
+        """The RoPE dims' BF16 pairs [N, 16] twice, as stored, into k_smem's last 64 columns."""
+        ROWS: gl.constexpr = rope_lo.shape[0]
         rope = gl.join(_bf16_pairs(rope_lo).reshape(ROWS, 32), _bf16_pairs(rope_hi).reshape(ROWS, 32))
         k_smem.slice(_NOPE, 64, dim=1).store(rope.permute(0, 2, 1).reshape(ROWS, 64))
+
+    @gluon.jit
+    def _scale_words(scales):
+        """A row's 8-byte scale word -> its two 32-bit halves (blocks 0-3, blocks 4-6 and the pad)."""
+        return scales.to(gl.int32), (scales >> 32).to(gl.int32)
 
     # the programs' layouts: scores [64 heads, 64 keys] and output [64 heads, 512] over two warp
     # groups (each 32 keys' columns, each 256 dims), the probabilities as the output product's
@@ -376,16 +393,10 @@ if gluon is not None:
         """_decode_to_smem of raw slot `slot`'s tile, a block at a time from shared memory (the words
         of a whole tile would not fit in the registers beside the output)."""
         codes_s, rope_s, scales_s = raw
-        scales = scales_s.index(slot).load(gl.SliceLayout(1, word_l))
-        s0, s1 = scales.to(gl.int32), (scales >> 32).to(gl.int32)
+        s0, s1 = _scale_words(scales_s.index(slot).load(gl.SliceLayout(1, word_l)))
         for c in gl.static_range(_NOPE // 64):
-            word = s0 if c < 4 else s1
-            e = (word >> (8 * (c % 4))) & 0xFF
-            k_smem.slice(c * 64, 64, dim=1).store(
-                _decode_block(codes_s.index(8 * slot + c).load(word_l), (e << 23).to(gl.float32, bitcast=True)))
-        rope = gl.join(_bf16_pairs(rope_s.index(2 * slot).load(word_l)).reshape(_N, 32),
-                       _bf16_pairs(rope_s.index(2 * slot + 1).load(word_l)).reshape(_N, 32))
-        k_smem.slice(_NOPE, 64, dim=1).store(rope.permute(0, 2, 1).reshape(_N, 64))
+            _store_block(k_smem, c, codes_s.index(8 * slot + c).load(word_l), s0, s1)
+        _store_rope(k_smem, rope_s.index(2 * slot).load(word_l), rope_s.index(2 * slot + 1).load(word_l))
 
     @gluon.jit
     def _async_copies_split(q_ptr, sm_scale, span, tables, pools, dest, W: gl.constexpr, PER_PAGE: gl.constexpr,
