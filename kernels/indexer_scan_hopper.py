@@ -543,10 +543,10 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
     if SCORED_PAGES not in (1, 2):
         raise ValueError(f"SCORED_PAGES must be 1 or 2 (pages of a step), got {SCORED_PAGES!r}")
-    # launched as a dependent of whatever kernel comes before it: its programs set up their shared
-    # memory while that kernel ends, and wait for it before their first global read (grid_dependency)
-    dependent = grid_dependency.enabled(q8)
     if LOADER == "bulk_ws" and bulk_copy_usable(index_rows):
+        # launched as a dependent of whatever kernel comes before it: its programs set up their shared
+        # memory while that kernel ends, and wait for it before their first global read (grid_dependency)
+        dependent = grid_dependency.enabled(q8)
         # 2 x WARPS warps (the scoring group and the loader warp's group) of as many registers as lets
         # PROGRAMS_PER_SM programs share an SM's 64K; setmaxnreg then gives the loader 24 and the
         # scoring group the rest (232 at two programs an SM)
