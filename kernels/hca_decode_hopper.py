@@ -10,13 +10,13 @@ chose (255 registers, 214 KB of shared memory, spills, 218 warp instructions per
   [64, 512] tiles, which both products read: scores S = Q K^T (each warp group forms 32 keys'
   columns) and O += P K (each warp group owns 256 of the 512 output dims: 128 float32 registers a
   thread, which never leave the registers until the end);
-* the next tile is decoded into the other shared tile while this tile's scores run (async
-  wgmma), and the tile after it is loaded, as 32-bit words, before that: each load has a whole
-  step to land. The pages of the tile after that are read in the same step, so no row load
-  waits for its page id;
-* a block's 4 FP8 codes per word are decoded to BF16 by 12 PTX instructions (the compiler took
-  the bytes apart first: 3 more per code), the softmax sums are kept per score element and added
-  up across warps once, and the output is stored 16 bytes a thread.
+* the next tile is decoded into the other shared tile while this tile's output product runs
+  (async wgmma; under the scores instead it was 1-2% slower), and the tile after it is loaded, as
+  32-bit words, right after: each load has most of a step to land. The pages of the tile after
+  that are read in the same step, so no row load waits for its page id;
+* a block's 4 FP8 codes per word become BF16 by bit moves and BF16 products, 10 PTX instructions
+  and no conversion (_FP8_WORD_TO_BF16_PTX), the softmax sums are kept per score element and
+  added up across warps once, and the output is stored 16 bytes a thread.
 
 H100, 1M x 32 queries: 0.17 ms against the Triton kernel's 0.31 (kernels/RESULTS.md, with what
 each part costs). Numerics are sparse_decode's: keys decoded exactly to BF16, scores and softmax
@@ -25,7 +25,7 @@ float32 accumulator, the sum taken from the unrounded ones. The float32 sums run
 than the Triton kernel's (tiles of 64 keys, not 128), so the two agree within sparse_decode's
 tolerance of the reference, not bit for bit; a process runs one of them for every request.
 
-Three schedules (SCHEDULE). "lockstep" (`_lockstep_split`) has every warp load, decode, score
+Two schedules (SCHEDULE). "lockstep" (`_lockstep_split`) has every warp load, decode, score
 and accumulate, so decode, scores, softmax and output product follow each other once per tile,
 with barriers between, and one program per SM has nothing else to run while it waits (the
 seventh session's profile: 29% of the warps' stalls in the decode, 34% waiting on the products).
@@ -39,14 +39,10 @@ samples are math warps waiting for a decoded tile, while the decoder (one warp a
 on its loads and, less, for a free slot (the tenth session's profile, kernels/RESULTS.md), and
 ptxas serializes all its wgmma (C7514: its output product is in flight around the loop's back
 edge; rotating the loop lifts that but spills, 0.190 ms), so "lockstep" ships.
-"async_copies" (`_async_copies_split`, twelfth session: compiled for sm_90a, 239 registers, no
-spills, 213 KB of shared memory; not yet run on a GPU) answers the lockstep profile's other long
-wait, a tile's loads not yet in when its decode starts (18% of the samples): the rows go by async
-copies (cp.async) into two raw slots two tiles ahead, where registers could not hold them (loaded
-a step earlier in registers the lockstep kernel spills 216 bytes), and with the raw slots beside
-it shared memory holds one decoded tile, not two, so a tile is decoded after the previous tile's
-output product instead of under its scores. The same tiles, products and sums as the lockstep
-kernel, so the GPU test asks for its bits and the launch sweep times it.
+A third, "async_copies" (twelfth session; deleted in the thirteenth), copied each tile's rows by
+cp.async into two raw shared-memory slots two tiles ahead, for the lockstep profile's loads-not-in
+wait (18% of its samples); beside the raw slots only one decoded tile fit, so each tile's decode
+followed the previous output product: the lockstep bits, 1M x 32 0.204-0.208 ms (kernels/RESULTS.md).
 
 Hopper only (wgmma), 64 BF16 heads of 512 dims with 448 FP8 dims and a window of whole tiles:
 `usable` says so and hca_decode keeps the Triton kernel elsewhere (CPU, the interpreter, other
@@ -63,7 +59,6 @@ import triton.language as tl
 try:  # Gluon ships with Triton 3.4+; without it the Triton kernel runs everywhere
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_init, warpgroup_mma_wait)
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -80,9 +75,8 @@ KEYS_PER_SPLIT, SHORT_QUERY_KEYS, SHORT_QUERY_SPLIT = 512, 1536, 320
 WARPS = 8  # two warp groups: the [64, 512] float32 output is 128 registers a thread
 # who loads and decodes the key tiles (module docstring): "lockstep", all 8 warps between the
 # products, "warp_specialized", a decoder warp group of its own (H100, 1M x 32: 0.172 against
-# 0.199 ms, kernels/RESULTS.md), or "async_copies", the rows copied two tiles ahead into shared
-# memory (not yet measured)
-SCHEDULES = ("lockstep", "warp_specialized", "async_copies")
+# 0.199 ms, kernels/RESULTS.md)
+SCHEDULES = ("lockstep", "warp_specialized")
 SCHEDULE = "lockstep"
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
 _H, _D, _NOPE, _N, _WARPS = (tl.constexpr(v) for v in (HEADS, HEAD_DIM, NOPE, KEYS_PER_TILE, WARPS))
@@ -91,31 +85,30 @@ _NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start, as sparse_decode.
 # (setmaxnreg; the math warps take the rest of 168 a thread over 12 warps)
 SUB_TILE, DECODER_WARPS, DECODER_REGS = 16, 4, 104
 _SUB, _DEC_WARPS, _DEC_REGS = (tl.constexpr(v) for v in (SUB_TILE, DECODER_WARPS, DECODER_REGS))
-# 4 E4M3 codes (a 32-bit word) times a power-of-two scale -> 4 BF16 values as 2 words, each
-# step exact: E4M3 -> F16 -> F32, the product (no flush of subnormals), F32 -> BF16 of a value
-# with at most 4 significant bits. In PTX because the compiler took each code out of its word
-# byte by byte first (3 operations per code more).
+# 4 E4M3 codes (a 32-bit word) times a power-of-two scale -> 4 BF16 values as 2 words, with no
+# conversion instruction (those share a pipe a quarter as fast as the integer and BF16 ones): each
+# code's sign goes to bit 15 of a 16-bit lane and its other 7 bits 4 up, which read as BF16 is the
+# code times 2**-120 exactly (E4M3 subnormals as BF16 subnormals); two BF16 products then apply the
+# scale, 2**(min(e, 134) - 7) and 2**(max(e, 134) - 134) for the scale byte e (one factor would
+# pass BF16's largest exponent above e = 134). Each product is exact or the round-to-nearest of
+# the exact value, as the F32 product and its conversion were, so the bits are the same (a GPU
+# test checks every code under every scale). The E4M3 NaN codes, which the encoder never writes
+# (block scales keep codes within 448), come out as 480 x the scale instead of NaN.
 _FP8_WORD_TO_BF16_PTX = tl.constexpr("""{
-    .reg .b16 l, h;
-    .reg .b32 a, b;
-    .reg .f16 a0, a1, b0, b1;
-    .reg .f32 f0, f1, f2, f3;
-    mov.b32 {l, h}, $2;
-    cvt.rn.f16x2.e4m3x2 a, l;
-    cvt.rn.f16x2.e4m3x2 b, h;
-    mov.b32 {a0, a1}, a;
-    mov.b32 {b0, b1}, b;
-    cvt.f32.f16 f0, a0;
-    cvt.f32.f16 f1, a1;
-    cvt.f32.f16 f2, b0;
-    cvt.f32.f16 f3, b1;
-    mul.f32 f0, f0, $3;
-    mul.f32 f1, f1, $3;
-    mul.f32 f2, f2, $3;
-    mul.f32 f3, f3, $3;
-    cvt.rn.bf16x2.f32 $0, f1, f0;
-    cvt.rn.bf16x2.f32 $1, f3, f2;
+    .reg .b32 x, y;
+    prmt.b32 x, $2, 0, 0x9180;
+    prmt.b32 y, $2, 0, 0xB3A2;
+    shl.b32 x, x, 4;
+    shl.b32 y, y, 4;
+    and.b32 x, x, 0x87F087F0;
+    and.b32 y, y, 0x87F087F0;
+    mul.rn.bf16x2 x, x, $3;
+    mul.rn.bf16x2 y, y, $3;
+    mul.rn.bf16x2 $0, x, $4;
+    mul.rn.bf16x2 $1, y, $4;
 }""")
+# the BF16 pair 2**(k - 127), 2**(k - 127) for a biased exponent k: k * this
+_BF16_PAIR_EXPONENT = tl.constexpr(0x00800080)
 
 
 if gluon is not None:
@@ -165,6 +158,11 @@ if gluon is not None:
         8(c%4)..). Slots that are not keys are not read (zeros)."""
         rows, valid = _tile_rows(start, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
                                  gl.SliceLayout(1, word_l), ROWS)
+        return _row_words(rows, valid, word_l)
+
+    @gluon.jit
+    def _row_words(rows, valid, word_l: gl.constexpr):
+        """_load_tile's words of the rows at byte addresses `rows` [N] where `valid` (zeros elsewhere)."""
         w = gl.arange(0, 16, layout=gl.SliceLayout(0, word_l))
         base = rows.to(gl.pointer_type(gl.int32))
         m = valid[:, None]
@@ -186,9 +184,12 @@ if gluon is not None:
         return gl.join(lo, hi)
 
     @gluon.jit
-    def _decode_block(words, scale):
-        """A 64-code block's words [N, 16] times its rows' scales [N] -> [N, 64] BF16."""
-        lo, hi = gl.inline_asm_elementwise(_FP8_WORD_TO_BF16_PTX, "=r,=r,r,r", [words, scale[:, None]],
+    def _decode_block(words, e):
+        """A 64-code block's words [N, 16] times its rows' scales 2**(e - 127) [N] -> [N, 64] BF16."""
+        lo_factor = (gl.minimum(e, 134) + 120) * _BF16_PAIR_EXPONENT
+        hi_factor = (gl.maximum(e, 134) - 7) * _BF16_PAIR_EXPONENT
+        lo, hi = gl.inline_asm_elementwise(_FP8_WORD_TO_BF16_PTX, "=r,=r,r,r,r",
+                                           [words, lo_factor[:, None], hi_factor[:, None]],
                                            dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
         # [N, 16 words, 2 (within a pair), 2 (which pair)] -> column 4 word + 2 pair + within
         return gl.join(_bf16_pairs(lo), _bf16_pairs(hi)).permute(0, 1, 3, 2).reshape(words.shape[0], 64)
@@ -208,7 +209,7 @@ if gluon is not None:
         for c < 4, else of s1), as BF16 into k_smem's columns [64 c, 64 c + 64)."""
         word = s0 if c < 4 else s1
         e = (word >> (8 * (c % 4))) & 0xFF
-        k_smem.slice(c * 64, 64, dim=1).store(_decode_block(words, (e << 23).to(gl.float32, bitcast=True)))
+        k_smem.slice(c * 64, 64, dim=1).store(_decode_block(words, e))
 
     @gluon.jit
     def _store_rope(k_smem, rope_lo, rope_hi):
@@ -310,8 +311,6 @@ if gluon is not None:
         dest = (sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, n_splits)
         if SCHEDULE_ID == 1:
             _warp_specialized_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)
-        elif SCHEDULE_ID == 2:
-            _async_copies_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)
         else:
             _lockstep_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)
 
@@ -336,7 +335,7 @@ if gluon is not None:
 
             o, s_zero, m_i, l_acc = _attention_start()
 
-            # two key tiles in shared memory: the next one is decoded while this one's scores run
+            # two key tiles in shared memory: the next one is decoded while this one's output product runs
             k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, _N, _D], _SMEM_L)
             _decode_to_smem(tile, k_smem.index(0))
             tile = tile2
@@ -346,106 +345,19 @@ if gluon is not None:
                 buf = ((start - lo) // _N) % 2
                 cur = k_smem.index(buf)
                 s_tok = warpgroup_mma(q_smem, cur.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(0, deps=[s_tok])
+                p_op, alpha, m_i, l_acc = _softmax_step(s, start, t, hi, m_i, l_acc, sm_scale, W)
+                o = o * alpha[:, None]
+                o_tok = warpgroup_mma(p_op, cur, o, is_async=True)
                 if start + _N < hi:
-                    # the buffer's last readers, the previous tile's products, finished before the
-                    # barrier that ended the previous step
+                    # under the output product: the buffer's last readers, the previous tile's
+                    # products, finished before the barrier that ended the previous step
                     _decode_to_smem(tile, k_smem.index(1 - buf))
                     tile = _load_tile(start + 2 * _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
                     pages = _tile_pages(start + 3 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
-                s = warpgroup_mma_wait(0, deps=[s_tok])
-                p_op, alpha, m_i, l_acc = _softmax_step(s, start, t, hi, m_i, l_acc, sm_scale, W)
-                o = o * alpha[:, None]
-                o = warpgroup_mma(p_op, cur, o)
+                o = warpgroup_mma_wait(0, deps=[o_tok])
                 fence_async_shared()  # the decoded tile's stores, before the next step's products read them
                 gl.thread_barrier()
-            _store_output(o, m_i, l_acc, span, dest)
-
-    # -- the "async_copies" schedule: a tile's rows reach shared memory by async copies two steps
-    #    ahead, into a pair of raw slots, and one decoded tile is decoded from there --------------
-
-    # the raw slots: the 7 FP8 blocks' code words [2 x 8 (7 used), N, 16], the RoPE words [2 x 2, N, 16]
-    # and the scale words [2, N] (one 8-byte word a row: 7 scale bytes and the pad), slot-major
-    _RAW_L = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-    _RAW_ROW_L = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
-
-    @gluon.jit
-    def _copy_tile(raw, slot, start, pages, t, hi, pools, W: gl.constexpr, PER_PAGE: gl.constexpr,
-                   SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr, word_l: gl.constexpr):
-        """Start async copies of key slots [start, start + N)'s rows (on `pages`) into raw slot `slot`,
-        the words _load_tile would load; slots that are not keys are filled with zeros. Not committed."""
-        codes_s, rope_s, scales_s = raw
-        rows, valid = _tile_rows(start, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
-                                 gl.SliceLayout(1, word_l), _N)
-        w = gl.arange(0, 16, layout=gl.SliceLayout(0, word_l))
-        base = rows.to(gl.pointer_type(gl.int32))
-        m = valid[:, None]
-        for c in gl.static_range(_NOPE // 64):
-            async_copy.async_copy_global_to_shared(codes_s.index(8 * slot + c), base[:, None] + (c * 16) + w[None, :],
-                                                   mask=m)
-        for r in gl.static_range(2):
-            async_copy.async_copy_global_to_shared(rope_s.index(2 * slot + r),
-                                                   base[:, None] + (_NOPE // 4 + 16 * r) + w[None, :], mask=m)
-        async_copy.async_copy_global_to_shared(
-            scales_s.index(slot), rows.to(gl.pointer_type(gl.int64)) + (_NOPE + 2 * (_D - _NOPE)) // 8, mask=valid)
-
-    @gluon.jit
-    def _decode_slot(raw, slot, k_smem, word_l: gl.constexpr):
-        """_decode_to_smem of raw slot `slot`'s tile, a block at a time from shared memory (the words
-        of a whole tile would not fit in the registers beside the output)."""
-        codes_s, rope_s, scales_s = raw
-        s0, s1 = _scale_words(scales_s.index(slot).load(gl.SliceLayout(1, word_l)))
-        for c in gl.static_range(_NOPE // 64):
-            _store_block(k_smem, c, codes_s.index(8 * slot + c).load(word_l), s0, s1)
-        _store_rope(k_smem, rope_s.index(2 * slot).load(word_l), rope_s.index(2 * slot + 1).load(word_l))
-
-    @gluon.jit
-    def _async_copies_split(q_ptr, sm_scale, span, tables, pools, dest, W: gl.constexpr, PER_PAGE: gl.constexpr,
-                            SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr):
-        """The "async_copies" schedule: per tile the scores, the softmax and the output product, then
-        the next tile decoded from its raw slot into the one decoded tile; the rows of the tile two
-        ahead are copied into the freed slot meanwhile, so no warp waits on a load it just issued."""
-        _, b, t, n_keys, _, lo, hi = span
-        word_l: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [_WARPS, 1], [1, 0])
-        if lo < n_keys:
-            row_l: gl.constexpr = gl.SliceLayout(1, word_l)
-            raw = (gl.allocate_shared_memory(gl.int32, [16, _N, 16], _RAW_L),
-                   gl.allocate_shared_memory(gl.int32, [4, _N, 16], _RAW_L),
-                   gl.allocate_shared_memory(gl.int64, [2, _N], _RAW_ROW_L))
-            pages = _tile_pages(lo, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
-            _copy_tile(raw, 0, lo, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
-            async_copy.commit_group()
-            pages = _tile_pages(lo + _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
-            _copy_tile(raw, 1, lo + _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
-            async_copy.commit_group()
-            pages = _tile_pages(lo + 2 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
-            q_smem = gl.allocate_shared_memory(gl.bfloat16, [_H, _D], _SMEM_L)
-            _store_query(q_smem, q_ptr, b)
-            o, s_zero, m_i, l_acc = _attention_start()
-            k_smem = gl.allocate_shared_memory(gl.bfloat16, [_N, _D], _SMEM_L)
-            async_copy.wait_group(1)  # this thread's copies of the first tile
-            gl.thread_barrier()  # and every other thread's
-            _decode_slot(raw, 0, k_smem, word_l)
-            fence_async_shared()
-            gl.thread_barrier()
-            for start in range(lo, hi, _N):
-                slot = ((start - lo) // _N) % 2  # tile start's slot, free again: tile start + 2N's
-                s_tok = warpgroup_mma(q_smem, k_smem.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                if start + 2 * _N < hi:
-                    _copy_tile(raw, slot, start + 2 * _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
-                               word_l)
-                    pages = _tile_pages(start + 3 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
-                async_copy.commit_group()  # perhaps empty: a group a step keeps wait_group(1) meaning "the next tile"
-                s = warpgroup_mma_wait(0, deps=[s_tok])
-                p_op, alpha, m_i, l_acc = _softmax_step(s, start, t, hi, m_i, l_acc, sm_scale, W)
-                o = o * alpha[:, None]
-                o = warpgroup_mma(p_op, k_smem, o)
-                if start + _N < hi:
-                    async_copy.wait_group(1)  # tile start + N's copies, issued a step ago
-                    gl.thread_barrier()  # every thread's, and every warp group's output product done with k_smem
-                    _decode_slot(raw, 1 - slot, k_smem, word_l)
-                    fence_async_shared()  # the decoded tile's stores, before the next step's products read them
-                    gl.thread_barrier()
-            async_copy.wait_group(0)  # no copy may land after the program ends
             _store_output(o, m_i, l_acc, span, dest)
 
     # -- the "warp_specialized" schedule: a decoder warp group fills a ring of two decoded tiles
@@ -529,6 +441,22 @@ if gluon is not None:
             (_decode_tiles, (k_smem, ready, free, span, n_tiles, tables, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)),
         ], [_DEC_WARPS], [_DEC_REGS])
 
+    @gluon.jit
+    def _decode_rows_kernel(rows_ptr, out_ptr, n_rows, ROW_STRIDE: gl.constexpr):
+        """Rows [64 p, 64 p + 64) of a [n_rows, ROW_STRIDE] byte array decoded as the split programs
+        decode a tile (_row_words, _decode_to_smem), written out [n_rows, 512] BF16."""
+        word_l: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [_WARPS, 1], [1, 0])
+        i = gl.program_id(0) * _N + gl.arange(0, _N, layout=gl.SliceLayout(1, word_l))
+        tile = _row_words(rows_ptr + i.to(gl.int64) * ROW_STRIDE, i < n_rows, word_l)
+        k_smem = gl.allocate_shared_memory(gl.bfloat16, [_N, _D], _SMEM_L)
+        _decode_to_smem(tile, k_smem)
+        gl.thread_barrier()
+        qh = gl.arange(0, _N, layout=gl.SliceLayout(1, _Q_L))
+        qd = gl.arange(0, _D, layout=gl.SliceLayout(0, _Q_L))
+        r = gl.program_id(0) * _N + qh
+        gl.store(out_ptr + r.to(gl.int64)[:, None] * _D + qd[None, :], k_smem.load(_Q_L), mask=(r < n_rows)[:, None])
+
+
 @functools.cache
 def _is_hopper(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
@@ -569,3 +497,14 @@ def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:
         W=consts["W"], PER_PAGE=consts["PER_PAGE"], RATIO=consts["RATIO"], SPLIT=consts["SPLIT"],
         SHORT_KEYS=consts["SHORT_KEYS"], SHORT_SPLIT=consts["SHORT_SPLIT"],
         ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], SCHEDULE_ID=schedule_id, num_warps=WARPS, **extra)
+
+
+def decode_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Compact main rows uint8 [n, 584] (8-byte aligned) -> [n, 512] BF16, decoded by the split
+    programs' own code: what the GPU test holds against kv_layout.decode_main bit for bit."""
+    n, row_bytes = rows.shape
+    if rows.stride(1) != 1 or rows.stride(0) != row_bytes or not rows_aligned(rows.view(1, n, row_bytes)):
+        raise ValueError("rows must be contiguous [n, row bytes] uint8 on 8-byte boundaries")
+    out = torch.empty(n, HEAD_DIM, dtype=torch.bfloat16, device=rows.device)
+    _decode_rows_kernel[(-(-n // KEYS_PER_TILE),)](rows, out, n, ROW_STRIDE=row_bytes, num_warps=WARPS)
+    return out

@@ -303,6 +303,34 @@ def test_gpu_decode_is_batch_invariant_at_flash_shapes():
 
 
 @pytest.mark.gpu
+def test_gpu_hopper_hca_decodes_every_code_under_every_scale_exactly():
+    """The Gluon HCA kernel decodes FP8 codes by bit moves and BF16 products, not conversions
+    (hca_decode_hopper._FP8_WORD_TO_BF16_PTX): each of the 254 non-NaN E4M3 codes under each of
+    the 255 finite block scales, subnormal codes, the scale 2**-127 and scales whose factor passes
+    BF16's range included, must give kv_layout.decode_main's BF16 bits."""
+    from kernels import hca_decode_hopper as HH
+    from kernels import kv_layout
+
+    q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
+    probe = torch.zeros(1, 2, 584, dtype=torch.uint8, device="cuda")
+    if not HH.usable(q, probe, probe, WINDOW, FULL.nope_head_dim):
+        pytest.skip("needs a Hopper GPU with Gluon")
+    blocks = FULL.nope_head_dim // 64
+    # block i of the flattened rows: scale byte (i // 4) % 255, codes 64 (i % 4) ... 64 (i % 4) + 63
+    n_rows = -(-255 * 4 // blocks)
+    i = torch.arange(n_rows * blocks).view(n_rows, blocks)
+    codes = (64 * (i % 4))[..., None] + torch.arange(64)
+    codes = torch.where((codes & 0x7F) == 0x7F, codes & 0x80, codes)  # the NaN codes -> +-0
+    rope = torch.randn(n_rows, FULL.head_dim - FULL.nope_head_dim, generator=torch.Generator().manual_seed(5))
+    rows = torch.cat([codes.flatten(1).to(torch.uint8), kv_layout._bf16_bytes(rope),
+                      ((i // 4) % 255).to(torch.uint8), torch.zeros(n_rows, 1, dtype=torch.uint8)], dim=1).cuda()
+    assert rows.shape[1] == 584 and set(rows[:, 576:583].flatten().tolist()) == set(range(255))
+    want = kv_layout.decode_main(rows, FULL.head_dim, FULL.nope_head_dim, dtype=torch.bfloat16)
+    got = HH.decode_rows(rows)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("schedule", hca_mod.hopper.SCHEDULES)
 def test_gpu_hopper_hca_kernel_matches_the_reference_and_the_triton_kernel(triton_kernels, monkeypatch, schedule):
     """On Hopper the HCA split programs run in Gluon (hca_decode_hopper.py). Queries whose window
