@@ -46,15 +46,24 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and triton_available()
 
 
+def _compile_failed(e: Exception) -> bool:
+    """A Gluon kernel this Triton cannot build: Triton's own errors, and the RuntimeError its MLIR
+    backend raises when a lowering pass fails (Triton 3.6 on a shape it cannot lower)."""
+    import triton
+
+    return isinstance(e, triton.errors.TritonError) or (isinstance(e, RuntimeError)
+                                                        and "PassManager::run failed" in str(e))
+
+
 def gluon_ran(launch, what: str, instead: str, log) -> bool:
     """Call launch() (a Gluon kernel's launch); False where this Triton cannot compile or launch it,
     logged on `log`. Gluon is experimental: its API moves between Triton releases, so the caller
     turns its Gluon path off and runs `instead`, the Triton kernel, from then on."""
-    import triton
-
     try:
         launch()
-    except triton.errors.TritonError as e:
+    except Exception as e:
+        if not _compile_failed(e):
+            raise
         log.warning("the Gluon %s failed (%s: %s); the Triton %s runs instead", what, type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "", instead)
         return False

@@ -5,7 +5,8 @@ It is the split kernel of sparse_decode.py with the compressed slots numbered 0.
 of taken from a top-k list. The key list grows with the context (8,192 entries + 128 window keys
 at 1M), so the fixed split size here is larger than CSA's: a split's partial output (H x D per
 query) must stay small next to the key bytes it reads. On Hopper the split programs are a Gluon
-kernel (hca_decode_hopper.py: its own split sizes, the same partials and merge).
+kernel (split_attention_hopper.py, shared with CSA decode: its own split sizes, the same partials
+and merge).
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import logging
 
 import torch
 
-from . import hca_decode_hopper as hopper
+from . import split_attention_hopper as hopper
 from .dispatch import gluon_ran, use_triton
 from .geometry import BLOCK, HCA
-from .sparse_decode import gather_reference, launch_split_attention
+from .sparse_decode import gather_reference, split_attention
 
 log = logging.getLogger(__name__)
 
 HCA_KEYS_PER_SPLIT = 512  # 299 KB of keys per split against 64 KB (bf16) of partial output
-# Hopper GPUs take the split programs in Gluon (hca_decode_hopper.py); False after a Gluon kernel
+# Hopper GPUs take the split programs in Gluon (split_attention_hopper.py); False after a Gluon kernel
 # failed to compile or launch here, or to run the Triton kernel there (benchmarks)
 HOPPER_HCA = True
 
@@ -47,13 +48,9 @@ def hca_decode(q: torch.Tensor, sink: torch.Tensor, swa: torch.Tensor, swa_table
     if not use_triton(q):
         return reference(q, sink, swa, swa_table, positions, entries, block_table, window, nope_dim)
     common = (q, sink, swa, swa_table, positions, entries, block_table, None, window, nope_dim, BLOCK // entries.shape[1])
-    if HOPPER_HCA and hopper.usable(q, swa, entries, window, nope_dim):
-        out = launch_split_attention(*common, keys_per_split=hopper.KEYS_PER_SPLIT,
-                                     short_query=(hopper.SHORT_QUERY_KEYS, hopper.SHORT_QUERY_SPLIT),
-                                     split_kernel=_hopper_split)
-        if out is not None:  # else the Gluon kernel could not run here: the Triton one, with its splits
-            return out
-    return launch_split_attention(*common, keys_per_split=HCA_KEYS_PER_SPLIT)
+    gluon_splits = dict(keys_per_split=hopper.KEYS_PER_SPLIT, short_query=(hopper.SHORT_QUERY_KEYS,
+                                                                           hopper.SHORT_QUERY_SPLIT))
+    return split_attention(common, HOPPER_HCA, gluon_splits, _hopper_split, HCA_KEYS_PER_SPLIT)
 
 
 def _hopper_split(args, consts, n_splits: int, batch: int) -> bool:

@@ -17,7 +17,9 @@ The key list [window | compressed] is cut into splits of a fixed number of keys 
 a query's result never depends on the batch it shares a launch with). Each split program keeps an
 online softmax (running max, sum, accumulator) over its keys; a query with more than one split
 writes per-split partials that a second kernel merges with the sink. A query that fits in one
-split is finished by the split kernel itself.
+split is finished by the split kernel itself. On Hopper the split programs are a Gluon kernel
+(split_attention_hopper.py, shared with hca_decode: its own split size, the same partials and
+merge).
 
 Numerics (same as mqa_ref.attend up to rounding order): scores and softmax in float32,
 scaled by D**-0.5; keys decoded exactly to the query dtype; probabilities rounded to the query
@@ -28,16 +30,24 @@ divided at the end; with several splits the per-split outputs are stored in the 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from . import split_attention_hopper as hopper
+from .dispatch import gluon_ran, use_triton
 from .geometry import SWA_PAGE
 from .main_rows import check_dims, load_main_chunk, reference as decode_rows_reference
 from .mqa_ref import attend
 
+log = logging.getLogger(__name__)
+
 SPARSE_KEYS_PER_SPLIT = 256  # 128 window + 512 top-k = 640 keys -> 3 splits per query
+# Hopper GPUs take the split programs in Gluon (split_attention_hopper.py, its own split size);
+# False after a Gluon kernel failed to compile or launch here, or to run the Triton kernel there
+HOPPER_SPARSE = True
 MERGE_BLOCK_H, MERGE_BLOCK_D = 16, 64  # merge programs: 16 heads x 64 dims, so B=1 still gets H/16 * D/64
 # Running-max start: finite, so an all-masked tile gives exp(-inf - NEG_INIT) = 0, not NaN.
 NEG_INIT = tl.constexpr(-1.0e30)
@@ -330,8 +340,30 @@ def sparse_mqa_decode(q: torch.Tensor, sink: torch.Tensor, swa: torch.Tensor, sw
     """
     if not use_triton(q):
         return reference(q, sink, swa, swa_table, positions, entries, block_table, topk, window, nope_dim)
-    return launch_split_attention(q, sink, swa, swa_table, positions, entries, block_table, topk,
-                                  window, nope_dim, ratio=1, keys_per_split=SPARSE_KEYS_PER_SPLIT)
+    common = (q, sink, swa, swa_table, positions, entries, block_table, topk, window, nope_dim, 1)
+    return split_attention(common, HOPPER_SPARSE, dict(keys_per_split=hopper.SPARSE_KEYS_PER_SPLIT), _hopper_split,
+                           SPARSE_KEYS_PER_SPLIT)
+
+
+def split_attention(common: tuple, gluon: bool, gluon_splits: dict, gluon_split_kernel, keys_per_split: int):
+    """launch_split_attention(*common) through Hopper's Gluon split programs (split_attention_hopper.py,
+    with gluon_splits) where `gluon` is on and they take these shapes, else through the Triton
+    kernel with keys_per_split (also where the Gluon kernel turned out not to run here)."""
+    q, swa, entries, window, nope_dim = common[0], common[2], common[5], common[8], common[9]
+    if gluon and hopper.usable(q, swa, entries, window, nope_dim):
+        out = launch_split_attention(*common, **gluon_splits, split_kernel=gluon_split_kernel)
+        if out is not None:  # else the Gluon kernel could not run here: the Triton one, with its splits
+            return out
+    return launch_split_attention(*common, keys_per_split=keys_per_split)
+
+
+def _hopper_split(args, consts, n_splits: int, batch: int) -> bool:
+    """Run the Gluon split programs; False, and the Triton ones from then on, where this Triton
+    cannot compile or launch them (dispatch.gluon_ran)."""
+    global HOPPER_SPARSE
+    HOPPER_SPARSE = gluon_ran(lambda: hopper.launch(args, consts, n_splits, batch), "CSA decode kernel", "kernel",
+                              log)
+    return HOPPER_SPARSE
 
 
 def decode_traffic(B: int, context: int, heads: int = 64, head_dim: int = 512, row_bytes: int = 584,

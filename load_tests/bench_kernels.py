@@ -190,10 +190,17 @@ def triton_scan():
 
 
 def triton_hca():
-    """The Triton HCA kernel where a Hopper GPU would run the Gluon one (kernels/hca_decode_hopper.py)."""
+    """The Triton HCA kernel where a Hopper GPU would run the Gluon one (kernels/split_attention_hopper.py)."""
     from kernels import hca_decode as hca
 
     return _switched_off(hca, "HOPPER_HCA")
+
+
+def triton_csa():
+    """The Triton CSA decode kernel where a Hopper GPU would run the Gluon one (split_attention_hopper.py)."""
+    from kernels import sparse_decode as sparse
+
+    return _switched_off(sparse, "HOPPER_SPARSE")
 
 
 def _with(switch, fn):
@@ -281,10 +288,15 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                                                                        x["positions"], x["csa_main"], x["block_table"],
                                                                        topk, WINDOW, nope),
                                       sparse.decode_traffic(B, T)),
+                # the Triton kernel, where Hopper runs the Gluon one (split_attention_hopper.py)
+                "sparse_mqa_decode_triton": (lambda: _with(triton_csa, lambda: sparse.sparse_mqa_decode(
+                    x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"], x["csa_main"], x["block_table"],
+                    topk, WINDOW, nope)),
+                    sparse.decode_traffic(B, T)),
                 "hca_decode": (lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
                                                       x["hca_main"], x["block_table"], WINDOW, nope),
                                hca.decode_traffic(B, T)),
-                # the Triton kernel, where Hopper runs the Gluon one (hca_decode_hopper.py)
+                # the Triton kernel, where Hopper runs the Gluon one (split_attention_hopper.py)
                 "hca_decode_triton": (lambda: _with(triton_hca, lambda: hca.hca_decode(
                     x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"], x["hca_main"], x["block_table"],
                     WINDOW, nope)),
@@ -296,10 +308,12 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                     r = {**roofline(graph_time(fn), nbytes, flops, ceil), "eager_ms": eager * 1e3}
                 except Exception as e:  # one kernel failing must not hide the others' figures
                     r = {"error": f"{type(e).__name__}: {e}"}
-                if name in ("sparse_mqa_decode", "hca_decode", "hca_decode_triton"):  # the launch shape that ran
-                    gluon = name == "hca_decode" and hca.HOPPER_HCA and hca.hopper.usable(x["q"], x["swa"], x["hca_main"],
-                                                                                        WINDOW, nope)
-                    r["config"] = "gluon" if gluon else str(sparse._GPU_LAUNCH[name == "sparse_mqa_decode"])
+                if name in ("sparse_mqa_decode", "sparse_mqa_decode_triton", "hca_decode", "hca_decode_triton"):
+                    # the launch shape that ran
+                    on_hopper = hca.hopper.usable(x["q"], x["swa"], x["hca_main"], WINDOW, nope)
+                    gluon = on_hopper and ((name == "hca_decode" and hca.HOPPER_HCA)
+                                           or (name == "sparse_mqa_decode" and sparse.HOPPER_SPARSE))
+                    r["config"] = "gluon" if gluon else str(sparse._GPU_LAUNCH[name.startswith("sparse")])
                 out.append({"kernel": name, "context": T, "batch": B, "pages": "shared" if x["shared"] else "distinct", **r})
             del x, topk, ops, ops_general
             empty_cache()
@@ -608,12 +622,12 @@ def print_tables(res: dict) -> None:
     if c:
         print(f"\nceilings: HBM copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {c['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
     if res.get("kernels"):
-        print(f"\n{'kernel':20} {'ctx':>8} {'B':>3} {'pages':>8} {'ms':>8} {'eager ms':>8} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} {'%mm':>6} {'binds':>8} {'%bind':>6}")
+        print(f"\n{'kernel':24} {'ctx':>8} {'B':>3} {'pages':>8} {'ms':>8} {'eager ms':>8} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} {'%mm':>6} {'binds':>8} {'%bind':>6}")
     for r in res.get("kernels", []):
         if "error" in r:
-            print(f"{r['kernel']:20} {r['context']:>8} {r['batch']:>3} error: {r['error']}")
+            print(f"{r['kernel']:24} {r['context']:>8} {r['batch']:>3} error: {r['error']}")
             continue
-        print(f"{r['kernel']:20} {r['context']:>8} {r['batch']:>3} {r['pages']:>8} {r['ms']:8.3f} {r['eager_ms']:8.3f} {r['bytes_per_s'] / 1e9:8.0f} "
+        print(f"{r['kernel']:24} {r['context']:>8} {r['batch']:>3} {r['pages']:>8} {r['ms']:8.3f} {r['eager_ms']:8.3f} {r['bytes_per_s'] / 1e9:8.0f} "
               f"{r['of_copy_rate']:6.1%} {r['flop_per_s'] / 1e12:8.1f} {r['of_matmul_rate']:6.1%} {r['binds']:>8} {r['of_binding_ceiling']:6.1%}"
               f"  {r.get('config', '')}")
     hf = {r["context"]: r for r in res.get("hf", [])}

@@ -9,7 +9,7 @@ samples summed (issue 5).
 `launch` builds bench_kernels' inputs for one context x batch, compiles and warms every variant
 outside the profiled range, then launches each once between cudaProfilerStart and Stop (so
 `--profile-from-start off` profiles only those): the Gluon scan under each LOADER of
-kernels/indexer_scan_hopper.py, then HCA decode under each SCHEDULE of kernels/hca_decode_hopper.py
+kernels/indexer_scan_hopper.py, then HCA decode under each SCHEDULE of kernels/split_attention_hopper.py
 (its split kernel and the merge). `stalls` reads the source page's CSV (plain or .gz) and prints,
 per kernel (numbered in launch order), its warp-state samples by stall reason and the hottest
 instructions; `--rows` limits the sums to a range of SASS lines, such as one warp role's loop.
@@ -89,9 +89,9 @@ def launch(case: str) -> None:
     import torch
 
     from kernels import hca_decode as hca
-    from kernels import hca_decode_hopper as hca_hopper
     from kernels import indexer_scan_hopper as scan_hopper
     from kernels import indexer_topk as idx
+    from kernels import split_attention_hopper as hca_hopper
     from workers.config import preset
 
     from . import bench_kernels as bk

@@ -1,6 +1,6 @@
 """Launch shapes of the decode kernels, swept over the bench_kernels inputs (GPU).
 
-    python -m load_tests.sweep_kernel_launch [--only scan|scan-gluon|hca|hca-gluon|csa]
+    python -m load_tests.sweep_kernel_launch [--only scan|scan-gluon|hca|hca-gluon|csa|csa-gluon]
 
 For the FP8 scan in Triton (the kernel of GPUs other than Hopper's; Hopper runs the Gluon one of
 kernels/indexer_scan_hopper.py, whose launch is fixed there): pages per step x warps x programs per
@@ -11,15 +11,17 @@ holds at once (SCORED_PAGES), and the shipped setting with and without dependent
 Gluon scan after the kernel before it, the general scan after the Gluon scan: kernels/grid_dependency.py);
 for HCA decode:
 heads per program x keys per tile x warps x pipeline stages x keys per split; for CSA decode the
-same; for HCA decode's Gluon kernel (kernels/hca_decode_hopper.py, Hopper only) its SCHEDULE (who
+same; for HCA decode's Gluon kernel (kernels/split_attention_hopper.py, Hopper only) its SCHEDULE (who
 decodes the key tiles) under the split rule it ships with, then x keys per split, one size for
 every query (KEYS_PER_SPLIT, SHORT_QUERY_KEYS, SHORT_QUERY_SPLIT there; a split size changes the
-rounding too). Prints time, the fraction of the binding ceiling (measured first, in the same run), whether
+rounding too); for CSA decode's Gluon kernel (the same split programs over the top-k picks) its
+schedules at the shipped SPARSE_KEYS_PER_SPLIT there, then other split sizes. The Triton sweeps
+("hca", "csa") switch the Gluon kernels off on Hopper. Prints time, the fraction of the binding ceiling (measured first, in the same run), whether
 the result equals the first shape's bit for bit (a shape that changes the rounding must be
 fixed, not autotuned: see kernels/sparse_decode.py) and how far it is from it. The chosen shapes
 are the constants FP8_PAGES / SCAN_WARPS / FP8_PROGRAMS_PER_SM / SCAN_STAGES in
-kernels/indexer_topk.py, _GPU_LAUNCH and SPARSE_KEYS_PER_SPLIT in kernels/sparse_decode.py and
-HCA_KEYS_PER_SPLIT in kernels/hca_decode.py.
+kernels/indexer_topk.py, _GPU_LAUNCH and SPARSE_KEYS_PER_SPLIT in kernels/sparse_decode.py,
+HCA_KEYS_PER_SPLIT in kernels/hca_decode.py, and the split sizes of kernels/split_attention_hopper.py.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def sweep(name, shapes, apply, fn, traffic, ceil, values=lambda out: out.float()
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("scan", "scan-gluon", "hca", "hca-gluon", "csa"), help="sweep one kernel only")
+    ap.add_argument("--only", choices=("scan", "scan-gluon", "hca", "hca-gluon", "csa", "csa-gluon"),
+                    help="sweep one kernel only")
     ap.add_argument("--cases", default="131072x32,1048576x32,1048576x1",
                     help="context x batch of each input set, comma-separated")
     args = ap.parse_args()
@@ -78,6 +81,7 @@ def main() -> None:
     csa_default = (dict(sp._GPU_LAUNCH[True]), sp.SPARSE_KEYS_PER_SPLIT)
     hopper = hca.hopper
     gluon_default = (hopper.SCHEDULE, hopper.KEYS_PER_SPLIT, hopper.SHORT_QUERY_KEYS, hopper.SHORT_QUERY_SPLIT)
+    csa_gluon_default = (hopper.SCHEDULE, hopper.SPARSE_KEYS_PER_SPLIT)
     for T, B in cases:
         x = bk.kernel_inputs(cfg, T, B, rows)
 
@@ -150,15 +154,28 @@ def main() -> None:
             sp.SPARSE_KEYS_PER_SPLIT = split
 
         topk = torch.randint(0, T // 4, (B, bk.INDEX_TOPK), device="cuda", dtype=torch.int32)
+        def csa():
+            return sp.sparse_mqa_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"], x["csa_main"],
+                                        x["block_table"], topk, bk.WINDOW, cfg.nope_head_dim)
+
         if only in (None, "csa"):
-            sweep(f"csa T={T} B={B} (heads, keys per tile, warps, keys per split)",
-                  ((64, 128, 8, 256), (16, 16, 8, 256), (64, 128, 8, 128), (64, 64, 8, 128), (64, 64, 8, 256),
-                   (32, 128, 8, 256), (16, 128, 4, 256), (16, 128, 8, 256), (16, 64, 4, 256)),
-                  set_csa,
-                  lambda: sp.sparse_mqa_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
-                                               x["csa_main"], x["block_table"], topk, bk.WINDOW, cfg.nope_head_dim),
-                  sp.decode_traffic(B, T), ceil)
+            with bk.triton_csa():  # the shapes swept are the Triton kernel's
+                sweep(f"csa T={T} B={B} (heads, keys per tile, warps, keys per split)",
+                      ((64, 128, 8, 256), (16, 16, 8, 256), (64, 128, 8, 128), (64, 64, 8, 128), (64, 64, 8, 256),
+                       (32, 128, 8, 256), (16, 128, 4, 256), (16, 128, 8, 256), (16, 64, 4, 256)),
+                      set_csa, csa, sp.decode_traffic(B, T), ceil)
         sp._GPU_LAUNCH[True], sp.SPARSE_KEYS_PER_SPLIT = csa_default
+
+        def set_csa_gluon(schedule, split):
+            hopper.SCHEDULE, hopper.SPARSE_KEYS_PER_SPLIT = schedule, split
+
+        if only in (None, "csa-gluon") and hopper.usable(x["q"], x["swa"], x["csa_main"], bk.WINDOW, cfg.nope_head_dim):
+            # the shipped split under each schedule first (the same bits), then split sizes
+            sweep(f"csa gluon T={T} B={B} (schedule, keys per split)",
+                  tuple((sched, csa_gluon_default[1]) for sched in hopper.SCHEDULES)
+                  + tuple((csa_gluon_default[0], n) for n in (128, 320, 640)),
+                  set_csa_gluon, csa, sp.decode_traffic(B, T), ceil)
+        set_csa_gluon(*csa_gluon_default)
         del x, ops, topk
         torch.cuda.empty_cache()
 

@@ -216,35 +216,67 @@ def test_short_queries_take_their_own_split_size(triton_kernels):
     assert not torch.equal(got[:3], plain[:3])  # 128-129 keys: 32-key splits round otherwise
 
 
-def test_a_gluon_hca_kernel_that_does_not_compile_leaves_the_triton_kernel_in_its_place(
-        triton_kernels, small_splits, monkeypatch, caplog):
-    """Gluon's API moves between Triton releases: if the Hopper kernel (hca_decode_hopper.py) fails
-    to compile, the call still returns the Triton kernel's output, says so once, and later calls
-    go straight to Triton."""
+@pytest.mark.parametrize("kind", ["hca", "csa"])
+def test_a_gluon_split_kernel_that_does_not_compile_leaves_the_triton_kernel_in_its_place(
+        kind, triton_kernels, small_splits, monkeypatch, caplog):
+    """Gluon's API moves between Triton releases: if the Hopper kernel (split_attention_hopper.py,
+    HCA's and CSA's split programs) fails to compile, the call still returns the Triton kernel's
+    output, says so once, and later calls go straight to Triton."""
     from triton.compiler.errors import CompilationError
 
-    case = build_case(SMALL, HCA_POSITIONS, heads=16, topk=1, dtype=torch.float32)
-    want = case.hca()
+    if kind == "hca":
+        mod, flag, what = hca_mod, "HOPPER_HCA", "Gluon HCA kernel failed"
+        case = build_case(SMALL, HCA_POSITIONS, heads=16, topk=1, dtype=torch.float32)
+        call = case.hca
+    else:
+        mod, flag, what = sparse_mod, "HOPPER_SPARSE", "Gluon CSA decode kernel failed"
+        case = build_case(SMALL, POSITIONS, heads=16, topk=8, dtype=torch.float32)
+        call = case.sparse
+    want = call()
     calls = []
 
     def broken(*args):
         calls.append(args)
         raise CompilationError("kernel.py", None, "no such Gluon builtin")
 
-    monkeypatch.setattr(hca_mod, "HOPPER_HCA", True)
-    monkeypatch.setattr(hca_mod.hopper, "usable", lambda *args: True)
-    monkeypatch.setattr(hca_mod.hopper, "launch", broken)
-    with caplog.at_level("WARNING", logger=hca_mod.__name__):
-        assert torch.equal(case.hca(), want)
-        assert torch.equal(case.hca(), want)
-    assert len(calls) == 1 and hca_mod.HOPPER_HCA is False
-    assert sum("Gluon HCA kernel failed" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(mod, flag, True)
+    monkeypatch.setattr(mod.hopper, "usable", lambda *args: True)
+    monkeypatch.setattr(mod.hopper, "launch", broken)
+    with caplog.at_level("WARNING", logger=mod.__name__):
+        assert torch.equal(call(), want)
+        assert torch.equal(call(), want)
+    assert len(calls) == 1 and getattr(mod, flag) is False
+    assert sum(what in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_backend_lowering_failure_falls_back_but_other_runtime_errors_propagate(caplog):
+    """Triton's MLIR backend reports a pass it cannot run as a RuntimeError ("PassManager::run
+    failed"), not a TritonError: that is a kernel this Triton cannot build, so the Triton kernel
+    takes over; any other RuntimeError (a CUDA fault, say) must reach the caller."""
+    import logging
+
+    from kernels.dispatch import gluon_ran
+
+    log = logging.getLogger("test_gluon_ran")
+
+    def lowering():
+        raise RuntimeError("PassManager::run failed")
+
+    def fault():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with caplog.at_level("WARNING", logger="test_gluon_ran"):
+        assert gluon_ran(lowering, "test kernel", "kernel", log) is False
+    assert any("Gluon test kernel failed" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        gluon_ran(fault, "test kernel", "kernel", log)
+    assert gluon_ran(lambda: None, "test kernel", "kernel", log) is True
 
 
 def test_the_gluon_hca_kernel_takes_only_8_byte_aligned_rows():
-    """hca_decode_hopper reads 8-byte words of every row: a pool whose base, page stride or row
+    """split_attention_hopper reads 8-byte words of every row: a pool whose base, page stride or row
     stride is not a multiple of 8 must go to the Triton kernel instead of faulting."""
-    from kernels import hca_decode_hopper as HH
+    from kernels import split_attention_hopper as HH
 
     pool = torch.zeros(8192, dtype=torch.uint8)
     assert HH.rows_aligned(pool[: 4 * 2 * 584].view(4, 2, 584), pool[8 : 8 + 8 * 584].view(8, 1, 584))
@@ -254,7 +286,7 @@ def test_the_gluon_hca_kernel_takes_only_8_byte_aligned_rows():
 
 
 def test_an_unknown_gluon_hca_schedule_is_an_error_not_a_silent_choice(monkeypatch):
-    from kernels import hca_decode_hopper as HH
+    from kernels import split_attention_hopper as HH
 
     monkeypatch.setattr(HH, "SCHEDULE", "warp-specialized")
     with pytest.raises(ValueError, match="warp-specialized"):
@@ -305,10 +337,10 @@ def test_gpu_decode_is_batch_invariant_at_flash_shapes():
 @pytest.mark.gpu
 def test_gpu_hopper_hca_decodes_every_code_under_every_scale_exactly():
     """The Gluon HCA kernel decodes FP8 codes by bit moves and BF16 products, not conversions
-    (hca_decode_hopper._FP8_WORD_TO_BF16_PTX): each of the 254 non-NaN E4M3 codes under each of
+    (split_attention_hopper._FP8_WORD_TO_BF16_PTX): each of the 254 non-NaN E4M3 codes under each of
     the 255 finite block scales, subnormal codes, the scale 2**-127 and scales whose factor passes
     BF16's range included, must give kv_layout.decode_main's BF16 bits."""
-    from kernels import hca_decode_hopper as HH
+    from kernels import split_attention_hopper as HH
     from kernels import kv_layout
 
     q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
@@ -332,13 +364,60 @@ def test_gpu_hopper_hca_decodes_every_code_under_every_scale_exactly():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("schedule", hca_mod.hopper.SCHEDULES)
+def test_gpu_hopper_csa_kernel_matches_the_reference_and_the_triton_kernel(triton_kernels, monkeypatch, schedule):
+    """On Hopper CSA decode runs HCA's Gluon split programs with each slot past the window read
+    through the query's top-k pick (split_attention_hopper._entries). Picks of -1 in scattered
+    slots, a query with one visible entry, windows that start before position 0: within the bf16
+    tolerance of the reference and of the Triton kernel, the lockstep kernel's bits under every
+    schedule; an entry no query picked, and a pick past the pool's entries (no key, as the Triton
+    kernel reads it), change nothing; the window-only call of SWA layers matches too."""
+    from kernels import split_attention_hopper as HH
+
+    q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
+    rows = torch.zeros(1, 64, 584, dtype=torch.uint8, device="cuda")
+    if not HH.usable(q, rows, rows, WINDOW, FULL.nope_head_dim):
+        pytest.skip("needs a Hopper GPU with Gluon")
+    positions = [5, 129, 300, 8191, 70000, 131071]
+    case = build_case(FULL, positions, heads=FULL.num_attention_heads, topk=FULL.index_topk, dtype=torch.bfloat16,
+                      device="cuda")
+    monkeypatch.setattr(HH, "SCHEDULE", "lockstep")
+    lockstep = case.sparse()
+    monkeypatch.setattr(HH, "SCHEDULE", schedule)
+    got = case.sparse()
+    assert sparse_mod.HOPPER_SPARSE, "the Gluon kernel fell back to the Triton one (see the log): nothing was compared"
+    assert torch.equal(got, lockstep)
+    assert_close(got, case.sparse_ref(), torch.bfloat16)
+    monkeypatch.setattr(sparse_mod, "HOPPER_SPARSE", False)
+    assert_close(got, case.sparse(), torch.bfloat16)
+    monkeypatch.setattr(sparse_mod, "HOPPER_SPARSE", True)
+    # query 3 (t = 8191) sees entries 0..2047 and picked 512 of them: an unpicked one may hold anything
+    picked = set(case.topk[3].tolist())
+    e = next(i for i in range(2048) if i not in picked)
+    page = case.block_table[3, e // 64].item()
+    case.csa_rows[page, e % 64] = case.csa_rows[case.block_table[3, 0].item(), 1]
+    # query 1 (t = 129) picked 32 entries: a slot of its -1s now names an entry past the pool's
+    slot = (case.topk[1] < 0).nonzero()[0].item()
+    case.topk[1, slot] = case.block_table.shape[1] * 64 + 5
+    assert torch.equal(case.sparse(), got)
+    # SWA layers: the window alone (attention.py passes one -1 pick and the window pages as entries;
+    # a zero block table here, so the reference's gather of the unpicked slot stays in the pool)
+    none = torch.full((len(positions), 1), -1, dtype=torch.int32, device="cuda")
+    args = (case.q, case.sink, case.swa, case.swa_table, case.positions, case.swa, torch.zeros_like(case.block_table),
+            none, WINDOW, case.nope)
+    window = sparse_mqa_decode(*args)
+    assert sparse_mod.HOPPER_SPARSE
+    assert_close(window, sparse_mod.reference(*args), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", hca_mod.hopper.SCHEDULES)
 def test_gpu_hopper_hca_kernel_matches_the_reference_and_the_triton_kernel(triton_kernels, monkeypatch, schedule):
-    """On Hopper the HCA split programs run in Gluon (hca_decode_hopper.py). Queries whose window
+    """On Hopper the HCA split programs run in Gluon (split_attention_hopper.py). Queries whose window
     starts before position 0, one split (the sink applied in the kernel), several splits with a
     partial last tile, of both split sizes: within the bf16 tolerance of the reference and of the
     Triton kernel, the lockstep kernel's bits under every schedule, and no entry past a query's
     visible count is read."""
-    from kernels import hca_decode_hopper as HH
+    from kernels import split_attention_hopper as HH
 
     q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
     rows = torch.zeros(1, 2, 584, dtype=torch.uint8, device="cuda")

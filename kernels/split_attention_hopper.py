@@ -1,9 +1,12 @@
-"""HCA decode attention's split programs for Hopper GPUs, in Gluon (Triton's layout-explicit dialect).
+"""The split programs of HCA and CSA decode attention for Hopper GPUs, in Gluon (Triton's
+layout-explicit dialect).
 
-The same attention as sparse_decode's `_split_attention` for HCA (window plus every visible entry,
-one online softmax per split of HCA_KEYS_PER_SPLIT keys, partials merged with the sink by
-`_merge_splits`), with the work laid out for the tensor cores instead of as the Triton compiler
-chose (255 registers, 214 KB of shared memory, spills, 218 warp instructions per key):
+The same attention as sparse_decode's `_split_attention`: for HCA the window plus every visible
+entry, for CSA (SELECTED) the window plus the query's top-k picks, each slot past the window read
+through its pick (`_entries`: -1, or an index past the pool's entries, is no key, as the Triton
+kernel reads them); one online softmax per split, partials merged with the sink by
+`_merge_splits`. The work is laid out for the tensor cores instead of as the Triton compiler chose
+(255 registers, 214 KB of shared memory, spills, 218 warp instructions per key):
 
 * a program is 8 warps (two warp groups) holding all 64 heads. The query [64, 512] sits in shared
   memory once; each 64-key tile of FP8 + BF16 rows is decoded to BF16 into one of two shared
@@ -18,8 +21,9 @@ chose (255 registers, 214 KB of shared memory, spills, 218 warp instructions per
   and no conversion (_FP8_WORD_TO_BF16_PTX), the softmax sums are kept per score element and
   added up across warps once, and the output is stored 16 bytes a thread.
 
-H100, 1M x 32 queries: 0.17 ms against the Triton kernel's 0.31 (kernels/RESULTS.md, with what
-each part costs). Numerics are sparse_decode's: keys decoded exactly to BF16, scores and softmax
+H100, HCA at 1M x 32 queries: 0.17 ms against the Triton kernel's 0.31; CSA (640 keys a query
+at the flash-attn preset) 0.019 ms at batch 1 and 0.022 at batch 32 against 0.032 and 0.040
+(kernels/RESULTS.md, with what each part costs). Numerics are sparse_decode's: keys decoded exactly to BF16, scores and softmax
 in float32 scaled by D**-0.5, the unnormalised probabilities rounded to BF16 for P K with a
 float32 accumulator, the sum taken from the unrounded ones. The float32 sums run in another order
 than the Triton kernel's (tiles of 64 keys, not 128), so the two agree within sparse_decode's
@@ -45,8 +49,8 @@ wait (18% of its samples); beside the raw slots only one decoded tile fit, so ea
 followed the previous output product: the lockstep bits, 1M x 32 0.204-0.208 ms (kernels/RESULTS.md).
 
 Hopper only (wgmma), 64 BF16 heads of 512 dims with 448 FP8 dims and a window of whole tiles:
-`usable` says so and hca_decode keeps the Triton kernel elsewhere (CPU, the interpreter, other
-shapes, Blackwell).
+`usable` says so and hca_decode / sparse_mqa_decode keep the Triton kernel elsewhere (CPU, the
+interpreter, other shapes, Blackwell).
 """
 
 from __future__ import annotations
@@ -72,6 +76,11 @@ KEYS_PER_TILE = 64
 # for all: 320 keys 0.202 / 0.028 / 0.030 / 0.024, 512 0.174 / 0.037 / 0.037 / 0.034, 768 0.161 /
 # 0.048 / 0.049 / 0.045 (fewer, longer programs win at 1M x 32: 3 waves of 132 instead of 5).
 KEYS_PER_SPLIT, SHORT_QUERY_KEYS, SHORT_QUERY_SPLIT = 512, 1536, 320
+# CSA decode's keys per split: its lists are the window and the top-k picks (640 keys at the
+# flash-attn preset's top-512, whatever the context), so one size serves every query. H100, ms at
+# 128K x 1 / 128K x 32 (x 32 the same at 8K and 1M): 128 keys 0.015 / 0.031, 192 0.019 / 0.022,
+# 320 0.026 / 0.028, 640 0.043 / 0.044; the Triton kernel's 256-key splits 0.032 / 0.040
+SPARSE_KEYS_PER_SPLIT = 192
 WARPS = 8  # two warp groups: the [64, 512] float32 output is 128 registers a thread
 # who loads and decodes the key tiles (module docstring): "lockstep", all 8 warps between the
 # products, "warp_specialized", a decoder warp group of its own (H100, 1M x 32: 0.172 against
@@ -116,48 +125,74 @@ if gluon is not None:
     @gluon.jit
     def _slots(start, t, hi, W: gl.constexpr, row_l: gl.constexpr, ROWS: gl.constexpr):
         """Key slots [start, start + ROWS) of a query at position t: slot i < W is the window's
-        position p = t-W+1+i, slot W+j is HCA entry j (sparse_decode's key list). Returns the
-        slots, their positions and which are keys."""
+        position p = t-W+1+i, slot W+j the j-th compressed slot (sparse_decode's key list). Returns
+        the slots, their positions and which are keys (before a top-k slot's own check, _entries)."""
         i = start + gl.arange(0, ROWS, layout=row_l)
         p = t - (W - 1) + i
         return i, p, (i < hi) & ((p >= 0) | (i >= W))
 
     @gluon.jit
+    def _entries(i, b, valid, tables, W: gl.constexpr, SELECTED: gl.constexpr):
+        """The entry each slot i >= W reads and which slots are keys: HCA's slot W+j is entry j; a
+        CSA slot (SELECTED) the query's top-k pick j, a key where it is one of the pool's entries
+        (-1 marks no pick), as sparse_decode's kernel reads them."""
+        if SELECTED:
+            topk_ptr, topk_stride, n_ent = tables[4], tables[5], tables[6]
+            e = gl.load(topk_ptr + b.to(gl.int64) * topk_stride + gl.maximum(i - W, 0), mask=valid & (i >= W),
+                        other=-1)
+            valid = valid & ((i < W) | ((e >= 0) & (e < n_ent)))
+            e = gl.maximum(e, 0)
+        else:
+            e = gl.maximum(i - W, 0)
+        return e, valid
+
+    @gluon.jit
     def _tile_pages(start, t, b, hi, tables, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
-                    row_l: gl.constexpr, ROWS: gl.constexpr = _N):
-        """The page of each slot's row (a window page or an HCA block page; 0 where no key), from
-        tables = (window table, its row stride, block table, its row stride). Read a step before
-        the rows themselves: the rows' addresses depend on them, and read together each row load
-        waited for its page's."""
-        swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride = tables
+                    row_l: gl.constexpr, ROWS: gl.constexpr = _N, SELECTED: gl.constexpr = False):
+        """The page of each slot's row (a window page or an entry's block page; 0 where no key), from
+        tables = (window table, its row stride, block table, its row stride[, top-k picks, their row
+        stride, entries in the pool]). Read a step before the rows themselves: the rows' addresses
+        depend on them, and read together each row load waited for its page's. With SELECTED, the
+        pages, the picked entries and which slots are keys (the picks are read here, once)."""
+        swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride = tables[0], tables[1], tables[2], tables[3]
         i, p, valid = _slots(start, t, hi, W, row_l, ROWS)
+        e, valid = _entries(i, b, valid, tables, W, SELECTED)
         first = gl.maximum(t - (W - 1), 0) // SWA_PAGE
         win_page = gl.load(swa_tab_ptr + b.to(gl.int64) * swa_tab_stride + p // SWA_PAGE - first,
                            mask=valid & (i < W), other=0)
-        ent_page = gl.load(blk_tab_ptr + b.to(gl.int64) * blk_tab_stride + gl.maximum(i - W, 0) // PER_PAGE,
+        ent_page = gl.load(blk_tab_ptr + b.to(gl.int64) * blk_tab_stride + e // PER_PAGE,
                            mask=valid & (i >= W), other=0)
-        return gl.where(i < W, win_page, ent_page)
+        pages = gl.where(i < W, win_page, ent_page)
+        if SELECTED:
+            return pages, e, valid
+        else:
+            return pages
 
     @gluon.jit
     def _tile_rows(start, pages, t, hi, pools, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
-                   ROW_STRIDE: gl.constexpr, row_l: gl.constexpr, ROWS: gl.constexpr):
-        """Key slots [start, start + ROWS)'s row addresses (bytes, on `pages`, in pools = (window pages,
-        their stride, HCA pages, their stride)) and which slots are keys."""
+                   ROW_STRIDE: gl.constexpr, row_l: gl.constexpr, ROWS: gl.constexpr, SELECTED: gl.constexpr = False):
+        """Key slots [start, start + ROWS)'s row addresses (bytes, on `pages` from _tile_pages, in
+        pools = (window pages, their stride, entry pages, their stride)) and which slots are keys."""
         swa_ptr, swa_page_stride, ent_ptr, ent_page_stride = pools
         i, p, valid = _slots(start, t, hi, W, row_l, ROWS)
-        win_row = swa_ptr + pages.to(gl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
-        ent_row = ent_ptr + pages.to(gl.int64) * ent_page_stride + (gl.maximum(i - W, 0) % PER_PAGE) * ROW_STRIDE
+        if SELECTED:
+            page, e, valid = pages
+        else:
+            page, e = pages, gl.maximum(i - W, 0)
+        win_row = swa_ptr + page.to(gl.int64) * swa_page_stride + (p % SWA_PAGE) * ROW_STRIDE
+        ent_row = ent_ptr + page.to(gl.int64) * ent_page_stride + (e % PER_PAGE) * ROW_STRIDE
         return gl.where(i < W, win_row, ent_row), valid
 
     @gluon.jit
     def _load_tile(start, pages, t, hi, pools, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
-                   ROW_STRIDE: gl.constexpr, word_l: gl.constexpr, ROWS: gl.constexpr = _N):
+                   ROW_STRIDE: gl.constexpr, word_l: gl.constexpr, ROWS: gl.constexpr = _N,
+                   SELECTED: gl.constexpr = False):
         """Key slots [start, start + N)'s rows (on `pages`, in pools = (window pages, their stride,
         HCA pages, their stride)) as 32-bit words: per 64-dim FP8 block its codes [N, 16], the RoPE
         dims' BF16 pairs [N, 16] twice, and the scale words [N] (block c's byte in bits
         8(c%4)..). Slots that are not keys are not read (zeros)."""
         rows, valid = _tile_rows(start, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
-                                 gl.SliceLayout(1, word_l), ROWS)
+                                 gl.SliceLayout(1, word_l), ROWS, SELECTED)
         return _row_words(rows, valid, word_l)
 
     @gluon.jit
@@ -175,6 +210,19 @@ if gluon is not None:
         scales = gl.load(rows.to(gl.pointer_type(gl.int64)) + (_NOPE + 2 * (_D - _NOPE)) // 8, mask=valid, other=0)
         s0, s1 = _scale_words(scales)
         return codes, rope_lo, rope_hi, s0, s1
+
+    @gluon.jit
+    def _first_two_tiles(lo, t, b, hi, tables, pools, W: gl.constexpr, PER_PAGE: gl.constexpr,
+                         SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr, word_l: gl.constexpr, ROWS: gl.constexpr,
+                         SELECTED: gl.constexpr):
+        """A split's first two tiles of ROWS slots, loaded (_load_tile), and the pages of the third:
+        the loop then loads each tile two ahead of its decode, its pages three ahead."""
+        row_l: gl.constexpr = gl.SliceLayout(1, word_l)
+        pages = _tile_pages(lo, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, ROWS, SELECTED)
+        first = _load_tile(lo, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l, ROWS, SELECTED)
+        pages = _tile_pages(lo + ROWS, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, ROWS, SELECTED)
+        second = _load_tile(lo + ROWS, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l, ROWS, SELECTED)
+        return first, second, _tile_pages(lo + 2 * ROWS, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, ROWS, SELECTED)
 
     @gluon.jit
     def _bf16_pairs(words):
@@ -248,10 +296,11 @@ if gluon is not None:
                 gl.full([_H], _NEG_INIT, gl.float32, gl.SliceLayout(1, _S_L)), gl.zeros([_H, _N], gl.float32, _S_L))
 
     @gluon.jit
-    def _softmax_step(s, start, t, hi, m_i, l_acc, sm_scale, W: gl.constexpr):
+    def _softmax_step(s, start, t, b, hi, tables, m_i, l_acc, sm_scale, W: gl.constexpr, SELECTED: gl.constexpr):
         """One tile's raw scores [64, N] -> its probabilities as the output product's operand, the
         factor the output is rescaled by, the new running maxima and the per-element sums."""
-        _, _, is_key = _slots(start, t, hi, W, gl.SliceLayout(0, _S_L), _N)
+        i, _, is_key = _slots(start, t, hi, W, gl.SliceLayout(0, _S_L), _N)
+        _, is_key = _entries(i, b, is_key, tables, W, SELECTED)  # the picks again, in the scores' layout
         s = gl.where(is_key[None, :], s * sm_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1))
         alpha = gl.exp(m_i - m_new)
@@ -288,35 +337,43 @@ if gluon is not None:
         res = gl.convert_layout((o * factor[:, None]).to(gl.bfloat16), _Q_L)
         gl.store(dst + qh[:, None] * _D + qd[None, :], res)
 
-    @gluon.jit
+    # n_comp is never specialized: at 1 (SWA layers' window-only call: one -1 pick) Triton 3.6's
+    # lowering of the folded key count fails an LLVM assertion (checked compiling for sm_90a)
+    @gluon.jit(do_not_specialize=["n_comp"])
     def _split_kernel(
         q_ptr, sink_ptr, pos_ptr, sm_scale,
         swa_ptr, swa_page_stride, swa_tab_ptr, swa_tab_stride,
-        ent_ptr, ent_page_stride, blk_tab_ptr, blk_tab_stride, n_comp,
+        ent_ptr, ent_page_stride, blk_tab_ptr, blk_tab_stride, n_comp, topk_ptr, topk_stride, n_ent,
         out_ptr, part_o_ptr, part_ml_ptr, n_splits,
         W: gl.constexpr, PER_PAGE: gl.constexpr, RATIO: gl.constexpr, SPLIT: gl.constexpr,
         SHORT_KEYS: gl.constexpr, SHORT_SPLIT: gl.constexpr,
-        ROW_STRIDE: gl.constexpr, SWA_PAGE: gl.constexpr, SCHEDULE_ID: gl.constexpr,
+        ROW_STRIDE: gl.constexpr, SWA_PAGE: gl.constexpr, SCHEDULE_ID: gl.constexpr, SELECTED: gl.constexpr,
     ):
-        """Program (sp, b): split sp of query b's keys, under the schedule SCHEDULES[SCHEDULE_ID]."""
+        """Program (sp, b): split sp of query b's keys, under the schedule SCHEDULES[SCHEDULE_ID];
+        the keys are the window and the visible HCA entries, or (SELECTED) the window and the
+        query's n_comp top-k picks (sparse_decode._num_keys)."""
         sp, b = gl.program_id(0), gl.program_id(1)
         t = gl.load(pos_ptr + b).to(gl.int32)
-        n_keys = W + gl.minimum((t + 1) // RATIO, n_comp)
+        if SELECTED:
+            n_keys = W + n_comp
+        else:
+            n_keys = W + gl.minimum((t + 1) // RATIO, n_comp)
         split = gl.where(n_keys <= SHORT_KEYS, SHORT_SPLIT, SPLIT)  # sparse_decode._split_size
         lo = sp * split
         # this split's keys [lo, hi) and what the schedules need of the query
         span = (sp, b, t, n_keys, split, lo, gl.minimum(lo + split, n_keys))
-        tables = (swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride)
+        tables = (swa_tab_ptr, swa_tab_stride, blk_tab_ptr, blk_tab_stride, topk_ptr, topk_stride, n_ent)
         pools = (swa_ptr, swa_page_stride, ent_ptr, ent_page_stride)
         dest = (sink_ptr, out_ptr, part_o_ptr, part_ml_ptr, n_splits)
         if SCHEDULE_ID == 1:
-            _warp_specialized_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)
+            _warp_specialized_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
+                                    SELECTED)
         else:
-            _lockstep_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)
+            _lockstep_split(q_ptr, sm_scale, span, tables, pools, dest, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, SELECTED)
 
     @gluon.jit
     def _lockstep_split(q_ptr, sm_scale, span, tables, pools, dest, W: gl.constexpr, PER_PAGE: gl.constexpr,
-                        SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr):
+                        SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr, SELECTED: gl.constexpr):
         """The "lockstep" schedule: all 8 warps load, decode, score and accumulate each tile."""
         _, b, t, n_keys, _, lo, hi = span
         # raw rows: a thread loads 2 words (8 bytes; rows are 8-byte aligned) of 2 rows per block
@@ -324,11 +381,8 @@ if gluon is not None:
         if lo < n_keys:
             # the first two tiles' loads go out before the query is staged, so their latency overlaps it
             row_l: gl.constexpr = gl.SliceLayout(1, word_l)
-            pages = _tile_pages(lo, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
-            tile = _load_tile(lo, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
-            pages = _tile_pages(lo + _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
-            tile2 = _load_tile(lo + _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
-            pages = _tile_pages(lo + 2 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
+            tile, tile2, pages = _first_two_tiles(lo, t, b, hi, tables, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
+                                                  word_l, _N, SELECTED)
             # the query, once: [64 heads, 512] BF16 in the layout wgmma reads
             q_smem = gl.allocate_shared_memory(gl.bfloat16, [_H, _D], _SMEM_L)
             _store_query(q_smem, q_ptr, b)
@@ -346,15 +400,17 @@ if gluon is not None:
                 cur = k_smem.index(buf)
                 s_tok = warpgroup_mma(q_smem, cur.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(0, deps=[s_tok])
-                p_op, alpha, m_i, l_acc = _softmax_step(s, start, t, hi, m_i, l_acc, sm_scale, W)
+                p_op, alpha, m_i, l_acc = _softmax_step(s, start, t, b, hi, tables, m_i, l_acc, sm_scale, W, SELECTED)
                 o = o * alpha[:, None]
                 o_tok = warpgroup_mma(p_op, cur, o, is_async=True)
                 if start + _N < hi:
                     # under the output product: the buffer's last readers, the previous tile's
                     # products, finished before the barrier that ended the previous step
                     _decode_to_smem(tile, k_smem.index(1 - buf))
-                    tile = _load_tile(start + 2 * _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l)
-                    pages = _tile_pages(start + 3 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l)
+                    tile = _load_tile(start + 2 * _N, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l, _N,
+                                      SELECTED)
+                    pages = _tile_pages(start + 3 * _N, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, _N,
+                                        SELECTED)
                 o = warpgroup_mma_wait(0, deps=[o_tok])
                 fence_async_shared()  # the decoded tile's stores, before the next step's products read them
                 gl.thread_barrier()
@@ -365,7 +421,7 @@ if gluon is not None:
 
     @gluon.jit
     def _decode_tiles(k_smem, ready, free, span, n_tiles, tables, pools, W: gl.constexpr, PER_PAGE: gl.constexpr,
-                      SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr):
+                      SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr, SELECTED: gl.constexpr):
         """The decoder warp group: each tile's rows, SUB keys at a time (two sub-tiles' loads in
         flight: the registers of a whole tile's loads would not fit beside the math), decoded into
         ring slot tile % 2 once the math has handed it back, then the slot marked full."""
@@ -373,11 +429,8 @@ if gluon is not None:
         SUB: gl.constexpr = _SUB
         word_l: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [_DEC_WARPS, 1], [1, 0])
         row_l: gl.constexpr = gl.SliceLayout(1, word_l)
-        pages = _tile_pages(lo, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, SUB)
-        raw_a = _load_tile(lo, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l, SUB)
-        pages = _tile_pages(lo + SUB, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, SUB)
-        raw_b = _load_tile(lo + SUB, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l, SUB)
-        pages = _tile_pages(lo + 2 * SUB, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, SUB)
+        raw_a, raw_b, pages = _first_two_tiles(lo, t, b, hi, tables, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
+                                               word_l, SUB, SELECTED)
         for tile in range(n_tiles):
             slot = tile % 2
             # the math's products of tile - 2 have read this slot (passes at once for tiles 0, 1)
@@ -385,8 +438,9 @@ if gluon is not None:
             dst = k_smem.index(slot)
             for j in gl.static_range(_N // SUB):
                 start = lo + tile * _N + (j + 2) * SUB  # the sub-tile two ahead (no keys past hi: not read)
-                raw_next = _load_tile(start, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l, SUB)
-                pages = _tile_pages(start + SUB, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, SUB)
+                raw_next = _load_tile(start, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE, word_l, SUB,
+                                      SELECTED)
+                pages = _tile_pages(start + SUB, t, b, hi, tables, W, PER_PAGE, SWA_PAGE, row_l, SUB, SELECTED)
                 _decode_to_smem(raw_a, dst.slice(j * SUB, SUB, dim=0))
                 raw_a = raw_b
                 raw_b = raw_next
@@ -394,7 +448,8 @@ if gluon is not None:
             mbarrier.arrive(ready.index(slot), count=1)
 
     @gluon.jit
-    def _attend_tiles(q_smem, k_smem, ready, free, q_ptr, sm_scale, span, dest, n_tiles, W: gl.constexpr):
+    def _attend_tiles(q_smem, k_smem, ready, free, q_ptr, sm_scale, span, tables, dest, n_tiles, W: gl.constexpr,
+                      SELECTED: gl.constexpr):
         """The math warp groups: the query into shared memory, then per full slot the scores, the
         softmax and the output product, each tile's output product running on the tensor cores
         under the next tile's scores (the slot is handed back once it is done)."""
@@ -415,7 +470,8 @@ if gluon is not None:
                 o = warpgroup_mma_wait(1, deps=[o_tok])
                 mbarrier.arrive(free.index(1 - slot), count=1, pred=tile > 0)
                 s = warpgroup_mma_wait(0, deps=[s_tok])
-                p_op, alpha, m_i, l_acc = _softmax_step(s, lo + tile * _N, t, hi, m_i, l_acc, sm_scale, W)
+                p_op, alpha, m_i, l_acc = _softmax_step(s, lo + tile * _N, t, b, hi, tables, m_i, l_acc, sm_scale, W,
+                                                        SELECTED)
                 o = o * alpha[:, None]
                 o_tok = warpgroup_mma(p_op, cur, o, is_async=True)
             o = warpgroup_mma_wait(0, deps=[o_tok])
@@ -423,7 +479,7 @@ if gluon is not None:
 
     @gluon.jit
     def _warp_specialized_split(q_ptr, sm_scale, span, tables, pools, dest, W: gl.constexpr, PER_PAGE: gl.constexpr,
-                                SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr):
+                                SWA_PAGE: gl.constexpr, ROW_STRIDE: gl.constexpr, SELECTED: gl.constexpr):
         """The "warp_specialized" schedule: the lockstep kernel's math in its 8 warps, the loads and
         the decode in a warp group of their own (the same tiles, products and sums, so the same bits)."""
         _, _, _, n_keys, _, lo, hi = span
@@ -437,8 +493,9 @@ if gluon is not None:
             mbarrier.init(free.index(i), count=1)
         fence_async_shared()
         gl.warp_specialize([
-            (_attend_tiles, (q_smem, k_smem, ready, free, q_ptr, sm_scale, span, dest, n_tiles, W)),
-            (_decode_tiles, (k_smem, ready, free, span, n_tiles, tables, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE)),
+            (_attend_tiles, (q_smem, k_smem, ready, free, q_ptr, sm_scale, span, tables, dest, n_tiles, W, SELECTED)),
+            (_decode_tiles, (k_smem, ready, free, span, n_tiles, tables, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
+                             SELECTED)),
         ], [_DEC_WARPS], [_DEC_REGS])
 
     @gluon.jit
@@ -478,9 +535,10 @@ def usable(q: torch.Tensor, swa: torch.Tensor, entries: torch.Tensor, window: in
 
 
 def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:
-    """Run the split kernel with sparse_decode.launch_split_attention's arguments (HCA: no top-k)."""
+    """Run the split kernel with sparse_decode.launch_split_attention's arguments: HCA's (every
+    visible entry) or, with consts["SELECTED"], CSA's (the top-k picks)."""
     (q, sink, positions, _, sm_scale, swa, swa_page_stride, swa_table, swa_tab_stride, entries, ent_page_stride,
-     block_table, blk_tab_stride, _, _, _, n_comp, out, part_o, part_ml, _) = args
+     block_table, blk_tab_stride, n_blk, topk, topk_stride, n_comp, out, part_o, part_ml, _) = args
     if consts["SPLIT"] % KEYS_PER_TILE or consts["SHORT_SPLIT"] % KEYS_PER_TILE:
         raise ValueError(f"keys per split {consts['SPLIT']}, {consts['SHORT_SPLIT']} are not multiples of the "
                          f"tile {KEYS_PER_TILE}")
@@ -493,10 +551,12 @@ def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:
     extra = dict(maxnreg=65536 // ((WARPS + DECODER_WARPS) * 32) // 8 * 8) if ws else {}
     _split_kernel[(n_splits, batch)](
         q, sink, positions, sm_scale, swa, swa_page_stride, swa_table, swa_tab_stride, entries, ent_page_stride,
-        block_table, blk_tab_stride, n_comp, out, part_o, part_ml, n_splits,
+        block_table, blk_tab_stride, n_comp, topk, topk_stride, n_blk * consts["PER_PAGE"], out, part_o, part_ml,
+        n_splits,
         W=consts["W"], PER_PAGE=consts["PER_PAGE"], RATIO=consts["RATIO"], SPLIT=consts["SPLIT"],
         SHORT_KEYS=consts["SHORT_KEYS"], SHORT_SPLIT=consts["SHORT_SPLIT"],
-        ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], SCHEDULE_ID=schedule_id, num_warps=WARPS, **extra)
+        ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], SCHEDULE_ID=schedule_id, SELECTED=consts["SELECTED"],
+        num_warps=WARPS, **extra)
 
 
 def decode_rows(rows: torch.Tensor) -> torch.Tensor:
