@@ -23,9 +23,9 @@ kernel reads them); one online softmax per split, partials merged with the sink 
 
 H100, HCA at 1M x 32 queries: 0.17 ms against the Triton kernel's 0.31; CSA (640 keys a query
 at the flash-attn preset) 0.019 ms at batch 1 and 0.022 at batch 32 against 0.032 and 0.040
-(kernels/RESULTS.md, with what each part costs). Numerics are sparse_decode's: keys decoded exactly to BF16, scores and softmax
-in float32 scaled by D**-0.5, the unnormalised probabilities rounded to BF16 for P K with a
-float32 accumulator, the sum taken from the unrounded ones. The float32 sums run in another order
+(kernels/RESULTS.md, with what each part costs). Numerics are sparse_decode's: keys decoded
+exactly to BF16, scores and softmax in float32 scaled by D**-0.5, the unnormalised probabilities
+rounded to BF16 for P K with a float32 accumulator, the sum taken from the unrounded ones. The float32 sums run in another order
 than the Triton kernel's (tiles of 64 keys, not 128), so the two agree within sparse_decode's
 tolerance of the reference, not bit for bit; a process runs one of them for every request.
 
@@ -188,7 +188,7 @@ if gluon is not None:
                    ROW_STRIDE: gl.constexpr, word_l: gl.constexpr, ROWS: gl.constexpr = _N,
                    SELECTED: gl.constexpr = False):
         """Key slots [start, start + N)'s rows (on `pages`, in pools = (window pages, their stride,
-        HCA pages, their stride)) as 32-bit words: per 64-dim FP8 block its codes [N, 16], the RoPE
+        entry pages, their stride)) as 32-bit words: per 64-dim FP8 block its codes [N, 16], the RoPE
         dims' BF16 pairs [N, 16] twice, and the scale words [N] (block c's byte in bits
         8(c%4)..). Slots that are not keys are not read (zeros)."""
         rows, valid = _tile_rows(start, pages, t, hi, pools, W, PER_PAGE, SWA_PAGE, ROW_STRIDE,
