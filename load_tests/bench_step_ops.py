@@ -65,12 +65,12 @@ class ReplayedPieces(DecodeGraphs):
         self.charged: collections.Counter = collections.Counter()
         self._produced: dict[int, torch.Tensor] = {}  # outputs of earlier pieces, read in place
 
-    def run(self, name, fn, *args):
+    def run(self, name, fn, *args, warmup_args=None):
         copied = sum(self._produced.get(id(a)) is not a for a in args)
         self.charged["workers/decode_graphs.py replay (inputs copied + 1 launch)"] += copied + 1
         ReplayedPieces.inside += 1
-        try:
-            out = super().run(name, fn, *args)
+        try:  # no capture here, so no warm-up either: warmup_args is DecodeGraphs.run's, unused
+            out = super().run(name, fn, *args, warmup_args=warmup_args)
         finally:
             ReplayedPieces.inside -= 1
         # eager pieces return fresh tensors each step: the ones of this step stand for the buffers
