@@ -18,7 +18,7 @@ import torch
 from . import split_attention_hopper as hopper
 from .dispatch import gluon_ran, use_triton
 from .geometry import BLOCK, HCA
-from .sparse_decode import gather_reference, split_attention
+from .sparse_decode import dispatch_split_attention, gather_reference
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def hca_decode(q: torch.Tensor, sink: torch.Tensor, swa: torch.Tensor, swa_table
     common = (q, sink, swa, swa_table, positions, entries, block_table, None, window, nope_dim, BLOCK // entries.shape[1])
     gluon_splits = dict(keys_per_split=hopper.KEYS_PER_SPLIT, short_query=(hopper.SHORT_QUERY_KEYS,
                                                                            hopper.SHORT_QUERY_SPLIT))
-    return split_attention(common, HOPPER_HCA, gluon_splits, _hopper_split, HCA_KEYS_PER_SPLIT)
+    return dispatch_split_attention(common, HOPPER_HCA, gluon_splits, _hopper_split, HCA_KEYS_PER_SPLIT)
 
 
 def _hopper_split(args, consts, n_splits: int, batch: int) -> bool:

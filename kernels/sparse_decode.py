@@ -341,11 +341,12 @@ def sparse_mqa_decode(q: torch.Tensor, sink: torch.Tensor, swa: torch.Tensor, sw
     if not use_triton(q):
         return reference(q, sink, swa, swa_table, positions, entries, block_table, topk, window, nope_dim)
     common = (q, sink, swa, swa_table, positions, entries, block_table, topk, window, nope_dim, 1)
-    return split_attention(common, HOPPER_SPARSE, dict(keys_per_split=hopper.SPARSE_KEYS_PER_SPLIT), _hopper_split,
-                           SPARSE_KEYS_PER_SPLIT)
+    return dispatch_split_attention(common, HOPPER_SPARSE, dict(keys_per_split=hopper.SPARSE_KEYS_PER_SPLIT),
+                                    _hopper_split, SPARSE_KEYS_PER_SPLIT)
 
 
-def split_attention(common: tuple, gluon: bool, gluon_splits: dict, gluon_split_kernel, keys_per_split: int):
+def dispatch_split_attention(common: tuple, gluon: bool, gluon_splits: dict, gluon_split_kernel,
+                             keys_per_split: int) -> torch.Tensor:
     """launch_split_attention(*common) through Hopper's Gluon split programs (split_attention_hopper.py,
     with gluon_splits) where `gluon` is on and they take these shapes, else through the Triton
     kernel with keys_per_split (also where the Gluon kernel turned out not to run here)."""

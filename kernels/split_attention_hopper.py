@@ -300,7 +300,9 @@ if gluon is not None:
         """One tile's raw scores [64, N] -> its probabilities as the output product's operand, the
         factor the output is rescaled by, the new running maxima and the per-element sums."""
         i, _, is_key = _slots(start, t, hi, W, gl.SliceLayout(0, _S_L), _N)
-        _, is_key = _entries(i, b, is_key, tables, W, SELECTED)  # the picks again, in the scores' layout
+        # CSA: the picks again, in the scores' layout (64 ints from L1 or L2; _tile_pages' copy, in the
+        # rows' layout, was read two steps ago and would take registers the loop has none of)
+        _, is_key = _entries(i, b, is_key, tables, W, SELECTED)
         s = gl.where(is_key[None, :], s * sm_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1))
         alpha = gl.exp(m_i - m_new)

@@ -309,11 +309,13 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
                 except Exception as e:  # one kernel failing must not hide the others' figures
                     r = {"error": f"{type(e).__name__}: {e}"}
                 if name in ("sparse_mqa_decode", "sparse_mqa_decode_triton", "hca_decode", "hca_decode_triton"):
-                    # the launch shape that ran
-                    on_hopper = hca.hopper.usable(x["q"], x["swa"], x["hca_main"], WINDOW, nope)
-                    gluon = on_hopper and ((name == "hca_decode" and hca.HOPPER_HCA)
-                                           or (name == "sparse_mqa_decode" and sparse.HOPPER_SPARSE))
-                    r["config"] = "gluon" if gluon else str(sparse._GPU_LAUNCH[name.startswith("sparse")])
+                    # the launch shape that ran: the Gluon split programs where their switch is on and
+                    # they take these pages, else the Triton kernel's fixed shape
+                    sparse_kind = name.startswith("sparse")
+                    switch = {"sparse_mqa_decode": sparse.HOPPER_SPARSE, "hca_decode": hca.HOPPER_HCA}.get(name, False)
+                    gluon = switch and hca.hopper.usable(x["q"], x["swa"], x["csa_main" if sparse_kind else "hca_main"],
+                                                         WINDOW, nope)
+                    r["config"] = "gluon" if gluon else str(sparse._GPU_LAUNCH[sparse_kind])
                 out.append({"kernel": name, "context": T, "batch": B, "pages": "shared" if x["shared"] else "distinct", **r})
             del x, topk, ops, ops_general
             empty_cache()

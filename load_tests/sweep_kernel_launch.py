@@ -154,6 +154,7 @@ def main() -> None:
             sp.SPARSE_KEYS_PER_SPLIT = split
 
         topk = torch.randint(0, T // 4, (B, bk.INDEX_TOPK), device="cuda", dtype=torch.int32)
+
         def csa():
             return sp.sparse_mqa_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"], x["csa_main"],
                                         x["block_table"], topk, bk.WINDOW, cfg.nope_head_dim)
