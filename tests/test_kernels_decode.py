@@ -334,6 +334,16 @@ def test_gpu_decode_is_batch_invariant_at_flash_shapes():
         assert torch.equal(case.hca(slice(b, b + 1)), hca[b : b + 1])
 
 
+def _skip_without_hopper_gluon():
+    """The Gluon split programs run only on a Hopper GPU whose Triton has Gluon (split_attention_hopper.usable)."""
+    from kernels import split_attention_hopper as HH
+
+    q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
+    rows = torch.zeros(1, 2, 584, dtype=torch.uint8, device="cuda")
+    if not HH.usable(q, rows, rows, WINDOW, FULL.nope_head_dim):
+        pytest.skip("needs a Hopper GPU with Gluon")
+
+
 @pytest.mark.gpu
 def test_gpu_hopper_hca_decodes_every_code_under_every_scale_exactly():
     """The Gluon HCA kernel decodes FP8 codes by bit moves and BF16 products, not conversions
@@ -343,10 +353,7 @@ def test_gpu_hopper_hca_decodes_every_code_under_every_scale_exactly():
     from kernels import split_attention_hopper as HH
     from kernels import kv_layout
 
-    q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
-    probe = torch.zeros(1, 2, 584, dtype=torch.uint8, device="cuda")
-    if not HH.usable(q, probe, probe, WINDOW, FULL.nope_head_dim):
-        pytest.skip("needs a Hopper GPU with Gluon")
+    _skip_without_hopper_gluon()
     blocks = FULL.nope_head_dim // 64
     # block i of the flattened rows: scale byte (i // 4) % 255, codes 64 (i % 4) ... 64 (i % 4) + 63
     n_rows = -(-255 * 4 // blocks)
@@ -373,10 +380,7 @@ def test_gpu_hopper_csa_kernel_matches_the_reference_and_the_triton_kernel(trito
     kernel reads it), change nothing; the window-only call of SWA layers matches too."""
     from kernels import split_attention_hopper as HH
 
-    q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
-    rows = torch.zeros(1, 64, 584, dtype=torch.uint8, device="cuda")
-    if not HH.usable(q, rows, rows, WINDOW, FULL.nope_head_dim):
-        pytest.skip("needs a Hopper GPU with Gluon")
+    _skip_without_hopper_gluon()
     positions = [5, 129, 300, 8191, 70000, 131071]
     case = build_case(FULL, positions, heads=FULL.num_attention_heads, topk=FULL.index_topk, dtype=torch.bfloat16,
                       device="cuda")
@@ -419,10 +423,7 @@ def test_gpu_hopper_hca_kernel_matches_the_reference_and_the_triton_kernel(trito
     visible count is read."""
     from kernels import split_attention_hopper as HH
 
-    q = torch.zeros(1, FULL.num_attention_heads, FULL.head_dim, dtype=torch.bfloat16, device="cuda")
-    rows = torch.zeros(1, 2, 584, dtype=torch.uint8, device="cuda")
-    if not HH.usable(q, rows, rows, WINDOW, FULL.nope_head_dim):
-        pytest.skip("needs a Hopper GPU with Gluon")
+    _skip_without_hopper_gluon()
     positions = [5, 129, 300, 8191, 70000, 131071, 200000]  # 128 ... 1,690 keys: short and long splits
     case = build_case(FULL, positions, heads=FULL.num_attention_heads, topk=1, dtype=torch.bfloat16, device="cuda")
     monkeypatch.setattr(HH, "SCHEDULE", "lockstep")
