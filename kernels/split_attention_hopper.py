@@ -148,7 +148,7 @@ if gluon is not None:
 
     @gluon.jit
     def _tile_pages(start, t, b, hi, tables, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
-                    row_l: gl.constexpr, ROWS: gl.constexpr = _N, SELECTED: gl.constexpr = False):
+                    row_l: gl.constexpr, ROWS: gl.constexpr, SELECTED: gl.constexpr):
         """The page of each slot's row (a window page or an entry's block page; 0 where no key), from
         tables = (window table, its row stride, block table, its row stride[, top-k picks, their row
         stride, entries in the pool]). Read a step before the rows themselves: the rows' addresses
@@ -170,7 +170,7 @@ if gluon is not None:
 
     @gluon.jit
     def _tile_rows(start, pages, t, hi, pools, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
-                   ROW_STRIDE: gl.constexpr, row_l: gl.constexpr, ROWS: gl.constexpr, SELECTED: gl.constexpr = False):
+                   ROW_STRIDE: gl.constexpr, row_l: gl.constexpr, ROWS: gl.constexpr, SELECTED: gl.constexpr):
         """Key slots [start, start + ROWS)'s row addresses (bytes, on `pages` from _tile_pages, in
         pools = (window pages, their stride, entry pages, their stride)) and which slots are keys."""
         swa_ptr, swa_page_stride, ent_ptr, ent_page_stride = pools
@@ -185,9 +185,8 @@ if gluon is not None:
 
     @gluon.jit
     def _load_tile(start, pages, t, hi, pools, W: gl.constexpr, PER_PAGE: gl.constexpr, SWA_PAGE: gl.constexpr,
-                   ROW_STRIDE: gl.constexpr, word_l: gl.constexpr, ROWS: gl.constexpr = _N,
-                   SELECTED: gl.constexpr = False):
-        """Key slots [start, start + N)'s rows (on `pages`, in pools = (window pages, their stride,
+                   ROW_STRIDE: gl.constexpr, word_l: gl.constexpr, ROWS: gl.constexpr, SELECTED: gl.constexpr):
+        """Key slots [start, start + ROWS)'s rows (on `pages`, in pools = (window pages, their stride,
         entry pages, their stride)) as 32-bit words: per 64-dim FP8 block its codes [N, 16], the RoPE
         dims' BF16 pairs [N, 16] twice, and the scale words [N] (block c's byte in bits
         8(c%4)..). Slots that are not keys are not read (zeros)."""
