@@ -1,18 +1,14 @@
-"""A layer's experts in two launches: every expert's SwiGLU up-projection, then every expert's
-down-projection with the weighted sum of their outputs (reference: the per-expert matmuls of
-workers/moe.py and moe_elementwise_ref.py).
+"""Experts' SwiGLU MLPs in two launches: every expert's up-projection, then every expert's
+down-projection (reference: the per-expert matmuls of workers/moe.py and moe_elementwise_ref.py).
 
-The dense MoE of a graphed decode step runs 8 experts x 3 projections per layer through cuBLAS:
-108 split-K GEMMs per flash-attn step with their reductions, 0.8 ms of a 3.1 ms step on the GPU
-for weights of 2 MB each, and about a third of the kernel nodes whose launch binds the host
+An expert through cuBLAS was 3 split-K GEMMs with their reductions for weights of 2 MB each
 (kernels/RESULTS.md). Here:
   * `expert_up` computes h[e] = swiglu(x W1[e]^T, x W3[e]^T) for every expert e, both products
     rounded to the dtype before the SwiGLU, as a matmul's output is;
-  * `expert_down` computes y[e] = h[e] W2[e]^T rounded to the dtype and, given the [N, k, E]
-    weight table of the picks, adds y[e] * w slot by slot in expert order
-    (moe_elementwise_ref.add_weighted's chain), else returns every y[e].
-Each output row depends on its own input row only, so the routed path, which runs an expert on
-the rows that picked it, gets the dense path's bits. On a GPU the BF16 tiles follow the row
+  * `expert_down` computes y[e] = h[e] W2[e]^T rounded to the dtype.
+`dot_rows`, the products, is also what picked_experts.py (a decode step's MoE) runs. Each output
+row depends on its own input row only, so an expert run on the rows that picked it gives them
+the bits they get in any other batch. On a GPU the BF16 tiles follow the row
 count (decode rows and prefill chunks want different shapes) without moving a bit: every
 product's sum runs over the reduction in one order, accumulated in place through the tensor
 cores whatever the tile (checked for 1 to 2,048 rows and every tile swept on an H100; the GPU
@@ -28,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .moe_elementwise import add_slot, swiglu_f32
+from .moe_elementwise import swiglu_f32
 from .quantize import as_operand, load_f32, round_f32, store_f32
 
 # Tiles (rows, reduction, columns) of the up and down kernels. BF16 on a GPU, from sweeps of the
@@ -48,7 +44,7 @@ GPU_TILES_F32 = ((32, 128, 16), (32, 128, 32))
 INTERPRETER_TILES = ((64, 256, 64), (64, 256, 128))
 
 
-def _tiles(t: torch.Tensor, rows: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def tiles(t: torch.Tensor, rows: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(up, down) tiles for `rows` rows of t's dtype and device."""
     if not t.is_cuda:
         return INTERPRETER_TILES
@@ -68,7 +64,19 @@ def _mma(acc, a, b, MMA_BF16: tl.constexpr):
 
 
 @triton.jit
-def _dot_rows(a_ptr, a_row_stride, b_ptr, b2_ptr, b_row_stride, rows, m_ok, cols, n_ok, K,
+def _operand(ptr, mask, BF16: tl.constexpr, MMA_BF16: tl.constexpr):
+    """A tile of an operand. On the GPU's BF16 path its int16 bits taken as BF16 as they load:
+    nothing stands between the load and the product, so the loop's loads can be issued ahead
+    through shared memory. Elsewhere widened to float32 (quantize.load_f32), exactly."""
+    if MMA_BF16:
+        v = tl.load(ptr, mask=mask, other=0).to(tl.bfloat16, bitcast=True)
+    else:
+        v = load_f32(ptr, mask, BF16)
+    return v
+
+
+@triton.jit
+def dot_rows(a_ptr, a_row_stride, b_ptr, b2_ptr, b_row_stride, rows, m_ok, cols, n_ok, K,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr,
               MMA_BF16: tl.constexpr, PAIR: tl.constexpr):
     """[BLOCK_M, BLOCK_N] float32 sums over K of a[rows, :] * b[cols, :] (b holds weight rows), and
@@ -79,13 +87,14 @@ def _dot_rows(a_ptr, a_row_stride, b_ptr, b2_ptr, b_row_stride, rows, m_ok, cols
     kk = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + kk < K
-        # BF16 operands come as int16 bits (quantize.load_f32) and go back to BF16 exactly
-        a = load_f32(a_ptr + rows[:, None] * a_row_stride + (k0 + kk)[None, :], m_ok[:, None] & k_ok[None, :], BF16)
+        # BF16 operands come as int16 bits (quantize.as_operand)
+        a = _operand(a_ptr + rows[:, None] * a_row_stride + (k0 + kk)[None, :], m_ok[:, None] & k_ok[None, :], BF16,
+                     MMA_BF16)
         b_off = cols[:, None] * b_row_stride + (k0 + kk)[None, :]
         b_ok = n_ok[:, None] & k_ok[None, :]
-        acc = _mma(acc, a, load_f32(b_ptr + b_off, b_ok, BF16), MMA_BF16)
+        acc = _mma(acc, a, _operand(b_ptr + b_off, b_ok, BF16, MMA_BF16), MMA_BF16)
         if PAIR:
-            acc2 = _mma(acc2, a, load_f32(b2_ptr + b_off, b_ok, BF16), MMA_BF16)
+            acc2 = _mma(acc2, a, _operand(b2_ptr + b_off, b_ok, BF16, MMA_BF16), MMA_BF16)
     return acc, acc2
 
 
@@ -99,7 +108,7 @@ def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, M, I, D, limit, x_row_stride,
     m_ok, n_ok = rows < M, cols < I
     w1 = w1_ptr + e * I * D
     w3 = w3_ptr + e * I * D
-    g, u = _dot_rows(x_ptr, x_row_stride, w1, w3, D, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, BF16,
+    g, u = dot_rows(x_ptr, x_row_stride, w1, w3, D, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, BF16,
                      MMA_BF16, True)
     g, u = round_f32(g, BF16), round_f32(u, BF16)
     s = swiglu_f32(g, u, limit, BF16, CUDA_EXP)  # moe_elementwise's SwiGLU on the rounded products
@@ -107,28 +116,18 @@ def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, M, I, D, limit, x_row_stride,
     store_f32(out, s, m_ok[:, None] & n_ok[None, :], BF16)
 
 
-@triton.jit(do_not_specialize=["M", "E"])
-def _down_kernel(h_ptr, w2_ptr, w_ptr, out_ptr, M, I, D, E, w_row_stride, w_slot_stride,
-                 SLOTS: tl.constexpr, SUM: tl.constexpr,
+@triton.jit(do_not_specialize=["M"])
+def _down_kernel(h_ptr, w2_ptr, out_ptr, M, I, D,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr,
                  MMA_BF16: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    e = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = rows < M, cols < D
-    ok = m_ok[:, None] & n_ok[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for e in range(E):
-        e64 = tl.zeros([], dtype=tl.int64) + e
-        y = round_f32(_dot_rows(h_ptr + e64 * M * I, I, w2_ptr + e64 * D * I, w2_ptr, I, rows, m_ok, cols, n_ok, I,
-                                BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16, False)[0], BF16)
-        if SUM:
-            for s in tl.static_range(SLOTS):
-                w = tl.load(w_ptr + rows * w_row_stride + s * w_slot_stride + e, mask=m_ok, other=0.0)
-                acc = add_slot(acc, y, w[:, None], BF16)
-        else:
-            store_f32(out_ptr + (e64 * M + rows[:, None]) * D + cols[None, :], y, ok, BF16)
-    if SUM:
-        store_f32(out_ptr + rows[:, None] * D + cols[None, :], acc, ok, BF16)
+    y = dot_rows(h_ptr + e * M * I, I, w2_ptr + e * D * I, w2_ptr, I, rows, m_ok, cols, n_ok, I,
+                 BLOCK_M, BLOCK_N, BLOCK_K, BF16, MMA_BF16, False)[0]
+    store_f32(out_ptr + (e * M + rows[:, None]) * D + cols[None, :], round_f32(y, BF16), m_ok[:, None] & n_ok[None, :],
+              BF16)
 
 
 def runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -148,7 +147,7 @@ def expert_up(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, limit: float)
     M = x.shape[0]
     h = torch.empty(E, M, I, dtype=x.dtype, device=x.device)
     lim = float(torch.tensor(limit, dtype=x.dtype))  # the reference clamps in the tensor's dtype
-    (bm, bk, bn), _ = _tiles(x, M)
+    (bm, bk, bn), _ = tiles(x, M)
     _up_kernel[(E, triton.cdiv(I, bn), triton.cdiv(M, bm))](
         as_operand(x), as_operand(w1), as_operand(w3), as_operand(h), M, I, D, lim, x.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BF16=x.dtype == torch.bfloat16,
@@ -157,25 +156,17 @@ def expert_up(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, limit: float)
     return h
 
 
-def expert_down(h: torch.Tensor, w2: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-    """h [E, M, I], w2 [E, d, I] -> y [E, M, d] = h[e] W2[e]^T; with `table` [M, k, E] (float32
-    weights per slot and expert, 0 where unpicked), sum_e of y[e] * table[:, s, e] added slot by
-    slot in expert order -> [M, d]."""
+def expert_down(h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """h [E, M, I], w2 [E, d, I] -> y [E, M, d] = h[e] W2[e]^T."""
     E, M, I = h.shape
     D = w2.shape[1]
     if w2.shape != (E, D, I):
         raise ValueError(f"expert_down: h {list(h.shape)} and w2 {list(w2.shape)} do not match")
-    if table is not None and (table.dim() != 3 or table.shape[0] != M or table.shape[2] != E or table.dtype != torch.float32):
-        raise ValueError(f"expert_down: table {list(table.shape)} {table.dtype} is not [M, k, E] float32 for M={M}, E={E}")
     if not runs(h, w2):
         raise ValueError("expert_down: needs the kernel path and float32 or BF16 operands of one dtype")
-    total = table is not None
-    out = torch.empty((M, D) if total else (E, M, D), dtype=h.dtype, device=h.device)
-    w = table.contiguous() if total else out
-    _, (bm, bk, bn) = _tiles(h, M)
-    _down_kernel[(triton.cdiv(D, bn), triton.cdiv(M, bm))](
-        as_operand(h), as_operand(w2), w, as_operand(out), M, I, D, E, w.stride(0) if total else 0, w.stride(1) if total else 0,
-        SLOTS=table.shape[1] if total else 1, SUM=total,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BF16=h.dtype == torch.bfloat16,
-        MMA_BF16=h.dtype == torch.bfloat16 and h.is_cuda, enable_fp_fusion=False)
+    out = torch.empty(E, M, D, dtype=h.dtype, device=h.device)
+    _, (bm, bk, bn) = tiles(h, M)
+    _down_kernel[(E, triton.cdiv(D, bn), triton.cdiv(M, bm))](
+        as_operand(h), as_operand(w2), as_operand(out), M, I, D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BF16=h.dtype == torch.bfloat16, MMA_BF16=h.dtype == torch.bfloat16 and h.is_cuda, enable_fp_fusion=False)
     return out

@@ -1,8 +1,8 @@
 """Decode steps through CUDA graphs of their state-free pieces (workers/decode_graphs.py).
 
 A graphed step differs from an eager one in three ways, each checked here against the eager path:
-rows padded to a bucket, every expert run on every row (the dense MoE) and, on a GPU, replayed
-graphs. On the CPU the first two run without graphs (DecodeGraphs(capture=False)) and must give
+rows padded to a bucket, the MoE's picks kept on the device (the picked experts' kernels, or
+every expert on every row) and, on a GPU, replayed graphs. On the CPU the first two run without graphs (DecodeGraphs(capture=False)) and must give
 the eager step's bits exactly; on a GPU the replayed graphs must give the bits of the same pieces
 run eagerly.
 """
@@ -15,7 +15,7 @@ import torch
 
 from model_configs import TINY, WIDE
 from test_kernels_engine import paged_logits, prompts
-from workers.config import CSA, preset
+from workers.config import CSA, ModelConfig, preset
 from workers.decode_graphs import BUCKETS, DecodeGraphs, bucket, graphs_enabled
 from workers.init import random_weights
 from workers.model import V4Model
@@ -45,9 +45,9 @@ def moe_layer(cfg, layer, seed, dtype=torch.float32):
 @pytest.mark.parametrize("kernels,dtype", [("torch", torch.float32), ("triton", torch.float32), ("triton", torch.bfloat16)])
 def test_dense_moe_gives_the_routed_moe_bits(cfg, layer, kernels, dtype, monkeypatch):
     """Hash layers (token-id table) and top-k layers, 5 and 20 rows (below and above numerics'
-    16-row padding): every expert on every row, weighted 0 where unpicked, adds the same bits;
-    with the references and with the kernels (kernels/expert_mlp.py: all experts in two
-    launches against one expert at a time on the rows that picked it)."""
+    16-row padding): every expert on every row, weighted 0 where unpicked, adds the same bits as
+    one expert at a time on the rows that picked it, with the references and with the kernels;
+    and the MoE with its picks on the device (on the kernel path the picked experts' kernels)."""
     monkeypatch.setenv("V4SERVE_KERNELS", kernels)
     moe = moe_layer(cfg, layer, seed=layer, dtype=dtype)
     assert moe.gate.hashed == cfg.is_hash_layer(layer)
@@ -56,13 +56,38 @@ def test_dense_moe_gives_the_routed_moe_bits(cfg, layer, kernels, dtype, monkeyp
         ids = torch.randint(0, cfg.vocab_size, (n,))
         ids[0] = 7
         experts, weights = moe.gate(x, ids)
-        assert torch.equal(moe._routed_dense(x, experts, weights), moe._routed(x, experts, weights))
-        assert torch.equal(moe(x, ids, dense=True), moe(x, ids))
+        routed = moe._routed(x, experts, weights)
+        assert torch.equal(moe._routed_dense(x, experts, weights), routed)
+        assert torch.equal(moe(x, ids, dense=True), routed + moe.shared_experts(x))
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_picked_experts_give_the_routed_moe_bits(layer, dtype, monkeypatch):
+    """On the kernel path the MoE runs only the picked experts (kernels/picked_experts.py),
+    graphed or eager, for 1 row, a few, and an MoE of more experts than could run dense (32, 12
+    rows): _routed's bits. Layer 0 hashes, and token 7 sends both slots to one expert."""
+    from kernels import picked_experts
+
+    monkeypatch.setenv("V4SERVE_KERNELS", "triton")
+    calls = []
+    real = picked_experts.moe
+    monkeypatch.setattr(picked_experts, "moe", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    many = ModelConfig(**{**TINY.model_dump(), "n_routed_experts": 32, "name": "many-experts"})
+    for cfg, n in ((TINY, 1), (TINY, 4), (many, 12)):
+        moe = moe_layer(cfg, layer, seed=n, dtype=dtype)
+        x = (torch.randn(n, cfg.hidden_size) * 3).to(dtype)
+        ids = torch.randint(0, cfg.vocab_size, (n,))
+        ids[0] = 7
+        experts, weights = moe.gate(x, ids)
+        want = moe._routed(x, experts, weights) + moe.shared_experts(x)
+        assert torch.equal(moe(x, ids, dense=True), want) and torch.equal(moe(x, ids), want)
+    assert calls == [1, 1, 4, 4, 12, 12]
 
 
 def test_moe_experts_stay_views_of_their_stacks_through_moves_and_loads(monkeypatch):
-    """The dense kernels read the stacks: a dtype move re-ties them, a copy into an expert's
-    weight shows in its stack, and a weight replaced outright makes the dense path go expert by
+    """The picked experts' kernels read the stacks: a dtype move re-ties them, a copy into an
+    expert's weight shows in its stack, and a weight replaced outright makes the MoE go expert by
     expert (same bits) instead of reading a stale stack."""
     monkeypatch.setenv("V4SERVE_KERNELS", "triton")
     moe = moe_layer(TINY, 3, seed=5).to(torch.bfloat16)
@@ -234,18 +259,20 @@ def test_bad_token_ids_are_refused_before_any_state_changes(tiny_model):
     assert good.num_tokens == 2
 
 
-def test_few_rows_on_the_kernel_path_take_the_dense_experts(monkeypatch):
-    """Up to moe.DENSE_MAX_ROWS rows an eager forward runs the grouped expert kernels (no host
+def test_few_rows_on_the_kernel_path_keep_the_picks_on_the_device(monkeypatch):
+    """Up to moe.DEVICE_MAX_ROWS rows an eager forward runs the picked experts' kernels (no host
     read of the picks); more rows go expert by expert. Same bits either way."""
+    from kernels import picked_experts
     from workers import moe as moe_mod
 
     monkeypatch.setenv("V4SERVE_KERNELS", "triton")
     moe = moe_layer(TINY, 3, seed=6)
     x, ids = torch.randn(20, TINY.hidden_size) * 3, torch.randint(0, TINY.vocab_size, (20,))
-    want = moe(x, ids, dense=True)
-    routed_calls = []
-    real = moe._routed
-    monkeypatch.setattr(moe, "_routed", lambda *a: routed_calls.append(1) or real(*a))
-    assert torch.equal(moe(x, ids), want) and not routed_calls
-    monkeypatch.setattr(moe_mod, "DENSE_MAX_ROWS", 8)
-    assert torch.equal(moe(x, ids), want) and routed_calls
+    experts, weights = moe.gate(x, ids)
+    want = moe._routed(x, experts, weights) + moe.shared_experts(x)
+    calls = []
+    real = picked_experts.moe
+    monkeypatch.setattr(picked_experts, "moe", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(moe(x, ids), want) and calls == [1]
+    monkeypatch.setattr(moe_mod, "DEVICE_MAX_ROWS", 8)
+    assert torch.equal(moe(x, ids), want) and calls == [1]

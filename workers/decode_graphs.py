@@ -18,9 +18,10 @@ op (Attention.attend_states), with the finishing of closing windows as a piece o
 
 A graph has fixed shapes, so a step's rows are padded to a bucket size (BUCKETS); padded rows sit
 at position 0 with token 0, and since every piece works row by row they change nothing in the
-real rows. A graph also cannot ask the host anything, so the MoE runs every expert on every row
-(moe.MoE._routed_dense, same bits) and graphs are used only for presets with at most
-moe.DENSE_MAX_EXPERTS experts; others decode eagerly.
+real rows. A graph also cannot ask the host anything, so the MoE keeps its picks on the device: on
+the kernel path it runs only the picked experts, grouped by a kernel (kernels/picked_experts.py),
+for any expert count; without the kernels every expert on every row (moe.MoE._routed_dense, same
+bits), so only presets of at most moe.DENSE_MAX_EXPERTS experts are graphed there.
 
 `capture=False` runs the same padded pieces without graphs: the comparison the GPU tests make
 (replayed and eager bits equal), and the only mode a CPU has.

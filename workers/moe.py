@@ -20,11 +20,17 @@ from kernels.numerics import linear, pointwise, seq_sum
 from .config import ModelConfig
 from .modules import Proj, f32_param
 
-# Up to this many routed experts a graphed decode step runs them all (MoE._routed_dense): the
-# weights read per token grow with the expert count, not with the picks.
+# Without the kernels (kernels/picked_experts.py), a graphed decode step runs every expert on every
+# row (MoE._routed_dense), which reads every expert's weights: only for presets of this many.
 DENSE_MAX_EXPERTS = 16
-# Up to this many rows, an eager forward on the kernel path runs the experts densely too.
-DENSE_MAX_ROWS = 128
+# Up to this many rows, an eager forward on the kernel path keeps the picks on the device too.
+DEVICE_MAX_ROWS = 128
+
+
+def routes_on_device(n_experts: int, t: torch.Tensor) -> bool:
+    """Can a step on t's device route without reading the picks on the host (so be graphed)?
+    The picked experts' kernels take any expert count; the dense torch path only a few."""
+    return n_experts <= DENSE_MAX_EXPERTS or use_triton(t)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -58,7 +64,7 @@ class Expert(nn.Module):
             from kernels import expert_mlp
 
             x = x.to(w1.dtype)
-            if expert_mlp.runs(x, w1, w3, w2):  # the dense MoE's kernels on one expert: its bits
+            if expert_mlp.runs(x, w1, w3, w2):  # the products picked_experts.py runs: its bits
                 return expert_mlp.expert_down(expert_mlp.expert_up(x, w1[None], w3[None], self.limit), w2[None])[0]
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
 
@@ -95,8 +101,8 @@ class MoE(nn.Module):
         self._tie_experts()
 
     def _tie_experts(self) -> None:
-        """Make the routed experts' w1, w3 and w2 views of one [E, ...] tensor each, so the dense
-        path's kernels (kernels/expert_mlp.py) read every expert in one launch. The checkpoint
+        """Make the routed experts' w1, w3 and w2 views of one [E, ...] tensor each, so the picked
+        experts' kernels (kernels/picked_experts.py) reach any expert from one base. The checkpoint
         names stay per expert, and loading copies into the views, hence into the stacks."""
         self._stacks = {}
         for name in ("w1", "w3", "w2"):
@@ -114,7 +120,7 @@ class MoE(nn.Module):
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(w1, w3, w2) as [E, ...] tensors, or None if a parameter no longer views its stack
-        (replaced rather than copied into): then the dense path runs expert by expert."""
+        (replaced rather than copied into): then the experts run one by one."""
         for name, stack in self._stacks.items():
             for i, e in enumerate(self.experts):
                 w = getattr(e, name).weight
@@ -123,15 +129,20 @@ class MoE(nn.Module):
         return self._stacks["w1"], self._stacks["w3"], self._stacks["w2"]
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, dense: bool = False) -> torch.Tensor:
-        """`dense`: every expert runs on every token and the unpicked ones are weighted 0 (same
-        bits, see _routed_dense); for a decode step captured in a CUDA graph, which cannot ask
-        the host which experts were picked."""
+        """`dense`: the picks stay on the device (a decode step captured in a CUDA graph, which
+        cannot ask the host which experts were picked). On the kernel path so does an eager call
+        of few rows (a decode batch beside a prefill chunk): no host sync, and four launches
+        where the routed path takes two per expert. Same bits every way."""
         experts, weights = self.gate(x, token_ids)
-        if not dense and x.shape[0] <= DENSE_MAX_ROWS and len(self.experts) <= DENSE_MAX_EXPERTS and use_triton(x):
-            # an eager step of few rows (a decode batch beside a prefill chunk): the grouped kernels
-            # take two launches and no host sync where the routed path takes two per expert and
-            # reads the picks on the host; the same bits either way (kernels/expert_mlp.py)
-            dense = True
+        if use_triton(x) and (dense or x.shape[0] <= DEVICE_MAX_ROWS):
+            stacks, shared = self._stacked(), self.shared_experts
+            shared_weights = (shared.w1.weight, shared.w3.weight, shared.w2.weight)
+            # the kernels run the shared expert as one more group: it must be as wide as the others
+            if stacks is not None and shared_weights[0].shape == stacks[0].shape[1:]:
+                from kernels import picked_experts
+
+                if picked_experts.runs(x, *stacks, *shared_weights):  # x in the weights' dtype
+                    return picked_experts.moe(x, stacks, shared_weights, experts, weights, shared.limit)
         routed = self._routed_dense(x, experts, weights) if dense else self._routed(x, experts, weights)
         return routed + self.shared_experts(x)
 
@@ -153,23 +164,15 @@ class MoE(nn.Module):
         return routed
 
     def _routed_dense(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """_routed's bits without reading the picks on the host. A token's expert output does not
-        depend on the other rows (numerics.linear), an unpicked expert adds y * 0 = 0 (outputs are
-        finite: SwiGLU is clamped), and the picked ones are added in the same order (expert, then
-        slot). Reads every expert's weights per step: graphed decode steps use it only for
-        presets with at most DENSE_MAX_EXPERTS experts."""
+        """_routed's bits without reading the picks on the host, where the picked experts'
+        kernels do not run. A token's expert output does not depend on the other rows
+        (numerics.linear), an unpicked expert adds y * 0 = 0 (outputs are finite: SwiGLU is
+        clamped), and the picked ones are added in the same order (expert, then slot). Reads
+        every expert's weights per step: for presets of at most DENSE_MAX_EXPERTS experts."""
         # per slot and expert, the slot's weight where it picked the expert, else 0: [N, k, E],
         # built once per call instead of a compare, select and cast per slot and expert
         ids = torch.arange(len(self.experts), device=x.device)
         table = torch.where(experts[:, :, None] == ids, weights[:, :, None], 0.0)
-        stacks = self._stacked() if use_triton(x) else None
-        if stacks is not None:
-            from kernels import expert_mlp
-
-            w1, w3, w2 = stacks
-            if expert_mlp.runs(x, w1, w3, w2):  # x in the weights' dtype, as the routed sum needs
-                # all experts in two launches: Expert.forward's kernels, so _routed's bits
-                return expert_mlp.expert_down(expert_mlp.expert_up(x, w1, w3, self.experts[0].limit), w2, table)
         routed = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             routed = add_weighted(routed, expert(x), table[:, :, e])
