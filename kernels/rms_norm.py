@@ -30,7 +30,8 @@ GPU_ROWS, INTERPRETER_ROWS = 1, 16
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, d, x_row_stride, out_row_stride, eps,
-                     ROWS: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, BF16: tl.constexpr):
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, BF16: tl.constexpr,
+                     OUT_BF16: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_ok = (r < n_rows)[:, None]
     r = r.to(tl.int64)
@@ -46,27 +47,35 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, d, x_row_stride, out_row_str
         y = load_f32(x_rows + start + offs, ok, BF16) * rs
         if HAS_W:
             y = tl.load(w_ptr + start + offs, mask=start + offs < d, other=0.0) * y
-        store_f32(out_rows + start + offs, y, ok, BF16)
+        store_f32(out_rows + start + offs, y, ok, OUT_BF16)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """As numerics.rms_norm over the last dim (float32 or BF16 x; weight float32 or None): one
-    launch where the kernel runs, the reference otherwise."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """As numerics.rms_norm over the last dim of x.to(out_dtype) (float32 or BF16 x; weight
+    float32 or None): one launch where the kernel runs, the reference otherwise. `out_dtype`
+    float32 for BF16 x (mHC normalises its BF16 streams in float32) saves the upcast's launch:
+    the kernel widens what it loads, exactly as the upcast would."""
     d = x.shape[-1]
+    out_dtype = out_dtype or x.dtype
     if weight is not None and weight.shape != (d,):
         raise ValueError(f"rms_norm: weight {list(weight.shape)} does not match the last dim {d}")
-    if not use_triton(x) or x.dtype not in (torch.float32, torch.bfloat16) or d == 0:
-        return reference(x, weight, eps)
+    kinds = (torch.float32, torch.bfloat16)
+    if not use_triton(x) or x.dtype not in kinds or out_dtype not in kinds or d == 0:
+        return reference(x.to(out_dtype), weight, eps)
     rows = x.reshape(-1, d)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     if rows.shape[0]:
-        bf16 = x.dtype == torch.bfloat16  # handed over as int16 bits (quantize.load_f32)
-        xs, outs = (rows.view(torch.int16), out.view(torch.int16)) if bf16 else (rows, out)
+        # BF16 is handed over as int16 bits (quantize.load_f32 / store_f32)
+        bf16, out_bf16 = x.dtype == torch.bfloat16, out_dtype == torch.bfloat16
+        xs = rows.view(torch.int16) if bf16 else rows
+        outs = out.view(torch.int16) if out_bf16 else out
         w = weight.float().contiguous() if weight is not None else rows  # unread without HAS_W
         per = GPU_ROWS if x.is_cuda else INTERPRETER_ROWS
         _rms_norm_kernel[(triton.cdiv(rows.shape[0], per),)](
             xs, w, outs, rows.shape[0], d, rows.stride(0), out.stride(0), eps,
-            ROWS=per, BLOCK=min(triton.next_power_of_2(d), MAX_BLOCK), HAS_W=weight is not None, BF16=bf16)
+            ROWS=per, BLOCK=min(triton.next_power_of_2(d), MAX_BLOCK), HAS_W=weight is not None, BF16=bf16,
+            OUT_BF16=out_bf16)
     return out.view(x.shape)

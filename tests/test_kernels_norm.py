@@ -40,6 +40,15 @@ def test_rms_norm_kernel_matches_the_reference(triton_mode, shape, dtype, weight
     assert torch.equal(K.rms_norm(flat[1:2], w, 1e-6), got.reshape(-1, shape[-1])[1:2])
 
 
+def test_bf16_rows_normalised_into_float32_are_the_upcast_rows_bits(triton_mode):
+    """mHC normalises its BF16 streams in float32: widening as the kernel loads gives the bits of
+    normalising the upcast rows, without the upcast's launch."""
+    x = rows((5, 3000), torch.bfloat16, seed=2)
+    got = K.rms_norm(x, None, 1e-6, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, K.rms_norm(x.float(), None, 1e-6))
+    check_close(got, reference(x.float(), None, 1e-6))
+
+
 def test_rms_norm_kernel_reads_strided_rows_and_uses_eps(triton_mode):
     x = rows((6, 96), torch.float32, seed=1)[:, 16:80]  # rows with a stride of 96
     check_close(K.rms_norm(x, None, 1e-6), reference(x, None, 1e-6))

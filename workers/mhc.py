@@ -23,7 +23,7 @@ def hc_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scal
                iters: int, hc_eps: float, norm_eps: float):
     """Returns pre [N, hc], post [N, hc], comb [N, hc, hc] (comb[j, k]: from stream j to k)."""
     N, hc, d = streams.shape
-    mix = project(rms_norm(streams.reshape(N, hc * d).float(), None, norm_eps), fn.float())
+    mix = project(rms_norm(streams.reshape(N, hc * d), None, norm_eps, torch.float32), fn.float())
     if use_triton(mix):  # one launch instead of ~6 * iters small operations (kernels/hc_sinkhorn.py)
         from kernels.hc_sinkhorn import hc_mix as hc_mix_kernel
 
@@ -53,6 +53,6 @@ def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: 
             hc_eps: float, norm_eps: float) -> torch.Tensor:
     """Final collapse of the streams before the output norm."""
     N, hc, d = streams.shape
-    mix = project(rms_norm(streams.reshape(N, hc * d).float(), None, norm_eps), fn.float())
+    mix = project(rms_norm(streams.reshape(N, hc * d), None, norm_eps, torch.float32), fn.float())
     pre = pointwise(torch.sigmoid, mix * scale.float() + base.float()) + hc_eps
     return collapse(streams, pre)

@@ -11,14 +11,15 @@ from kernels.dispatch import use_triton
 from kernels.numerics import linear
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """numerics.rms_norm; one launch on the kernel path (kernels/rms_norm.py), within float32
-    rounding of it (a decode step normalises 30 times, 7-8 kernels each in torch)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """numerics.rms_norm of x.to(out_dtype); one launch on the kernel path (kernels/rms_norm.py),
+    within float32 rounding of it (a decode step normalises 30 times, 7-8 kernels each in torch)."""
     if use_triton(x):
         from kernels.rms_norm import rms_norm as rms_norm_kernel
 
-        return rms_norm_kernel(x, weight, eps)
-    return numerics.rms_norm(x, weight, eps)
+        return rms_norm_kernel(x, weight, eps, out_dtype)
+    return numerics.rms_norm(x.to(out_dtype or x.dtype), weight, eps)
 
 
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
