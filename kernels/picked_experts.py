@@ -32,6 +32,9 @@ from .quantize import as_operand, load_f32, round_f32, store_f32
 GPU_TILES = ((16, 256, 32), (16, 128, 32))
 GPU_LAUNCH = {"num_warps": 4, "num_stages": 3}
 COMBINE_BLOCK = 1024  # columns of a row a program of the sum takes (8 a thread of its 4 warps)
+# (row, slot) pairs the one grouping program sorts in registers: a decode step's (128 rows of up
+# to 8 picks); a prefill chunk's thousands of rows go expert by expert (workers/moe.py)
+MAX_PAIRS = 1024
 
 
 @triton.jit
@@ -158,6 +161,8 @@ def group_picks(experts: torch.Tensor, weights: torch.Tensor, n_experts: int) ->
     """picked_experts_ref.group_picks in one launch (its outputs, plus the scratch `pos`)."""
     M, k = experts.shape
     P, G = M * k, min(n_experts, M * k)
+    if not 0 < P <= MAX_PAIRS:
+        raise ValueError(f"picked experts: {M} rows x {k} picks is not 1 to {MAX_PAIRS} pairs")
     ints = torch.empty(3 * P + 2 * G + 1, dtype=torch.int32, device=experts.device)
     out = dict(zip(("order", "pos", "by_row", "start", "expert"), ints.split([P, P, P, G + 1, G])))
     out["by_row"] = out["by_row"].view(M, k)

@@ -85,6 +85,22 @@ def test_picked_experts_give_the_routed_moe_bits(layer, dtype, monkeypatch):
     assert calls == [1, 1, 4, 4, 12, 12]
 
 
+def test_models_route_on_the_device_where_a_graph_can(monkeypatch):
+    """Graphs need the picks on the device: a few experts run dense anywhere; more need the
+    picked experts' kernels, with a shared expert as wide as the routed ones and a decode
+    bucket's picks within what their grouping program sorts (128 rows x 16 picks are not)."""
+    from workers.moe import routes_on_device
+
+    many = ModelConfig(**{**TINY.model_dump(), "n_routed_experts": 32, "name": "many-experts"})
+    wide_shared = ModelConfig(**{**many.model_dump(), "n_shared_experts": 2, "name": "wide-shared"})
+    many_picks = ModelConfig(**{**many.model_dump(), "num_experts_per_tok": 16, "name": "many-picks"})
+    t = torch.zeros(1)
+    monkeypatch.setenv("V4SERVE_KERNELS", "torch")
+    assert routes_on_device(TINY, t) and not routes_on_device(many, t)
+    monkeypatch.setenv("V4SERVE_KERNELS", "triton")
+    assert routes_on_device(many, t) and not routes_on_device(wide_shared, t) and not routes_on_device(many_picks, t)
+
+
 def test_moe_experts_stay_views_of_their_stacks_through_moves_and_loads(monkeypatch):
     """The picked experts' kernels read the stacks: a dtype move re-ties them, a copy into an
     expert's weight shows in its stack, and a weight replaced outright makes the MoE go expert by

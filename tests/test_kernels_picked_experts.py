@@ -91,6 +91,9 @@ def test_picked_experts_reject_mismatched_operands(triton_mode):
         picked_experts.moe(x, routed, shared, experts[:, :1], weights, 1.0)
     with pytest.raises(ValueError, match="kernel path"):
         picked_experts.moe(x.double(), routed, shared, experts, weights, 1.0)
+    many = torch.zeros(picked_experts.MAX_PAIRS // 2 + 1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="pairs"):  # one program sorts them all: a decode step's
+        picked_experts.group_picks(many, many.float(), 4)
 
 
 @pytest.mark.gpu

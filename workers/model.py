@@ -159,11 +159,12 @@ class V4Model(nn.Module):
         """The graphs for this step, or None to run it eagerly: not a decode step (one token per
         request), more requests than the largest bucket, graphs off (`cuda_graphs`, or
         V4SERVE_CUDA_GRAPHS=0), no GPU, or an MoE that would read its picks on the host
-        (moe.routes_on_device). Tests may set `graphs` themselves (DecodeGraphs(capture=False) runs the same pieces without graphs)."""
+        (moe.routes_on_device). Tests may set `graphs` themselves (DecodeGraphs(capture=False)
+        runs the same pieces without graphs)."""
         if all_logits or not self.cuda_graphs or bucket(len(segments)) is None or any(s.length != 1 for s in segments):
             return None
         if self.graphs is None:
-            if not (graphs_enabled() and self.head.weight.is_cuda and routes_on_device(self.cfg.n_routed_experts, self.head.weight)):
+            if not (graphs_enabled() and self.head.weight.is_cuda and routes_on_device(self.cfg, self.head.weight)):
                 return None
             self.graphs = DecodeGraphs(capture=True)
         return self.graphs

@@ -27,10 +27,18 @@ DENSE_MAX_EXPERTS = 16
 DEVICE_MAX_ROWS = 128
 
 
-def routes_on_device(n_experts: int, t: torch.Tensor) -> bool:
+def routes_on_device(cfg: ModelConfig, t: torch.Tensor) -> bool:
     """Can a step on t's device route without reading the picks on the host (so be graphed)?
-    The picked experts' kernels take any expert count; the dense torch path only a few."""
-    return n_experts <= DENSE_MAX_EXPERTS or use_triton(t)
+    The dense torch path takes a few experts; the picked experts' kernels any count, with a
+    shared expert as wide as the routed ones (they run it as one more group) and the picks of
+    DEVICE_MAX_ROWS rows (the largest decode bucket) within what their one grouping program sorts."""
+    if cfg.n_routed_experts <= DENSE_MAX_EXPERTS:
+        return True
+    if not use_triton(t) or cfg.n_shared_experts != 1:
+        return False
+    from kernels.picked_experts import MAX_PAIRS
+
+    return cfg.num_experts_per_tok * DEVICE_MAX_ROWS <= MAX_PAIRS
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -135,14 +143,15 @@ class MoE(nn.Module):
         where the routed path takes two per expert. Same bits every way."""
         experts, weights = self.gate(x, token_ids)
         if use_triton(x) and (dense or x.shape[0] <= DEVICE_MAX_ROWS):
+            from kernels import picked_experts
+
             stacks, shared = self._stacked(), self.shared_experts
             shared_weights = (shared.w1.weight, shared.w3.weight, shared.w2.weight)
-            # the kernels run the shared expert as one more group: it must be as wide as the others
-            if stacks is not None and shared_weights[0].shape == stacks[0].shape[1:]:
-                from kernels import picked_experts
-
-                if picked_experts.runs(x, *stacks, *shared_weights):  # x in the weights' dtype
-                    return picked_experts.moe(x, stacks, shared_weights, experts, weights, shared.limit)
+            # the kernels run the shared expert as one more group: it must be as wide as the
+            # others; x must be in the weights' dtype, as the sum needs
+            if (stacks is not None and shared_weights[0].shape == stacks[0].shape[1:]
+                    and experts.numel() <= picked_experts.MAX_PAIRS and picked_experts.runs(x, *stacks, *shared_weights)):
+                return picked_experts.moe(x, stacks, shared_weights, experts, weights, shared.limit)
         routed = self._routed_dense(x, experts, weights) if dense else self._routed(x, experts, weights)
         return routed + self.shared_experts(x)
 
