@@ -33,8 +33,10 @@ from .quantize import as_operand, load_f32, round_f32, store_f32
 # 16 x 128 x 32 down tiles (16 x 256 x 16 up, 16 x 256 x 32 down: 23.5 + 16.6 and 33.7 + 20.1;
 # 4 warps, 3 stages; 8 warps, other stages and 512-wide reductions no faster); 2,048 rows 0.30 +
 # 0.33 ms with 64 x 64 up and 32 x 128 x 64 down tiles (32 x 128: 0.86 + 0.40). Float32 (tests and
-# debugging) keeps one shape. The interpreter takes whole-width tiles: its cost is per program and
-# per loop step; it sums each tile's reduction in numpy's order, so its tiles stay fixed.
+# debugging) keeps one shape. (The down timings are from when it looped over the experts in one
+# program per tile and added the picks; picked_experts.py does that now.) The interpreter takes
+# whole-width tiles: its cost is per program and per loop step; it sums each tile's reduction in
+# numpy's order, so its tiles stay fixed (picked_experts.py takes the same).
 FEW_ROWS = 32
 GPU_TILES_FEW = ((16, 256, 32), (16, 128, 32))
 GPU_TILES_MANY = ((64, 64, 32), (32, 128, 64))

@@ -1,10 +1,11 @@
 """The MoE's elementwise steps in one launch each (reference: moe_elementwise_ref.py).
 
-A decode step of the flash-attn preset runs every expert on every row (workers/moe.py, the dense
-MoE a CUDA graph needs), and around each expert's three matmuls the reference spends four small
-operations on the SwiGLU (two clamps, silu, product) and, per slot, four more on adding the
-weighted output (compare, select, cast, product, sum): about 20 kernels per expert, some 650 of
-the 1,700 a batch-1 step runs on the GPU (kernels/RESULTS.md). Here each is one launch.
+Around each expert's three matmuls the reference spends four small operations on the SwiGLU (two
+clamps, silu, product) and, per slot, four more on adding the weighted output (compare, select,
+cast, product, sum): when a decode step ran every expert on every row, about 20 kernels per
+expert, some 650 of the 1,700 a batch-1 step ran on the GPU (kernels/RESULTS.md). Here each is
+one launch; `swiglu_f32` and `add_slot` are also the epilogues of the expert kernels
+(expert_mlp.py, picked_experts.py).
 
 Bit-exact with torch's CUDA operations (the GPU test checks it): the same float32 arithmetic
 with floating-point contraction off, the same round-to-nearest-even casts (done on the bits, as

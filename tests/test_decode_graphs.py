@@ -2,9 +2,9 @@
 
 A graphed step differs from an eager one in three ways, each checked here against the eager path:
 rows padded to a bucket, the MoE's picks kept on the device (the picked experts' kernels, or
-every expert on every row) and, on a GPU, replayed graphs. On the CPU the first two run without graphs (DecodeGraphs(capture=False)) and must give
-the eager step's bits exactly; on a GPU the replayed graphs must give the bits of the same pieces
-run eagerly.
+every expert on every row) and, on a GPU, replayed graphs. On the CPU the first two run without
+graphs (DecodeGraphs(capture=False)) and must give the eager step's bits exactly; on a GPU the
+replayed graphs must give the bits of the same pieces run eagerly.
 """
 
 from collections import Counter

@@ -1,7 +1,7 @@
-"""The grouped expert kernels (kernels/expert_mlp.py) against per-expert matmuls with the MoE's
+"""The expert kernels (kernels/expert_mlp.py) against per-expert matmuls with the MoE's
 elementwise reference: within float32 rounding (cuBLAS / MKL sum in another order), and
 row-invariant exactly: an expert run on a subset of rows (the routed MoE) gives those rows the
-bits they get with all rows (the dense MoE)."""
+bits they get with all rows."""
 
 import pytest
 import torch
@@ -49,7 +49,8 @@ def test_expert_kernels_match_per_expert_matmuls(triton_mode, dtype, M, E, I, D)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_expert_on_some_rows_gives_those_rows_the_bits_of_all_rows(triton_mode, dtype):
-    """The routed MoE runs expert e on the rows that picked it, the dense one on every row."""
+    """The routed MoE runs expert e on the rows that picked it; the same kernels on other rows (a
+    bigger batch, another bucket) must give those rows the same bits."""
     E, I, D, M = 3, 32, 128, 70  # 70 rows: two row blocks; the subsets fall across them
     w1, w3, w2 = weights(E, I, D, dtype, seed=1)
     x = (torch.randn(M, D) * 2).to(dtype)
