@@ -130,9 +130,12 @@ class MoE(nn.Module):
         """(w1, w3, w2) as [E, ...] tensors, or None if a parameter no longer views its stack
         (replaced rather than copied into): then the experts run one by one."""
         for name, stack in self._stacks.items():
+            # expert i's slice by address arithmetic: indexing the stack would dispatch a view per
+            # expert and weight on every eager call (192 of a flash-attn step's operations)
+            base, step, shape = stack.data_ptr(), stack.stride(0) * stack.element_size(), stack.shape[1:]
             for i, e in enumerate(self.experts):
                 w = getattr(e, name).weight
-                if w.data_ptr() != stack[i].data_ptr() or w.shape != stack[i].shape or w.dtype != stack.dtype:
+                if w.data_ptr() != base + i * step or w.shape != shape or w.dtype != stack.dtype:
                     return None
         return self._stacks["w1"], self._stacks["w3"], self._stacks["w2"]
 
