@@ -174,6 +174,15 @@ def group_picks(experts: torch.Tensor, weights: torch.Tensor, n_experts: int) ->
     return out
 
 
+def takes(x: torch.Tensor, routed: tuple[torch.Tensor, ...], shared: tuple[torch.Tensor, ...],
+          experts: torch.Tensor) -> bool:
+    """Whether `moe` runs these operands rather than refusing them: the kernel path with one float
+    dtype, a shared expert as wide as the routed ones (it runs as one more group) and at most
+    MAX_PAIRS picks (one program groups them)."""
+    return (runs(x, *routed, *shared) and shared[0].shape == routed[0].shape[1:]
+            and 0 < experts.numel() <= MAX_PAIRS)
+
+
 def moe(x: torch.Tensor, routed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor], experts: torch.Tensor, weights: torch.Tensor,
         limit: float) -> torch.Tensor:

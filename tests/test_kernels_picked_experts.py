@@ -83,15 +83,20 @@ def test_picked_experts_reject_mismatched_operands(triton_mode):
     shared = [w[0] for w in expert_weights(1, 16, 32, torch.float32, seed=3)]
     x = torch.randn(3, 32)
     experts, weights = picks(3, 2, 4, seed=3)
+    assert picked_experts.takes(x, routed, shared, experts)
     with pytest.raises(ValueError, match="do not match"):
         picked_experts.moe(x[:, :16], routed, shared, experts, weights, 1.0)
+    narrow = [w[:8] for w in shared[:2]] + [shared[2][:, :8]]
+    assert not picked_experts.takes(x, routed, narrow, experts)  # the MoE runs it another way
     with pytest.raises(ValueError, match="do not match"):  # a shared expert of another width
-        picked_experts.moe(x, routed, [w[:8] for w in shared[:2]] + [shared[2][:, :8]], experts, weights, 1.0)
+        picked_experts.moe(x, routed, narrow, experts, weights, 1.0)
     with pytest.raises(ValueError, match="both"):
         picked_experts.moe(x, routed, shared, experts[:, :1], weights, 1.0)
+    assert not picked_experts.takes(x.double(), routed, shared, experts)
     with pytest.raises(ValueError, match="kernel path"):
         picked_experts.moe(x.double(), routed, shared, experts, weights, 1.0)
     many = torch.zeros(picked_experts.MAX_PAIRS // 2 + 1, 2, dtype=torch.long)
+    assert not picked_experts.takes(x, routed, shared, many)
     with pytest.raises(ValueError, match="pairs"):  # one program sorts them all: a decode step's
         picked_experts.group_picks(many, many.float(), 4)
 

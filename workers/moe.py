@@ -150,10 +150,7 @@ class MoE(nn.Module):
 
             stacks, shared = self._stacked(), self.shared_experts
             shared_weights = (shared.w1.weight, shared.w3.weight, shared.w2.weight)
-            # the kernels run the shared expert as one more group: it must be as wide as the
-            # others; x must be in the weights' dtype, as the sum needs
-            if (stacks is not None and shared_weights[0].shape == stacks[0].shape[1:]
-                    and experts.numel() <= picked_experts.MAX_PAIRS and picked_experts.runs(x, *stacks, *shared_weights)):
+            if stacks is not None and picked_experts.takes(x, stacks, shared_weights, experts):
                 return picked_experts.moe(x, stacks, shared_weights, experts, weights, shared.limit)
         routed = self._routed_dense(x, experts, weights) if dense else self._routed(x, experts, weights)
         return routed + self.shared_experts(x)
