@@ -356,9 +356,10 @@ if gluon is not None:
     # a row are added as gl.sum's butterfly adds them, lanes q and q ^ 2 first, (p0 + p2) + (p1 + p3),
     # but each add in the lane that keeps the row: the same sums, so the same bits, and one key a
     # thread a step instead of four (sm_90a, with _block_scale's integer max: 634 instructions a step
-    # against 706; H100, 1M x 32: 8-10% less time, kernels/RESULTS.md, twelfth session). The two-page scorer swaps the halves by
-    # explicit shuffles: the same exchange written as one gl.convert_layout compiled to a shared
-    # store and an ldmatrix a warp, and its keys were not the Triton scan's on the H100.
+    # against 706; H100, 1M x 32: 8-10% less time, kernels/RESULTS.md, twelfth session). The
+    # two-page scorer swaps the halves by explicit shuffles: the same exchange written as one
+    # gl.convert_layout compiled to a shared store and an ldmatrix a warp, and its keys were not the
+    # Triton scan's on the H100.
     @gluon.jit
     def _head_partials(acc, w8):
         """A page's ReLU'd, weighted heads [64, HP] summed by each lane over its own columns, in

@@ -25,9 +25,10 @@ H100, HCA at 1M x 32 queries: 0.17 ms against the Triton kernel's 0.31; CSA (640
 at the flash-attn preset) 0.019 ms at batch 1 and 0.022 at batch 32 against 0.032 and 0.040
 (kernels/RESULTS.md, with what each part costs). Numerics are sparse_decode's: keys decoded
 exactly to BF16, scores and softmax in float32 scaled by D**-0.5, the unnormalised probabilities
-rounded to BF16 for P K with a float32 accumulator, the sum taken from the unrounded ones. The float32 sums run in another order
-than the Triton kernel's (tiles of 64 keys, not 128), so the two agree within sparse_decode's
-tolerance of the reference, not bit for bit; a process runs one of them for every request.
+rounded to BF16 for P K with a float32 accumulator, the sum taken from the unrounded ones. The
+float32 sums run in another order than the Triton kernel's (tiles of 64 keys, not 128), so the
+two agree within sparse_decode's tolerance of the reference, not bit for bit; a process runs one
+of them for every request.
 
 Two schedules (SCHEDULE). "lockstep" (`_lockstep_split`) has every warp load, decode, score
 and accumulate, so decode, scores, softmax and output product follow each other once per tile,
