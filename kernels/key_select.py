@@ -77,12 +77,21 @@ def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_str
     hi = (key >> 32) + 2147483648  # the score half, in unsigned order
     lo = key & 4294967295  # the entry half
     everyone = i >= 0
-    # the K-th largest score half, and how many of the keys holding it are still needed
+    # the K-th largest score half, and how many of the keys holding it are still needed. The
+    # rounds stop once the digits found so far hold exactly the keys still needed: T's lower
+    # digits stay 0, the least the digits found allow, so the keys above or equal to it below
+    # are those found and all of them are taken. They never start when the K-th key is a
+    # sentinel (score half 0, the least): the chunks of a padded decode row or a short row are
+    # all sentinels, which eight rounds would not split.
     hi_t = tl.full([], 0, tl.int64)
-    need = tl.full([], K, tl.int32)
-    tied = tl.full([], 0, tl.int32)
+    live = tl.sum((hi > 0).to(tl.int32), 0)
+    done = (live < K).to(tl.int32)
+    need = tl.where(live < K, K - live, K)
+    tied = tl.where(live < K, CHUNK - live, 0)
     for rnd in tl.static_range(8):
-        hi_t, need, tied = _radix_round(hi, everyone, hi_t, need, 28 - 4 * rnd)
+        if done == 0:
+            hi_t, need, tied = _radix_round(hi, everyone, hi_t, need, 28 - 4 * rnd)
+            done = (need == tied).to(tl.int32)
     # the entry half when more keys share that score than are needed; lo_t = -1 takes them all
     lo_t = tl.full([], -1, tl.int64)
     n_tie = tl.full([], 0, tl.int32)
