@@ -1,10 +1,11 @@
 """The indexer's top-k: the radix-select kernel (kernels/key_select.py) against torch.topk
 (indexer_topk.topk_of_keys, then the entries' -1 mapping), both replayed from CUDA graphs.
 
-    python -m load_tests.bench_key_select [--rows 1,2,4,8,32] [--widths 8192,32768,49152,262144]
+    python -m load_tests.bench_key_select [--rows 1,2,4,8,32] [--widths 8192,32768,49152,262144] [--live 1]
 
 Keys are the scan's int64 keys of random scores (every column visible), k = 512 (flash-attn's
-top-k). Prints ms per call of each and their ratio, then one JSON line. indexer_topk takes the
+top-k). `--live L`: only the first L rows see every column, the others one (a decode bucket's
+padded rows, at position 0: their chunks are all sentinels). Prints ms per call of each and their ratio, then one JSON line. indexer_topk takes the
 kernel where key_select.kernel_wins says so; this is the measurement behind that rule.
 """
 
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,32")
     ap.add_argument("--widths", default="8192,32768,49152,262144,393216")
     ap.add_argument("--k", type=int, default=512)
+    ap.add_argument("--live", type=int, default=0, help="rows that see every column (0: all of them)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -35,7 +37,8 @@ def main() -> None:
         for S in map(int, a.rows.split(",")):
             g = torch.Generator(device="cuda").manual_seed(n + S)
             scores = torch.randn(S, n, device="cuda", generator=g)
-            keys = R.keys_of_scores(scores, torch.full((S,), n))
+            live = a.live or S
+            keys = R.keys_of_scores(scores, torch.tensor([n] * min(live, S) + [1] * max(S - live, 0)))
             want = R.select_entries(keys, a.k)
             if not torch.equal(KS.select_entries(keys, a.k), want):
                 raise SystemExit(f"kernel picks differ from torch.topk at rows={S} keys={n}")
@@ -48,7 +51,7 @@ def main() -> None:
             for name, fn in (("kernel", lambda: KS.select_entries(keys, a.k)), ("torch", torch_path)):
                 cuda_time(fn)
                 timed[name] = graph_time(fn) * 1e3
-            rows.append({"rows": S, "keys": n, "kernel_ms": timed["kernel"], "torch_ms": timed["torch"]})
+            rows.append({"rows": S, "live": min(live, S), "keys": n, "kernel_ms": timed["kernel"], "torch_ms": timed["torch"]})
             print(f"{S:>5} {n:>7} {timed['kernel']:>10.4f} {timed['torch']:>9.4f} "
                   f"{timed['torch'] / timed['kernel']:>12.2f}", flush=True)
     print(json.dumps({"device": torch.cuda.get_device_name(), "k": a.k, "select": rows}))
