@@ -11,19 +11,25 @@ the 64-bit keys; at 128K (32K keys) a CSA layer's selection took 150 us of the s
 in three launches (gatherTopK over four 8K pieces, then over their picks, then the picks' sort).
 
 How: a program loads a chunk of 2,048 keys of one row into registers, once, and finds the
-chunk's k-th largest key T by radix select, 4 bits a round (tl.histogram of the digit among the
-keys still tied with T's known digits: 16 bins cost a warp a few ballots, not a bin table): 8
-rounds over the score half, then 8 over the entry half only when more visible keys share T's
-score than are still needed (a tie among the invisible columns' sentinels takes any of them, as
-all give -1). It keeps the keys above T and the first of those equal to T. A row longer than a
-chunk goes in levels: every chunk keeps its top k (the row's top k are among them), a quarter of
-its keys at k = 512, so 32K keys take three launches and 256K five. The last level's one program
-per row sorts its k keys (tl.sort) and writes their entries (-1 for a sentinel or a non-finite
-score), what indexer_topk returns, so no further kernel runs.
+k-th largest score half T among them by radix select over the score half as a uint32, 4 bits a
+round (tl.histogram of the digit among the keys still tied with T's known digits: 16 bins cost a
+warp a few ballots, not a bin table; 8-bit digits took twice the barriers and were slower on an
+H100): up to 8 rounds, ending early once the digits found hold exactly the keys still needed, or
+before the first when the k-th key is a sentinel. It keeps the keys whose score half is above T
+and, of those equal to T, the first ones in the chunk's order. A row's keys lie in column order,
+the scan's entry half falls as the column rises, and each level keeps its picks in that order,
+so the first of the keys tied on T are those with the largest entry halves: torch.topk's picks
+with no rounds over the entry half (which ties on the score, common in the indexer's ReLU'd
+sums, used to cost eight more). A row longer than a chunk goes in levels: every chunk keeps its
+top k (the row's top k are among them), a quarter of its keys at k = 512, so 32K keys take three
+launches and 256K five. The last level's one program per row sorts its k keys (tl.sort) and
+writes their entries (-1 for a sentinel or a non-finite score), what indexer_topk returns, so no
+further kernel runs.
 
-At 128K and batch 1 a CSA layer's selection now takes about 65 us (three launches) against
-150 us; at 1-8 rows the kernel is 3.0-3.7x torch.topk's speed, at 128 rows of 256K keys 1.1x
-(load_tests/bench_key_select.py, kernels/RESULTS.md).
+On an H100, at 128K and batch 1, a CSA layer's selection takes 35 us on a decode step's keys
+(60 us with the entry-half rounds; torch.topk 150 us); on random keys without ties the kernel is
+1.6-5.8x torch.topk's speed at 1-32 rows of 2K-256K keys (load_tests/bench_key_select.py,
+kernels/RESULTS.md, fifteenth session).
 """
 
 from __future__ import annotations
@@ -39,9 +45,14 @@ from . import key_select_ref
 SENTINEL = tl.constexpr(key_select_ref.SENTINEL)
 # keys a program holds in registers (8 per thread). Swept on an H100 (k = 512, chunk x warps, us):
 # 1 row of 32K keys 8192 x 16 59, 4096 x 8 38, 4096 x 16 35, 2048 x 4 41, 2048 x 8 33; 32 rows of
-# 256K 312 / 306 / 317 / 301 / 283; a program's rounds, not its keys, set its time
+# 256K 312 / 306 / 317 / 301 / 283; a program's rounds, not its keys, set its time. With 32-bit
+# halves and no entry rounds (fifteenth session), 4096 x 8 in the decode step: 1-3% slower than 2048 x 8
 SELECT_CHUNK = 2048
 SELECT_WARPS = 8
+# digit bits a round: 8 rounds of 16 bins over the score half. 8 bits (4 rounds of 256 bins) took
+# 8-17% longer on an H100 (load_tests/bench_key_select.py --bits 4,8): their histograms and scans
+# cost 14 barriers a round to 16 bins' 3
+RADIX_BITS = 4
 INTERPRET_CHUNK = 1024  # the interpreter: small chunks, so the CPU tests take several levels
 # rows up to which the kernel beats torch.topk (kernel_wins). H100, k = 512,
 # `python -m load_tests.bench_key_select`: 1.04-3.7x faster at 1-128 rows of 8K-384K keys (the
@@ -51,71 +62,66 @@ INTERPRET_MAX_ROWS = 8  # the interpreter's cost is per program: a prefill chunk
 
 
 @triton.jit
-def _radix_round(v, match, prefix, need, SHIFT: tl.constexpr):
-    """One radix round over a chunk's halves v: among those agreeing with `prefix` above bit
-    SHIFT + 4 (and `match`), histogram the 4-bit digit at SHIFT and pick the digit d holding the
-    need-th largest. Returns (prefix with d, keys still needed within d, keys of d)."""
-    j = tl.arange(0, 16)
-    agree = match & ((v >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
-    counts = tl.histogram(((v >> SHIFT) & 15).to(tl.int32), 16, mask=agree)
+def _radix_round(v, match, prefix, need, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """One radix round over a chunk's halves v (uint32): among those agreeing with `prefix` above
+    bit SHIFT + BITS (and `match`), histogram the BITS-bit digit at SHIFT and pick the digit d
+    holding the need-th largest. Returns (prefix with d, keys still needed within d, keys of d)."""
+    BINS: tl.constexpr = 1 << BITS
+    j = tl.arange(0, BINS)
+    if SHIFT + BITS < 32:  # a uint32 shifted by 32 is undefined; the first round has no prefix yet
+        agree = match & ((v >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
+    else:
+        agree = match
+    counts = tl.histogram(((v >> SHIFT) & (BINS - 1)).to(tl.int32), BINS, mask=agree)
     at_least = tl.cumsum(counts, 0, reverse=True)  # keys of digit >= j
     d = tl.sum((at_least >= need).to(tl.int32), 0) - 1
     above = tl.sum(tl.where(j == d + 1, at_least, 0), 0)
     tied = tl.sum(tl.where(j == d, counts, 0), 0)
-    return prefix + (d.to(tl.int64) << SHIFT), need - above, tied
+    return prefix | (d.to(tl.uint32) << SHIFT), need - above, tied
 
 
 @triton.jit
 def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_stride,
-                   K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, FINAL: tl.constexpr):
-    """Top K of chunk g of row r. Not FINAL: its K keys, unordered, to dst[r, g K : (g + 1) K].
+                   K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr,
+                   FINAL: tl.constexpr):
+    """Top K of chunk g of row r. Not FINAL: its K keys, in the chunk's order, to dst[r, g K : (g + 1) K].
     FINAL (one chunk per row): the K keys in descending order through dst[r, :K_PAD] (scratch),
     then their entries to out[r, :K]."""
     g, r = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i = g * CHUNK + tl.arange(0, CHUNK)
     key = tl.load(src_ptr + r * src_stride + i, mask=i < n, other=SENTINEL)  # padding ranks last
-    hi = (key >> 32) + 2147483648  # the score half, in unsigned order
-    lo = key & 4294967295  # the entry half
+    # the score half as a uint32 in unsigned order (its sign bit flipped): the rounds shift and
+    # compare 32-bit words, half the registers and instructions of an int64 half
+    hi = ((key >> 32).to(tl.int32) ^ -2147483648).to(tl.uint32, bitcast=True)
     everyone = i >= 0
+    ROUNDS: tl.constexpr = 32 // BITS
     # the K-th largest score half, and how many of the keys holding it are still needed. The
     # rounds stop once the digits found so far hold exactly the keys still needed: T's lower
     # digits stay 0, the least the digits found allow, so the keys above or equal to it below
     # are those found and all of them are taken. They never start when the K-th key is a
     # sentinel (score half 0, the least): the chunks of a padded decode row or a short row are
-    # all sentinels, which eight rounds would not split.
-    hi_t = tl.full([], 0, tl.int64)
+    # all sentinels, which the rounds would not split.
+    hi_t = tl.full([], 0, tl.uint32)
     live = tl.sum((hi > 0).to(tl.int32), 0)
     done = (live < K).to(tl.int32)
     need = tl.where(live < K, K - live, K)
     tied = tl.where(live < K, CHUNK - live, 0)
-    for rnd in tl.static_range(8):
+    for rnd in tl.static_range(ROUNDS):
         if done == 0:
-            hi_t, need, tied = _radix_round(hi, everyone, hi_t, need, 28 - 4 * rnd)
+            hi_t, need, tied = _radix_round(hi, everyone, hi_t, need, 32 - BITS * (rnd + 1), BITS)
             done = (need == tied).to(tl.int32)
-    # the entry half when more keys share that score than are needed; lo_t = -1 takes them all
-    lo_t = tl.full([], -1, tl.int64)
-    n_tie = tl.full([], 0, tl.int32)
-    any_lo = False
-    if need < tied:
-        if hi_t == 0:
-            # the sentinels' score half (or a NaN score's): any n_tie of them will do, all give -1;
-            # a row's invisible tail would otherwise cost every chunk of it 8 more rounds
-            lo_t = tl.full([], 4294967296, tl.int64)
-            any_lo = True
-        else:
-            lo_t = tl.full([], 0, tl.int64)
-            for rnd in tl.static_range(8):
-                lo_t, need, tied = _radix_round(lo, hi == hi_t, lo_t, need, 28 - 4 * rnd)
-        n_tie = need
-    # the keys above T (K - n_tie of them), then the first n_tie keys equal to T (sentinels: the
-    # entry halves of visible keys differ)
-    above = (hi > hi_t) | ((hi == hi_t) & (lo > lo_t))
-    equal = (hi == hi_t) & ((lo == lo_t) | any_lo)
-    a_rank = tl.cumsum(above.to(tl.int32), 0) - 1
+    # The keys above hi_t are all taken, then the first `need` of those equal to it in the chunk's
+    # order: a row's keys lie in column order (the scan's entry half is INT32_MAX - column) and
+    # every level keeps its picks in that order, so those are the keys with the largest entry
+    # halves, torch.topk's picks; no rounds over the entry half. (After an early exit `need` is the
+    # whole bucket, whose keys above hi_t are among those above.) Sentinels tie too: any will do.
+    above = hi > hi_t
+    equal = hi == hi_t
     e_rank = tl.cumsum(equal.to(tl.int32), 0) - 1
+    take = above | (equal & (e_rank < need))
+    rank = tl.cumsum(take.to(tl.int32), 0) - 1
     dst = dst_ptr + r * dst_stride + (0 if FINAL else g * K)
-    tl.store(dst + a_rank, key, mask=above)
-    tl.store(dst + (K - n_tie) + e_rank, key, mask=equal & (e_rank < n_tie))
+    tl.store(dst + rank, key, mask=take)  # in the chunk's order, which the next level relies on
     if FINAL:
         tl.debug_barrier()  # the scratch row's stores, by every thread, before any thread reads it
         c = tl.arange(0, K_PAD)
@@ -146,7 +152,9 @@ def kernel_wins(rows: int, k: int, device: torch.device) -> bool:
 
 def select_entries(keys: torch.Tensor, k: int) -> torch.Tensor:
     """The entries of each row's k largest score keys, in descending key order, -1 where the key
-    is a sentinel or its score is not finite: [S, k] int32 (key_select_ref.select_entries)."""
+    is a sentinel or its score is not finite: [S, k] int32 (key_select_ref.select_entries). The
+    keys are the scan's: key c of a row holds entry c (its entry half INT32_MAX - c), which the
+    kernel's tie-break relies on (module docstring)."""
     S, n = keys.shape
     if not 0 < k <= n:
         raise ValueError(f"k={k} must be in 1..{n} (the row's keys)")
@@ -159,7 +167,7 @@ def select_entries(keys: torch.Tensor, k: int) -> torch.Tensor:
     if k > chunk // 2:
         raise ValueError(f"k={k} is more than half a chunk ({chunk} keys): the levels would not shrink the row")
     k_pad = triton.next_power_of_2(k)
-    consts = dict(K=k, K_PAD=k_pad, CHUNK=chunk, num_warps=SELECT_WARPS)
+    consts = dict(K=k, K_PAD=k_pad, CHUNK=chunk, BITS=RADIX_BITS, num_warps=SELECT_WARPS)
     src = keys
     while src.shape[1] > chunk:  # each level keeps the top k of every chunk: the row's top k survive
         n_chunks = triton.cdiv(src.shape[1], chunk)

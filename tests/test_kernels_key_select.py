@@ -39,7 +39,9 @@ def tied_scores(S: int, n: int, seed: int) -> torch.Tensor:
     (1, 3000, 64, [3000]),             # rows longer than a chunk: a level of chunk picks first
     (2, 5000, 512, [5000, 2100]),      # four levels (the interpreter's chunks are 1,024 keys)
 ])
-def test_picks_equal_torch_topk_with_ties_sentinels_and_odd_sizes(triton_mode, S, n, k, visible):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_picks_equal_torch_topk_with_ties_sentinels_and_odd_sizes(triton_mode, monkeypatch, bits, S, n, k, visible):
+    monkeypatch.setattr(KS, "RADIX_BITS", bits)
     keys = keys_of(tied_scores(S, n, seed=S * n + k), visible)
     got = KS.select_entries(keys, k)
     want = R.select_entries(keys, k)
@@ -48,12 +50,30 @@ def test_picks_equal_torch_topk_with_ties_sentinels_and_odd_sizes(triton_mode, S
         assert int((got[r] >= 0).sum()) == min(k, v)
 
 
-def test_scores_tied_in_every_bit_of_the_score_half_go_to_the_lower_entry(triton_mode):
-    """More keys share the k-th score than are still needed: the entry half decides (phase 1)."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_scores_tied_in_every_bit_of_the_score_half_go_to_the_lower_entry(triton_mode, monkeypatch, bits):
+    """More keys share the k-th score than are still needed: the entry half decides (its rounds)."""
+    monkeypatch.setattr(KS, "RADIX_BITS", bits)
     s = torch.full((1, 400), 0.5)
     s[0, 350:] = 3.0  # 50 above, then 350 tied for the remaining 14 picks
     got = KS.select_entries(keys_of(s, [400]), 64)
     assert torch.equal(got[0], torch.cat([torch.arange(350, 400), torch.arange(0, 14)]).int())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_scores_tied_across_chunks_and_levels_go_to_the_lowest_columns(triton_mode, monkeypatch, bits):
+    """Eight distinct scores over rows of several chunks (the interpreter's are 1,024 keys), as
+    repeated index keys give: the k-th score is tied in every chunk and at every level, and the
+    picks among the tied keys must be the lowest columns. Each level keeps its picks in column
+    order for this; a level that stored the keys above T before the tied ones would not."""
+    monkeypatch.setattr(KS, "RADIX_BITS", bits)
+    g = torch.Generator().manual_seed(11)
+    s = torch.randint(0, 8, (3, 5000), generator=g).float() * 0.5 - 1.0
+    keys = keys_of(s, [5000, 4321, 3000])
+    got = KS.select_entries(keys, 512)
+    assert torch.equal(got, R.select_entries(keys, 512))
+    top = s[0].max()  # the row's best score is held by about 625 keys: the picks are its first 512
+    assert torch.equal(got[0], torch.nonzero(s[0] == top).flatten()[:512].int())
 
 
 def test_non_finite_scores_are_not_picked_as_entries(triton_mode):
@@ -78,7 +98,9 @@ def test_bad_arguments_are_refused(triton_mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("S,n", [(1, 32768), (1, 49152), (2, 262144), (32, 32768), (32, 262144)])
-def test_gpu_flash_attn_sizes(triton_mode, S, n):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_flash_attn_sizes(triton_mode, monkeypatch, bits, S, n):
+    monkeypatch.setattr(KS, "RADIX_BITS", bits)
     scores = tied_scores(S, n, seed=n + S).cuda()
     keys = keys_of(scores, [n - 3 * r for r in range(S)])
     assert torch.equal(KS.select_entries(keys, 512), R.select_entries(keys, 512))
