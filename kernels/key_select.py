@@ -46,7 +46,7 @@ SENTINEL = tl.constexpr(key_select_ref.SENTINEL)
 # keys a program holds in registers (8 per thread). Swept on an H100 (k = 512, chunk x warps, us):
 # 1 row of 32K keys 8192 x 16 59, 4096 x 8 38, 4096 x 16 35, 2048 x 4 41, 2048 x 8 33; 32 rows of
 # 256K 312 / 306 / 317 / 301 / 283; a program's rounds, not its keys, set its time. With 32-bit
-# halves and no entry rounds (fifteenth session), 4096 x 8 in the decode step: 1-3% slower than 2048 x 8
+# halves and no entry rounds (fifteenth session) 4096 x 8 made the decode step 0.5-2% slower
 SELECT_CHUNK = 2048
 SELECT_WARPS = 8
 # digit bits a round: 8 rounds of 16 bins over the score half. 8 bits (4 rounds of 256 bins) took
@@ -84,9 +84,9 @@ def _radix_round(v, match, prefix, need, SHIFT: tl.constexpr, BITS: tl.constexpr
 def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_stride,
                    K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr,
                    FINAL: tl.constexpr):
-    """Top K of chunk g of row r. Not FINAL: its K keys, in the chunk's order, to dst[r, g K : (g + 1) K].
-    FINAL (one chunk per row): the K keys in descending order through dst[r, :K_PAD] (scratch),
-    then their entries to out[r, :K]."""
+    """Top K of chunk g of row r. Not FINAL: its K keys, in the chunk's order (the next level's
+    tie-break needs it), to dst[r, g K : (g + 1) K]. FINAL (one chunk per row): the K keys in
+    descending order through dst[r, :K_PAD] (scratch), then their entries to out[r, :K]."""
     g, r = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i = g * CHUNK + tl.arange(0, CHUNK)
     key = tl.load(src_ptr + r * src_stride + i, mask=i < n, other=SENTINEL)  # padding ranks last

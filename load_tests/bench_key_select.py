@@ -6,12 +6,13 @@
 
 Keys are the scan's int64 keys of random scores (every column visible), k = 512 (flash-attn's
 top-k). `--live L`: only the first L rows see every column, the others one (a decode bucket's
-padded rows, at position 0: their chunks are all sentinels). Prints ms per call of each and their ratio, then one JSON line. indexer_topk takes the
-kernel where key_select.kernel_wins says so; this is the measurement behind that rule. `--bits`:
-the kernel with each digit width (key_select.RADIX_BITS) in turn, one column each, every one's
-picks checked. `--distinct D`: scores are the integers 0 to D - 1 at random, so the k-th
-score is tied in every chunk, as repeated index keys make it (the step section's synthetic states
-repeat 4,096 encoded rows: at 1M 8 distinct scores among a row's top 512).
+padded rows, at position 0: their chunks are all sentinels). `--distinct D`: scores are the
+integers 0 to D - 1 at random, so the k-th score is tied in every chunk, as repeated index keys
+make it (the step section's synthetic states repeat 4,096 encoded rows: at 1M, 8 distinct scores
+among a row's top 512). `--bits`: the kernel with each digit width (key_select.RADIX_BITS) in
+turn, one column each, every one's picks checked against torch.topk. Prints ms per call of each
+and torch.topk's time over the best, then one JSON line. indexer_topk takes the kernel where
+key_select.kernel_wins says so; this is the measurement behind that rule.
 """
 
 from __future__ import annotations
