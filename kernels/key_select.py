@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from . import key_select_ref
+from .grid_dependency import as_dependent, begin_dependent
 
 SENTINEL = tl.constexpr(key_select_ref.SENTINEL)
 # keys a program holds in registers (8 per thread). Swept on an H100 (k = 512, chunk x warps, us):
@@ -83,10 +84,11 @@ def _radix_round(v, match, prefix, need, SHIFT: tl.constexpr, BITS: tl.constexpr
 @triton.jit
 def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_stride,
                    K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr,
-                   FINAL: tl.constexpr):
+                   FINAL: tl.constexpr, DEPENDENT: tl.constexpr):
     """Top K of chunk g of row r. Not FINAL: its K keys, in the chunk's order (the next level's
     tie-break needs it), to dst[r, g K : (g + 1) K]. FINAL (one chunk per row): the K keys in
     descending order through dst[r, :K_PAD] (scratch), then their entries to out[r, :K]."""
+    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
     g, r = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i = g * CHUNK + tl.arange(0, CHUNK)
     key = tl.load(src_ptr + r * src_stride + i, mask=i < n, other=SENTINEL)  # padding ranks last
@@ -167,7 +169,7 @@ def select_entries(keys: torch.Tensor, k: int) -> torch.Tensor:
     if k > chunk // 2:
         raise ValueError(f"k={k} is more than half a chunk ({chunk} keys): the levels would not shrink the row")
     k_pad = triton.next_power_of_2(k)
-    consts = dict(K=k, K_PAD=k_pad, CHUNK=chunk, BITS=RADIX_BITS, num_warps=SELECT_WARPS)
+    consts = dict(K=k, K_PAD=k_pad, CHUNK=chunk, BITS=RADIX_BITS, num_warps=SELECT_WARPS, **as_dependent(keys))
     src = keys
     while src.shape[1] > chunk:  # each level keeps the top k of every chunk: the row's top k survive
         n_chunks = triton.cdiv(src.shape[1], chunk)

@@ -16,9 +16,7 @@ KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
 def test_the_old_trees_kernel_is_loaded_beside_this_ones_and_gives_the_same_picks(monkeypatch, tmp_path):
     monkeypatch.setenv("V4SERVE_KERNELS", "triton")
-    (tmp_path / "kernels").mkdir()
-    for name in ("__init__.py", "key_select.py", "key_select_ref.py"):
-        shutil.copy(KERNELS / name, tmp_path / "kernels" / name)
+    shutil.copytree(KERNELS, tmp_path / "kernels", ignore=shutil.ignore_patterns("__pycache__", "*.md"))
     old = B.load_old(str(tmp_path))
     assert old.__module__ == "old_kernels.key_select"  # not this tree's module under another name
     keys = R.keys_of_scores(torch.randn(2, 3000, generator=torch.Generator().manual_seed(5)), torch.tensor([3000, 900]))
