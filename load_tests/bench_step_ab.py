@@ -1,0 +1,127 @@
+"""A module-level switch of the kernels, A/B in the decode step, in one process (GPU; flash-attn
+preset, bf16, random weights).
+
+    python -m load_tests.bench_step_ab --set kernels.grid_dependency.SMALL_KERNELS=True,False
+        [--cases 8192x1,131072x1,131072x32] [--rounds 3] [--steps 12]
+
+The step is bench_kernels' (synthetic states, decode graphs). For each case the switch takes each
+value in turn, --rounds times: the decode graphs are recaptured with it (they hold the launches'
+constants) and the step's median ms over --steps is taken. First, on fresh states of the first
+case, one step's logits with each value must be the first value's bits: a switch of launch
+scheduling or tiles must not move a result. Prints a line per case and value (each round's ms and
+the median's ratio to the first value's), then one JSON line. Machines differ by up to 30%, so
+only ratios within one run mean anything (kernels/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import json
+import statistics
+
+import torch
+
+from load_tests import bench_kernels as bk
+
+
+def parse_switch(spec: str):
+    """'package.module.NAME=v1,v2' -> (module, NAME, [v1, v2]); the values are Python literals and
+    the attribute must exist (a misspelt switch would otherwise time the same code twice)."""
+    target, _, values = spec.partition("=")
+    module_name, _, attr = target.rpartition(".")
+    if not module_name or not attr or not values:
+        raise SystemExit(f"--set {spec!r}: expected package.module.NAME=value,value")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise SystemExit(f"--set: {module_name} has no {attr}")
+    vals = [ast.literal_eval(v.strip()) for v in values.split(",")]
+    if len(vals) < 2:
+        raise SystemExit("--set: give at least two values to compare")
+    return module, attr, vals
+
+
+def one_step_logits(model, states) -> torch.Tensor:
+    """The logits of one decode step of every state (token 5), as decode_once runs it."""
+    for st in states:
+        st.reserve(1)
+    with bk.kernels_mode("auto"):
+        out = model([(st, [5]) for st in states])
+    for st in states:
+        st.release_old_window()
+    return torch.stack([o.reshape(-1) for o in out])
+
+
+def same_results(model, cfg, rows, P: int, B: int, module, attr: str, values: list) -> bool:
+    """Whether one step from the same fresh states gives the same logits under every value."""
+    first, saved = None, getattr(module, attr)
+    try:
+        for v in values:
+            setattr(module, attr, v)
+            model.graphs = None
+            torch.manual_seed(0)
+            states = bk.synthetic_states(cfg, model, min(P, cfg.max_position_embeddings - 8), B, rows)
+            logits = one_step_logits(model, states)
+            if first is None:
+                first = logits
+            elif not torch.equal(first, logits):
+                return False
+    finally:
+        setattr(module, attr, saved)
+        model.graphs = None
+    return True
+
+
+def time_case(model, cfg, rows, P: int, B: int, module, attr: str, values: list, rounds: int, steps: int) -> dict:
+    # every timed step advances the states by one position: stay below the model's last
+    pos = min(P, cfg.max_position_embeddings - (rounds * len(values) * (steps + 2) + 8))
+    states = bk.synthetic_states(cfg, model, pos, B, rows)
+    ms = {repr(v): [] for v in values}
+    saved = getattr(module, attr)
+    try:
+        for _ in range(rounds):
+            for v in values:
+                setattr(module, attr, v)
+                model.graphs = None  # recaptured with this value
+                with bk.kernels_mode("auto"):
+                    ms[repr(v)].append(bk.step_time(model, states, steps=steps) * 1e3)
+    finally:
+        setattr(module, attr, saved)
+        model.graphs = None
+    base = statistics.median(ms[repr(values[0])])
+    for v in values:
+        times = ms[repr(v)]
+        print(f"{P}x{B} {attr}={v!r:>8}: step ms {' '.join(f'{t:.3f}' for t in times)} "
+              f"(median / first's {statistics.median(times) / base:.3f})", flush=True)
+    return dict(context=P, batch=B, step_ms=ms)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", required=True, help="package.module.NAME=value,value (Python literals)")
+    ap.add_argument("--cases", default="8192x1,131072x1,131072x32")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=12)
+    a = ap.parse_args(argv)
+    module, attr, values = parse_switch(a.set)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device (the step's graphs)")
+    cfg, _, model = bk.flash_model()
+    rows = bk.encoded_rows(cfg)
+    cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
+    same = same_results(model, cfg, rows, *cases[0], module, attr, values)
+    print(f"one step's logits under every value equal the first's: {same}", flush=True)
+    if not same:
+        raise SystemExit(f"{attr} changes the step's logits")
+    out = []
+    for P, B in cases:
+        out.append(time_case(model, cfg, rows, P, B, module, attr, values, a.rounds, a.steps))
+        torch.cuda.empty_cache()
+    res = {"device": torch.cuda.get_device_name(), "switch": a.set, "same_logits": same, "cases": out}
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
