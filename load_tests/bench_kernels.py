@@ -356,13 +356,14 @@ def step_weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith("embed."))
 
 
-def synthetic_states(cfg, model, P: int, B: int, rows) -> list:
+def synthetic_states(cfg, model, P: int, B: int, rows, room: int = 64) -> list:
     """B request states at position P on distinct pages of valid rows (compressor state random),
-    with room for 64 more tokens; as load_tests/bench_transfer.py fakes a state without a prefill."""
+    with room for `room` more tokens; as load_tests/bench_transfer.py fakes a state without a
+    prefill."""
     from workers.paged_state import PagedRequestState
     from workers.pools import BLOCK, KVPools, PoolSizes
 
-    n_blk = -(-(P + 64) // BLOCK)
+    n_blk = -(-(P + room) // BLOCK)
     pools = KVPools(cfg, PoolSizes(blocks=B * n_blk, swa=6 * B, comp=B, overlap=1), "compact", model.dtype, DEVICE)
     states = []
     for _ in range(B):

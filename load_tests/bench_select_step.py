@@ -78,9 +78,11 @@ def distinct_top_scores(keys: torch.Tensor) -> int:
 
 
 def run_case(model, cfg, rows, P: int, B: int, impls: dict, rounds: int, steps: int) -> dict:
-    # every timed step advances the states by one position: stay below the model's last
-    pos = min(P, cfg.max_position_embeddings - (rounds * len(impls) * (steps + 2) + 8))
-    states = bk.synthetic_states(cfg, model, pos, B, rows)
+    # every step (one to record the keys, then the timed ones) advances the states by a position:
+    # room for them in the pools, and below the model's last position
+    n_steps = 1 + rounds * len(impls) * (steps + 2)
+    pos = min(P, cfg.max_position_embeddings - n_steps - 8)
+    states = bk.synthetic_states(cfg, model, pos, B, rows, room=n_steps + 8)
     keys = step_keys(model, states)
     if not keys:
         raise SystemExit("the step ran no selection kernel (is the kernel path on, and a CSA layer there?)")

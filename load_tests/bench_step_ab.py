@@ -74,9 +74,11 @@ def same_results(model, cfg, rows, P: int, B: int, module, attr: str, values: li
 
 
 def time_case(model, cfg, rows, P: int, B: int, module, attr: str, values: list, rounds: int, steps: int) -> dict:
-    # every timed step advances the states by one position: stay below the model's last
-    pos = min(P, cfg.max_position_embeddings - (rounds * len(values) * (steps + 2) + 8))
-    states = bk.synthetic_states(cfg, model, pos, B, rows)
+    # every timed step advances the states by a position: room for them in the pools, and below
+    # the model's last position
+    n_steps = rounds * len(values) * (steps + 2)
+    pos = min(P, cfg.max_position_embeddings - n_steps - 8)
+    states = bk.synthetic_states(cfg, model, pos, B, rows, room=n_steps + 8)
     ms = {repr(v): [] for v in values}
     saved = getattr(module, attr)
     try:

@@ -29,7 +29,8 @@ def test_each_value_is_timed_with_graphs_recaptured_and_the_switch_is_put_back(m
         seen.append((grid_dependency.SMALL_KERNELS, model.graphs))
         return 0.002 if grid_dependency.SMALL_KERNELS else 0.003
 
-    monkeypatch.setattr(AB.bk, "synthetic_states", lambda *a: ["state"])
+    rooms = []
+    monkeypatch.setattr(AB.bk, "synthetic_states", lambda *a, room: rooms.append(room) or ["state"])
     monkeypatch.setattr(AB.bk, "step_time", step_time)
     before = grid_dependency.SMALL_KERNELS
 
@@ -40,3 +41,4 @@ def test_each_value_is_timed_with_graphs_recaptured_and_the_switch_is_put_back(m
     assert seen == [(True, None), (False, None)] * 2  # alternated, each on freshly captured graphs
     assert res["step_ms"] == {"True": [2.0, 2.0], "False": [3.0, 3.0]}
     assert grid_dependency.SMALL_KERNELS is before
+    assert rooms[0] >= 2 * 2 * (4 + 2)  # the pools hold every step the rounds decode
