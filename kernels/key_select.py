@@ -50,6 +50,11 @@ SENTINEL = tl.constexpr(key_select_ref.SENTINEL)
 # halves and no entry rounds (fifteenth session) 4096 x 8 made the decode step 0.5-2% slower
 SELECT_CHUNK = 2048
 SELECT_WARPS = 8
+# chunks the last level's program may take (a power of two): 1, or 2 to save a launch where a row
+# would otherwise end in a level of two chunks (8K: 2,112 keys; 128K: 2,560 after two levels), at
+# twice the warps. Not yet measured: `python -m load_tests.bench_step_ab --set
+# kernels.key_select.FINAL_CHUNKS=1,2`
+FINAL_CHUNKS = 1
 # digit bits a round: 8 rounds of 16 bins over the score half. 8 bits (4 rounds of 256 bins) took
 # 8-17% longer on an H100 (load_tests/bench_key_select.py --bits 4,8): their histograms and scans
 # cost 14 barriers a round to 16 bins' 3
@@ -169,15 +174,21 @@ def select_entries(keys: torch.Tensor, k: int) -> torch.Tensor:
     if k > chunk // 2:
         raise ValueError(f"k={k} is more than half a chunk ({chunk} keys): the levels would not shrink the row")
     k_pad = triton.next_power_of_2(k)
-    consts = dict(K=k, K_PAD=k_pad, CHUNK=chunk, BITS=RADIX_BITS, num_warps=SELECT_WARPS, **as_dependent(keys))
+    consts = dict(K=k, K_PAD=k_pad, BITS=RADIX_BITS, **as_dependent(keys))
+    # the last level's one program a row takes up to FINAL_CHUNKS chunks, with as many times the
+    # warps (the same keys a thread): a row that would end in a level of that many chunks and a
+    # final one of a chunk skips the level
+    final = chunk * FINAL_CHUNKS
     src = keys
-    while src.shape[1] > chunk:  # each level keeps the top k of every chunk: the row's top k survive
+    while src.shape[1] > final:  # each level keeps the top k of every chunk: the row's top k survive
         n_chunks = triton.cdiv(src.shape[1], chunk)
         dst = torch.empty(S, n_chunks * k, dtype=torch.int64, device=keys.device)
         _select_kernel[(n_chunks, S)](src, src.shape[1], src.stride(0), dst, dst.stride(0), out, out.stride(0),
-                                      FINAL=False, **consts)
+                                      CHUNK=chunk, FINAL=False, num_warps=SELECT_WARPS, **consts)
         src = dst
+    # the last level's chunk: the fewest whole chunks holding what is left
+    last = chunk * min(FINAL_CHUNKS, triton.next_power_of_2(triton.cdiv(src.shape[1], chunk)))
     scratch = torch.empty(S, k_pad, dtype=torch.int64, device=keys.device)
     _select_kernel[(1, S)](src, src.shape[1], src.stride(0), scratch, scratch.stride(0), out, out.stride(0),
-                           FINAL=True, **consts)
+                           CHUNK=last, FINAL=True, num_warps=SELECT_WARPS * last // chunk, **consts)
     return out
