@@ -356,10 +356,12 @@ def step_weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith("embed."))
 
 
-def synthetic_states(cfg, model, P: int, B: int, rows, room: int = 64) -> list:
+def synthetic_states(cfg, model, P: int, B: int, rows, room: int = 64, random_index_codes: bool = False) -> list:
     """B request states at position P on distinct pages of valid rows (compressor state random),
     with room for `room` more tokens; as load_tests/bench_transfer.py fakes a state without a
-    prefill."""
+    prefill. Each row is one of `rows` (encoded_rows' 4,096), so the indexer's scores repeat and
+    tie; `random_index_codes` gives every indexer row random FP4 codes under its row's block
+    scales instead, so that nearly every key is its own."""
     from workers.paged_state import PagedRequestState
     from workers.pools import BLOCK, KVPools, PoolSizes
 
@@ -380,6 +382,9 @@ def synthetic_states(cfg, model, P: int, B: int, rows, room: int = 64) -> list:
     for store, src in ((pools.csa_main, main_rows), (pools.csa_index, index_rows), (pools.hca_main, main_rows),
                        (pools.swa, main_rows)):
         fill_rows(store, src)
+    if random_index_codes:  # a row's codes come first, its block scales after them (kv_layout)
+        codes = pools.csa_index[..., : cfg.index_head_dim // 2]
+        codes.copy_(torch.randint(0, 256, codes.shape, dtype=torch.uint8, device=codes.device))
     pools.comp.normal_()
     return states
 

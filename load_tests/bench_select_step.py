@@ -2,7 +2,7 @@
 the whole step with each implementation (GPU; flash-attn preset, bf16, random weights).
 
     python -m load_tests.bench_select_step [--cases 8192x1,131072x1,1048576x1,131072x32,1048576x32]
-        [--old DIR] [--rounds 3] [--steps 12]
+        [--old DIR] [--rounds 3] [--steps 12] [--random-index]
 
 States are bench_kernels' synthetic ones (its step section). One eager step records the keys each
 CSA layer hands to the selection (indexer_topk.select_entries). Then, per implementation, in
@@ -13,8 +13,9 @@ V4SERVE_SELECT=torch keeps) and, with --old DIR, `old`: the kernel of another tr
 one process (DIR holds that tree's kernels/, e.g. `mkdir DIR && git archive REF | tar -x -C DIR`).
 
 Prints, per case, the keys' shape and how many distinct scores a row's top k hold (the synthetic
-states repeat 4,096 encoded rows, so scores tie: about 400 of 512 at 8K, 60 at 128K, 8 at 1M),
-then a line per implementation, and one JSON line. kernels/RESULTS.md has the figures.
+states repeat 4,096 encoded rows, so scores tie: about 400 of 512 at 8K, 60 at 128K, 8 at 1M;
+`--random-index` gives every indexer row random codes, so nearly every key is its own), then a
+line per implementation, and one JSON line. kernels/RESULTS.md has the figures.
 """
 
 from __future__ import annotations
@@ -77,12 +78,13 @@ def distinct_top_scores(keys: torch.Tensor) -> int:
     return int((torch.topk(keys[0], TOPK).values >> 32).unique().numel())
 
 
-def run_case(model, cfg, rows, P: int, B: int, impls: dict, rounds: int, steps: int) -> dict:
+def run_case(model, cfg, rows, P: int, B: int, impls: dict, rounds: int, steps: int,
+             random_index: bool = False) -> dict:
     # every step (one to record the keys, then the timed ones) advances the states by a position:
     # room for them in the pools, and below the model's last position
     n_steps = 1 + rounds * len(impls) * (steps + 2)
     pos = min(P, cfg.max_position_embeddings - n_steps - 8)
-    states = bk.synthetic_states(cfg, model, pos, B, rows, room=n_steps + 8)
+    states = bk.synthetic_states(cfg, model, pos, B, rows, room=n_steps + 8, random_index_codes=random_index)
     keys = step_keys(model, states)
     if not keys:
         raise SystemExit("the step ran no selection kernel (is the kernel path on, and a CSA layer there?)")
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--old", help="a tree whose kernels/key_select.py to compare with")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--random-index", action="store_true", help="random indexer codes: keys that rarely tie")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device (the step's graphs)")
@@ -132,9 +135,9 @@ def main() -> None:
     out = []
     for case in a.cases.split(","):
         P, B = map(int, case.split("x"))
-        out.append(run_case(model, cfg, rows, P, B, impls, a.rounds, a.steps))
+        out.append(run_case(model, cfg, rows, P, B, impls, a.rounds, a.steps, a.random_index))
         torch.cuda.empty_cache()
-    print(json.dumps({"device": torch.cuda.get_device_name(), "cases": out}))
+    print(json.dumps({"device": torch.cuda.get_device_name(), "random_index": a.random_index, "cases": out}))
 
 
 if __name__ == "__main__":

@@ -56,3 +56,29 @@ def test_distinct_top_scores_counts_the_score_halves_of_row_0s_top_k():
     s[0, :300], s[0, 300:600] = 2.0, 1.0  # row 0's top 512: 300 at 2.0 and 212 at 1.0
     s[1] = torch.arange(1000.0)
     assert B.distinct_top_scores(R.keys_of_scores(s, torch.tensor([1000, 1000]))) == 2
+
+
+def test_random_index_codes_make_the_indexer_rows_distinct_and_keep_their_scales(monkeypatch):
+    """The synthetic states' indexer rows are picks among encoded_rows' few, so scores tie;
+    random_index_codes redraws every row's FP4 codes and leaves its block scales (the row's last
+    bytes) as encoded."""
+    from workers.config import preset
+    from workers.init import random_weights
+    from workers.model import V4Model
+
+    monkeypatch.setattr(B.bk, "DEVICE", "cpu")
+    cfg = preset("tiny")
+    model = V4Model(cfg, dtype=torch.float32).load_weights(random_weights(cfg, 0))
+    rows = B.bk.encoded_rows(cfg, n=16)
+    half = cfg.index_head_dim // 2
+    for random_codes in (False, True):
+        torch.manual_seed(0)
+        pools = B.bk.synthetic_states(cfg, model, 300, 2, rows, random_index_codes=random_codes)[0].pools
+        flat = pools.csa_index.reshape(-1, pools.csa_index.shape[-1])
+        distinct = torch.unique(flat[:, :half], dim=0).shape[0]
+        if random_codes:
+            assert distinct == flat.shape[0]  # every row its own codes
+            scales = {tuple(r) for r in rows[1][:, half:].tolist()}
+            assert all(tuple(r) in scales for r in flat[:, half:].tolist())  # the encoded rows' scales
+        else:
+            assert distinct <= 16  # picks among the encoded rows
