@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from kernels import indexer_topk as IT
 from kernels import key_select as KS
 from kernels import key_select_ref as R
 from load_tests import bench_kernels as bk
+from load_tests import bench_step_ab as AB
 
 TOPK = bk.INDEX_TOPK
 
@@ -80,42 +80,27 @@ def distinct_top_scores(keys: torch.Tensor) -> int:
 
 def run_case(model, cfg, rows, P: int, B: int, impls: dict, rounds: int, steps: int,
              random_index: bool = False) -> dict:
-    # every step (one to record the keys, then the timed ones) advances the states by a position:
-    # room for them in the pools, and below the model's last position
-    n_steps = 1 + rounds * len(impls) * (steps + 2)
-    pos = min(P, cfg.max_position_embeddings - n_steps - 8)
-    states = bk.synthetic_states(cfg, model, pos, B, rows, room=n_steps + 8, random_index_codes=random_index)
+    # one step records the keys, then each round of each implementation decodes steps + 2
+    states = AB.fresh_states(cfg, model, rows, P, B, 1 + rounds * len(impls) * (steps + 2),
+                             random_index_codes=random_index)
     keys = step_keys(model, states)
     if not keys:
         raise SystemExit("the step ran no selection kernel (is the kernel path on, and a CSA layer there?)")
-    print(f"{P}x{B}: keys {[list(k.shape) for k in keys]}, distinct scores in a row's top {TOPK}: "
-          f"{[distinct_top_scores(k) for k in keys]}", flush=True)
-    step_ms = {name: [] for name in impls}
+    distinct = [distinct_top_scores(k) for k in keys]
+    print(f"{P}x{B}: keys {[list(k.shape) for k in keys]}, distinct scores in a row's top {TOPK}: {distinct}",
+          flush=True)
     select_us = {name: [] for name in impls}
-    real = IT.select_entries
-    try:
-        for _ in range(rounds):
-            for name, fn in impls.items():
-                for k in keys:
-                    if not torch.equal(fn(k, TOPK), R.select_entries(k, TOPK)):
-                        raise SystemExit(f"{name}: picks differ from torch.topk at {P}x{B}")
-                    bk.cuda_time(lambda: fn(k, TOPK))
-                    select_us[name].append(bk.graph_time(lambda: fn(k, TOPK)) * 1e6)
-                IT.select_entries = fn
-                model.graphs = None  # recaptured with this selection
-                with bk.kernels_mode("auto"):
-                    step_ms[name].append(bk.step_time(model, states, steps=steps) * 1e3)
-    finally:
-        IT.select_entries = real
-        model.graphs = None
-    first = next(iter(impls))
-    base = statistics.median(step_ms[first])
-    for name in impls:
-        print(f"{P}x{B} {name:>6}: step ms {' '.join(f'{t:.3f}' for t in step_ms[name])} (median / {first}'s "
-              f"{statistics.median(step_ms[name]) / base:.3f}); selection us per layer "
-              f"{' '.join(f'{t:.1f}' for t in select_us[name])}", flush=True)
-    return dict(context=P, batch=B, keys=[list(k.shape) for k in keys],
-                distinct_top_scores=[distinct_top_scores(k) for k in keys], step_ms=step_ms, select_us=select_us)
+    for name, fn in [item for _ in range(rounds) for item in impls.items()]:
+        for k in keys:
+            if not torch.equal(fn(k, TOPK), R.select_entries(k, TOPK)):
+                raise SystemExit(f"{name}: picks differ from torch.topk at {P}x{B}")
+            bk.cuda_time(lambda: fn(k, TOPK))
+            select_us[name].append(bk.graph_time(lambda: fn(k, TOPK)) * 1e6)
+    step_ms = AB.time_steps(model, states, IT, "select_entries", impls, rounds, steps)
+    AB.report(f"{P}x{B}", step_ms, {name: "; selection us per layer " + " ".join(f"{t:.1f}" for t in us)
+                                    for name, us in select_us.items()})
+    return dict(context=P, batch=B, keys=[list(k.shape) for k in keys], distinct_top_scores=distinct,
+                step_ms=step_ms, select_us=select_us)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import ast
 import importlib
 import json
 import statistics
+from contextlib import contextmanager
 
 import torch
 
@@ -53,49 +54,66 @@ def one_step_logits(model, states) -> torch.Tensor:
     return torch.stack([o.reshape(-1) for o in out])
 
 
-def same_results(model, cfg, rows, P: int, B: int, module, attr: str, values: list) -> bool:
-    """Whether one step from the same fresh states gives the same logits under every value."""
-    first, saved = None, getattr(module, attr)
+@contextmanager
+def switched(model, module, attr: str, value):
+    """module.attr = value, with the decode graphs dropped before and after (they hold the launches'
+    constants and functions, so each value is recaptured); the attribute is put back after."""
+    saved = getattr(module, attr)
+    setattr(module, attr, value)
+    model.graphs = None
     try:
-        for v in values:
-            setattr(module, attr, v)
-            model.graphs = None
-            torch.manual_seed(0)
-            states = bk.synthetic_states(cfg, model, min(P, cfg.max_position_embeddings - 8), B, rows)
-            logits = one_step_logits(model, states)
-            if first is None:
-                first = logits
-            elif not torch.equal(first, logits):
-                return False
+        yield
     finally:
         setattr(module, attr, saved)
         model.graphs = None
+
+
+def fresh_states(cfg, model, rows, P: int, B: int, n_steps: int, **kw) -> list:
+    """Synthetic states at P (or lower, so that n_steps more stay below the model's last position),
+    with room in the pools for those steps."""
+    pos = min(P, cfg.max_position_embeddings - n_steps - 8)
+    return bk.synthetic_states(cfg, model, pos, B, rows, room=n_steps + 8, **kw)
+
+
+def same_results(model, cfg, rows, P: int, B: int, module, attr: str, values: list) -> bool:
+    """Whether one step from the same fresh states gives the same logits under every value."""
+    first = None
+    for v in values:
+        with switched(model, module, attr, v):
+            torch.manual_seed(0)
+            logits = one_step_logits(model, fresh_states(cfg, model, rows, P, B, 1))
+        if first is None:
+            first = logits
+        elif not torch.equal(first, logits):
+            return False
     return True
 
 
+def time_steps(model, states, module, attr: str, values: dict, rounds: int, steps: int) -> dict:
+    """{name: ms per round}: the step's median over `steps` with module.attr = values[name], the
+    values alternated over `rounds`. Each round of each value decodes steps + 2 tokens."""
+    ms = {name: [] for name in values}
+    for _ in range(rounds):
+        for name, v in values.items():
+            with switched(model, module, attr, v), bk.kernels_mode("auto"):
+                ms[name].append(bk.step_time(model, states, steps=steps) * 1e3)
+    return ms
+
+
+def report(label: str, ms: dict, extra: dict | None = None) -> None:
+    """A line per value: each round's ms and the median's ratio to the first value's."""
+    first = next(iter(ms))
+    base = statistics.median(ms[first])
+    for name, times in ms.items():
+        print(f"{label} {name:>12}: step ms {' '.join(f'{t:.3f}' for t in times)} (median / {first}'s "
+              f"{statistics.median(times) / base:.3f}){(extra or {}).get(name, '')}", flush=True)
+
+
 def time_case(model, cfg, rows, P: int, B: int, module, attr: str, values: list, rounds: int, steps: int) -> dict:
-    # every timed step advances the states by a position: room for them in the pools, and below
-    # the model's last position
-    n_steps = rounds * len(values) * (steps + 2)
-    pos = min(P, cfg.max_position_embeddings - n_steps - 8)
-    states = bk.synthetic_states(cfg, model, pos, B, rows, room=n_steps + 8)
-    ms = {repr(v): [] for v in values}
-    saved = getattr(module, attr)
-    try:
-        for _ in range(rounds):
-            for v in values:
-                setattr(module, attr, v)
-                model.graphs = None  # recaptured with this value
-                with bk.kernels_mode("auto"):
-                    ms[repr(v)].append(bk.step_time(model, states, steps=steps) * 1e3)
-    finally:
-        setattr(module, attr, saved)
-        model.graphs = None
-    base = statistics.median(ms[repr(values[0])])
-    for v in values:
-        times = ms[repr(v)]
-        print(f"{P}x{B} {attr}={v!r:>8}: step ms {' '.join(f'{t:.3f}' for t in times)} "
-              f"(median / first's {statistics.median(times) / base:.3f})", flush=True)
+    named = {repr(v): v for v in values}
+    states = fresh_states(cfg, model, rows, P, B, rounds * len(values) * (steps + 2))
+    ms = time_steps(model, states, module, attr, named, rounds, steps)
+    report(f"{P}x{B} {attr}=", ms)
     return dict(context=P, batch=B, step_ms=ms)
 
 
