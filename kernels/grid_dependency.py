@@ -103,7 +103,7 @@ def begin_dependent(ON: tl.constexpr):
     Nothing where ON is False."""
     if ON:
         gdc_launch_dependents()
-        gdc_wait()
+    wait_for_previous_grid(ON)
 
 
 @triton.jit

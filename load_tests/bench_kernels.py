@@ -383,8 +383,7 @@ def synthetic_states(cfg, model, P: int, B: int, rows, room: int = 64, random_in
                        (pools.swa, main_rows)):
         fill_rows(store, src)
     if random_index_codes:  # a row's codes come first, its block scales after them (kv_layout)
-        codes = pools.csa_index[..., : cfg.index_head_dim // 2]
-        codes.copy_(torch.randint(0, 256, codes.shape, dtype=torch.uint8, device=codes.device))
+        pools.csa_index[..., : cfg.index_head_dim // 2].random_(0, 256)
     pools.comp.normal_()
     return states
 
