@@ -40,14 +40,13 @@ selection does not depend on its batch or on the split of pages over programs.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 import triton
 import triton.language as tl
 
-from . import grid_dependency
+from . import grid_dependency, scan_plan
 from . import indexer_scan_hopper as hopper_scan
 from .block_quant import fp8_e4m3_block_quant
 from .dispatch import gluon_ran, use_triton
@@ -58,6 +57,7 @@ from .key_select import kernel_wins, select_entries
 from .key_select_ref import SENTINEL, entries_of_keys
 from .kv_layout import index_row_bytes, index_scales_as_words
 from .quantize import reference_decode_index
+from .scan_plan import planned_span
 from .scan_operands import E2M1_TO_E4M3_PTX, E2M1_TO_E4M3_SCALE, GENERAL_PARTS, MODE_FP8, MODE_GENERAL, scan_operands
 
 log = logging.getLogger(__name__)
@@ -116,20 +116,35 @@ def _keys_of(acc, w, head_scale, col, n_vis, SENTINEL_KEY: tl.constexpr):
 
 
 @triton.jit
+def _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE: tl.constexpr, BLOCK_S: tl.constexpr,
+          STEP: tl.constexpr, SENTINELS: tl.constexpr):
+    """(s, page_lo, page_hi, n_vis, vis_hi) of this program: the plan's (BLOCK_S > 0: scan_plan)
+    or program (s, j)'s pages_per_prog pages of query s. It scores [page_lo, vis_hi) and writes the
+    sentinel into [max(vis_hi, page_lo), page_hi)."""
+    if BLOCK_S > 0:
+        s, page_lo, page_hi, n_vis, vis_hi = planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE, BLOCK_S, STEP,
+                                                          SENTINELS)
+    else:
+        s = tl.program_id(0)
+        page_lo = tl.program_id(1) * pages_per_prog
+        page_hi = tl.minimum(page_lo + pages_per_prog, tl.cdiv(n_cols, 64))
+        n_vis = (tl.load(pos_ptr + s).to(tl.int32) + 1) // 4
+        vis_hi = tl.minimum(page_hi, tl.minimum(tl.cdiv(n_vis, 64), n_blk))
+    return s, page_lo, page_hi, n_vis, vis_hi
+
+
+@triton.jit
 def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
                  q_stride_s, q_stride_part, table_stride_s, page_stride, out_stride_s,
-                 n_blk, n_cols, pages_per_prog, inv_sqrt_di, row_stride: tl.constexpr,
+                 n_blk, n_cols, pages_per_prog, S, inv_sqrt_di, row_stride: tl.constexpr,
                  HP: tl.constexpr, DI: tl.constexpr, N_PARTS: tl.constexpr, SENTINEL_KEY: tl.constexpr,
-                 MODE: tl.constexpr, DEPENDENT: tl.constexpr):
+                 MODE: tl.constexpr, DEPENDENT: tl.constexpr, BLOCK_S: tl.constexpr):
     """Score keys of the visible entries of the queries in MODE (the general scan), from N_PARTS
     BF16 query parts; the FP8 launch writes the sentinels. DEPENDENT: launched as a dependent of
     the FP8 launch (grid_dependency), which writes other rows of out, so a program scores first
     and then waits for that launch's end (the work after this kernel waits for this one alone)."""
-    s = tl.program_id(0)
-    page_lo = tl.program_id(1) * pages_per_prog
-    page_hi = tl.minimum(page_lo + pages_per_prog, tl.cdiv(n_cols, 64))
-    n_vis = (tl.load(pos_ptr + s).to(tl.int32) + 1) // 4
-    vis_hi = tl.minimum(page_hi, tl.minimum(tl.cdiv(n_vis, 64), n_blk))
+    s, page_lo, page_hi, n_vis, vis_hi = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE, BLOCK_S,
+                                               1, False)
     n = tl.arange(0, 64)
     out_row = out_ptr + s.to(tl.int64) * out_stride_s
     if tl.load(mode_ptr + s) == MODE:  # else the FP8 launch scores this query
@@ -176,17 +191,15 @@ def _e2m1_to_e4m3(raw, INTERPRET: tl.constexpr):
 @triton.jit
 def _scan_fp8_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
                      q8_stride_s, table_stride_s, page_stride, out_stride_s,
-                     n_blk, n_cols, pages_per_prog, row_stride: tl.constexpr,
+                     n_blk, n_cols, pages_per_prog, S, row_stride: tl.constexpr,
                      HP: tl.constexpr, DI: tl.constexpr, SENTINEL_KEY: tl.constexpr,
-                     PAGES: tl.constexpr, INTERPRET: tl.constexpr, MODE: tl.constexpr, WORD_SCALES: tl.constexpr):
+                     PAGES: tl.constexpr, INTERPRET: tl.constexpr, MODE: tl.constexpr, WORD_SCALES: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
     """Score keys of the visible entries of the queries in MODE (the FP8 scan: module docstring),
     PAGES pages per step, and the sentinel of every invisible page of every query. WORD_SCALES:
     rows are 4-byte aligned and hold whole groups of 4 scale bytes."""
-    s = tl.program_id(0)
-    page_lo = tl.program_id(1) * pages_per_prog
-    page_hi = tl.minimum(page_lo + pages_per_prog, tl.cdiv(n_cols, 64))
-    n_vis = (tl.load(pos_ptr + s).to(tl.int32) + 1) // 4
-    vis_hi = tl.minimum(page_hi, tl.minimum(tl.cdiv(n_vis, 64), n_blk))
+    s, page_lo, page_hi, n_vis, vis_hi = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE, BLOCK_S,
+                                               PAGES, True)
     out_row = out_ptr + s.to(tl.int64) * out_stride_s
     if tl.load(mode_ptr + s) == MODE:  # else the general scan scores this query
         h = tl.arange(0, HP)
@@ -297,17 +310,23 @@ def _fp8_query(q: torch.Tensor, w: torch.Tensor, hp: int) -> tuple[torch.Tensor,
     return q8, w8, exact
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _pages_per_program(S: int, n_pages: int, device: torch.device, per_sm: int) -> int:
     """Pages per program so that S queries' programs fill per_sm programs per SM (at least one
-    program per query; more queries than that run in several waves)."""
+    program per query; more queries than that run in several waves): the per-query split."""
     if device.type != "cuda":
         return 1
-    return max(1, -(-n_pages // max(1, per_sm * _sm_count(device) // S)))
+    return max(1, -(-n_pages // max(1, scan_plan.program_slots(device, per_sm) // S)))
+
+
+def _launch_split(S: int, n_cols: int, n_blk: int, device: torch.device, per_sm: int, step: int, sentinels: bool):
+    """(grid, pages a program, BLOCK_S) of a Triton scan's launch: the plan's (scan_plan) or the
+    per-query split's (BLOCK_S 0)."""
+    if scan_plan.planned(S):
+        slots = scan_plan.program_slots(device, per_sm)
+        return (scan_plan.plan_grid(S, n_cols, n_blk, step, sentinels, slots),), 0, triton.next_power_of_2(S)
+    n_pages = -(-n_cols // PAGE_ENTRIES)
+    ppp = _pages_per_program(S, n_pages, device, per_sm)
+    return (S, -(-n_pages // ppp)), ppp, 0
 
 
 def _check(q, w, index_rows, block_table, positions):
@@ -361,7 +380,6 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
     hp = w_pad.shape[1]
     table = block_table.to(torch.int32)
     out = torch.empty(S, n_cols, dtype=torch.int64, device=q.device)
-    n_pages = -(-n_cols // PAGE_ENTRIES)
     if table.shape[1] == 0:  # nothing to read, and the kernels' prefetch needs a table entry
         return out.fill_(SENTINEL)
     if S and n_cols:
@@ -375,18 +393,19 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
         gluon_ran = HOPPER_SCAN and hopper_scan.usable(q8, index_rows) and _hopper_scan(
             q8, w8, mode, positions, index_rows, table, out, n_cols)
         if not gluon_ran:
-            ppp = _pages_per_program(S, n_pages, q.device, FP8_PROGRAMS_PER_SM)
-            _scan_fp8_kernel[(S, -(-n_pages // ppp))](
-                q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp, **consts,
+            grid, ppp, block_s = _launch_split(S, n_cols, table.shape[1], q.device, FP8_PROGRAMS_PER_SM, FP8_PAGES,
+                                               True)
+            _scan_fp8_kernel[grid](
+                q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp, S, **consts,
                 PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8, num_stages=SCAN_STAGES,
-                WORD_SCALES=index_scales_as_words(index_rows, Di))
-        ppp = _pages_per_program(S, n_pages, q.device, GENERAL_PROGRAMS_PER_SM)
+                WORD_SCALES=index_scales_as_words(index_rows, Di), BLOCK_S=block_s)
+        grid, ppp, block_s = _launch_split(S, n_cols, table.shape[1], q.device, GENERAL_PROGRAMS_PER_SM, 1, False)
         # most queries take the FP8 scan, and then this launch's programs only end: as a dependent
         # launch they do so in the FP8 scan's tail instead of after it (grid_dependency)
         dependent = grid_dependency.enabled(q)
-        _scan_kernel[(S, -(-n_pages // ppp))](
-            parts, w_pad, mode, positions, index_rows, table, out, parts.stride(0), parts.stride(1), *common, ppp,
-            Di**-0.5, **consts, N_PARTS=GENERAL_PARTS, MODE=MODE_GENERAL, DEPENDENT=dependent,
+        _scan_kernel[grid](
+            parts, w_pad, mode, positions, index_rows, table, out, parts.stride(0), parts.stride(1), *common, ppp, S,
+            Di**-0.5, **consts, N_PARTS=GENERAL_PARTS, MODE=MODE_GENERAL, DEPENDENT=dependent, BLOCK_S=block_s,
             **grid_dependency.launch_kwargs(dependent))
     return out
 

@@ -392,14 +392,17 @@ def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("loader,scored_pages,per_sm", [("registers", 2, 2), ("bulk_ws", 2, 2), ("bulk_ws", 1, 3)])
-def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, loader, scored_pages, per_sm):
+@pytest.mark.parametrize("loader,scored_pages,per_sm,planned", [("registers", 2, 2, True), ("bulk_ws", 2, 2, True),
+                                                                 ("bulk_ws", 1, 3, True), ("bulk_ws", 2, 2, False)])
+def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, loader, scored_pages, per_sm, planned):
     """On Hopper the FP8 scan runs in Gluon (indexer_scan_hopper.py): with each way of loading its
-    pages and of scoring them (two pages at once, or page by page at three programs an SM), its
-    keys must be the Triton kernel's bit for bit, for decode rows of their own requests (a partial
-    page, a query seeing nothing, a table wider than the context, queries of both modes in one
-    launch) and for a prefill chunk sharing one table row."""
+    pages and of scoring them (two pages at once, or page by page at three programs an SM), and of
+    splitting them over programs (the plan, or equal shares per query), its keys must be the
+    Triton kernel's bit for bit, for decode rows of their own requests (a partial page, a query
+    seeing nothing, a table wider than the context, queries of both modes in one launch), for 40
+    such rows of very different lengths and for a prefill chunk sharing one table row."""
     from kernels import indexer_scan_hopper as H
+    from kernels import scan_plan
 
     if not H.usable(torch.zeros(1, 4, 64, 32, device="cuda"), torch.zeros(1, 64, 68, dtype=torch.uint8, device="cuda")):
         pytest.skip("needs a Hopper GPU with Gluon")
@@ -407,6 +410,7 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     monkeypatch.setattr(H, "LOADER", loader)
     monkeypatch.setattr(H, "SCORED_PAGES", scored_pages)
     monkeypatch.setattr(H, "PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(scan_plan, "PLANNED", planned)
     Hi, Di, n_blk = 64, 128, 96
     rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")
     assert H.bulk_copy_usable(rows)  # so the bulk loader is the one compared
@@ -426,7 +430,14 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     q[3] = make_queries(1, Hi, Di, seed=31, kind="float", device="cuda")[0][0]  # the general scan's
     chunk_q, chunk_w = make_queries(200, Hi, Di, seed=32, kind="fp4", device="cuda")
     chunk_pos = torch.arange(20000, 20200, device="cuda")
-    cases = [(q, w, table, pos, n_blk * 64 + 128), (chunk_q, chunk_w, table[:1], chunk_pos, n_blk * 64)]
+    # 40 rows: every length from nothing to the whole table (odd and even page counts, partial pages),
+    # every fifth one of the general scan's
+    many_pos = torch.tensor([(i * 2459) % (n_blk * 256) for i in range(40)], device="cuda")
+    many_q, many_w = make_queries(40, Hi, Di, seed=36, kind="fp4", device="cuda")
+    many_q[::5] = make_queries(8, Hi, Di, seed=37, kind="float", device="cuda")[0]
+    many_table = table[torch.arange(40) % 5]
+    cases = [(q, w, table, pos, n_blk * 64 + 128), (chunk_q, chunk_w, table[:1], chunk_pos, n_blk * 64),
+             (many_q, many_w, many_table, many_pos, n_blk * 64 + 64 * 40)]
     for (qq, ww, tt, pp, n_cols), cache in itertools.product(cases, (rows, small)):
         ops = K.query_operands(qq, ww)
         gluon_keys = K.index_score_keys(qq, ww, cache, tt, pp, n_cols, ops)
