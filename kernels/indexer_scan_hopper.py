@@ -50,7 +50,7 @@ import triton.language as tl
 from . import grid_dependency, scan_plan
 from .kv_layout import index_row_bytes, index_scales_as_words
 from .scan_operands import E2M1_TO_E4M3_PTX
-from .scan_plan import _SENTINEL_PAGES
+from .scan_plan import _MIN_UNITS, _SENTINEL_PAGES
 
 try:  # Gluon ships with Triton 3.4+; without it the Triton scan runs everywhere
     from triton.experimental import gluon
@@ -152,21 +152,23 @@ if gluon is not None:
 
     @gluon.jit
     def _program_span(pos_ptr, n_cols, n_blk, pages_per_prog):
-        """Program (s, j) scores query s's pages [page_lo, vis_hi) and writes the sentinel up to page_hi."""
+        """Program (s, j) scores query s's pages [page_lo, vis_hi) and writes the sentinel up to page_hi;
+        program (s, 0) is its query's first."""
         s = gl.program_id(0)
         page_lo = gl.program_id(1) * pages_per_prog
         page_hi = gl.minimum(page_lo + pages_per_prog, gl.cdiv(n_cols, 64))
         n_vis = (gl.load(pos_ptr + s).to(gl.int32) + 1) // 4
         vis_hi = gl.minimum(page_hi, gl.minimum(gl.cdiv(n_vis, 64), n_blk))
-        return s, page_lo, page_hi, n_vis, vis_hi
+        return s, page_lo, page_hi, n_vis, vis_hi, gl.program_id(1) == 0
 
     @gluon.jit
     def _add(a, b):
         return a + b
 
     @gluon.jit
-    def _planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE: gl.constexpr, BLOCK_S: gl.constexpr):
-        """scan_plan.planned_span (its arithmetic, for STEP 2 and the sentinels) in Gluon's layouts."""
+    def _planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE: gl.constexpr, BLOCK_S: gl.constexpr,
+                      SENTINELS: gl.constexpr):
+        """scan_plan.planned_span (its arithmetic, for STEP 2) in Gluon's layouts."""
         # every warp holds all queries (a lane one or two), so no sum crosses warps
         q_l: gl.constexpr = gl.BlockedLayout([(BLOCK_S + 31) // 32], [32], [_WARPS], [0])
         n_pages = gl.cdiv(n_cols, 64)
@@ -176,11 +178,15 @@ if gluon is not None:
         vis = gl.minimum(gl.minimum(gl.cdiv(n_vis, 64), n_blk), n_pages)
         # a query of the other mode scores nothing here (the general scan does), but its sentinels are ours
         steps = gl.where(gl.load(mode_ptr + i, mask=ok, other=MODE + 1) == MODE, gl.cdiv(vis, 2), 0)
-        spare = n_pages - vis
+        if SENTINELS:
+            spare = n_pages - vis
+        else:
+            spare = gl.zeros_like(vis)
         units = gl.where(ok, gl.maximum(steps + spare // _SENTINEL_PAGES, 1), 0)  # a program for every query
         G = gl.num_programs(0)
         total = gl.maximum(gl.sum(units, axis=0), 1)
-        per_query = gl.where(units > 0, gl.maximum(gl.cdiv(units * (G - S), total), 1), 0)
+        per_query = gl.where(units > 0, gl.maximum(gl.minimum(gl.cdiv(units * (G - S), total), units // _MIN_UNITS), 1),
+                             0)
         end = gl.associative_scan(per_query, 0, _add)
         p = gl.program_id(0)
         hit = (end > p) & (end - per_query <= p)  # this program's query (none: a spare program)
@@ -195,19 +201,27 @@ if gluon is not None:
         # units below q_steps are steps (pages 2u, 2u + 1), the rest sentinel pages from q_vis on
         page_lo = gl.where(u0 < q_steps, 2 * u0, q_vis + (u0 - q_steps) * _SENTINEL_PAGES)
         page_hi = gl.where(u1 <= q_steps, gl.minimum(2 * u1, q_vis), q_vis + (u1 - q_steps) * _SENTINEL_PAGES)
-        page_hi = gl.where(u0 < q_units, gl.where(u1 == q_units, n_pages, page_hi), 0)
+        if SENTINELS:  # the last program takes the sentinel pages under a unit
+            last = n_pages
+        else:
+            last = q_vis
+        found = u0 < q_units
+        page_hi = gl.where(found, gl.where(u1 == q_units, last, page_hi), 0)
         page_lo = gl.minimum(page_lo, page_hi)
-        return s, page_lo, page_hi, gl.sum(gl.where(hit, n_vis, 0), axis=0), gl.minimum(page_hi, q_vis)
+        return (s, page_lo, page_hi, gl.sum(gl.where(hit, n_vis, 0), axis=0), gl.minimum(page_hi, q_vis),
+                found & (u0 == 0))
 
     @gluon.jit
-    def _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE: gl.constexpr, BLOCK_S: gl.constexpr):
-        """(s, page_lo, page_hi, n_vis, vis_hi) of this program: the plan's (BLOCK_S > 0) or the
-        grid's (s, j) split."""
+    def _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE: gl.constexpr, BLOCK_S: gl.constexpr,
+              SENTINELS: gl.constexpr):
+        """(s, page_lo, page_hi, n_vis, vis_hi, first) of this program: the plan's (BLOCK_S > 0) or
+        the grid's (s, j) split; `first`: the first program of query s."""
         if BLOCK_S > 0:
-            s, page_lo, page_hi, n_vis, vis_hi = _planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE, BLOCK_S)
+            s, page_lo, page_hi, n_vis, vis_hi, first = _planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE,
+                                                                      BLOCK_S, SENTINELS)
         else:
-            s, page_lo, page_hi, n_vis, vis_hi = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
-        return s, page_lo, page_hi, n_vis, vis_hi
+            s, page_lo, page_hi, n_vis, vis_hi, first = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
+        return s, page_lo, page_hi, n_vis, vis_hi, first
 
     @gluon.jit
     def _query_smem(HP: gl.constexpr):
@@ -280,16 +294,28 @@ if gluon is not None:
             gl.store(out_row + page * 64 + n, gl.full([64], SENTINEL_KEY, gl.int64, n.type.layout))
 
     @gluon.jit
+    def _finish(out_row, len_ptr, s, first, page_lo, vis_hi, page_hi, n_vis, n_blk, n_cols,
+                SENTINEL_KEY: gl.constexpr, SENTINELS: gl.constexpr):
+        """The sentinel into the program's pages past its query's visible ones (SENTINELS), or, by
+        the query's first program, the row's length: the columns the scans write
+        (indexer_topk.index_score_keys)."""
+        if SENTINELS:
+            _write_sentinels(out_row, page_lo, vis_hi, page_hi, SENTINEL_KEY)
+        elif first:
+            gl.store(len_ptr + s, gl.minimum(n_vis, gl.minimum(n_blk, gl.cdiv(n_cols, 64)) * 64))
+
+    @gluon.jit
     def _scan_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
                      q8_stride_s, table_stride_s, page_stride, out_stride_s, n_blk, n_cols, pages_per_prog, S,
-                     row_stride: gl.constexpr, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr,
-                     BLOCK_S: gl.constexpr):
+                     len_ptr, row_stride: gl.constexpr, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr,
+                     MODE: gl.constexpr, BLOCK_S: gl.constexpr, SENTINELS: gl.constexpr):
         """The registers loader: each thread loads its own words, the next step's before this
         step's dots."""
         ROWS: gl.constexpr = _ROWS
         row_l: gl.constexpr = gl.SliceLayout(1, _acc_layout(HP))
         let_next_grid_start()  # the general scan may be scheduled from here on (grid_dependency)
-        s, page_lo, page_hi, n_vis, vis_hi = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE, BLOCK_S)
+        s, page_lo, page_hi, n_vis, vis_hi, first = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE,
+                                                          BLOCK_S, SENTINELS)
         out_row = out_ptr + s.to(gl.int64) * out_stride_s
         if gl.load(mode_ptr + s) == MODE:  # else the general scan scores this query
             q_smem = _query_smem(HP)
@@ -307,7 +333,7 @@ if gluon is not None:
                 gl.store(out_row + col, _step_keys(blocks, scales, q_smem, w8, col, n_vis, SENTINEL_KEY),
                          mask=col < vis_hi * 64)
                 scales, blocks = next_scales, next_blocks
-        _write_sentinels(out_row, page_lo, vis_hi, page_hi, SENTINEL_KEY)
+        _finish(out_row, len_ptr, s, first, page_lo, vis_hi, page_hi, n_vis, n_blk, n_cols, SENTINEL_KEY, SENTINELS)
 
     # -- the bulk-copy loaders: a ring slot holds a step's two pages at words 0 and PAGE_SLOT, each
     #    as it lies in memory (17 words a row) -------------------------------------------------------
@@ -522,9 +548,10 @@ if gluon is not None:
 
     @gluon.jit
     def _scan_kernel_ws(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, table_ptr, out_ptr,
-                        q8_stride_s, table_stride_s, out_stride_s, n_blk, n_cols, pages_per_prog, S,
+                        q8_stride_s, table_stride_s, out_stride_s, n_blk, n_cols, pages_per_prog, S, len_ptr,
                         HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr, STAGES: gl.constexpr,
-                        SCORED_PAGES: gl.constexpr, DEPENDENT: gl.constexpr, BLOCK_S: gl.constexpr):
+                        SCORED_PAGES: gl.constexpr, DEPENDENT: gl.constexpr, BLOCK_S: gl.constexpr,
+                        SENTINELS: gl.constexpr):
         """The "bulk_ws" loader: one loader warp beside the scoring warp group."""
         let_next_grid_start()  # the general scan may be scheduled from here on (grid_dependency)
         q_smem = _query_smem(HP)  # filled by the scorer, while the loader warp starts the first copies
@@ -532,7 +559,8 @@ if gluon is not None:
         empty = _barriers(STAGES)  # the scorer's hand-backs
         fence_async_shared()
         wait_for_previous_grid_gluon(DEPENDENT)  # before the first global read
-        s, page_lo, page_hi, n_vis, vis_hi = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE, BLOCK_S)
+        s, page_lo, page_hi, n_vis, vis_hi, first = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE,
+                                                          BLOCK_S, SENTINELS)
         out_row = out_ptr + s.to(gl.int64) * out_stride_s
         # queries of the general scan score no step here
         n_steps = gl.where(gl.load(mode_ptr + s) == MODE, gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2), 0)
@@ -543,7 +571,7 @@ if gluon is not None:
             (_load_pages, (head_desc, tail_desc, ring, ready, empty, table_row, page_lo, n_steps, vis_hi, n_blk,
                            STAGES)),
         ], [1], [LOADER_REGS])
-        _write_sentinels(out_row, page_lo, vis_hi, page_hi, SENTINEL_KEY)
+        _finish(out_row, len_ptr, s, first, page_lo, vis_hi, page_hi, n_vis, n_blk, n_cols, SENTINEL_KEY, SENTINELS)
 
 
 @functools.cache
@@ -582,29 +610,32 @@ def _page_descriptors(index_rows: torch.Tensor):
             TensorDescriptor(words, shape, strides, [1, 1, 64], layout))
 
 
-def launch_split(S: int, n_cols: int, n_blk: int, pages_per_prog: int, device: torch.device):
+def launch_split(S: int, n_cols: int, n_blk: int, pages_per_prog: int, device: torch.device, sentinels: bool):
     """(grid, pages a program, BLOCK_S) of a launch: the plan's G programs and BLOCK_S the power of
     two holding S (scan_plan); else the (query, share) grid over whole two-page steps, BLOCK_S 0."""
     if scan_plan.planned(S):
         slots = scan_plan.program_slots(device, PROGRAMS_PER_SM)
-        return (scan_plan.plan_grid(S, n_cols, n_blk, 2, True, slots),), 0, triton.next_power_of_2(S)
+        return (scan_plan.plan_grid(S, n_cols, n_blk, 2, sentinels, slots),), 0, triton.next_power_of_2(S)
     ppp = pages_per_prog + pages_per_prog % 2  # whole steps of two pages
     n_pages = -(-n_cols // 64)
     return (S, -(-n_pages // ppp)), ppp, 0
 
 
 def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages_per_prog: int, sentinel: int,
-             fp8_mode: int) -> None:
+             fp8_mode: int, lengths: torch.Tensor | None = None) -> None:
     """Write the FP8 scan's keys into out [S, n_cols] for the queries whose mode is fp8_mode, and the
-    sentinel of every invisible page (indexer_topk.index_score_keys checks the operands; the pages
+    sentinel of every invisible page, or (`lengths` [S] int32 given) each row's count of the
+    columns the scans write instead (indexer_topk.index_score_keys checks the operands; the pages
     are split over programs by the plan, or pages_per_prog a program: launch_split)."""
     if LOADER not in LOADERS:
         raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
     if SCORED_PAGES not in (1, 2):
         raise ValueError(f"SCORED_PAGES must be 1 or 2 (pages of a step), got {SCORED_PAGES!r}")
     S = q8.shape[0]
-    grid, ppp, block_s = launch_split(S, n_cols, table.shape[1], pages_per_prog, q8.device)
+    sentinels = lengths is None
+    grid, ppp, block_s = launch_split(S, n_cols, table.shape[1], pages_per_prog, q8.device, sentinels)
     table_stride = table.stride(0) if table.shape[0] > 1 else 0
+    len_arg = out if sentinels else lengths  # not written with the sentinels
     if LOADER == "bulk_ws" and bulk_copy_usable(index_rows):
         # launched as a dependent of whatever kernel comes before it: its programs set up their shared
         # memory while that kernel ends, and wait for it before their first global read (grid_dependency)
@@ -614,12 +645,12 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         # scoring group the rest (232 at two programs an SM)
         maxnreg = 65536 // (PROGRAMS_PER_SM * 2 * WARPS * 32) // 8 * 8
         _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0),
-                              table_stride, out.stride(0), table.shape[1], n_cols, ppp, S, HP=w8.shape[1],
+                              table_stride, out.stride(0), table.shape[1], n_cols, ppp, S, len_arg, HP=w8.shape[1],
                               SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, SCORED_PAGES=SCORED_PAGES,
-                              DEPENDENT=dependent, BLOCK_S=block_s, num_warps=WARPS, maxnreg=maxnreg,
-                              **grid_dependency.launch_kwargs(dependent))
+                              DEPENDENT=dependent, BLOCK_S=block_s, SENTINELS=sentinels, num_warps=WARPS,
+                              maxnreg=maxnreg, **grid_dependency.launch_kwargs(dependent))
         return
     _scan_kernel[grid](
         q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table_stride,
-        index_rows.stride(0), out.stride(0), table.shape[1], n_cols, ppp, S, row_stride=index_rows.stride(1),
-        HP=w8.shape[1], SENTINEL_KEY=sentinel, MODE=fp8_mode, BLOCK_S=block_s, num_warps=WARPS)
+        index_rows.stride(0), out.stride(0), table.shape[1], n_cols, ppp, S, len_arg, row_stride=index_rows.stride(1),
+        HP=w8.shape[1], SENTINEL_KEY=sentinel, MODE=fp8_mode, BLOCK_S=block_s, SENTINELS=sentinels, num_warps=WARPS)

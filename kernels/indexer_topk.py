@@ -74,6 +74,10 @@ FP8_PROGRAMS_PER_SM, GENERAL_PROGRAMS_PER_SM = 2, 4
 SCAN_WARPS = 4
 SCAN_STAGES = 3  # software-pipelining depth of the FP8 scan's loop (Triton's default)
 FP8_PAGES = 2  # pages per step of the FP8 scan
+# the decode top-k: the scan writes each row's keys up to its own length and the selection reads no
+# further (index_score_keys_and_lengths); off, every row's keys run to the batch's widest table,
+# sentinels past each row's visible entries (load_tests/bench_scan_split.py --topk times both)
+ROW_LENGTHS = True
 # Hopper GPUs take the FP8 scan in Gluon (indexer_scan_hopper.py; 0.35 against 0.52 ms at 1M x 32 on
 # an H100); off, they run the Triton kernel above (the launch sweep turns it off to time that one)
 HOPPER_SCAN = True
@@ -118,19 +122,20 @@ def _keys_of(acc, w, head_scale, col, n_vis, SENTINEL_KEY: tl.constexpr):
 @triton.jit
 def _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE: tl.constexpr, BLOCK_S: tl.constexpr,
           STEP: tl.constexpr, SENTINELS: tl.constexpr):
-    """(s, page_lo, page_hi, n_vis, vis_hi) of this program: the plan's (BLOCK_S > 0: scan_plan)
-    or program (s, j)'s pages_per_prog pages of query s. It scores [page_lo, vis_hi) and writes the
-    sentinel into [max(vis_hi, page_lo), page_hi)."""
+    """(s, page_lo, page_hi, n_vis, vis_hi, first) of this program: the plan's (BLOCK_S > 0:
+    scan_plan) or program (s, j)'s pages_per_prog pages of query s. It scores [page_lo, vis_hi)
+    and writes the sentinel into [max(vis_hi, page_lo), page_hi); `first`: query s's first program."""
     if BLOCK_S > 0:
-        s, page_lo, page_hi, n_vis, vis_hi = planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE, BLOCK_S, STEP,
-                                                          SENTINELS)
+        s, page_lo, page_hi, n_vis, vis_hi, first = planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE, BLOCK_S,
+                                                                 STEP, SENTINELS)
     else:
         s = tl.program_id(0)
         page_lo = tl.program_id(1) * pages_per_prog
         page_hi = tl.minimum(page_lo + pages_per_prog, tl.cdiv(n_cols, 64))
         n_vis = (tl.load(pos_ptr + s).to(tl.int32) + 1) // 4
         vis_hi = tl.minimum(page_hi, tl.minimum(tl.cdiv(n_vis, 64), n_blk))
-    return s, page_lo, page_hi, n_vis, vis_hi
+        first = tl.program_id(1) == 0
+    return s, page_lo, page_hi, n_vis, vis_hi, first
 
 
 @triton.jit
@@ -143,8 +148,8 @@ def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
     BF16 query parts; the FP8 launch writes the sentinels. DEPENDENT: launched as a dependent of
     the FP8 launch (grid_dependency), which writes other rows of out, so a program scores first
     and then waits for that launch's end (the work after this kernel waits for this one alone)."""
-    s, page_lo, page_hi, n_vis, vis_hi = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE, BLOCK_S,
-                                               1, False)
+    s, page_lo, page_hi, n_vis, vis_hi, _ = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE,
+                                                  BLOCK_S, 1, False)
     n = tl.arange(0, 64)
     out_row = out_ptr + s.to(tl.int64) * out_stride_s
     if tl.load(mode_ptr + s) == MODE:  # else the FP8 launch scores this query
@@ -191,15 +196,16 @@ def _e2m1_to_e4m3(raw, INTERPRET: tl.constexpr):
 @triton.jit
 def _scan_fp8_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
                      q8_stride_s, table_stride_s, page_stride, out_stride_s,
-                     n_blk, n_cols, pages_per_prog, S, row_stride: tl.constexpr,
+                     n_blk, n_cols, pages_per_prog, S, len_ptr, row_stride: tl.constexpr,
                      HP: tl.constexpr, DI: tl.constexpr, SENTINEL_KEY: tl.constexpr,
                      PAGES: tl.constexpr, INTERPRET: tl.constexpr, MODE: tl.constexpr, WORD_SCALES: tl.constexpr,
-                     BLOCK_S: tl.constexpr):
+                     BLOCK_S: tl.constexpr, SENTINELS: tl.constexpr):
     """Score keys of the visible entries of the queries in MODE (the FP8 scan: module docstring),
-    PAGES pages per step, and the sentinel of every invisible page of every query. WORD_SCALES:
-    rows are 4-byte aligned and hold whole groups of 4 scale bytes."""
-    s, page_lo, page_hi, n_vis, vis_hi = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE, BLOCK_S,
-                                               PAGES, True)
+    PAGES pages per step, and the sentinel of every invisible page of every query, or (not
+    SENTINELS) each query's length instead (index_score_keys). WORD_SCALES: rows are 4-byte
+    aligned and hold whole groups of 4 scale bytes."""
+    s, page_lo, page_hi, n_vis, vis_hi, first = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE,
+                                                      BLOCK_S, PAGES, SENTINELS)
     out_row = out_ptr + s.to(tl.int64) * out_stride_s
     if tl.load(mode_ptr + s) == MODE:  # else the general scan scores this query
         h = tl.arange(0, HP)
@@ -240,18 +246,21 @@ def _scan_fp8_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out
             # columns of pages past vis_hi are the sentinel loop's below
             tl.store(out_row + col, _keys_of(acc, w8, 1.0, col, n_vis, SENTINEL_KEY), mask=col < vis_hi * 64)
 
-    n = tl.arange(0, 64)
-    for page in range(tl.maximum(vis_hi, page_lo), page_hi):
-        tl.store(out_row + page * 64 + n, tl.full([64], SENTINEL_KEY, tl.int64))
+    if SENTINELS:
+        n = tl.arange(0, 64)
+        for page in range(tl.maximum(vis_hi, page_lo), page_hi):
+            tl.store(out_row + page * 64 + n, tl.full([64], SENTINEL_KEY, tl.int64))
+    elif first:
+        tl.store(len_ptr + s, tl.minimum(n_vis, tl.minimum(n_blk, tl.cdiv(n_cols, 64)) * 64))
 
 
-def _hopper_scan(q8, w8, mode, positions, index_rows, table, out, n_cols: int) -> bool:
+def _hopper_scan(q8, w8, mode, positions, index_rows, table, out, n_cols: int, lengths) -> bool:
     """Run the Gluon FP8 scan; False, and the Triton scan from then on, where this Triton cannot
     compile or launch it (Gluon is experimental: its API moves between Triton releases)."""
     global HOPPER_SCAN
     ppp = _pages_per_program(q8.shape[0], -(-n_cols // PAGE_ENTRIES), q8.device, hopper_scan.PROGRAMS_PER_SM)
     HOPPER_SCAN = gluon_ran(lambda: hopper_scan.scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols,
-                                                         ppp, SENTINEL, MODE_FP8), "FP8 scan", "scan", log)
+                                                         ppp, SENTINEL, MODE_FP8, lengths), "FP8 scan", "scan", log)
     return HOPPER_SCAN
 
 
@@ -368,6 +377,22 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
                      positions: torch.Tensor, n_cols: int, operands: tuple | None = None) -> torch.Tensor:
     """The Triton scan: int64 score keys [S, n_cols] (see the module docstring). `operands`:
     query_operands(q, w), when the caller has them already."""
+    return _score_keys(q, w, index_rows, block_table, positions, n_cols, operands, None)
+
+
+def index_score_keys_and_lengths(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
+                                 block_table: torch.Tensor, positions: torch.Tensor, n_cols: int,
+                                 operands: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """index_score_keys' keys up to each row's length, and the lengths [S] int32: row r's columns
+    from lengths[r] on are left unwritten (they would all hold the sentinel), which
+    key_select.select_entries(keys, k, lengths) never reads. In a batch of one long request and
+    short ones, the short rows' columns up to the long one's are neither written nor read."""
+    lengths = torch.empty(q.shape[0], dtype=torch.int32, device=q.device)
+    return _score_keys(q, w, index_rows, block_table, positions, n_cols, operands, lengths), lengths
+
+
+def _score_keys(q, w, index_rows, block_table, positions, n_cols, operands, lengths):
+    """index_score_keys, and (`lengths` given) index_score_keys_and_lengths' keys into it."""
     _check(q, w, index_rows, block_table, positions)
     S, Hi, Di = q.shape
     if index_rows.stride(2) != 1:
@@ -381,6 +406,8 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
     table = block_table.to(torch.int32)
     out = torch.empty(S, n_cols, dtype=torch.int64, device=q.device)
     if table.shape[1] == 0:  # nothing to read, and the kernels' prefetch needs a table entry
+        if lengths is not None:
+            lengths.zero_()
         return out.fill_(SENTINEL)
     if S and n_cols:
         common = (table.stride(0) if table.shape[0] > 1 else 0, index_rows.stride(0), out.stride(0),
@@ -388,17 +415,19 @@ def index_score_keys(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor,
         # a compile-time row stride (68 bytes at Di=128) lets Triton see 4-byte aligned rows and
         # load the codes 4 bytes at a time; a runtime one leaves them byte by byte
         consts = dict(row_stride=index_rows.stride(1), HP=hp, DI=Di, SENTINEL_KEY=SENTINEL, num_warps=SCAN_WARPS)
-        # each query is scored by the launch of its mode; the FP8 one also writes the sentinels.
-        # On Hopper the FP8 launch is the Gluon kernel (indexer_scan_hopper.py: the same keys)
+        # each query is scored by the launch of its mode; the FP8 one also writes the sentinels (or the
+        # lengths). On Hopper the FP8 launch is the Gluon kernel (indexer_scan_hopper.py: the same keys)
         gluon_ran = HOPPER_SCAN and hopper_scan.usable(q8, index_rows) and _hopper_scan(
-            q8, w8, mode, positions, index_rows, table, out, n_cols)
+            q8, w8, mode, positions, index_rows, table, out, n_cols, lengths)
         if not gluon_ran:
+            sentinels = lengths is None
             grid, ppp, block_s = _launch_split(S, n_cols, table.shape[1], q.device, FP8_PROGRAMS_PER_SM, FP8_PAGES,
-                                               True)
+                                               sentinels)
             _scan_fp8_kernel[grid](
-                q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp, S, **consts,
-                PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8, num_stages=SCAN_STAGES,
-                WORD_SCALES=index_scales_as_words(index_rows, Di), BLOCK_S=block_s)
+                q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp, S,
+                out if sentinels else lengths, **consts, PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8,
+                num_stages=SCAN_STAGES, WORD_SCALES=index_scales_as_words(index_rows, Di), BLOCK_S=block_s,
+                SENTINELS=sentinels)
         grid, ppp, block_s = _launch_split(S, n_cols, table.shape[1], q.device, GENERAL_PROGRAMS_PER_SM, 1, False)
         # most queries take the FP8 scan, and then this launch's programs only end: as a dependent
         # launch they do so in the FP8 scan's tail instead of after it (grid_dependency)
@@ -455,10 +484,13 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, index_rows: torch.Tensor, blo
     if not use_triton(q):
         return reference(q, w, index_rows, block_table, positions, topk)
     n_cols = PAGE_ENTRIES * max(block_table.shape[1], -(-topk // PAGE_ENTRIES))
-    keys = index_score_keys(q, w, index_rows, block_table, positions, n_cols, operands)
-    if kernel_wins(keys.shape[0], topk, keys.device):
-        return select_entries(keys, topk)
-    return entries_of_keys(*topk_of_keys(keys, topk))
+    args = (q, w, index_rows, block_table, positions, n_cols, operands)
+    if not kernel_wins(q.shape[0], topk, q.device):  # torch.topk reads every column: all of them written
+        return entries_of_keys(*topk_of_keys(index_score_keys(*args), topk))
+    if ROW_LENGTHS:
+        keys, lengths = index_score_keys_and_lengths(*args)
+        return select_entries(keys, topk, lengths)
+    return select_entries(index_score_keys(*args), topk)
 
 
 def _multiblock_topk(rows: int, width: int) -> bool:

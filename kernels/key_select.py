@@ -89,16 +89,28 @@ def _radix_round(v, match, prefix, need, SHIFT: tl.constexpr, BITS: tl.constexpr
 
 
 @triton.jit
-def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_stride,
+def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_stride, len_ptr,
                    K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr,
-                   FINAL: tl.constexpr, DEPENDENT: tl.constexpr):
+                   FINAL: tl.constexpr, DEPENDENT: tl.constexpr, LENGTHS: tl.constexpr, LEVEL: tl.constexpr,
+                   LEVEL_CHUNK: tl.constexpr):
     """Top K of chunk g of row r. Not FINAL: its K keys, in the chunk's order (the next level's
     tie-break needs it), to dst[r, g K : (g + 1) K]. FINAL (one chunk per row): the K keys in
-    descending order through dst[r, :K_PAD] (scratch), then their entries to out[r, :K]."""
+    descending order through dst[r, :K_PAD] (scratch), then their entries to out[r, :K].
+    LENGTHS: row r's keys end at len[r] (select_entries), LEVEL levels of LEVEL_CHUNK-key chunks
+    before this one: a chunk past them reads and writes nothing."""
     begin_dependent(DEPENDENT)  # grid_dependency: before any global access
     g, r = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    n_row = n
+    if LENGTHS:
+        n_row = tl.load(len_ptr + r)
+        for _ in tl.static_range(LEVEL):  # each level kept K keys of every chunk holding some
+            n_row = tl.cdiv(n_row, LEVEL_CHUNK) * K
+        n_row = tl.minimum(n_row, n)
+        if not FINAL:
+            if g * CHUNK >= n_row:  # the next level reads no further than this row's last chunk
+                return
     i = g * CHUNK + tl.arange(0, CHUNK)
-    key = tl.load(src_ptr + r * src_stride + i, mask=i < n, other=SENTINEL)  # padding ranks last
+    key = tl.load(src_ptr + r * src_stride + i, mask=i < n_row, other=SENTINEL)  # padding ranks last
     # the score half as a uint32 in unsigned order (its sign bit flipped): the rounds shift and
     # compare 32-bit words, half the registers and instructions of an int64 half
     hi = ((key >> 32).to(tl.int32) ^ -2147483648).to(tl.uint32, bitcast=True)
@@ -159,16 +171,21 @@ def kernel_wins(rows: int, k: int, device: torch.device) -> bool:
     return rows <= (SELECT_MAX_ROWS if device.type == "cuda" else INTERPRET_MAX_ROWS)
 
 
-def select_entries(keys: torch.Tensor, k: int) -> torch.Tensor:
+def select_entries(keys: torch.Tensor, k: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """The entries of each row's k largest score keys, in descending key order, -1 where the key
     is a sentinel or its score is not finite: [S, k] int32 (key_select_ref.select_entries). The
     keys are the scan's: key c of a row holds entry c (its entry half INT32_MAX - c), which the
-    kernel's tie-break relies on (module docstring)."""
+    kernel's tie-break relies on (module docstring). `lengths` [S] int32: row r's keys at columns
+    from lengths[r] on count as sentinels and are never read (the scan need not write them: a
+    short request's row in a batch with a long one is then selected at its own length)."""
     S, n = keys.shape
     if not 0 < k <= n:
         raise ValueError(f"k={k} must be in 1..{n} (the row's keys)")
     if keys.dtype != torch.int64 or keys.stride(1) != 1:
         raise ValueError(f"keys must be int64 with contiguous rows, got {keys.dtype} strides {keys.stride()}")
+    if lengths is not None and (lengths.shape != (S,) or lengths.dtype != torch.int32 or lengths.device != keys.device):
+        raise ValueError(f"lengths must be int32 [{S}] on {keys.device}, got {lengths.dtype} "
+                         f"{list(lengths.shape)} on {lengths.device}")
     out = torch.empty(S, k, dtype=torch.int32, device=keys.device)
     if S == 0:
         return out
@@ -176,21 +193,25 @@ def select_entries(keys: torch.Tensor, k: int) -> torch.Tensor:
     if k > chunk // 2:
         raise ValueError(f"k={k} is more than half a chunk ({chunk} keys): the levels would not shrink the row")
     k_pad = triton.next_power_of_2(k)
-    consts = dict(K=k, K_PAD=k_pad, BITS=RADIX_BITS, **as_dependent(keys))
+    consts = dict(K=k, K_PAD=k_pad, BITS=RADIX_BITS, LENGTHS=lengths is not None, LEVEL_CHUNK=chunk,
+                  **as_dependent(keys))
+    len_arg = lengths if lengths is not None else out  # not read without LENGTHS
     # the last level's one program a row takes up to FINAL_CHUNKS chunks, with as many times the
     # warps (the same keys a thread): a row that would end in a level of that many chunks and a
     # final one of a chunk skips the level
     final = chunk * FINAL_CHUNKS
-    src = keys
+    src, level = keys, 0
     while src.shape[1] > final:  # each level keeps the top k of every chunk: the row's top k survive
         n_chunks = triton.cdiv(src.shape[1], chunk)
         dst = torch.empty(S, n_chunks * k, dtype=torch.int64, device=keys.device)
         _select_kernel[(n_chunks, S)](src, src.shape[1], src.stride(0), dst, dst.stride(0), out, out.stride(0),
-                                      CHUNK=chunk, FINAL=False, num_warps=SELECT_WARPS, **consts)
-        src = dst
+                                      len_arg, CHUNK=chunk, FINAL=False, LEVEL=level, num_warps=SELECT_WARPS,
+                                      **consts)
+        src, level = dst, level + 1
     # the last level's chunk: the fewest whole chunks holding what is left
     last = chunk * min(FINAL_CHUNKS, triton.next_power_of_2(triton.cdiv(src.shape[1], chunk)))
     scratch = torch.empty(S, k_pad, dtype=torch.int64, device=keys.device)
     _select_kernel[(1, S)](src, src.shape[1], src.stride(0), scratch, scratch.stride(0), out, out.stride(0),
-                           CHUNK=last, FINAL=True, num_warps=SELECT_WARPS * last // chunk, **consts)
+                           len_arg, CHUNK=last, FINAL=True, LEVEL=level, num_warps=SELECT_WARPS * last // chunk,
+                           **consts)
     return out

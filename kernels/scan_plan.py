@@ -39,6 +39,9 @@ PLANNED = True  # off: the per-query split everywhere (load_tests/bench_scan_spl
 PLAN_QUERIES = 64
 SENTINEL_PAGES = 16
 _SENTINEL_PAGES = tl.constexpr(SENTINEL_PAGES)
+# the fewest units a program gets (unless its query has fewer)
+MIN_UNITS = 1
+_MIN_UNITS = tl.constexpr(MIN_UNITS)
 CPU_SMS = 4  # the interpreter runs a launch's programs one by one: a few exercise the split
 
 
@@ -67,9 +70,10 @@ def plan_grid(S: int, n_cols: int, n_blk: int, step_pages: int, sentinels: bool,
 @triton.jit
 def planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE: tl.constexpr, BLOCK_S: tl.constexpr,
                  STEP: tl.constexpr, SENTINELS: tl.constexpr):
-    """This program's (s, page_lo, page_hi, n_vis, vis_hi) under the plan (module docstring): it
-    scores query s's pages [page_lo, vis_hi) in steps of STEP and (SENTINELS) writes the sentinel
-    into [max(vis_hi, page_lo), page_hi). A spare program gets query 0 and empty ranges."""
+    """This program's (s, page_lo, page_hi, n_vis, vis_hi, first) under the plan (module
+    docstring): it scores query s's pages [page_lo, vis_hi) in steps of STEP and (SENTINELS)
+    writes the sentinel into [max(vis_hi, page_lo), page_hi); `first`: it is query s's first
+    program. A spare program gets query 0, empty ranges and first false."""
     i = tl.arange(0, BLOCK_S)
     ok = i < S
     n_pages = tl.cdiv(n_cols, 64)
@@ -84,7 +88,7 @@ def planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE: tl.constexpr, BLOCK_
     units = tl.where(ok, tl.maximum(steps + spare // _SENTINEL_PAGES, 1), 0)  # a program for every query
     G = tl.num_programs(0)
     total = tl.maximum(tl.sum(units, axis=0), 1)
-    per_query = tl.where(units > 0, tl.maximum(tl.cdiv(units * (G - S), total), 1), 0)
+    per_query = tl.where(units > 0, tl.maximum(tl.minimum(tl.cdiv(units * (G - S), total), units // _MIN_UNITS), 1), 0)
     end = tl.cumsum(per_query, 0)
     p = tl.program_id(0)
     hit = (end > p) & (end - per_query <= p)  # this program's query (none: a spare program)
@@ -101,7 +105,9 @@ def planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE: tl.constexpr, BLOCK_
         last = n_pages
     else:
         last = q_vis
-    page_hi = tl.where(u0 < q_units, tl.where(u1 == q_units, last, page_hi), 0)
+    found = u0 < q_units
+    page_hi = tl.where(found, tl.where(u1 == q_units, last, page_hi), 0)
     page_lo = tl.minimum(page_lo, page_hi)
     s = tl.sum(tl.where(hit, i, 0), axis=0)
-    return s, page_lo, page_hi, tl.sum(tl.where(hit, n_vis, 0), axis=0), tl.minimum(page_hi, q_vis)
+    return (s, page_lo, page_hi, tl.sum(tl.where(hit, n_vis, 0), axis=0), tl.minimum(page_hi, q_vis),
+            found & (u0 == 0))

@@ -5,8 +5,9 @@ the whole step with each implementation (GPU; flash-attn preset, bf16, random we
         [--old DIR] [--rounds 3] [--steps 12] [--random-index]
 
 States are bench_kernels' synthetic ones (its step section). One eager step records the keys each
-CSA layer hands to the selection (indexer_topk.select_entries). Then, per implementation, in
---rounds alternations: the selection's time on those keys (a CUDA graph of ten calls, its picks
+CSA layer hands to the selection (indexer_topk.select_entries; every row's keys to the batch's
+widest table, indexer_topk.ROW_LENGTHS off, as an older tree's kernel takes them). Then, per
+implementation, in --rounds alternations: the selection's time on those keys (a CUDA graph of ten calls, its picks
 checked against torch.topk first) and the step's median time with the decode graphs recaptured.
 Implementations: `kernel` (key_select.select_entries as committed), `torch` (torch.topk, the path
 V4SERVE_SELECT=torch keeps) and, with --old DIR, `old`: the kernel of another tree, for an A/B in
@@ -113,6 +114,9 @@ def main() -> None:
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device (the step's graphs)")
+    # every row's keys to the batch's widest table, sentinels past its visible ones: what each of
+    # the selections compared takes (an older tree's kernel knows no row lengths)
+    IT.ROW_LENGTHS = False
     impls = {"old": load_old(a.old)} if a.old else {}
     impls.update(kernel=KS.select_entries, torch=torch_select)
     cfg, _, model = bk.flash_model()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kernels import indexer_topk as K
+from kernels import scan_plan
 from kernels.block_quant import fp4_e2m1_block_qdq, hadamard
 from kernels.key_select_ref import scores_from_keys
 from kernels.quantize import reference_decode_index, reference_encode_index
@@ -153,12 +154,44 @@ def test_a_query_scores_the_same_alone_in_a_batch_and_split_over_programs(triton
     table = torch.stack([torch.randperm(8, generator=g)[:7] for _ in range(3)]).int()
     pos = torch.tensor([7 * 256 - 1, 900, 1500])
     q, w = make_queries(3, Hi, Di, seed=15, kind="float")
-    batch = K.index_score_keys(q, w, rows, table, pos, 448)
+    batch = K.index_score_keys(q, w, rows, table, pos, 448)  # the plan (kernels/scan_plan.py)
     alone = K.index_score_keys(q[1:2], w[1:2], rows, table[1:2], pos[1:2], 448)
-    monkeypatch.setattr(K, "_pages_per_program", lambda *args: 3)  # 7 pages: 3 + 3 + 1
+    monkeypatch.setattr(scan_plan, "CPU_SMS", 1)  # the plan over fewer programs
+    fewer = K.index_score_keys(q, w, rows, table, pos, 448)
+    monkeypatch.setattr(scan_plan, "PLANNED", False)
+    monkeypatch.setattr(K, "_pages_per_program", lambda *args: 3)  # per query, 7 pages: 3 + 3 + 1
     split = K.index_score_keys(q, w, rows, table, pos, 448)
     assert torch.equal(batch[1], alone[0])
-    assert torch.equal(batch, split)
+    assert torch.equal(batch, fewer) and torch.equal(batch, split)
+
+
+@pytest.mark.parametrize("planned", [True, False])
+def test_keys_with_lengths_are_the_keys_up_to_each_rows_length(triton_mode, monkeypatch, planned):
+    """index_score_keys_and_lengths (the decode top-k's scan): each row's length is its visible
+    entries within its table, its keys up to there index_score_keys' bits, for queries of both
+    scans, one seeing nothing and one past its table, under the plan and the per-query split; and
+    the top-k from them is the one from the full keys."""
+    monkeypatch.setattr(scan_plan, "PLANNED", planned)
+    Hi, Di, n_blk = 16, 64, 6
+    rows = make_cache(30, Di, seed=40)
+    g = torch.Generator().manual_seed(41)
+    table = torch.stack([torch.randperm(30, generator=g)[:n_blk] for _ in range(5)]).int()
+    pos = torch.tensor([0, 5 * 256 - 1, 3 * 256 + 9, 100, n_blk * 256 + 500])
+    q, w = make_queries(5, Hi, Di, seed=42, kind="fp4")
+    q[2] = make_queries(1, Hi, Di, seed=43, kind="float")[0][0]  # the general scan's
+    n_cols = (n_blk + 3) * 64
+    full = K.index_score_keys(q, w, rows, table, pos, n_cols)
+    keys, lengths = K.index_score_keys_and_lengths(q, w, rows, table, pos, n_cols)
+    assert lengths.tolist() == [min((int(p) + 1) // 4, n_blk * 64) for p in pos]
+    for r, n in enumerate(lengths.tolist()):
+        assert torch.equal(keys[r, :n], full[r, :n])
+        assert (full[r, n:] == K.SENTINEL).all()  # what the selection takes the unwritten columns for
+    picks = {}
+    for row_lengths in (True, False):
+        monkeypatch.setattr(K, "ROW_LENGTHS", row_lengths)
+        picks[row_lengths] = K.indexer_topk(q, w, rows, table, pos, 40)
+    assert torch.equal(picks[True], picks[False])
+    assert_same_selection(picks[True], q, w, rows, table, pos, 40)
 
 
 def test_operands_computed_ahead_give_the_same_keys_and_picks(triton_mode):
@@ -402,7 +435,6 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     seeing nothing, a table wider than the context, queries of both modes in one launch), for 40
     such rows of very different lengths and for a prefill chunk sharing one table row."""
     from kernels import indexer_scan_hopper as H
-    from kernels import scan_plan
 
     if not H.usable(torch.zeros(1, 4, 64, 32, device="cuda"), torch.zeros(1, 64, 68, dtype=torch.uint8, device="cuda")):
         pytest.skip("needs a Hopper GPU with Gluon")
@@ -441,11 +473,16 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     for (qq, ww, tt, pp, n_cols), cache in itertools.product(cases, (rows, small)):
         ops = K.query_operands(qq, ww)
         gluon_keys = K.index_score_keys(qq, ww, cache, tt, pp, n_cols, ops)
+        short_keys, lengths = K.index_score_keys_and_lengths(qq, ww, cache, tt, pp, n_cols, ops)
         assert K.HOPPER_SCAN, "the Gluon scan fell back to the Triton one (see the log): nothing was compared"
         monkeypatch.setattr(K, "HOPPER_SCAN", False)
         triton_keys = K.index_score_keys(qq, ww, cache, tt, pp, n_cols, ops)
         monkeypatch.setattr(K, "HOPPER_SCAN", True)
         assert torch.equal(gluon_keys, triton_keys)
+        # without the sentinels: each row's length, and its keys up to there
+        assert lengths.tolist() == [min((p + 1) // 4, tt.shape[1] * 64, n_cols) for p in pp.tolist()]
+        for r, n in enumerate(lengths.tolist()):
+            assert torch.equal(short_keys[r, :n], triton_keys[r, :n])
     assert_scores_close(q, w, rows, table, pos)
 
 

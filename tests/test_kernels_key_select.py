@@ -79,6 +79,30 @@ def test_scores_tied_across_chunks_and_levels_go_to_the_lowest_columns(triton_mo
     assert torch.equal(got[0], torch.nonzero(s[0] == top).flatten()[:512].int())
 
 
+@pytest.mark.parametrize("final_chunks", [1, 2])
+def test_keys_past_a_rows_length_are_never_read(triton_mode, monkeypatch, final_chunks):
+    """With lengths, a row's keys from lengths[r] on count as sentinels whatever they hold: rows of
+    several levels (the interpreter's chunks are 1,024 keys), a length inside a chunk, one at a
+    chunk's end, one shorter than k, zero, and the whole row. Past each length the keys are the
+    largest possible, so reading any of them would pick it."""
+    monkeypatch.setattr(KS, "FINAL_CHUNKS", final_chunks)
+    lengths = [5000, 2049, 2048, 300, 0, 4000]
+    keys = keys_of(tied_scores(6, 5000, seed=5), [5000] * 6)
+    garbage = keys.clone()
+    for r, n in enumerate(lengths):
+        garbage[r, n:] = torch.iinfo(torch.int64).max - torch.arange(5000 - n)
+    got = KS.select_entries(garbage, 512, torch.tensor(lengths, dtype=torch.int32))
+    assert torch.equal(got, R.select_entries(keys_of(tied_scores(6, 5000, seed=5), lengths), 512))
+    assert [int((row >= 0).sum()) for row in got] == [min(512, n) for n in lengths]
+
+
+def test_lengths_of_the_wrong_shape_or_type_are_refused(triton_mode):
+    keys = keys_of(torch.randn(2, 64), [64, 64])
+    for bad in (torch.tensor([64], dtype=torch.int32), torch.tensor([64, 64])):
+        with pytest.raises(ValueError, match="lengths must be int32"):
+            KS.select_entries(keys, 8, bad)
+
+
 def test_non_finite_scores_are_not_picked_as_entries(triton_mode):
     s = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
     s[0, 10] = float("inf")

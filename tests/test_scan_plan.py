@@ -17,21 +17,22 @@ MODE = 0
 @triton.jit
 def _spans_kernel(pos_ptr, mode_ptr, out_ptr, S, n_cols, n_blk, BLOCK_S: tl.constexpr, STEP: tl.constexpr,
                   SENTINELS: tl.constexpr):
-    s, page_lo, page_hi, n_vis, vis_hi = planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, 0, BLOCK_S, STEP,
-                                                      SENTINELS)
-    row = out_ptr + tl.program_id(0) * 5
+    s, page_lo, page_hi, n_vis, vis_hi, first = planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, 0, BLOCK_S, STEP,
+                                                             SENTINELS)
+    row = out_ptr + tl.program_id(0) * 6
     tl.store(row, s)
     tl.store(row + 1, page_lo)
     tl.store(row + 2, page_hi)
     tl.store(row + 3, n_vis)
     tl.store(row + 4, vis_hi)
+    tl.store(row + 5, first.to(tl.int32))
 
 
 def spans(positions, modes, n_cols, n_blk, step, sentinels, slots):
-    """Each program's (s, page_lo, page_hi, n_vis, vis_hi) of a launch of plan_grid's size."""
+    """Each program's (s, page_lo, page_hi, n_vis, vis_hi, first) of a launch of plan_grid's size."""
     S = len(positions)
     G = scan_plan.plan_grid(S, n_cols, n_blk, step, sentinels, slots)
-    out = torch.full((G, 5), -7, dtype=torch.int32)
+    out = torch.full((G, 6), -7, dtype=torch.int32)
     _spans_kernel[(G,)](torch.tensor(positions), torch.tensor(modes, dtype=torch.int32), out, S, n_cols, n_blk,
                         BLOCK_S=triton.next_power_of_2(S), STEP=step, SENTINELS=sentinels)
     return out.tolist()
@@ -40,7 +41,7 @@ def spans(positions, modes, n_cols, n_blk, step, sentinels, slots):
 def covered(rows, S, mode_of, step, sentinels):
     """Per query: the pages its programs score and those they write the sentinel into, in order."""
     scored, sent = [[] for _ in range(S)], [[] for _ in range(S)]
-    for s, lo, hi, _, vis_hi in rows:
+    for s, lo, hi, _, vis_hi, _ in rows:
         if mode_of[s] == MODE and vis_hi > lo:
             assert lo % step == 0, "a program's steps must start on a step boundary"
             scored[s] += range(lo, vis_hi)
@@ -55,7 +56,8 @@ def test_every_page_is_covered_once(step, sentinels, slots, seed):
     """Random batches of up to PLAN_QUERIES queries, both modes, lengths from nothing to past the
     table, a table of odd width and n_cols past it: every visible page of a query of the launch's
     mode scored once (and none of the other mode's), every other column's page given the sentinel
-    once (where the launch writes them), each program's n_vis its query's."""
+    once (where the launch writes them), each program's n_vis its query's, and one program of
+    each query its first (which writes the row's length where the sentinels are not written)."""
     g = torch.Generator().manual_seed(seed)
     n_blk, n_cols = 37, 45 * 64
     for S in (1, 5, 32, scan_plan.PLAN_QUERIES):
@@ -69,13 +71,14 @@ def test_every_page_is_covered_once(step, sentinels, slots, seed):
             vis = min(-(-((positions[s] + 1) // 4) // 64), n_blk)
             assert scored[s] == (list(range(vis)) if modes[s] == MODE else []), (S, s)
             assert sent[s] == (list(range(vis, 45)) if sentinels else []), (S, s)
-        for s, lo, hi, n_vis, _ in rows:
+        for s, lo, hi, n_vis, _, _ in rows:
             if hi > lo:
                 assert n_vis == (positions[s] + 1) // 4
+        assert sorted(r[0] for r in rows if r[5]) == list(range(S))
 
 
 def most_steps(rows, step):
-    return max(-(-(max(vis_hi - lo, 0)) // step) for _, lo, _, _, vis_hi in rows)
+    return max(-(-(max(vis_hi - lo, 0)) // step) for _, lo, _, _, vis_hi, _ in rows)
 
 
 def test_programs_go_to_queries_in_proportion_to_their_work():
