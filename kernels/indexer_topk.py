@@ -33,7 +33,10 @@ same order, so the same keys, with the operand layouts stated instead of left to
 
 Each score is stored as an int64 key (order-preserving bits of the float score, then
 INT32_MAX - e), so one torch.topk over the keys gives the reference's order including ties, and
-an invisible column holds INT64_MIN, which decodes to NaN. Each key is computed the same way
+an invisible column holds INT64_MIN, which decodes to NaN. The decode top-k writes no invisible
+page: the scan gives each row's length instead, and the selection reads no further
+(index_score_keys_and_lengths, key_select.select_entries), so in a batch whose block table is as
+wide as its longest request the short rows cost their own length, not the longest's. Each key is computed the same way
 whatever else shares the launch (fixed 64-entry pages, no cross-key reduction), so a query's
 selection does not depend on its batch or on the split of pages over programs.
 """
@@ -76,7 +79,7 @@ SCAN_STAGES = 3  # software-pipelining depth of the FP8 scan's loop (Triton's de
 FP8_PAGES = 2  # pages per step of the FP8 scan
 # the decode top-k: the scan writes each row's keys up to its own length and the selection reads no
 # further (index_score_keys_and_lengths); off, every row's keys run to the batch's widest table,
-# sentinels past each row's visible entries (load_tests/bench_scan_split.py --topk times both)
+# sentinels past each row's visible entries (load_tests/bench_scan_split.py times both)
 ROW_LENGTHS = True
 # Hopper GPUs take the FP8 scan in Gluon (indexer_scan_hopper.py; 0.35 against 0.52 ms at 1M x 32 on
 # an H100); off, they run the Triton kernel above (the launch sweep turns it off to time that one)
