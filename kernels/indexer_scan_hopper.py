@@ -50,7 +50,7 @@ import triton.language as tl
 from . import grid_dependency, scan_plan
 from .kv_layout import index_row_bytes, index_scales_as_words
 from .scan_operands import E2M1_TO_E4M3_PTX
-from .scan_plan import _MIN_UNITS, _SENTINEL_PAGES
+from .scan_plan import _SENTINEL_PAGES
 
 try:  # Gluon ships with Triton 3.4+; without it the Triton scan runs everywhere
     from triton.experimental import gluon
@@ -185,8 +185,7 @@ if gluon is not None:
         units = gl.where(ok, gl.maximum(steps + spare // _SENTINEL_PAGES, 1), 0)  # a program for every query
         G = gl.num_programs(0)
         total = gl.maximum(gl.sum(units, axis=0), 1)
-        per_query = gl.where(units > 0, gl.maximum(gl.minimum(gl.cdiv(units * (G - S), total), units // _MIN_UNITS), 1),
-                             0)
+        per_query = gl.where(units > 0, gl.maximum(gl.cdiv(units * (G - S), total), 1), 0)
         end = gl.associative_scan(per_query, 0, _add)
         p = gl.program_id(0)
         hit = (end > p) & (end - per_query <= p)  # this program's query (none: a spare program)

@@ -330,10 +330,11 @@ def _pages_per_program(S: int, n_pages: int, device: torch.device, per_sm: int) 
     return max(1, -(-n_pages // max(1, scan_plan.program_slots(device, per_sm) // S)))
 
 
-def _launch_split(S: int, n_cols: int, n_blk: int, device: torch.device, per_sm: int, step: int, sentinels: bool):
-    """(grid, pages a program, BLOCK_S) of a Triton scan's launch: the plan's (scan_plan) or the
-    per-query split's (BLOCK_S 0)."""
-    if scan_plan.planned(S):
+def _launch_split(S: int, n_cols: int, n_blk: int, device: torch.device, per_sm: int, step: int, sentinels: bool,
+                  plan: bool = True):
+    """(grid, pages a program, BLOCK_S) of a Triton scan's launch: the plan's (scan_plan; `plan`)
+    or the per-query split's (BLOCK_S 0)."""
+    if plan and scan_plan.planned(S):
         slots = scan_plan.program_slots(device, per_sm)
         return (scan_plan.plan_grid(S, n_cols, n_blk, step, sentinels, slots),), 0, triton.next_power_of_2(S)
     n_pages = -(-n_cols // PAGE_ENTRIES)
@@ -431,9 +432,13 @@ def _score_keys(q, w, index_rows, block_table, positions, n_cols, operands, leng
                 out if sentinels else lengths, **consts, PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8,
                 num_stages=SCAN_STAGES, WORD_SCALES=index_scales_as_words(index_rows, Di), BLOCK_S=block_s,
                 SENTINELS=sentinels)
-        grid, ppp, block_s = _launch_split(S, n_cols, table.shape[1], q.device, GENERAL_PROGRAMS_PER_SM, 1, False)
         # most queries take the FP8 scan, and then this launch's programs only end: as a dependent
-        # launch they do so in the FP8 scan's tail instead of after it (grid_dependency)
+        # launch they do so in the FP8 scan's tail instead of after it (grid_dependency). It keeps
+        # the per-query split: its queries, off the FP4 grid, are none of the model's, and under the
+        # plan each of its programs would first compute it (on an H100 0.5 us more of a 32-query
+        # call's 7 us at 8K, kernels/RESULTS.md, sixteenth session)
+        grid, ppp, block_s = _launch_split(S, n_cols, table.shape[1], q.device, GENERAL_PROGRAMS_PER_SM, 1, False,
+                                           plan=False)
         dependent = grid_dependency.enabled(q)
         _scan_kernel[grid](
             parts, w_pad, mode, positions, index_rows, table, out, parts.stride(0), parts.stride(1), *common, ppp, S,

@@ -15,15 +15,17 @@ program. Of the launch's G programs query s gets
     c_s = max(1, ceil(units_s (G - S) / total))
 
 so that sum c_s <= (G - S) + S = G, and each of its programs ceil(units_s / c_s) of its units
-in order. 32 queries of 128K on 264 programs: 8 programs of 32 steps (the per-query split gave
+in order. Short programs cost nothing extra: a floor of 2, 4 or 8 steps a program made 32 queries
+of 8K 0-50% slower on an H100 and nothing faster (kernels/RESULTS.md, sixteenth session). 32 queries of 128K on 264 programs: 8 programs of 32 steps (the per-query split gave
 33: 513 pages in 8 shares); one query of 1M and 31 of 8K: 11 steps at most (the per-query split:
 256 for the long one). The grid is fixed when the launch is recorded (a CUDA graph), while the
 positions are not, so each program computes the plan from the positions and modes on the device
 (planned_span: a query a lane, every sum in registers); G covers the GPU
 (programs_per_sm x SMs), and at least one program a query.
 
-The Triton scans take planned_span; the Gluon scan (indexer_scan_hopper._planned_span) the same
-arithmetic in Gluon's layouts. Up to PLAN_QUERIES queries (a decode batch); a prefill chunk's
+The FP8 scans take it: the Triton one planned_span, the Gluon one (indexer_scan_hopper._planned_span)
+the same arithmetic in Gluon's layouts. The general scan (queries off the FP4 grid, none of the
+model's) keeps the per-query split, so its programs, which find no query of theirs, end at once. Up to PLAN_QUERIES queries (a decode batch); a prefill chunk's
 queries, more than that, keep the per-query split (one program a query for a chunk of any size).
 """
 
@@ -39,9 +41,6 @@ PLANNED = True  # off: the per-query split everywhere (load_tests/bench_scan_spl
 PLAN_QUERIES = 64
 SENTINEL_PAGES = 16
 _SENTINEL_PAGES = tl.constexpr(SENTINEL_PAGES)
-# the fewest units a program gets (unless its query has fewer)
-MIN_UNITS = 1
-_MIN_UNITS = tl.constexpr(MIN_UNITS)
 CPU_SMS = 4  # the interpreter runs a launch's programs one by one: a few exercise the split
 
 
@@ -88,7 +87,7 @@ def planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE: tl.constexpr, BLOCK_
     units = tl.where(ok, tl.maximum(steps + spare // _SENTINEL_PAGES, 1), 0)  # a program for every query
     G = tl.num_programs(0)
     total = tl.maximum(tl.sum(units, axis=0), 1)
-    per_query = tl.where(units > 0, tl.maximum(tl.minimum(tl.cdiv(units * (G - S), total), units // _MIN_UNITS), 1), 0)
+    per_query = tl.where(units > 0, tl.maximum(tl.cdiv(units * (G - S), total), 1), 0)
     end = tl.cumsum(per_query, 0)
     p = tl.program_id(0)
     hit = (end > p) & (end - per_query <= p)  # this program's query (none: a spare program)

@@ -50,7 +50,7 @@ def covered(rows, S, mode_of, step, sentinels):
     return scored, sent
 
 
-@pytest.mark.parametrize("step,sentinels,slots", [(2, True, 264), (2, True, 8), (1, False, 16), (2, False, 40)])
+@pytest.mark.parametrize("step,sentinels,slots", [(2, True, 264), (2, True, 8), (2, False, 16), (1, False, 40)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_every_page_is_covered_once(step, sentinels, slots, seed):
     """Random batches of up to PLAN_QUERIES queries, both modes, lengths from nothing to past the
