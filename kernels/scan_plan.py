@@ -1,10 +1,10 @@
-"""How the indexer's scans split a batch's pages over their programs: the plan.
+"""How the indexer's FP8 scans split a batch's pages over their programs: the plan.
 
 A decode batch mixes lengths: a coding agent's 1M-token request beside chat turns of 8K. Split
 per query (query s gets programs (s, j), each an equal share of the table's columns), every query
 takes as many programs and as long as if it were as long as the longest, and the long one's few
-programs run alone at the end: one 1M query and 31 of 8K took 0.254 ms on an H100, where 32
-queries of 1M take 0.29 (kernels/RESULTS.md, sixteenth session).
+programs run alone at the end: one 1M query and 31 of 8K took 0.20-0.25 ms on an H100, where 32
+queries of 1M take 0.28 (kernels/RESULTS.md, sixteenth session).
 
 The plan gives programs in proportion to work. A query's work is its units: its steps (STEP
 pages each, scored together) and, where the launch writes the sentinels, one unit per
@@ -15,18 +15,19 @@ program. Of the launch's G programs query s gets
     c_s = max(1, ceil(units_s (G - S) / total))
 
 so that sum c_s <= (G - S) + S = G, and each of its programs ceil(units_s / c_s) of its units
-in order. Short programs cost nothing extra: a floor of 2, 4 or 8 steps a program made 32 queries
-of 8K 0-50% slower on an H100 and nothing faster (kernels/RESULTS.md, sixteenth session). 32 queries of 128K on 264 programs: 8 programs of 32 steps (the per-query split gave
-33: 513 pages in 8 shares); one query of 1M and 31 of 8K: 11 steps at most (the per-query split:
-256 for the long one). The grid is fixed when the launch is recorded (a CUDA graph), while the
-positions are not, so each program computes the plan from the positions and modes on the device
-(planned_span: a query a lane, every sum in registers); G covers the GPU
-(programs_per_sm x SMs), and at least one program a query.
+in order. 32 queries of 128K on 264 programs: 8 programs of 32 steps (the per-query split gave
+33: 513 pages in 8 shares); one query of 1M and 31 of 8K, without sentinels (the decode top-k):
+11 steps at most (the per-query split: 256 for the long one). Short programs cost nothing extra:
+a floor of 2, 4 or 8 steps a program made 32 queries of 8K up to 50% slower on an H100 and
+nothing faster.
 
-The FP8 scans take it: the Triton one planned_span, the Gluon one (indexer_scan_hopper._planned_span)
-the same arithmetic in Gluon's layouts. The general scan (queries off the FP4 grid, none of the
-model's) keeps the per-query split, so its programs, which find no query of theirs, end at once. Up to PLAN_QUERIES queries (a decode batch); a prefill chunk's
-queries, more than that, keep the per-query split (one program a query for a chunk of any size).
+The grid is fixed when the launch is recorded (a CUDA graph) while the positions are not, so
+each program computes the plan from the positions and modes on the device: a query a lane, every
+sum in registers. G covers the GPU (programs_per_sm x SMs), with at least one program a query.
+The Triton FP8 scan takes planned_span; the Gluon one (indexer_scan_hopper._planned_span) the
+same arithmetic in Gluon's layouts. The general scan (queries off the FP4 grid, none of the
+model's) keeps the per-query split, so its programs, which find no query of theirs, end at once;
+so do prefill chunks, whose queries are more than PLAN_QUERIES (one program a query).
 """
 
 from __future__ import annotations

@@ -356,27 +356,32 @@ def step_weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith("embed."))
 
 
-def synthetic_states(cfg, model, P: int, B: int, rows, room: int = 64, random_index_codes: bool = False) -> list:
-    """B request states at position P on distinct pages of valid rows (compressor state random),
-    with room for `room` more tokens; as load_tests/bench_transfer.py fakes a state without a
-    prefill. Each row is one of `rows` (encoded_rows' 4,096), so the indexer's scores repeat and
-    tie; `random_index_codes` gives every indexer row random FP4 codes under its row's block
-    scales instead, so that nearly every key is its own."""
+def synthetic_states(cfg, model, P: int | list[int], B: int, rows, room: int = 64,
+                     random_index_codes: bool = False) -> list:
+    """B request states at position P (or at P[b] each: a batch of mixed lengths) on distinct
+    pages of valid rows (compressor state random), with room for `room` more tokens; as
+    load_tests/bench_transfer.py fakes a state without a prefill. Each row is one of `rows`
+    (encoded_rows' 4,096), so the indexer's scores repeat and tie; `random_index_codes` gives every
+    indexer row random FP4 codes under its row's block scales instead, so that nearly every key is
+    its own."""
     from workers.paged_state import PagedRequestState
     from workers.pools import BLOCK, KVPools, PoolSizes
 
-    n_blk = -(-(P + room) // BLOCK)
-    pools = KVPools(cfg, PoolSizes(blocks=B * n_blk, swa=6 * B, comp=B, overlap=1), "compact", model.dtype, DEVICE)
+    positions = [P] * B if isinstance(P, int) else list(P)
+    if len(positions) != B:
+        raise ValueError(f"{len(positions)} positions for {B} states")
+    n_blk = sum(-(-(p + room) // BLOCK) for p in positions)
+    pools = KVPools(cfg, PoolSizes(blocks=n_blk, swa=6 * B, comp=B, overlap=1), "compact", model.dtype, DEVICE)
     states = []
-    for _ in range(B):
+    for p in positions:
         st = PagedRequestState(pools)
-        st.prepare_import(P)
+        st.prepare_import(p)
         for ls in st.layers:
             for f in ls.families():
-                ls.count[f] = P // ls.ratio
+                ls.count[f] = p // ls.ratio
             for comp in ls.compressors.values():
-                comp.n_open = P % ls.ratio
-                comp.has_overlap = comp._ov_kv is not None and P >= 4
+                comp.n_open = p % ls.ratio
+                comp.has_overlap = comp._ov_kv is not None and p >= 4
         states.append(st)
     main_rows, index_rows = rows
     for store, src in ((pools.csa_main, main_rows), (pools.csa_index, index_rows), (pools.hca_main, main_rows),

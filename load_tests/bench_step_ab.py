@@ -4,7 +4,9 @@ preset, bf16, random weights).
     python -m load_tests.bench_step_ab --set kernels.grid_dependency.SMALL_KERNELS=True,False
         [--cases 8192x1,131072x1,131072x32] [--rounds 3] [--steps 12]
 
-The step is bench_kernels' (synthetic states, decode graphs). For each case the switch takes each
+The step is bench_kernels' (synthetic states, decode graphs). A case CxB is B requests at context
+C; parts joined by `+` make a batch of mixed lengths, e.g. `1048576x1+8192x31` (one request of 1M
+beside 31 of 8K, in one block table as wide as the longest). For each case the switch takes each
 value in turn, --rounds times: the decode graphs are recaptured with it (they hold the launches'
 constants) and the step's median ms over --steps is taken. First, on fresh states of the first
 case, one step's logits with each value must be the first value's bits: a switch of launch
@@ -68,10 +70,22 @@ def switched(model, module, attr: str, value):
         model.graphs = None
 
 
-def fresh_states(cfg, model, rows, P: int, B: int, n_steps: int, **kw) -> list:
-    """Synthetic states at P (or lower, so that n_steps more stay below the model's last position),
-    with room in the pools for those steps."""
-    pos = min(P, cfg.max_position_embeddings - n_steps - 8)
+def parse_case(case: str) -> list[int]:
+    """'CxB' -> [C] * B; 'C1xB1+C2xB2' -> a mixed batch, [C1] * B1 + [C2] * B2."""
+    contexts = []
+    for part in case.split("+"):
+        C, _, B = part.partition("x")
+        if not (C.isdigit() and B.isdigit() and int(B) > 0):
+            raise SystemExit(f"case {case!r}: expected CxB or CxB+CxB...")
+        contexts += [int(C)] * int(B)
+    return contexts
+
+
+def fresh_states(cfg, model, rows, P: int | list[int], B: int, n_steps: int, **kw) -> list:
+    """Synthetic states at P (or at each P[b]; lower where n_steps more would pass the model's last
+    position), with room in the pools for those steps."""
+    limit = cfg.max_position_embeddings - n_steps - 8
+    pos = min(P, limit) if isinstance(P, int) else [min(p, limit) for p in P]
     return bk.synthetic_states(cfg, model, pos, B, rows, room=n_steps + 8, **kw)
 
 
@@ -109,11 +123,12 @@ def report(label: str, ms: dict, extra: dict | None = None) -> None:
               f"{statistics.median(times) / base:.3f}){(extra or {}).get(name, '')}", flush=True)
 
 
-def time_case(model, cfg, rows, P: int, B: int, module, attr: str, values: list, rounds: int, steps: int) -> dict:
+def time_case(model, cfg, rows, P: int | list[int], B: int, module, attr: str, values: list, rounds: int,
+              steps: int, label: str | None = None) -> dict:
     named = {repr(v): v for v in values}
     states = fresh_states(cfg, model, rows, P, B, rounds * len(values) * (steps + 2))
     ms = time_steps(model, states, module, attr, named, rounds, steps)
-    report(f"{P}x{B} {attr}=", ms)
+    report(f"{label or f'{P}x{B}'} {attr}=", ms)
     return dict(context=P, batch=B, step_ms=ms)
 
 
@@ -129,14 +144,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("needs a CUDA device (the step's graphs)")
     cfg, _, model = bk.flash_model()
     rows = bk.encoded_rows(cfg)
-    cases = [tuple(map(int, c.split("x"))) for c in a.cases.split(",")]
-    same = same_results(model, cfg, rows, *cases[0], module, attr, values)
+    cases = {c: parse_case(c) for c in a.cases.split(",")}
+    first = next(iter(cases.values()))
+    same = same_results(model, cfg, rows, first, len(first), module, attr, values)
     print(f"one step's logits under every value equal the first's: {same}", flush=True)
     if not same:
         raise SystemExit(f"{attr} changes the step's logits")
     out = []
-    for P, B in cases:
-        out.append(time_case(model, cfg, rows, P, B, module, attr, values, a.rounds, a.steps))
+    for label, contexts in cases.items():
+        out.append(time_case(model, cfg, rows, contexts, len(contexts), module, attr, values, a.rounds, a.steps,
+                             label))
         torch.cuda.empty_cache()
     res = {"device": torch.cuda.get_device_name(), "switch": a.set, "same_logits": same, "cases": out}
     print(json.dumps(res))

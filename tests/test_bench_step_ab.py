@@ -42,3 +42,33 @@ def test_each_value_is_timed_with_graphs_recaptured_and_the_switch_is_put_back(m
     assert res["step_ms"] == {"True": [2.0, 2.0], "False": [3.0, 3.0]}
     assert grid_dependency.SMALL_KERNELS is before
     assert rooms[0] >= 2 * 2 * (4 + 2)  # the pools hold every step the rounds decode
+
+
+def test_a_case_is_uniform_or_a_mix_of_lengths():
+    assert AB.parse_case("131072x32") == [131072] * 32
+    assert AB.parse_case("1048576x1+8192x31") == [1048576] + [8192] * 31
+    for bad in ("131072", "8192x0", "8192x1+", "x2"):
+        with pytest.raises(SystemExit, match="expected CxB"):
+            AB.parse_case(bad)
+
+
+def test_mixed_synthetic_states_each_stand_at_their_own_position(monkeypatch):
+    """A mixed case's states: each at its own position, its layers' entry counts from it, all in
+    one set of pools with room for every one of them."""
+    import torch
+
+    from workers.config import preset
+    from workers.init import random_weights
+    from workers.model import V4Model
+
+    monkeypatch.setattr(AB.bk, "DEVICE", "cpu")
+    cfg = preset("tiny")
+    model = V4Model(cfg, dtype=torch.float32).load_weights(random_weights(cfg, 0))
+    rows = AB.bk.encoded_rows(cfg, n=16)
+    states = AB.fresh_states(cfg, model, rows, [700, 40, 301], 3, 2)
+    assert [st.num_tokens for st in states] == [700, 40, 301]
+    assert len({id(st.pools) for st in states}) == 1
+    for st, p in zip(states, [700, 40, 301]):
+        assert all(ls.count[f] == p // ls.ratio for ls in st.layers for f in ls.families())
+    with pytest.raises(ValueError, match="2 positions for 3 states"):
+        AB.bk.synthetic_states(cfg, model, [1, 2], 3, rows)
