@@ -39,6 +39,8 @@ import triton
 import triton.language as tl
 
 PLANNED = True  # off: the per-query split everywhere (load_tests/bench_scan_split.py times both)
+# the most queries a launch plans: decode batches up to 64 measured on an H100; the Gluon plan for 128
+# and 256 compiles for sm_90a without spills or barriers (a lane holds 4 or 8 queries), not yet run
 PLAN_QUERIES = 64
 SENTINEL_PAGES = 16
 _SENTINEL_PAGES = tl.constexpr(SENTINEL_PAGES)
