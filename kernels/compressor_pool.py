@@ -27,7 +27,6 @@ import triton.language as tl
 
 from .compressor_pool_ref import overlap_slots, softmax_pool
 from .dispatch import use_triton
-from .grid_dependency import as_dependent, begin_dependent
 
 BLOCK_C = 128
 
@@ -35,8 +34,7 @@ BLOCK_C = 128
 @triton.jit
 def _pool_kernel(own_kv, own_sc, prev_kv, prev_sc, out,
                  own_stride_w, own_stride_slot, prev_stride_w, prev_stride_slot, out_stride_w, C,
-                 N_PREV: tl.constexpr, N_OWN: tl.constexpr, BLOCK: tl.constexpr, DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                 N_PREV: tl.constexpr, N_OWN: tl.constexpr, BLOCK: tl.constexpr):
     win = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = c < C
@@ -74,7 +72,7 @@ def _launch(own_kv, own_sc, prev_kv, prev_sc, n_prev: int) -> torch.Tensor:
     _pool_kernel[(n, triton.cdiv(C, BLOCK_C))](
         own_kv, own_sc, prev_kv, prev_sc, out,
         own_kv.stride(0), own_kv.stride(1), prev_kv.stride(0), prev_kv.stride(1), out.stride(0), C,
-        N_PREV=n_prev, N_OWN=n_own, BLOCK=BLOCK_C, **as_dependent(out))
+        N_PREV=n_prev, N_OWN=n_own, BLOCK=BLOCK_C)
     return out
 
 

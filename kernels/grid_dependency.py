@@ -16,13 +16,10 @@ set up their barriers while that kernel ends, then wait before their first globa
 The merge of HCA's split partials after the Gluon split kernel measured slower as a dependent
 (128K x 32: 0.0303 against 0.0286 ms), so it launches as before.
 
-The decode step's small Triton kernels (norms, float32 projections and their split sums, rotary,
-mHC, the cache encoder, the top-k, the picked experts: about 140 launches of 1-20 us in a batch-1
-step) start with begin_dependent and launch through as_dependent: each lets the next be scheduled
-at once and waits before touching memory, so a kernel's launch and the scheduling of its programs
-overlap the kernel before it instead of following it (the profile's 365 gaps under 4 us took
-0.18 ms of a 128K batch-1 step). Measured on an H100, the step was 3-6% slower with them
-(kernels/RESULTS.md, sixteenth session), so SMALL_KERNELS keeps them off.
+The decode step's small Triton kernels (norms, float32 projections, rotary, mHC, the top-k, the
+picked experts: about 140 launches of 1-20 us in a batch-1 step) launched the same way made the
+step 3-6% slower on an H100 (kernels/RESULTS.md, sixteenth session; the code was `035fc8e`), so
+they launch plainly.
 
 Every program of a kernel launched this way waits before it ends, even one with nothing to do:
 the work after it on the stream waits for it alone, so its end must imply the end of the kernel
@@ -38,9 +35,9 @@ import triton
 import triton.language as tl
 
 try:  # Triton 3.4+
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.language.extra.cuda import gdc_wait
 except ImportError:  # pragma: no cover - depends on the installed Triton
-    gdc_launch_dependents = gdc_wait = None
+    gdc_wait = None
 
 try:  # Gluon ships with Triton 3.4+
     from triton.experimental import gluon
@@ -78,32 +75,6 @@ def enabled(t: torch.Tensor) -> bool:
 def launch_kwargs(on: bool) -> dict:
     """The launch option of a dependent launch (none where `on` is False)."""
     return {"launch_pdl": True} if on else {}
-
-
-# the decode step's small Triton kernels written with begin_dependent (as_dependent) launch as
-# dependents when on. Off: `python -m load_tests.bench_step_ab --set
-# kernels.grid_dependency.SMALL_KERNELS=False,True` on an H100, on: 8K x 1 +5.9%, 128K x 1 +3.3%,
-# 128K x 32 +4.7% (the same logits; kernels/RESULTS.md, sixteenth session)
-SMALL_KERNELS = False
-
-
-def as_dependent(t: torch.Tensor) -> dict:
-    """Launch arguments of a kernel that starts with begin_dependent(DEPENDENT): the constant and
-    the launch option, on where `enabled(t)` and SMALL_KERNELS say so."""
-    on = SMALL_KERNELS and enabled(t)
-    return {"DEPENDENT": on, **launch_kwargs(on)}
-
-
-@triton.jit
-def begin_dependent(ON: tl.constexpr):
-    """The first statement of a small kernel launched as a dependent (ON): let the next kernel on
-    the stream be scheduled, then wait for the one before to end and its writes to show. Before
-    any global read or write, since the kernel before may still read what this one writes; and in
-    every program, so that this kernel's end implies the end of the one before (module docstring).
-    Nothing where ON is False."""
-    if ON:
-        gdc_launch_dependents()
-    wait_for_previous_grid(ON)
 
 
 @triton.jit

@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .grid_dependency import as_dependent, begin_dependent
 from .hc_sinkhorn_ref import hc_mix as reference
 
 BLOCK_R = 16  # token rows per program
@@ -31,8 +30,7 @@ def _sigmoid(x):
 
 @triton.jit
 def _hc_mix_kernel(mix_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, N, mix_stride, hc_eps,
-                   HC: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr, DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                   HC: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = r < N
     row = mix_ptr + r.to(tl.int64) * mix_stride
@@ -80,5 +78,5 @@ def hc_mix(mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int, 
     if N:
         _hc_mix_kernel[(triton.cdiv(N, BLOCK_R),)](
             mix, base.float().contiguous(), scale.float().contiguous(), pre, post, comb, N, mix.stride(0),
-            float(hc_eps), HC=hc, ITERS=iters, BLOCK_R=BLOCK_R, **as_dependent(mix))
+            float(hc_eps), HC=hc, ITERS=iters, BLOCK_R=BLOCK_R)
     return pre, post, comb

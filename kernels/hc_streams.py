@@ -18,7 +18,6 @@ import triton.language as tl
 
 from . import hc_streams_ref as ref
 from .dispatch import use_triton
-from .grid_dependency import as_dependent, begin_dependent
 from .quantize import as_operand, load_f32, round_f32, store_f32
 
 BLOCK = 512  # columns per program
@@ -35,8 +34,7 @@ def _tile(N, d, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N"])
 def _collapse_kernel(x_ptr, pre_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                     BF16: tl.constexpr, DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                     BF16: tl.constexpr):
     n, n_ok, c, ok = _tile(N, d, ROWS, BLOCK)
     row = x_ptr + (n * HC * d)[:, None] + c[None, :]
     acc = tl.load(pre_ptr + n * HC, mask=n_ok, other=0.0)[:, None] * load_f32(row, ok, BF16)
@@ -47,8 +45,7 @@ def _collapse_kernel(x_ptr, pre_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.c
 
 @triton.jit(do_not_specialize=["N"])
 def _expand_kernel(x_ptr, o_ptr, post_ptr, comb_ptr, out_ptr, N, d, HC: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK: tl.constexpr, BF16: tl.constexpr, DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                   BLOCK: tl.constexpr, BF16: tl.constexpr):
     n, n_ok, c, ok = _tile(N, d, ROWS, BLOCK)
     row = x_ptr + (n * HC * d)[:, None] + c[None, :]
     o = load_f32(o_ptr + (n * d)[:, None] + c[None, :], ok, BF16)
@@ -83,7 +80,7 @@ def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     rows = _rows(streams)
     _collapse_kernel[(triton.cdiv(N, rows), triton.cdiv(d, BLOCK))](
         as_operand(streams), pre.float().contiguous(), as_operand(out), N, d,
-        HC=hc, ROWS=rows, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False, **as_dependent(out))
+        HC=hc, ROWS=rows, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False)
     return out
 
 
@@ -100,5 +97,5 @@ def expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: t
     rows = _rows(streams)
     _expand_kernel[(triton.cdiv(N, rows), triton.cdiv(d, BLOCK))](
         as_operand(streams), as_operand(out), post.float().contiguous(), comb.float().contiguous(), as_operand(new), N, d,
-        HC=hc, ROWS=rows, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False, **as_dependent(new))
+        HC=hc, ROWS=rows, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False)
     return new

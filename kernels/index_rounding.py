@@ -21,7 +21,6 @@ import triton.language as tl
 
 from .block_quant import fp4_e2m1_block_qdq, hadamard
 from .dispatch import use_triton
-from .grid_dependency import as_dependent, begin_dependent
 from .quantize import e2m1_code, e2m1_value, pow2_from_byte, ue8m0_scale_byte
 
 BLOCK = 16  # rows per program
@@ -43,8 +42,7 @@ def _butterfly(y, R: tl.constexpr, N: tl.constexpr, H: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _round_index_kernel(x_ptr, out_ptr, n_rows, x_row_stride, out_row_stride, scale,
-                        N: tl.constexpr, LOG2_N: tl.constexpr, BLOCK: tl.constexpr, DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                        N: tl.constexpr, LOG2_N: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = (r < n_rows)[:, None]
     r = r.to(tl.int64)
@@ -77,5 +75,5 @@ def round_index(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[0]:
         _round_index_kernel[(triton.cdiv(rows.shape[0], BLOCK),)](
             rows, out, rows.shape[0], rows.stride(0), out.stride(0), n**-0.5,
-            N=n, LOG2_N=n.bit_length() - 1, BLOCK=BLOCK, enable_fp_fusion=False, **as_dependent(out))
+            N=n, LOG2_N=n.bit_length() - 1, BLOCK=BLOCK, enable_fp_fusion=False)
     return out.view(x.shape)

@@ -41,7 +41,6 @@ import triton
 import triton.language as tl
 
 from . import key_select_ref
-from .grid_dependency import as_dependent, begin_dependent
 
 SENTINEL = tl.constexpr(key_select_ref.SENTINEL)
 # keys a program holds in registers (8 per thread). Swept on an H100 (k = 512, chunk x warps, us):
@@ -91,14 +90,13 @@ def _radix_round(v, match, prefix, need, SHIFT: tl.constexpr, BITS: tl.constexpr
 @triton.jit
 def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_stride, len_ptr,
                    K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr,
-                   FINAL: tl.constexpr, DEPENDENT: tl.constexpr, LENGTHS: tl.constexpr, LEVEL: tl.constexpr,
+                   FINAL: tl.constexpr, LENGTHS: tl.constexpr, LEVEL: tl.constexpr,
                    LEVEL_CHUNK: tl.constexpr):
     """Top K of chunk g of row r. Not FINAL: its K keys, in the chunk's order (the next level's
     tie-break needs it), to dst[r, g K : (g + 1) K]. FINAL (one chunk per row): the K keys in
     descending order through dst[r, :K_PAD] (scratch), then their entries to out[r, :K].
     LENGTHS: row r's keys end at len[r] (select_entries), LEVEL levels of LEVEL_CHUNK-key chunks
     before this one: a chunk past them reads and writes nothing."""
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
     g, r = tl.program_id(0), tl.program_id(1).to(tl.int64)
     n_row = n
     if LENGTHS:
@@ -193,8 +191,7 @@ def select_entries(keys: torch.Tensor, k: int, lengths: torch.Tensor | None = No
     if k > chunk // 2:
         raise ValueError(f"k={k} is more than half a chunk ({chunk} keys): the levels would not shrink the row")
     k_pad = triton.next_power_of_2(k)
-    consts = dict(K=k, K_PAD=k_pad, BITS=RADIX_BITS, LENGTHS=lengths is not None, LEVEL_CHUNK=chunk,
-                  **as_dependent(keys))
+    consts = dict(K=k, K_PAD=k_pad, BITS=RADIX_BITS, LENGTHS=lengths is not None, LEVEL_CHUNK=chunk)
     len_arg = lengths if lengths is not None else out  # not read without LENGTHS
     # the last level's one program a row takes up to FINAL_CHUNKS chunks, with as many times the
     # warps (the same keys a thread): a row that would end in a level of that many chunks and a

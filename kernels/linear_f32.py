@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid_dependency import as_dependent, begin_dependent
 from .numerics import linear as reference
 
 MAX_ROWS = 128  # decode buckets (workers/decode_graphs.py); more rows are a prefill, which cuBLAS runs well
@@ -31,8 +30,7 @@ TARGET_PROGRAMS = 256  # about two per SM of an H100 (the sweep: 256 or 512 with
 
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, x_stride, w_stride, out_stride, split_stride,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -52,9 +50,7 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, x_stride, w_stri
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, n, SPLITS: tl.constexpr, LEVELS: tl.constexpr, BLOCK: tl.constexpr,
-                       DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+def _sum_splits_kernel(part_ptr, out_ptr, n, SPLITS: tl.constexpr, LEVELS: tl.constexpr, BLOCK: tl.constexpr):
     # all splits of BLOCK outputs at once (a loop adding one split at a time waited on each load
     # in turn: 15 us for 256 splits), summed in an explicit pairwise tree: split 2i + (2i+1),
     # then pairs of those. tl.sum over all splits would follow the register layout, which the
@@ -112,12 +108,11 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     bn = block_n(N)
     grid = (triton.cdiv(N, bn), triton.cdiv(M, BLOCK_M), splits)
     _linear_kernel[grid](x, weight, part, M, N, K, k_per_split, x.stride(0), weight.stride(0), N, M * N,
-                         BM=BLOCK_M, BN=bn, BK=BLOCK_K, num_warps=4, num_stages=3, **as_dependent(out))
+                         BM=BLOCK_M, BN=bn, BK=BLOCK_K, num_warps=4, num_stages=3)
     if splits > 1:  # row r's outputs sit at r * N + column in any call: the same blocks, the same tree
         block = max(1, min(256, 4096 // splits))
         _sum_splits_kernel[(triton.cdiv(M * N, block),)](part, out, M * N, SPLITS=splits,
-                                                         LEVELS=splits.bit_length() - 1, BLOCK=block,
-                                                         **as_dependent(out))
+                                                         LEVELS=splits.bit_length() - 1, BLOCK=block)
     return out
 
 

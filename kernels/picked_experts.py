@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 
 from .expert_mlp import dot_rows, runs, tiles
-from .grid_dependency import as_dependent, begin_dependent
 from .moe_elementwise import add_slot, swiglu_f32
 from .quantize import as_operand, load_f32, round_f32, store_f32
 
@@ -41,8 +40,7 @@ MAX_PAIRS = 1024
 @triton.jit
 def _group_kernel(experts_ptr, weights_ptr, P, E, order_ptr, pos_ptr, start_ptr, expert_ptr, by_row_ptr,
                   w_by_row_ptr, G, SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, P_PAD: tl.constexpr,
-                  E_PAD: tl.constexpr, G_PAD: tl.constexpr, DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                  E_PAD: tl.constexpr, G_PAD: tl.constexpr):
     p = tl.arange(0, P_PAD)
     live = p < P
     e = tl.load(experts_ptr + p, mask=live, other=-1).to(tl.int32)
@@ -93,9 +91,7 @@ def _group_rows(q, end, order_ptr, SHARED: tl.constexpr, SLOTS: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "P", "G"])
 def _up_kernel(x_ptr, w1_ptr, w3_ptr, sw1_ptr, sw3_ptr, h_ptr, order_ptr, start_ptr, expert_ptr, M, P, I, D, limit,
                x_row_stride, G, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, BF16: tl.constexpr, MMA_BF16: tl.constexpr, CUDA_EXP: tl.constexpr,
-               DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+               BLOCK_K: tl.constexpr, BF16: tl.constexpr, MMA_BF16: tl.constexpr, CUDA_EXP: tl.constexpr):
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < I
@@ -128,8 +124,7 @@ def _up_tile(x_ptr, w1_ptr, w3_ptr, h_ptr, order_ptr, q, end, cols, n_ok, I, D, 
 @triton.jit(do_not_specialize=["M", "P", "G"])
 def _down_kernel(h_ptr, w2_ptr, sw2_ptr, y_ptr, start_ptr, expert_ptr, M, P, I, D, G,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr,
-                 MMA_BF16: tl.constexpr, DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                 MMA_BF16: tl.constexpr):
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < D
@@ -149,8 +144,7 @@ def _down_kernel(h_ptr, w2_ptr, sw2_ptr, y_ptr, start_ptr, expert_ptr, M, P, I, 
 
 @triton.jit(do_not_specialize=["P"])
 def _combine_kernel(y_ptr, by_row_ptr, w_by_row_ptr, out_ptr, P, D, SLOTS: tl.constexpr, BLOCK: tl.constexpr,
-                    BF16: tl.constexpr, DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                    BF16: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < D
@@ -176,8 +170,7 @@ def group_picks(experts: torch.Tensor, weights: torch.Tensor, n_experts: int) ->
     pad = triton.next_power_of_2
     _group_kernel[(1,)](experts.contiguous(), weights.float().contiguous(), P, n_experts, out["order"], out["pos"],
                         out["start"], out["expert"], out["by_row"], out["w_by_row"], G, SLOTS=k,
-                        SLOTS_PAD=pad(k), P_PAD=pad(P), E_PAD=pad(n_experts), G_PAD=pad(G + 1),
-                        **as_dependent(out["order"]))
+                        SLOTS_PAD=pad(k), P_PAD=pad(P), E_PAD=pad(n_experts), G_PAD=pad(G + 1))
     return out
 
 
@@ -225,15 +218,14 @@ def moe(x: torch.Tensor, routed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         as_operand(x), as_operand(w1), as_operand(w3), as_operand(sw1), as_operand(sw3), as_operand(h),
         groups["order"], groups["start"], groups["expert"], M, P, I, D, lim, x.stride(0), G, SLOTS=k,
         BLOCK_M=um, BLOCK_N=un, BLOCK_K=uk, BF16=bf16, MMA_BF16=mma, CUDA_EXP=x.is_cuda, enable_fp_fusion=False,
-        **launch, **as_dependent(h))
+        **launch)
     y = torch.empty(P + M, D, dtype=x.dtype, device=x.device)
     _down_kernel[(G + 1, triton.cdiv(D, dn))](
         as_operand(h), as_operand(w2), as_operand(sw2), as_operand(y), groups["start"], groups["expert"], M, P, I, D,
-        G, BLOCK_M=dm, BLOCK_N=dn, BLOCK_K=dk, BF16=bf16, MMA_BF16=mma, enable_fp_fusion=False, **launch,
-        **as_dependent(y))
+        G, BLOCK_M=dm, BLOCK_N=dn, BLOCK_K=dk, BF16=bf16, MMA_BF16=mma, enable_fp_fusion=False, **launch)
     out = torch.empty(M, D, dtype=x.dtype, device=x.device)
     block = min(COMBINE_BLOCK, triton.next_power_of_2(D))
     _combine_kernel[(M, triton.cdiv(D, block))](
         as_operand(y), groups["by_row"], groups["w_by_row"], as_operand(out), P, D, SLOTS=k, BLOCK=block, BF16=bf16,
-        enable_fp_fusion=False, **as_dependent(out))
+        enable_fp_fusion=False)
     return out

@@ -28,7 +28,6 @@ import triton.language as tl
 
 from . import kv_layout
 from .dispatch import use_triton
-from .grid_dependency import as_dependent, begin_dependent
 from .kv_layout import INDEX_BLOCK, MAIN_BLOCK, index_row_bytes, main_row_bytes
 
 
@@ -157,9 +156,7 @@ def _main_blocks(NOPE: tl.constexpr, NB_P: tl.constexpr):
 @triton.jit
 def _encode_main_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride,
                         NOPE: tl.constexpr, ROPE: tl.constexpr, ROW_BYTES: tl.constexpr,
-                        NB_P: tl.constexpr, ROPE_P: tl.constexpr, PAD_P: tl.constexpr, FROM_BF16: tl.constexpr,
-                        DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                        NB_P: tl.constexpr, ROPE_P: tl.constexpr, PAD_P: tl.constexpr, FROM_BF16: tl.constexpr):
     x_row, out_row = _row_pointers(x_ptr, out_ptr, x_row_stride, out_row_stride)
     blk, in_blk, offs = _main_blocks(NOPE, NB_P)
     x = load_f32(x_row + offs, in_blk[:, None], FROM_BF16)
@@ -284,7 +281,7 @@ def encode_main(x: torch.Tensor, nope_dim: int) -> torch.Tensor:
         _encode_main_kernel[(x.shape[0],)](
             x, out, x.stride(0), out.stride(0), NOPE=nope_dim, ROPE=rope, ROW_BYTES=rb,
             NB_P=triton.next_power_of_2(nope_dim // MAIN_BLOCK), ROPE_P=triton.next_power_of_2(rope),
-            PAD_P=triton.next_power_of_2(max(pad, 1)), FROM_BF16=from_bf16, **as_dependent(out))
+            PAD_P=triton.next_power_of_2(max(pad, 1)), FROM_BF16=from_bf16)
     return out
 
 

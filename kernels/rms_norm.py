@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .grid_dependency import as_dependent, begin_dependent
 from .numerics import rms_norm as reference
 from .quantize import load_f32, store_f32
 
@@ -32,8 +31,7 @@ GPU_ROWS, INTERPRETER_ROWS = 1, 16
 @triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, d, x_row_stride, out_row_stride, eps,
                      ROWS: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, BF16: tl.constexpr,
-                     OUT_BF16: tl.constexpr, DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                     OUT_BF16: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_ok = (r < n_rows)[:, None]
     r = r.to(tl.int64)
@@ -79,5 +77,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
         _rms_norm_kernel[(triton.cdiv(rows.shape[0], per),)](
             xs, w, outs, rows.shape[0], d, rows.stride(0), out.stride(0), eps,
             ROWS=per, BLOCK=min(triton.next_power_of_2(d), MAX_BLOCK), HAS_W=weight is not None, BF16=bf16,
-            OUT_BF16=out_bf16, **as_dependent(out))
+            OUT_BF16=out_bf16)
     return out.view(x.shape)

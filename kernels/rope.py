@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .grid_dependency import as_dependent, begin_dependent
 from .quantize import load_f32, store_f32
 from .rope_ref import rotate as reference
 
@@ -28,9 +27,7 @@ BLOCK = 16  # rows of x per program
 
 @triton.jit
 def _rotate_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, per_token, D, cs_stride, sign,
-                   HALF: tl.constexpr, NOPE_P: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr,
-                   DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                   HALF: tl.constexpr, NOPE_P: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = r < n_rows
     base = r.to(tl.int64) * D
@@ -71,5 +68,5 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
         _rotate_kernel[(triton.cdiv(n_rows, BLOCK),)](
             xs, cos, sin, outs, n_rows, n_rows // x.shape[0], D, cos.stride(0), -1.0 if inverse else 1.0,
             HALF=half, NOPE_P=triton.next_power_of_2(max(1, D - 2 * half)), BLOCK=BLOCK, BF16=bf16,
-            enable_fp_fusion=False, **as_dependent(out))
+            enable_fp_fusion=False)
     return out

@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid_dependency import as_dependent, begin_dependent
 from .quantize import bf16_bits, e4m3_code, e4m3_value, pow2_from_byte, ue8m0_scale_byte
 
 E2M1_TO_E4M3_SCALE = 2.0**6  # an E2M1 code moved into E4M3 bits is its value times 2**-6
@@ -50,9 +49,7 @@ GENERAL_PARTS = tl.constexpr(3)  # BF16 parts of a query in the general scan: ex
 @triton.jit
 def _operands_kernel(q_ptr, w_ptr, q8_ptr, w8_ptr, parts_ptr, mode_ptr, w_pad_ptr, Hi, w_scale,
                      q_stride_s, q_stride_h, w_stride_s,
-                     HP: tl.constexpr, DI: tl.constexpr, FP8: tl.constexpr, GENERAL: tl.constexpr,
-                     DEPENDENT: tl.constexpr):
-    begin_dependent(DEPENDENT)  # grid_dependency: before any global access
+                     HP: tl.constexpr, DI: tl.constexpr, FP8: tl.constexpr, GENERAL: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, HP)
     d = tl.arange(0, DI)
@@ -114,6 +111,6 @@ def scan_operands(q: torch.Tensor, w: torch.Tensor, hp: int) -> tuple[torch.Tens
         _operands_kernel[(S,)](
             q, w, q8.view(torch.uint8), w8, parts.view(torch.int16), mode, w_pad, Hi, E2M1_TO_E4M3_SCALE * Di**-0.5,
             q.stride(0), q.stride(1), w.stride(0),
-            HP=hp, DI=Di, FP8=MODE_FP8, GENERAL=MODE_GENERAL, **as_dependent(q8),
+            HP=hp, DI=Di, FP8=MODE_FP8, GENERAL=MODE_GENERAL,
             num_warps=16)  # [64, 128] per program: 16 values a thread, no spills (4 warps spill)
     return q8, w8, parts, mode, w_pad

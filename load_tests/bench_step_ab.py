@@ -1,7 +1,7 @@
 """A module-level switch of the kernels, A/B in the decode step, in one process (GPU; flash-attn
 preset, bf16, random weights).
 
-    python -m load_tests.bench_step_ab --set kernels.grid_dependency.SMALL_KERNELS=True,False
+    python -m load_tests.bench_step_ab --set kernels.indexer_topk.ROW_LENGTHS=False,True
         [--cases 8192x1,131072x1,131072x32] [--rounds 3] [--steps 12]
 
 The step is bench_kernels' (synthetic states, decode graphs). A case CxB is B requests at context

@@ -8,15 +8,15 @@ from load_tests import bench_step_ab as AB
 
 
 def test_the_switch_is_a_module_attribute_and_two_or_more_literals():
-    module, attr, values = AB.parse_switch("kernels.grid_dependency.SMALL_KERNELS=True, False")
-    assert module is grid_dependency and attr == "SMALL_KERNELS" and values == [True, False]
+    module, attr, values = AB.parse_switch("kernels.grid_dependency.DEPENDENT_LAUNCHES=True, False")
+    assert module is grid_dependency and attr == "DEPENDENT_LAUNCHES" and values == [True, False]
     assert AB.parse_switch("kernels.key_select.SELECT_CHUNK=2048,4096")[2] == [2048, 4096]
-    with pytest.raises(SystemExit, match="has no SMALL_KERNEL"):  # misspelt: would time one code twice
-        AB.parse_switch("kernels.grid_dependency.SMALL_KERNEL=True,False")
+    with pytest.raises(SystemExit, match="has no DEPENDENT_LAUNCHE$"):  # misspelt: would time one code twice
+        AB.parse_switch("kernels.grid_dependency.DEPENDENT_LAUNCHE=True,False")
     with pytest.raises(SystemExit, match="at least two"):
-        AB.parse_switch("kernels.grid_dependency.SMALL_KERNELS=True")
+        AB.parse_switch("kernels.grid_dependency.DEPENDENT_LAUNCHES=True")
     with pytest.raises(SystemExit, match="expected"):
-        AB.parse_switch("SMALL_KERNELS")
+        AB.parse_switch("DEPENDENT_LAUNCHES")
 
 
 def test_each_value_is_timed_with_graphs_recaptured_and_the_switch_is_put_back(monkeypatch):
@@ -26,21 +26,21 @@ def test_each_value_is_timed_with_graphs_recaptured_and_the_switch_is_put_back(m
         graphs = "captured"
 
     def step_time(model, states, steps):
-        seen.append((grid_dependency.SMALL_KERNELS, model.graphs))
-        return 0.002 if grid_dependency.SMALL_KERNELS else 0.003
+        seen.append((grid_dependency.DEPENDENT_LAUNCHES, model.graphs))
+        return 0.002 if grid_dependency.DEPENDENT_LAUNCHES else 0.003
 
     rooms = []
     monkeypatch.setattr(AB.bk, "synthetic_states", lambda *a, room: rooms.append(room) or ["state"])
     monkeypatch.setattr(AB.bk, "step_time", step_time)
-    before = grid_dependency.SMALL_KERNELS
+    before = grid_dependency.DEPENDENT_LAUNCHES
 
     class Cfg:
         max_position_embeddings = 1 << 20
 
-    res = AB.time_case(Model(), Cfg(), None, 8192, 1, grid_dependency, "SMALL_KERNELS", [True, False], 2, 4)
+    res = AB.time_case(Model(), Cfg(), None, 8192, 1, grid_dependency, "DEPENDENT_LAUNCHES", [True, False], 2, 4)
     assert seen == [(True, None), (False, None)] * 2  # alternated, each on freshly captured graphs
     assert res["step_ms"] == {"True": [2.0, 2.0], "False": [3.0, 3.0]}
-    assert grid_dependency.SMALL_KERNELS is before
+    assert grid_dependency.DEPENDENT_LAUNCHES is before
     assert rooms[0] >= 2 * 2 * (4 + 2)  # the pools hold every step the rounds decode
 
 
