@@ -49,11 +49,6 @@ SENTINEL = tl.constexpr(key_select_ref.SENTINEL)
 # halves and no entry rounds (fifteenth session) 4096 x 8 made the decode step 0.5-2% slower
 SELECT_CHUNK = 2048
 SELECT_WARPS = 8
-# chunks the last level's program may take (a power of two): 1, or 2 to save a launch where a row
-# would otherwise end in a level of two chunks (8K: 2,112 keys; 128K: 2,560 after two levels), at
-# twice the warps. H100, `python -m load_tests.bench_step_ab --set kernels.key_select.FINAL_CHUNKS=1,2`:
-# the step at 2 within 1.4% of 1 either way at 8K x 1, 128K x 1 and 128K x 32 (sixteenth session)
-FINAL_CHUNKS = 1
 # digit bits a round: 8 rounds of 16 bins over the score half. 8 bits (4 rounds of 256 bins) took
 # 8-17% longer on an H100 (load_tests/bench_key_select.py --bits 4,8): their histograms and scans
 # cost 14 barriers a round to 16 bins' 3
@@ -193,22 +188,17 @@ def select_entries(keys: torch.Tensor, k: int, lengths: torch.Tensor | None = No
     k_pad = triton.next_power_of_2(k)
     consts = dict(K=k, K_PAD=k_pad, BITS=RADIX_BITS, LENGTHS=lengths is not None, LEVEL_CHUNK=chunk)
     len_arg = lengths if lengths is not None else out  # not read without LENGTHS
-    # the last level's one program a row takes up to FINAL_CHUNKS chunks, with as many times the
-    # warps (the same keys a thread): a row that would end in a level of that many chunks and a
-    # final one of a chunk skips the level
-    final = chunk * FINAL_CHUNKS
+    # (a last level over two chunks at twice the warps, saving a launch for rows that would end in a
+    # level of two, moved an H100's decode step by no more than 1.4% either way: sixteenth session)
     src, level = keys, 0
-    while src.shape[1] > final:  # each level keeps the top k of every chunk: the row's top k survive
+    while src.shape[1] > chunk:  # each level keeps the top k of every chunk: the row's top k survive
         n_chunks = triton.cdiv(src.shape[1], chunk)
         dst = torch.empty(S, n_chunks * k, dtype=torch.int64, device=keys.device)
         _select_kernel[(n_chunks, S)](src, src.shape[1], src.stride(0), dst, dst.stride(0), out, out.stride(0),
                                       len_arg, CHUNK=chunk, FINAL=False, LEVEL=level, num_warps=SELECT_WARPS,
                                       **consts)
         src, level = dst, level + 1
-    # the last level's chunk: the fewest whole chunks holding what is left
-    last = chunk * min(FINAL_CHUNKS, triton.next_power_of_2(triton.cdiv(src.shape[1], chunk)))
     scratch = torch.empty(S, k_pad, dtype=torch.int64, device=keys.device)
     _select_kernel[(1, S)](src, src.shape[1], src.stride(0), scratch, scratch.stride(0), out, out.stride(0),
-                           len_arg, CHUNK=last, FINAL=True, LEVEL=level, num_warps=SELECT_WARPS * last // chunk,
-                           **consts)
+                           len_arg, CHUNK=chunk, FINAL=True, LEVEL=level, num_warps=SELECT_WARPS, **consts)
     return out

@@ -39,11 +39,10 @@ def tied_scores(S: int, n: int, seed: int) -> torch.Tensor:
     (1, 3000, 64, [3000]),             # rows longer than a chunk: a level of chunk picks first
     (2, 5000, 512, [5000, 2100]),      # four levels (the interpreter's chunks are 1,024 keys)
 ])
-@pytest.mark.parametrize("bits,final_chunks", [(4, 1), (8, 1), (4, 2)])
-def test_picks_equal_torch_topk_with_ties_sentinels_and_odd_sizes(triton_mode, monkeypatch, bits, final_chunks, S, n,
+@pytest.mark.parametrize("bits", [4, 8])
+def test_picks_equal_torch_topk_with_ties_sentinels_and_odd_sizes(triton_mode, monkeypatch, bits, S, n,
                                                                    k, visible):
     monkeypatch.setattr(KS, "RADIX_BITS", bits)
-    monkeypatch.setattr(KS, "FINAL_CHUNKS", final_chunks)  # 2: the last program takes up to two chunks
     keys = keys_of(tied_scores(S, n, seed=S * n + k), visible)
     got = KS.select_entries(keys, k)
     want = R.select_entries(keys, k)
@@ -62,14 +61,13 @@ def test_scores_tied_in_every_bit_of_the_score_half_go_to_the_lower_entry(triton
     assert torch.equal(got[0], torch.cat([torch.arange(350, 400), torch.arange(0, 14)]).int())
 
 
-@pytest.mark.parametrize("bits,final_chunks", [(4, 1), (8, 1), (4, 2)])
-def test_scores_tied_across_chunks_and_levels_go_to_the_lowest_columns(triton_mode, monkeypatch, bits, final_chunks):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_scores_tied_across_chunks_and_levels_go_to_the_lowest_columns(triton_mode, monkeypatch, bits):
     """Eight distinct scores over rows of several chunks (the interpreter's are 1,024 keys), as
     repeated index keys give: the k-th score is tied in every chunk and at every level, and the
     picks among the tied keys must be the lowest columns. Each level keeps its picks in column
     order for this; a level that stored the keys above T before the tied ones would not."""
     monkeypatch.setattr(KS, "RADIX_BITS", bits)
-    monkeypatch.setattr(KS, "FINAL_CHUNKS", final_chunks)
     g = torch.Generator().manual_seed(11)
     s = torch.randint(0, 8, (3, 5000), generator=g).float() * 0.5 - 1.0
     keys = keys_of(s, [5000, 4321, 3000])
@@ -79,13 +77,11 @@ def test_scores_tied_across_chunks_and_levels_go_to_the_lowest_columns(triton_mo
     assert torch.equal(got[0], torch.nonzero(s[0] == top).flatten()[:512].int())
 
 
-@pytest.mark.parametrize("final_chunks", [1, 2])
-def test_keys_past_a_rows_length_are_never_read(triton_mode, monkeypatch, final_chunks):
+def test_keys_past_a_rows_length_are_never_read(triton_mode):
     """With lengths, a row's keys from lengths[r] on count as sentinels whatever they hold: rows of
     several levels (the interpreter's chunks are 1,024 keys), a length inside a chunk, one at a
     chunk's end, one shorter than k, zero, and the whole row. Past each length the keys are the
     largest possible, so reading any of them would pick it."""
-    monkeypatch.setattr(KS, "FINAL_CHUNKS", final_chunks)
     lengths = [5000, 2049, 2048, 300, 0, 4000]
     keys = keys_of(tied_scores(6, 5000, seed=5), [5000] * 6)
     garbage = keys.clone()
@@ -125,10 +121,9 @@ def test_bad_arguments_are_refused(triton_mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("S,n", [(1, 32768), (1, 49152), (2, 262144), (32, 32768), (32, 262144)])
-@pytest.mark.parametrize("bits,final_chunks", [(4, 1), (8, 1), (4, 2)])
-def test_gpu_flash_attn_sizes(triton_mode, monkeypatch, bits, final_chunks, S, n):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_flash_attn_sizes(triton_mode, monkeypatch, bits, S, n):
     monkeypatch.setattr(KS, "RADIX_BITS", bits)
-    monkeypatch.setattr(KS, "FINAL_CHUNKS", final_chunks)
     scores = tied_scores(S, n, seed=n + S).cuda()
     keys = keys_of(scores, [n - 3 * r for r in range(S)])
     assert torch.equal(KS.select_entries(keys, 512), R.select_entries(keys, 512))
