@@ -144,15 +144,16 @@ def _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE: tl.constexp
 @triton.jit
 def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
                  q_stride_s, q_stride_part, table_stride_s, page_stride, out_stride_s,
-                 n_blk, n_cols, pages_per_prog, S, inv_sqrt_di, row_stride: tl.constexpr,
+                 n_blk, n_cols, pages_per_prog, inv_sqrt_di, row_stride: tl.constexpr,
                  HP: tl.constexpr, DI: tl.constexpr, N_PARTS: tl.constexpr, SENTINEL_KEY: tl.constexpr,
-                 MODE: tl.constexpr, DEPENDENT: tl.constexpr, BLOCK_S: tl.constexpr):
+                 MODE: tl.constexpr, DEPENDENT: tl.constexpr):
     """Score keys of the visible entries of the queries in MODE (the general scan), from N_PARTS
     BF16 query parts; the FP8 launch writes the sentinels. DEPENDENT: launched as a dependent of
     the FP8 launch (grid_dependency), which writes other rows of out, so a program scores first
-    and then waits for that launch's end (the work after this kernel waits for this one alone)."""
-    s, page_lo, page_hi, n_vis, vis_hi, _ = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE,
-                                                  BLOCK_S, 1, False)
+    and then waits for that launch's end (the work after this kernel waits for this one alone).
+    Split per query, never planned (index_score_keys says why)."""
+    s, page_lo, page_hi, n_vis, vis_hi, _ = _span(pos_ptr, mode_ptr, 0, n_cols, n_blk, pages_per_prog, MODE, 0, 1,
+                                                  False)
     n = tl.arange(0, 64)
     out_row = out_ptr + s.to(tl.int64) * out_stride_s
     if tl.load(mode_ptr + s) == MODE:  # else the FP8 launch scores this query
@@ -330,11 +331,10 @@ def _pages_per_program(S: int, n_pages: int, device: torch.device, per_sm: int) 
     return max(1, -(-n_pages // max(1, scan_plan.program_slots(device, per_sm) // S)))
 
 
-def _launch_split(S: int, n_cols: int, n_blk: int, device: torch.device, per_sm: int, step: int, sentinels: bool,
-                  plan: bool = True):
-    """(grid, pages a program, BLOCK_S) of a Triton scan's launch: the plan's (scan_plan; `plan`)
-    or the per-query split's (BLOCK_S 0)."""
-    if plan and scan_plan.planned(S):
+def _launch_split(S: int, n_cols: int, n_blk: int, device: torch.device, per_sm: int, step: int, sentinels: bool):
+    """(grid, pages a program, BLOCK_S) of the Triton FP8 scan's launch: the plan's (scan_plan) or
+    the per-query split's (BLOCK_S 0)."""
+    if scan_plan.planned(S):
         slots = scan_plan.program_slots(device, per_sm)
         return (scan_plan.plan_grid(S, n_cols, n_blk, step, sentinels, slots),), 0, triton.next_power_of_2(S)
     n_pages = -(-n_cols // PAGE_ENTRIES)
@@ -437,12 +437,12 @@ def _score_keys(q, w, index_rows, block_table, positions, n_cols, operands, leng
         # the per-query split: its queries, off the FP4 grid, are none of the model's, and under the
         # plan each of its programs would first compute it (on an H100 0.5 us more of a 32-query
         # call's 7 us at 8K, kernels/RESULTS.md, sixteenth session)
-        grid, ppp, block_s = _launch_split(S, n_cols, table.shape[1], q.device, GENERAL_PROGRAMS_PER_SM, 1, False,
-                                           plan=False)
+        n_pages = -(-n_cols // PAGE_ENTRIES)
+        ppp = _pages_per_program(S, n_pages, q.device, GENERAL_PROGRAMS_PER_SM)
         dependent = grid_dependency.enabled(q)
-        _scan_kernel[grid](
-            parts, w_pad, mode, positions, index_rows, table, out, parts.stride(0), parts.stride(1), *common, ppp, S,
-            Di**-0.5, **consts, N_PARTS=GENERAL_PARTS, MODE=MODE_GENERAL, DEPENDENT=dependent, BLOCK_S=block_s,
+        _scan_kernel[(S, -(-n_pages // ppp))](
+            parts, w_pad, mode, positions, index_rows, table, out, parts.stride(0), parts.stride(1), *common, ppp,
+            Di**-0.5, **consts, N_PARTS=GENERAL_PARTS, MODE=MODE_GENERAL, DEPENDENT=dependent,
             **grid_dependency.launch_kwargs(dependent))
     return out
 
