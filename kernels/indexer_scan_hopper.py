@@ -552,12 +552,14 @@ if gluon is not None:
                         SCORED_PAGES: gl.constexpr, DEPENDENT: gl.constexpr, BLOCK_S: gl.constexpr,
                         SENTINELS: gl.constexpr):
         """The "bulk_ws" loader: one loader warp beside the scoring warp group."""
-        let_next_grid_start()  # the general scan may be scheduled from here on (grid_dependency)
         q_smem = _query_smem(HP)  # filled by the scorer, while the loader warp starts the first copies
         ring, ready = _ring(STAGES)
         empty = _barriers(STAGES)  # the scorer's hand-backs
         fence_async_shared()
         wait_for_previous_grid_gluon(DEPENDENT)  # before the first global read
+        # only now may the general scan be scheduled, so it never runs beside the kernel before this
+        # one (grid_dependency)
+        let_next_grid_start()
         s, page_lo, page_hi, n_vis, vis_hi, first = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE,
                                                           BLOCK_S, SENTINELS)
         out_row = out_ptr + s.to(gl.int64) * out_stride_s

@@ -149,9 +149,14 @@ def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
                  MODE: tl.constexpr, DEPENDENT: tl.constexpr):
     """Score keys of the visible entries of the queries in MODE (the general scan), from N_PARTS
     BF16 query parts; the FP8 launch writes the sentinels. DEPENDENT: launched as a dependent of
-    the FP8 launch (grid_dependency), which writes other rows of out, so a program scores first
-    and then waits for that launch's end (the work after this kernel waits for this one alone).
-    Split per query, never planned (index_score_keys says why)."""
+    the FP8 launch (grid_dependency), so a program waits for that launch's end before it reads
+    anything (and every program waits: the work after this kernel waits for this one alone). It
+    used to score first and wait after, reading the operands before the wait that makes earlier
+    kernels' writes visible to it; dependent launches then gave other keys than plain ones in a
+    few rows (kernels/RESULTS.md, seventeenth session: that read is the suspect, not yet shown to
+    be the cause, so dependent launches are off, grid_dependency). Split per query, never planned
+    (index_score_keys says why)."""
+    wait_for_previous_grid(DEPENDENT)  # before the first read: see grid_dependency
     s, page_lo, page_hi, n_vis, vis_hi, _ = _span(pos_ptr, mode_ptr, 0, n_cols, n_blk, pages_per_prog, MODE, 0, 1,
                                                   False)
     n = tl.arange(0, 64)
@@ -173,7 +178,6 @@ def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
                              N_PARTS, SENTINEL_KEY)
             tl.store(out_row + page * 64 + n, key)
             codes, scales = next_codes, next_scales
-    wait_for_previous_grid(DEPENDENT)
 
 
 @triton.jit

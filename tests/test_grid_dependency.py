@@ -28,6 +28,8 @@ def test_gpu_dependent_launches_on_hopper_and_later_unless_switched_off(monkeypa
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     t = torch.zeros(1, device="cuda")
+    monkeypatch.setattr(grid_dependency, "DEPENDENT_LAUNCHES", True)
     assert grid_dependency.enabled(t) == (torch.cuda.get_device_capability()[0] >= 9)
     monkeypatch.setattr(grid_dependency, "DEPENDENT_LAUNCHES", False)
     assert not grid_dependency.enabled(t)
+
