@@ -27,7 +27,8 @@ sum in registers. G covers the GPU (programs_per_sm x SMs), with at least one pr
 The Triton FP8 scan takes planned_span; the Gluon one (indexer_scan_hopper._planned_span) the
 same arithmetic in Gluon's layouts. The general scan (queries off the FP4 grid, none of the
 model's) keeps the per-query split, so its programs, which find no query of theirs, end at once;
-so do prefill chunks, whose queries are more than PLAN_QUERIES (one program a query).
+so do prefill chunks of more than PLAN_QUERIES queries (a program or more a query); a shorter
+chunk is planned as a decode batch is.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ import triton
 import triton.language as tl
 
 PLANNED = True  # off: the per-query split everywhere (load_tests/bench_scan_split.py times both)
-# the most queries a launch plans: decode batches up to 64 measured on an H100; the Gluon plan for 128
-# and 256 compiles for sm_90a without spills or barriers (a lane holds 4 or 8 queries), not yet run
-PLAN_QUERIES = 64
+# the most queries a launch plans (a lane of the Gluon plan holds up to 8). H100, the decode top-k
+# planned against split per query (kernels/RESULTS.md, seventeenth session): one 1M query and 127 of 8K
+# 0.107 against 0.98 ms (with ROW_LENGTHS), 128 queries of 128K 1.012x, 256 of 8K 1.010x
+PLAN_QUERIES = 256
 SENTINEL_PAGES = 16
 _SENTINEL_PAGES = tl.constexpr(SENTINEL_PAGES)
 CPU_SMS = 4  # the interpreter runs a launch's programs one by one: a few exercise the split
