@@ -34,12 +34,15 @@ class TransferError(RuntimeError):
 
 
 class PairChannel:
-    def __init__(self, host: str, port: int, rank: int, timeout_s: float = 30.0, device: str = "cpu"):
+    def __init__(self, host: str, port: int, rank: int, timeout_s: float = 30.0, device: str = "cpu",
+                 open_timeout_s: float | None = None):
         """rank 0 hosts the store at host:port (the sender by convention), rank 1 connects. Blocks
-        until both sides are there (or timeout_s passes)."""
+        until both sides are there, or open_timeout_s (default timeout_s) passes: a peer that is
+        still starting may need longer to join than an operation may take once both are there."""
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        opening = datetime.timedelta(seconds=timeout_s if open_timeout_s is None else open_timeout_s)
         try:
-            self.store = dist.TCPStore(host, port, 2, rank == 0, timeout=self.timeout)
+            self.store = dist.TCPStore(host, port, 2, rank == 0, timeout=opening)
             self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore("ctrl", self.store), rank, 2, IDLE)
             self.data = self.ctrl
             if device != "cpu":

@@ -88,6 +88,37 @@ def open_pair(timeout_s: float = 30):
         return send_end.result(), recv_end.result()
 
 
+
+def test_joining_is_bounded_by_the_open_time_out_and_each_operation_by_the_shorter_one():
+    """A peer that is still starting joins late: the channel waits open_timeout_s for it, while
+    each operation after that is bounded by timeout_s; without open_timeout_s, timeout_s bounds the
+    join too (nobody hosting: a TransferError after it)."""
+    import threading
+    import time
+
+    from kv_transfer import PairChannel, TransferError
+
+    port, hosts = free_port(), []
+
+    def late_host():
+        time.sleep(2)
+        hosts.append(PairChannel("127.0.0.1", port, 0, timeout_s=30))
+
+    t = threading.Thread(target=late_host)
+    t.start()
+    ch = PairChannel("127.0.0.1", port, 1, timeout_s=0.5, open_timeout_s=30)
+    t.join()
+    start = time.monotonic()
+    with pytest.raises(TransferError, match="receive failed|no progress"):
+        ch.recv()  # the host sends nothing
+    assert time.monotonic() - start < 10
+    ch.close()
+    hosts[0].close()
+    start = time.monotonic()
+    with pytest.raises(TransferError, match="cannot open channel"):
+        PairChannel("127.0.0.1", free_port(), 1, timeout_s=0.5)
+    assert time.monotonic() - start < 10
+
 @pytest.fixture(scope="module")
 def streaming():
     """A rounding model, a sender and a landing joined by one channel (its receive loop running)."""

@@ -35,7 +35,8 @@ def receive_and_decode(port: int, num_tokens: int, steps: int, q, timeout_s: flo
     st = PagedRequestState(pools)
     st.prepare_import(num_tokens)
     try:
-        ch = PairChannel("127.0.0.1", port, 1, timeout_s=timeout_s)
+        # joining may take long on a loaded machine; the receive is what timeout_s bounds
+        ch = PairChannel("127.0.0.1", port, 1, timeout_s=timeout_s, open_timeout_s=120)
         done = recv_state(ch, "r1", st)
     except TransferError as e:
         free = all(p.num_free == p.num_pages for p in pools.all_pools())
@@ -54,7 +55,7 @@ def silent_sender(port: int, q) -> None:
     """Opens the channel, then never sends: the receiver must time out and free its pages."""
     import time
 
-    PairChannel("127.0.0.1", port, 0, timeout_s=30)
+    PairChannel("127.0.0.1", port, 0, timeout_s=30, open_timeout_s=120)
     q.put(("silent", True))
     time.sleep(20)
 
