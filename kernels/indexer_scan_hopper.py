@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 import triton.language as tl
 
 from . import grid_dependency, scan_plan
@@ -611,30 +610,20 @@ def _page_descriptors(index_rows: torch.Tensor):
             TensorDescriptor(words, shape, strides, [1, 1, 64], layout))
 
 
-def launch_split(S: int, n_cols: int, n_blk: int, pages_per_prog: int, device: torch.device, sentinels: bool):
-    """(grid, pages a program, BLOCK_S) of a launch: the plan's G programs and BLOCK_S the power of
-    two holding S (scan_plan); else the (query, share) grid over whole two-page steps, BLOCK_S 0."""
-    if scan_plan.planned(S):
-        slots = scan_plan.program_slots(device, PROGRAMS_PER_SM)
-        return (scan_plan.plan_grid(S, n_cols, n_blk, 2, sentinels, slots),), 0, triton.next_power_of_2(S)
-    ppp = pages_per_prog + pages_per_prog % 2  # whole steps of two pages
-    n_pages = -(-n_cols // 64)
-    return (S, -(-n_pages // ppp)), ppp, 0
-
-
 def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages_per_prog: int, sentinel: int,
              fp8_mode: int, lengths: torch.Tensor | None = None) -> None:
     """Write the FP8 scan's keys into out [S, n_cols] for the queries whose mode is fp8_mode, and the
     sentinel of every invisible page, or (`lengths` [S] int32 given) each row's count of the
     columns the scans write instead (indexer_topk.index_score_keys checks the operands; the pages
-    are split over programs by the plan, or pages_per_prog a program: launch_split)."""
+    are split over programs by the plan, or pages_per_prog a program: scan_plan.launch_split)."""
     if LOADER not in LOADERS:
         raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
     if SCORED_PAGES not in (1, 2):
         raise ValueError(f"SCORED_PAGES must be 1 or 2 (pages of a step), got {SCORED_PAGES!r}")
     S = q8.shape[0]
     sentinels = lengths is None
-    grid, ppp, block_s = launch_split(S, n_cols, table.shape[1], pages_per_prog, q8.device, sentinels)
+    grid, ppp, block_s = scan_plan.launch_split(S, n_cols, table.shape[1], 2, sentinels, q8.device, PROGRAMS_PER_SM,
+                                                pages_per_prog + pages_per_prog % 2)  # whole steps of two pages
     table_stride = table.stride(0) if table.shape[0] > 1 else 0
     len_arg = out if sentinels else lengths  # not written with the sentinels
     if LOADER == "bulk_ws" and bulk_copy_usable(index_rows):

@@ -335,17 +335,6 @@ def _pages_per_program(S: int, n_pages: int, device: torch.device, per_sm: int) 
     return max(1, -(-n_pages // max(1, scan_plan.program_slots(device, per_sm) // S)))
 
 
-def _launch_split(S: int, n_cols: int, n_blk: int, device: torch.device, per_sm: int, step: int, sentinels: bool):
-    """(grid, pages a program, BLOCK_S) of the Triton FP8 scan's launch: the plan's (scan_plan) or
-    the per-query split's (BLOCK_S 0)."""
-    if scan_plan.planned(S):
-        slots = scan_plan.program_slots(device, per_sm)
-        return (scan_plan.plan_grid(S, n_cols, n_blk, step, sentinels, slots),), 0, triton.next_power_of_2(S)
-    n_pages = -(-n_cols // PAGE_ENTRIES)
-    ppp = _pages_per_program(S, n_pages, device, per_sm)
-    return (S, -(-n_pages // ppp)), ppp, 0
-
-
 def _check(q, w, index_rows, block_table, positions):
     S, Hi, Di = q.shape
     if w.shape != (S, Hi):
@@ -429,8 +418,9 @@ def _score_keys(q, w, index_rows, block_table, positions, n_cols, operands, leng
             q8, w8, mode, positions, index_rows, table, out, n_cols, lengths)
         if not gluon_ran:
             sentinels = lengths is None
-            grid, ppp, block_s = _launch_split(S, n_cols, table.shape[1], q.device, FP8_PROGRAMS_PER_SM, FP8_PAGES,
-                                               sentinels)
+            ppp = _pages_per_program(S, -(-n_cols // PAGE_ENTRIES), q.device, FP8_PROGRAMS_PER_SM)
+            grid, ppp, block_s = scan_plan.launch_split(S, n_cols, table.shape[1], FP8_PAGES, sentinels, q.device,
+                                                        FP8_PROGRAMS_PER_SM, ppp)
             _scan_fp8_kernel[grid](
                 q8, w8, mode, positions, index_rows, table, out, q8.stride(0), *common, ppp, S,
                 out if sentinels else lengths, **consts, PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8,

@@ -71,6 +71,18 @@ def plan_grid(S: int, n_cols: int, n_blk: int, step_pages: int, sentinels: bool,
     return max(S, min(slots, S * units))
 
 
+def launch_split(S: int, n_cols: int, n_blk: int, step_pages: int, sentinels: bool, device: torch.device,
+                 per_sm: int, pages_per_prog: int) -> tuple[tuple[int, ...], int, int]:
+    """(grid, pages a program, BLOCK_S) of an FP8 scan's launch. Planned (`planned(S)`): the plan's
+    G programs over per_sm slots an SM, pages 0 (unused) and BLOCK_S the power of two holding S;
+    else the per-query split: programs (s, j) of pages_per_prog pages each, BLOCK_S 0."""
+    if planned(S):
+        slots = program_slots(device, per_sm)
+        return (plan_grid(S, n_cols, n_blk, step_pages, sentinels, slots),), 0, triton.next_power_of_2(S)
+    n_pages = -(-n_cols // 64)
+    return (S, -(-n_pages // pages_per_prog)), pages_per_prog, 0
+
+
 @triton.jit
 def planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE: tl.constexpr, BLOCK_S: tl.constexpr,
                  STEP: tl.constexpr, SENTINELS: tl.constexpr):

@@ -105,3 +105,17 @@ def test_a_query_with_sentinels_only_still_gets_a_program():
     scored, sent = covered(rows, 2, [MODE, MODE], 2, True)
     assert scored == [[], [0, 1, 2]]
     assert sent == [list(range(40)), list(range(3, 40))]
+
+
+def test_a_launch_is_planned_up_to_plan_queries_and_split_per_query_past_them(monkeypatch):
+    """scan_plan.launch_split, which both FP8 scans launch through: the plan's one-dimensional grid
+    and BLOCK_S for up to PLAN_QUERIES queries; past them, or with the plan off, programs (s, j) of
+    the caller's pages each (45 pages in shares of 10: 5 a query)."""
+    cpu, n_cols, n_blk = torch.device("cpu"), 45 * 64, 37
+    grid, ppp, block_s = scan_plan.launch_split(5, n_cols, n_blk, 2, True, cpu, 2, 10)
+    assert grid == (scan_plan.plan_grid(5, n_cols, n_blk, 2, True, 2 * scan_plan.CPU_SMS),) and ppp == 0
+    assert block_s == 8
+    S = scan_plan.PLAN_QUERIES + 1
+    assert scan_plan.launch_split(S, n_cols, n_blk, 2, True, cpu, 2, 10) == ((S, 5), 10, 0)
+    monkeypatch.setattr(scan_plan, "PLANNED", False)
+    assert scan_plan.launch_split(5, n_cols, n_blk, 2, True, cpu, 2, 10) == ((5, 5), 10, 0)
