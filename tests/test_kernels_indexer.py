@@ -491,10 +491,11 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
 def test_gpu_scans_launched_right_after_their_operands_give_the_keys_of_plain_launches(triton_mode, monkeypatch):
     """With dependent launches (grid_dependency) the Gluon scan may start in the tail of the kernel
     writing its operands, and the general scan in the Gluon scan's. Calls made back to back, each
-    right after its operands, must give the keys plain launches give. On an H100 they did not: in
-    batches of 129-256 queries of both modes a few rows differed (kernels/RESULTS.md, seventeenth
-    session), which is why dependent launches are off by default; this test turns them on. Both
-    modes, planned and split per query, the plain call first as in the failing runs."""
+    right after its operands, must give the keys plain launches give. On an H100 they did not while
+    the general scan read its operands before its wait: in batches of 129-256 queries a few rows
+    differed (kernels/RESULTS.md, seventeenth session). This test turns dependent launches on
+    whatever the default. Both modes, planned and split per query, the plain call first as in the
+    failing runs."""
     from kernels import grid_dependency
     from kernels import indexer_scan_hopper as H
 
