@@ -28,7 +28,7 @@ before it.
 A dependent launch reads nothing before its wait, and lets its own dependents start only after it.
 The general scan once read the query operands and the modes before its wait, which is the only
 point where PTX makes what earlier kernels wrote visible to a dependent grid; on an H100, calls
-made back to back then gave other keys than plain launches in a few rows (10-230 of a call's keys,
+made back to back then gave other keys than plain launches in a few rows (16-230 of a call's keys,
 in batches of 129-256 queries; 7 of 20 calls wrong), so the seventeenth session turned dependent
 launches off. With the general scan waiting first they gave the plain launches' keys in 6 of 6
 runs of tests/test_kernels_indexer.py's test_gpu_scans_launched_right_after_their_operands_give_
