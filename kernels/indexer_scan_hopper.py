@@ -35,8 +35,10 @@ the two pages with each block's dot started before the previous one's float32 sc
 (`_store_slot_keys`), so the tensor cores work under the warps' math (warp specialization: the
 loader runs ahead on its own with 24 registers, the scorer takes the rest). It needs pages
 whose rows lie back to back on 16-byte boundaries (`bulk_copy_usable`, which the engine's pools
-meet); other pools take the registers loader. Both give the same keys: the same sums in the
-same order (_block_scale, _keys_of, _head_partials), checked bit for bit on the GPU.
+meet) and a Triton that lets shared memory be viewed through a padded layout it was not
+allocated with (gluon_api.PADDED_VIEWS: 3.6, not 3.9); elsewhere the registers loader runs
+(loader_for). Both give the same keys: the same sums in the same order (_block_scale, _keys_of,
+_head_partials), checked bit for bit on the GPU.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import functools
 import torch
 import triton.language as tl
 
-from . import grid_dependency, scan_plan
+from . import gluon_api, grid_dependency, scan_plan
 from .kv_layout import index_row_bytes, index_scales_as_words
 from .scan_operands import E2M1_TO_E4M3_PTX
 from .scan_plan import _SENTINEL_PAGES
@@ -60,6 +62,7 @@ try:  # Gluon ships with Triton 3.4+; without it the Triton scan runs everywhere
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 else:
+    from .gluon_api import cta_barrier, reinterpret, tma_load
     from .grid_dependency import let_next_grid_start, wait_for_previous_grid_gluon
 
 ROWS_PER_STEP = 128  # two 64-entry pages: one [128, 32] x [32, heads] dot per block
@@ -356,11 +359,10 @@ if gluon is not None:
         buf = ring.index(slot)
         mbarrier.expect(bar, 2 * _PAGE_WORDS * 4)
         for p in gl.static_range(2):
-            tma.async_copy_global_to_shared(head_desc, [ids[p], 0, 0], bar,
-                                            buf.slice(p * _PAGE_SLOT, 1024)._reinterpret(gl.int32, [1, 16, 64], tma_l))
-            tma.async_copy_global_to_shared(tail_desc, [ids[p], 16, 0], bar,
-                                            buf.slice(p * _PAGE_SLOT + 1024, 64)._reinterpret(gl.int32, [1, 1, 64],
-                                                                                              tma_l))
+            tma_load(head_desc, [ids[p], 0, 0], bar,
+                     reinterpret(buf.slice(p * _PAGE_SLOT, 1024), gl.int32, [1, 16, 64], tma_l))
+            tma_load(tail_desc, [ids[p], 16, 0], bar,
+                     reinterpret(buf.slice(p * _PAGE_SLOT + 1024, 64), gl.int32, [1, 1, 64], tma_l))
 
     # one page's words [64, 4] as the [row, word, byte] view _dot_operand takes (_RAW3_L without the
     # register bit that picks a step's second page: a page is one 64-row dot of the warp group)
@@ -377,8 +379,8 @@ if gluon is not None:
         through padded layouts that skip each row's other words: row r at 17 r, its scale at + 16."""
         codes_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[16, 1]], [64, 16], [1, 0])
         scales_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[1, 16]], [64], [0])
-        scales = page.slice(16, 16)._reinterpret(gl.int32, [64], scales_l).load(gl.SliceLayout(1, _acc_layout(HP)))
-        codes = page._reinterpret(gl.int32, [64, 16], codes_l)
+        scales = reinterpret(page.slice(16, 16), gl.int32, [64], scales_l).load(gl.SliceLayout(1, _acc_layout(HP)))
+        codes = reinterpret(page, gl.int32, [64, 16], codes_l)
         blocks = ()
         for b in gl.static_range(_DI // 32):
             blocks = blocks + (codes.slice(4 * b, 4, dim=1).load(_PAGE_WORD_L),)
@@ -524,7 +526,7 @@ if gluon is not None:
         if n_steps > 0:
             _store_query(q_smem, q8_ptr, s, q8_stride_s)
             fence_async_shared()  # the stores, before the dots read them through the async proxy
-            gl.thread_barrier()  # every warp's part of the query, before any warp's dot
+            cta_barrier()  # every warp's part of the query, before any warp's dot
         w8 = _head_weights(w8_ptr, s, HP)
         for it in range(n_steps):
             slot = it % STAGES
@@ -580,9 +582,9 @@ def _is_hopper(device: torch.device) -> bool:
 
 
 def usable(q8: torch.Tensor, index_rows: torch.Tensor) -> bool:
-    """Whether this kernel runs the FP8 scan: a Hopper GPU with Gluon, Di = 128, and rows whose
-    scale bytes can be read as 32-bit words (kv_layout.index_scales_as_words)."""
-    return (gluon is not None and q8.is_cuda and _is_hopper(q8.device) and q8.shape[1] * 32 == DI
+    """Whether this kernel runs the FP8 scan: a Hopper GPU with Gluon (gluon_api.enabled), Di = 128,
+    and rows whose scale bytes can be read as 32-bit words (kv_layout.index_scales_as_words)."""
+    return (q8.is_cuda and _is_hopper(q8.device) and gluon_api.enabled() and q8.shape[1] * 32 == DI
             and index_scales_as_words(index_rows, DI))
 
 
@@ -597,6 +599,22 @@ def bulk_copy_usable(index_rows: torch.Tensor) -> bool:
     words: a page's rows back to back, the base and every page on 16-byte boundaries."""
     return (index_rows.stride(2) == 1 and index_rows.stride(1) == index_rows.shape[2] == 4 * ROW_WORDS
             and index_rows.data_ptr() % 16 == 0 and index_rows.stride(0) % 16 == 0)
+
+
+def loader_for(index_rows: torch.Tensor) -> str:
+    """The loader that reads these pages: LOADER, except that bulk_ws takes the registers loader
+    where the pool's pages do not suit the copy engine (bulk_copy_usable) or this Triton refuses
+    the padded view its scorer reads a ring slot through (gluon_api.PADDED_VIEWS: 3.9 does)."""
+    if LOADER == "bulk_ws" and bulk_copy_usable(index_rows) and gluon_api.PADDED_VIEWS:
+        return "bulk_ws"
+    return "registers"
+
+
+def bulk_launch_options() -> dict:
+    """The bulk_ws kernel's compile options: 2 x WARPS warps (the scoring group and the loader
+    warp's group) of as many registers as lets PROGRAMS_PER_SM programs share an SM's 64K;
+    setmaxnreg then gives the loader 24 and the scoring group the rest (232 at two an SM)."""
+    return dict(num_warps=WARPS, maxnreg=65536 // (PROGRAMS_PER_SM * 2 * WARPS * 32) // 8 * 8)
 
 
 def _page_descriptors(index_rows: torch.Tensor):
@@ -626,19 +644,15 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
                                                 pages_per_prog + pages_per_prog % 2)  # whole steps of two pages
     table_stride = table.stride(0) if table.shape[0] > 1 else 0
     len_arg = out if sentinels else lengths  # not written with the sentinels
-    if LOADER == "bulk_ws" and bulk_copy_usable(index_rows):
+    if loader_for(index_rows) == "bulk_ws":
         # launched as a dependent of whatever kernel comes before it: its programs set up their shared
         # memory while that kernel ends, and wait for it before their first global read (grid_dependency)
         dependent = grid_dependency.enabled(q8)
-        # 2 x WARPS warps (the scoring group and the loader warp's group) of as many registers as lets
-        # PROGRAMS_PER_SM programs share an SM's 64K; setmaxnreg then gives the loader 24 and the
-        # scoring group the rest (232 at two programs an SM)
-        maxnreg = 65536 // (PROGRAMS_PER_SM * 2 * WARPS * 32) // 8 * 8
         _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0),
                               table_stride, out.stride(0), table.shape[1], n_cols, ppp, S, len_arg, HP=w8.shape[1],
                               SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, SCORED_PAGES=SCORED_PAGES,
-                              DEPENDENT=dependent, BLOCK_S=block_s, SENTINELS=sentinels, num_warps=WARPS,
-                              maxnreg=maxnreg, **grid_dependency.launch_kwargs(dependent))
+                              DEPENDENT=dependent, BLOCK_S=block_s, SENTINELS=sentinels,
+                              **bulk_launch_options(), **grid_dependency.launch_kwargs(dependent))
         return
     _scan_kernel[grid](
         q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table_stride,

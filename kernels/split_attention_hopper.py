@@ -61,6 +61,8 @@ import functools
 import torch
 import triton.language as tl
 
+from . import gluon_api
+
 try:  # Gluon ships with Triton 3.4+; without it the Triton kernel runs everywhere
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -68,6 +70,8 @@ try:  # Gluon ships with Triton 3.4+; without it the Triton kernel runs everywhe
                                                                    warpgroup_mma_init, warpgroup_mma_wait)
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
+else:
+    from .gluon_api import cta_barrier
 
 HEADS, HEAD_DIM, NOPE = 64, 512, 448  # the shape the layouts below are written for
 KEYS_PER_TILE = 64
@@ -396,7 +400,7 @@ if gluon is not None:
             _decode_to_smem(tile, k_smem.index(0))
             tile = tile2
             fence_async_shared()
-            gl.thread_barrier()
+            cta_barrier()
             for start in range(lo, hi, _N):
                 buf = ((start - lo) // _N) % 2
                 cur = k_smem.index(buf)
@@ -415,7 +419,7 @@ if gluon is not None:
                                         SELECTED)
                 o = warpgroup_mma_wait(0, deps=[o_tok])
                 fence_async_shared()  # the decoded tile's stores, before the next step's products read them
-                gl.thread_barrier()
+                cta_barrier()
             _store_output(o, m_i, l_acc, span, dest)
 
     # -- the "warp_specialized" schedule: a decoder warp group fills a ring of two decoded tiles
@@ -459,7 +463,7 @@ if gluon is not None:
         if n_tiles > 0:
             _store_query(q_smem, q_ptr, b)
             fence_async_shared()
-            gl.thread_barrier()
+            cta_barrier()
             o, s_zero, m_i, l_acc = _attention_start()
             o_tok = warpgroup_mma_init(o)
             for tile in range(n_tiles):
@@ -509,7 +513,7 @@ if gluon is not None:
         tile = _row_words(rows_ptr + i.to(gl.int64) * ROW_STRIDE, i < n_rows, word_l)
         k_smem = gl.allocate_shared_memory(gl.bfloat16, [_N, _D], _SMEM_L)
         _decode_to_smem(tile, k_smem)
-        gl.thread_barrier()
+        cta_barrier()
         qh = gl.arange(0, _N, layout=gl.SliceLayout(1, _Q_L))
         qd = gl.arange(0, _D, layout=gl.SliceLayout(0, _Q_L))
         r = gl.program_id(0) * _N + qh
@@ -529,11 +533,21 @@ def rows_aligned(*pools: torch.Tensor) -> bool:
 
 
 def usable(q: torch.Tensor, swa: torch.Tensor, entries: torch.Tensor, window: int, nope_dim: int) -> bool:
-    """Whether this kernel runs the HCA split attention: a Hopper GPU with Gluon, a BF16 query of
-    64 heads x 512 dims with 448 FP8 dims, 8-byte aligned rows and a window of whole tiles."""
-    return (gluon is not None and q.is_cuda and q.dtype == torch.bfloat16 and _is_hopper(q.device)
+    """Whether this kernel runs the HCA split attention: a Hopper GPU with Gluon (gluon_api.enabled),
+    a BF16 query of 64 heads x 512 dims with 448 FP8 dims, 8-byte aligned rows and a window of
+    whole tiles."""
+    return (q.is_cuda and q.dtype == torch.bfloat16 and _is_hopper(q.device) and gluon_api.enabled()
             and tuple(q.shape[1:]) == (HEADS, HEAD_DIM) and nope_dim == NOPE and window % KEYS_PER_TILE == 0
             and rows_aligned(swa, entries))
+
+
+def launch_options(schedule: str) -> dict:
+    """The split kernel's compile options under `schedule`: WARPS warps, and for the
+    warp-specialized one as many registers a thread as lets its 12 warps share an SM's 64K
+    (setmaxnreg then gives the decoder warps DECODER_REGS and the math warps the rest, 200)."""
+    if schedule == "warp_specialized":
+        return dict(num_warps=WARPS, maxnreg=65536 // ((WARPS + DECODER_WARPS) * 32) // 8 * 8)
+    return dict(num_warps=WARPS)
 
 
 def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:
@@ -546,19 +560,14 @@ def launch(args: tuple, consts: dict, n_splits: int, batch: int) -> None:
                          f"tile {KEYS_PER_TILE}")
     if SCHEDULE not in SCHEDULES:
         raise ValueError(f"SCHEDULE must be one of {SCHEDULES}, got {SCHEDULE!r}")
-    ws = SCHEDULE == "warp_specialized"
-    schedule_id = SCHEDULES.index(SCHEDULE)
-    # the warp-specialized kernel: as many registers a thread as lets its 12 warps share an SM's
-    # 64K; setmaxnreg then gives the decoder warps DECODER_REGS and the math warps the rest (200)
-    extra = dict(maxnreg=65536 // ((WARPS + DECODER_WARPS) * 32) // 8 * 8) if ws else {}
     _split_kernel[(n_splits, batch)](
         q, sink, positions, sm_scale, swa, swa_page_stride, swa_table, swa_tab_stride, entries, ent_page_stride,
         block_table, blk_tab_stride, n_comp, topk, topk_stride, n_blk * consts["PER_PAGE"], out, part_o, part_ml,
         n_splits,
         W=consts["W"], PER_PAGE=consts["PER_PAGE"], RATIO=consts["RATIO"], SPLIT=consts["SPLIT"],
         SHORT_KEYS=consts["SHORT_KEYS"], SHORT_SPLIT=consts["SHORT_SPLIT"],
-        ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], SCHEDULE_ID=schedule_id, SELECTED=consts["SELECTED"],
-        num_warps=WARPS, **extra)
+        ROW_STRIDE=consts["ROW_STRIDE"], SWA_PAGE=consts["SWA_PAGE"], SCHEDULE_ID=SCHEDULES.index(SCHEDULE),
+        SELECTED=consts["SELECTED"], **launch_options(SCHEDULE))
 
 
 def decode_rows(rows: torch.Tensor) -> torch.Tensor:

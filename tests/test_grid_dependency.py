@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kernels import grid_dependency
+from gluon_builds import build_ptx, compile_in_child, why_not
+from kernels import gluon_api, grid_dependency
 
 
 def test_cpu_tensors_never_launch_as_dependents():
@@ -34,7 +35,8 @@ def test_gpu_dependent_launches_on_hopper_and_later_unless_switched_off(monkeypa
     assert not grid_dependency.enabled(t)
 
 
-# compiled in a child process: this one runs Triton's interpreter (conftest), whose kernels do not compile
+# compiled in a child process (compile_in_child): this one runs Triton's interpreter (conftest), whose
+# kernels do not compile
 _GENERAL_SCAN_PTX = """
 import sys
 import triton
@@ -54,20 +56,6 @@ sys.stdout.write(kernel.asm["ptx"])
 """
 
 
-def _compile_in_child(script: str, *args: str):
-    """Run a compile script in a child process without TRITON_INTERPRET (which conftest sets here,
-    and under which kernels do not compile); its stdout is the PTX."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, "-c", script, *args], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
 def _memory_ops(ptx: str) -> list[str]:
     import re
 
@@ -80,45 +68,11 @@ def test_the_dependent_general_scan_reads_nothing_before_its_wait():
     (grid_dependency). The general scan, a dependent of the Gluon scan, used to score first and
     wait after; compiled for sm_90 (PTX and a cubin, no GPU needed), every global load and store
     of it must now follow its wait."""
-    run = _compile_in_child(_GENERAL_SCAN_PTX)
+    run = compile_in_child("-c", _GENERAL_SCAN_PTX)
     assert run.returncode == 0, run.stderr[-2000:]
     ops = _memory_ops(run.stdout)
     assert "griddepcontrol.wait" in ops and "ld.global" in ops and "st.global" in ops
     assert ops[0] == "griddepcontrol.wait", ops[:4]
-
-
-# the Gluon FP8 scan (bulk_ws loader) as a dependent launch, compiled for sm_90a in a child process;
-# exit 3 where this Triton cannot compile the Gluon code (its API moves between releases: CI's does not)
-_GLUON_SCAN_PTX = """
-import sys
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime.jit import mangle_type
-from kernels import indexer_scan_hopper as H
-from kernels import indexer_topk as K
-try:
-    from triton.experimental.gluon._runtime import GluonASTSource
-    descs = H._page_descriptors(torch.zeros(8, 64, 68, dtype=torch.uint8))
-except Exception as e:
-    print(type(e).__name__, e, file=sys.stderr)
-    sys.exit(3)
-consts = dict(HP=64, SENTINEL_KEY=K.SENTINEL, MODE=K.MODE_FP8, STAGES=H.STAGES, SCORED_PAGES=H.SCORED_PAGES,
-              DEPENDENT=True, BLOCK_S=int(sys.argv[1]), SENTINELS=sys.argv[2] == "1")
-t = lambda dtype: torch.zeros(1, dtype=dtype)
-args = dict(q8_ptr=t(torch.float8_e4m3fn), w8_ptr=t(torch.float32), mode_ptr=t(torch.int32), pos_ptr=t(torch.int32),
-            head_desc=descs[0], tail_desc=descs[1], table_ptr=t(torch.int32), out_ptr=t(torch.int64),
-            len_ptr=t(torch.int32))
-fn = H._scan_kernel_ws
-sig = {n: "constexpr" if n in consts else mangle_type(args[n]) if n in args else "i32" for n in fn.arg_names}
-try:
-    kernel = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": H.WARPS})
-except Exception as e:
-    print(type(e).__name__, repr(e.__cause__ or e)[:300], file=sys.stderr)
-    sys.exit(3)
-sys.stdout.write(kernel.asm["ptx"])
-"""
 
 
 @pytest.mark.parametrize("block_s,sentinels", [(0, True), (4, False)])
@@ -126,14 +80,15 @@ def test_the_dependent_gluon_scan_reads_nothing_before_its_wait_nor_lets_the_nex
     """The Gluon scan, a dependent of the kernel writing its operands, must read nothing (loads,
     bulk copies) nor write before its griddepcontrol.wait, and let its own dependent (the general
     scan) be scheduled only after it (grid_dependency), per query and planned, with sentinels or
-    lengths. Compiled for sm_90a, no GPU needed, but only a Triton that compiles the Gluon code
-    (the GPU machines' 3.6, not CI's): skipped elsewhere, except beside a Hopper GPU, where the
-    Gluon scan must run (its GPU tests fail if it falls back) and so must compile."""
-    run = _compile_in_child(_GLUON_SCAN_PTX, str(block_s), str(int(sentinels)))
+    lengths. Compiled for sm_90a, no GPU needed, but only by a Triton that allows the bulk loader's
+    padded views (gluon_api.PADDED_VIEWS: the GPU machines' 3.6, not CI's 3.9): skipped elsewhere,
+    except beside a Hopper GPU with such a Triton, where the scan must run (its GPU tests fail if
+    it falls back) and so must compile."""
+    run = build_ptx("scan_bulk_ws", "DEPENDENT=1", f"BLOCK_S={block_s}", f"SENTINELS={int(sentinels)}")
     if run.returncode == 3:
         hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-        (pytest.fail if hopper else pytest.skip)(f"this Triton does not compile the Gluon scan: "
-                                                 f"{run.stderr.strip()[-300:]}")
+        (pytest.fail if hopper and gluon_api.PADDED_VIEWS else pytest.skip)(
+            f"this Triton does not compile the Gluon scan's bulk-copy loader: {why_not(run)}")
     assert run.returncode == 0, run.stderr[-2000:]
     ops = _memory_ops(run.stdout)
     assert "ld.global" in ops and "st.global" in ops and "cp.async.bulk" in ops, sorted(set(ops))

@@ -1,0 +1,77 @@
+"""Our Gluon kernels build with the installed Triton (kernels/gluon_api.py), and which of them runs.
+
+Compiled for sm_90a in a child process (tests/gluon_builds.py), no GPU needed: CI's Triton (3.9)
+and the GPU machines' (3.6) both build every kernel but the scan's bulk-copy loader, which 3.9
+refuses (its padded view of a ring slot) and which the scan then does not take.
+"""
+
+import pytest
+import torch
+
+from gluon_builds import BUILDS, build_ptx, why_not
+from kernels import gluon_api
+from kernels import indexer_scan_hopper as H
+
+def refused_here(name: str) -> bool:
+    """Whether this Triton may refuse the build: no Gluon at all, or the bulk-copy scan where padded
+    views are refused (the scan then takes its registers loader: loader_for)."""
+    return gluon_api.gluon is None or (name == "scan_bulk_ws" and not gluon_api.PADDED_VIEWS)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_the_gluon_kernel_builds_with_this_triton_onto_the_tensor_cores(name):
+    """Each kernel compiles for sm_90a with the launch's own options and keeps what it is built
+    around: wgmma for the products, the copy engine for the bulk-copy scan, setmaxnreg where warps
+    are specialised. A release whose Gluon API moved fails here first, not on a GPU."""
+    run = build_ptx(name)
+    if run.returncode == 3 and refused_here(name):
+        pytest.skip(f"this Triton does not build {name}: {why_not(run)}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    ptx = run.stdout
+    assert ".target sm_90a" in ptx
+    if name != "decode_rows":
+        assert "wgmma.mma_async" in ptx
+    if name == "scan_bulk_ws":
+        assert "cp.async.bulk.tensor" in ptx
+    if name.endswith("warp_specialized") or name == "scan_bulk_ws":
+        assert "setmaxnreg" in ptx
+
+
+def test_the_release_is_major_dot_minor():
+    assert gluon_api.release("3.6.0") == "3.6"
+    assert gluon_api.release("3.10.1+git1a2b3c") == "3.10"
+
+
+def test_gluon_runs_by_default_only_on_a_tested_release(monkeypatch, caplog):
+    if gluon_api.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.delenv("V4SERVE_GLUON", raising=False)
+    monkeypatch.setattr(gluon_api, "_warned", False)
+    monkeypatch.setattr(gluon_api, "TESTED_TRITON", ("0.1",))
+    with caplog.at_level("WARNING", logger=gluon_api.__name__):
+        assert not gluon_api.enabled()
+        assert not gluon_api.enabled()
+    assert len(caplog.records) == 1 and "V4SERVE_GLUON=on" in caplog.records[0].getMessage()
+    monkeypatch.setenv("V4SERVE_GLUON", "on")
+    assert gluon_api.enabled()
+    monkeypatch.setattr(gluon_api, "TESTED_TRITON", (gluon_api.release(),))
+    monkeypatch.setenv("V4SERVE_GLUON", "off")
+    assert not gluon_api.enabled()
+    monkeypatch.setenv("V4SERVE_GLUON", "auto")
+    assert gluon_api.enabled()
+    monkeypatch.setenv("V4SERVE_GLUON", "yes")
+    with pytest.raises(ValueError, match="V4SERVE_GLUON"):
+        gluon_api.enabled()
+
+
+def test_the_scan_takes_the_bulk_copies_only_where_the_pages_and_this_triton_allow(monkeypatch):
+    pages = torch.zeros(8, 64, 68, dtype=torch.uint8)
+    monkeypatch.setattr(H, "LOADER", "bulk_ws")
+    monkeypatch.setattr(gluon_api, "PADDED_VIEWS", True)
+    assert H.loader_for(pages) == "bulk_ws"
+    assert H.loader_for(torch.zeros(8, 64, 72, dtype=torch.uint8)[:, :, :68]) == "registers"  # rows not back to back
+    monkeypatch.setattr(gluon_api, "PADDED_VIEWS", False)
+    assert H.loader_for(pages) == "registers"
+    monkeypatch.setattr(gluon_api, "PADDED_VIEWS", True)
+    monkeypatch.setattr(H, "LOADER", "registers")
+    assert H.loader_for(pages) == "registers"
