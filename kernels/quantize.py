@@ -136,11 +136,11 @@ def store_f32(ptr, v, mask, BF16: tl.constexpr):
 
 
 @triton.jit
-def _row_pointers(src_ptr, dst_ptr, src_row_stride, dst_row_stride):
-    """This program's row of the source and of the destination (one program per row; int64
-    offsets, since rows x stride can pass 2**31)."""
-    row = tl.program_id(0).to(tl.int64)
-    return src_ptr + row * src_row_stride, dst_ptr + row * dst_row_stride
+def _row_pointers(src_ptr, dst_ptr, src_row_stride, dst_row_stride, n_rows, ROWS: tl.constexpr):
+    """This program's ROWS rows of the source and of the destination [ROWS] (int64 offsets, since
+    rows x stride can pass 2**31) and which of them exist."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    return src_ptr + row * src_row_stride, dst_ptr + row * dst_row_stride, row < n_rows
 
 
 @triton.jit
@@ -151,80 +151,93 @@ def _main_blocks(NOPE: tl.constexpr, NB_P: tl.constexpr):
     return blk, blk < NOPE // 64, blk[:, None] * 64 + tl.arange(0, 64)[None, :]
 
 
-# ---- kernels ----------------------------------------------------------------------------------
+# ---- kernels: ROWS rows a program (rows_per_program), each row's math on its own -------------
 
 @triton.jit
-def _encode_main_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride,
+def _encode_main_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride, n_rows,
                         NOPE: tl.constexpr, ROPE: tl.constexpr, ROW_BYTES: tl.constexpr,
-                        NB_P: tl.constexpr, ROPE_P: tl.constexpr, PAD_P: tl.constexpr, FROM_BF16: tl.constexpr):
-    x_row, out_row = _row_pointers(x_ptr, out_ptr, x_row_stride, out_row_stride)
+                        NB_P: tl.constexpr, ROPE_P: tl.constexpr, PAD_P: tl.constexpr, FROM_BF16: tl.constexpr,
+                        ROWS: tl.constexpr):
+    x_row, out_row, row_ok = _row_pointers(x_ptr, out_ptr, x_row_stride, out_row_stride, n_rows, ROWS)
     blk, in_blk, offs = _main_blocks(NOPE, NB_P)
-    x = load_f32(x_row + offs, in_blk[:, None], FROM_BF16)
-    scale = ue8m0_scale_byte(tl.max(tl.abs(x), axis=1), 8, 0x600000)  # qmax 448 = 1.75 * 2**8
+    blk_ok = row_ok[:, None] & in_blk[None, :]  # [ROWS, NB_P]
+    x = load_f32(x_row[:, None, None] + offs[None, :, :], blk_ok[:, :, None], FROM_BF16)
+    scale = ue8m0_scale_byte(tl.max(tl.abs(x), axis=2), 8, 0x600000)  # qmax 448 = 1.75 * 2**8
     # |x| * 2**-k <= 448 by the choice of k, so the reference's clamp never acts
-    codes = e4m3_code(x * pow2_from_byte(254 - scale)[:, None])
-    tl.store(out_row + offs, codes.to(tl.uint8), mask=in_blk[:, None])
+    codes = e4m3_code(x * pow2_from_byte(254 - scale)[:, :, None])
+    tl.store(out_row[:, None, None] + offs[None, :, :], codes.to(tl.uint8), mask=blk_ok[:, :, None])
 
     i = tl.arange(0, ROPE_P)
-    in_rope = i < ROPE
-    rope = bf16_bits(load_f32(x_row + NOPE + i, in_rope, FROM_BF16))
-    tl.store(out_row + NOPE + 2 * i, (rope & 0xFF).to(tl.uint8), mask=in_rope)  # little-endian
-    tl.store(out_row + NOPE + 2 * i + 1, (rope >> 8).to(tl.uint8), mask=in_rope)
+    in_rope = row_ok[:, None] & (i < ROPE)[None, :]
+    rope = bf16_bits(load_f32(x_row[:, None] + NOPE + i[None, :], in_rope, FROM_BF16))
+    rope_out = out_row[:, None] + NOPE + 2 * i[None, :]
+    tl.store(rope_out, (rope & 0xFF).to(tl.uint8), mask=in_rope)  # little-endian
+    tl.store(rope_out + 1, (rope >> 8).to(tl.uint8), mask=in_rope)
 
-    tl.store(out_row + NOPE + 2 * ROPE + blk, scale.to(tl.uint8), mask=in_blk)
+    tl.store(out_row[:, None] + NOPE + 2 * ROPE + blk[None, :], scale.to(tl.uint8), mask=blk_ok)
     USED: tl.constexpr = NOPE + 2 * ROPE + NOPE // 64
     p = tl.arange(0, PAD_P)
-    tl.store(out_row + USED + p, tl.zeros([PAD_P], dtype=tl.uint8), mask=p < ROW_BYTES - USED)
+    tl.store(out_row[:, None] + USED + p[None, :], tl.zeros([ROWS, PAD_P], dtype=tl.uint8),
+             mask=row_ok[:, None] & (p < ROW_BYTES - USED)[None, :])
 
 
 @triton.jit
-def _decode_main_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride,
-                        NOPE: tl.constexpr, ROPE: tl.constexpr, NB_P: tl.constexpr, ROPE_P: tl.constexpr):
-    b_row, out_row = _row_pointers(b_ptr, out_ptr, b_row_stride, out_row_stride)
+def _decode_main_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride, n_rows,
+                        NOPE: tl.constexpr, ROPE: tl.constexpr, NB_P: tl.constexpr, ROPE_P: tl.constexpr,
+                        ROWS: tl.constexpr):
+    b_row, out_row, row_ok = _row_pointers(b_ptr, out_ptr, b_row_stride, out_row_stride, n_rows, ROWS)
     blk, in_blk, offs = _main_blocks(NOPE, NB_P)
-    codes = tl.load(b_row + offs, mask=in_blk[:, None], other=0).to(tl.int32)
-    scale = tl.load(b_row + NOPE + 2 * ROPE + blk, mask=in_blk, other=127).to(tl.int32)
-    tl.store(out_row + offs, e4m3_value(codes) * pow2_from_byte(scale)[:, None], mask=in_blk[:, None])
+    blk_ok = row_ok[:, None] & in_blk[None, :]
+    codes = tl.load(b_row[:, None, None] + offs[None, :, :], mask=blk_ok[:, :, None], other=0).to(tl.int32)
+    scale = tl.load(b_row[:, None] + NOPE + 2 * ROPE + blk[None, :], mask=blk_ok, other=127).to(tl.int32)
+    tl.store(out_row[:, None, None] + offs[None, :, :], e4m3_value(codes) * pow2_from_byte(scale)[:, :, None],
+             mask=blk_ok[:, :, None])
     i = tl.arange(0, ROPE_P)
-    in_rope = i < ROPE
-    lo = tl.load(b_row + NOPE + 2 * i, mask=in_rope, other=0).to(tl.int32)
-    hi = tl.load(b_row + NOPE + 2 * i + 1, mask=in_rope, other=0).to(tl.int32)
-    tl.store(out_row + NOPE + i, ((hi << 24) | (lo << 16)).to(tl.float32, bitcast=True), mask=in_rope)
+    in_rope = row_ok[:, None] & (i < ROPE)[None, :]
+    rope_in = b_row[:, None] + NOPE + 2 * i[None, :]
+    lo = tl.load(rope_in, mask=in_rope, other=0).to(tl.int32)
+    hi = tl.load(rope_in + 1, mask=in_rope, other=0).to(tl.int32)
+    tl.store(out_row[:, None] + NOPE + i[None, :], ((hi << 24) | (lo << 16)).to(tl.float32, bitcast=True),
+             mask=in_rope)
 
 
 @triton.jit
-def _encode_index_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride, DI: tl.constexpr, NB_P: tl.constexpr,
-                         FROM_BF16: tl.constexpr):
-    x_row, out_row = _row_pointers(x_ptr, out_ptr, x_row_stride, out_row_stride)
+def _encode_index_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride, n_rows, DI: tl.constexpr,
+                         NB_P: tl.constexpr, FROM_BF16: tl.constexpr, ROWS: tl.constexpr):
+    x_row, out_row, row_ok = _row_pointers(x_ptr, out_ptr, x_row_stride, out_row_stride, n_rows, ROWS)
     NB: tl.constexpr = DI // 32
     blk = tl.arange(0, NB_P)
     j = tl.arange(0, 16)  # byte j of a block packs elements 2j (low nibble) and 2j + 1
-    in_blk = blk < NB
-    even_offs = blk[:, None] * 32 + 2 * j[None, :]
-    even = load_f32(x_row + even_offs, in_blk[:, None], FROM_BF16)
-    odd = load_f32(x_row + even_offs + 1, in_blk[:, None], FROM_BF16)
-    amax = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
+    blk_ok = row_ok[:, None] & (blk < NB)[None, :]  # [ROWS, NB_P]
+    even_offs = (blk[:, None] * 32 + 2 * j[None, :])[None, :, :]
+    even = load_f32(x_row[:, None, None] + even_offs, blk_ok[:, :, None], FROM_BF16)
+    odd = load_f32(x_row[:, None, None] + even_offs + 1, blk_ok[:, :, None], FROM_BF16)
+    amax = tl.maximum(tl.max(tl.abs(even), axis=2), tl.max(tl.abs(odd), axis=2))
     scale = ue8m0_scale_byte(amax, 2, 0x400000)  # qmax 6 = 1.5 * 2**2
-    inv = pow2_from_byte(254 - scale)[:, None]
+    inv = pow2_from_byte(254 - scale)[:, :, None]
     # the sign comes from x's sign bit, so -0.0 keeps it (as encode_index does)
     lo = e2m1_code(tl.abs(even * inv)) | ((even.to(tl.int32, bitcast=True) >> 28) & 8)
     hi = e2m1_code(tl.abs(odd * inv)) | ((odd.to(tl.int32, bitcast=True) >> 28) & 8)
-    tl.store(out_row + blk[:, None] * 16 + j[None, :], (lo | (hi << 4)).to(tl.uint8), mask=in_blk[:, None])
-    tl.store(out_row + DI // 2 + blk, scale.to(tl.uint8), mask=in_blk)
+    tl.store(out_row[:, None, None] + (blk[:, None] * 16 + j[None, :])[None, :, :], (lo | (hi << 4)).to(tl.uint8),
+             mask=blk_ok[:, :, None])
+    tl.store(out_row[:, None] + DI // 2 + blk[None, :], scale.to(tl.uint8), mask=blk_ok)
 
 
 @triton.jit
-def _decode_index_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride, DI: tl.constexpr, NB_P: tl.constexpr):
-    b_row, out_row = _row_pointers(b_ptr, out_ptr, b_row_stride, out_row_stride)
+def _decode_index_kernel(b_ptr, out_ptr, b_row_stride, out_row_stride, n_rows, DI: tl.constexpr,
+                         NB_P: tl.constexpr, ROWS: tl.constexpr):
+    b_row, out_row, row_ok = _row_pointers(b_ptr, out_ptr, b_row_stride, out_row_stride, n_rows, ROWS)
     NB: tl.constexpr = DI // 32
     blk = tl.arange(0, NB_P)
     j = tl.arange(0, 16)
-    in_blk = blk[:, None] < NB
-    packed = tl.load(b_row + blk[:, None] * 16 + j[None, :], mask=in_blk, other=0).to(tl.int32)
-    scale = pow2_from_byte(tl.load(b_row + DI // 2 + blk, mask=blk < NB, other=127).to(tl.int32))[:, None]
-    even_offs = blk[:, None] * 32 + 2 * j[None, :]
-    tl.store(out_row + even_offs, e2m1_value(packed & 15) * scale, mask=in_blk)
-    tl.store(out_row + even_offs + 1, e2m1_value(packed >> 4) * scale, mask=in_blk)
+    blk_ok = row_ok[:, None] & (blk < NB)[None, :]
+    packed = tl.load(b_row[:, None, None] + (blk[:, None] * 16 + j[None, :])[None, :, :], mask=blk_ok[:, :, None],
+                     other=0).to(tl.int32)
+    scale = pow2_from_byte(tl.load(b_row[:, None] + DI // 2 + blk[None, :], mask=blk_ok, other=127).to(tl.int32))
+    even_offs = (blk[:, None] * 32 + 2 * j[None, :])[None, :, :]
+    tl.store(out_row[:, None, None] + even_offs, e2m1_value(packed & 15) * scale[:, :, None], mask=blk_ok[:, :, None])
+    tl.store(out_row[:, None, None] + even_offs + 1, e2m1_value(packed >> 4) * scale[:, :, None],
+             mask=blk_ok[:, :, None])
 
 
 # ---- public functions ------------------------------------------------------------------------
@@ -234,6 +247,14 @@ def as_operand(t: torch.Tensor) -> torch.Tensor:
     contiguous, BF16 as its int16 bits (the interpreter's BF16 conversion flushes subnormals)."""
     t = t.contiguous()
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def rows_per_program(t: torch.Tensor) -> int:
+    """Rows a program of the four row kernels codes. One on a GPU, as they always ran there. The
+    interpreter (CPU) runs programs one after another in Python, each of its operations a numpy
+    call, so 16 rows a program make each call 16 times wider instead of 16 times more frequent
+    (the engine tests in the interpreter spent a quarter of their time in these kernels)."""
+    return 1 if t.is_cuda else 16
 
 
 def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -278,10 +299,11 @@ def encode_main(x: torch.Tensor, nope_dim: int) -> torch.Tensor:
     if x.shape[0]:
         rope = D - nope_dim
         pad = rb - (nope_dim + 2 * rope + nope_dim // MAIN_BLOCK)
-        _encode_main_kernel[(x.shape[0],)](
-            x, out, x.stride(0), out.stride(0), NOPE=nope_dim, ROPE=rope, ROW_BYTES=rb,
+        rows = rows_per_program(x)
+        _encode_main_kernel[(triton.cdiv(x.shape[0], rows),)](
+            x, out, x.stride(0), out.stride(0), x.shape[0], NOPE=nope_dim, ROPE=rope, ROW_BYTES=rb,
             NB_P=triton.next_power_of_2(nope_dim // MAIN_BLOCK), ROPE_P=triton.next_power_of_2(rope),
-            PAD_P=triton.next_power_of_2(max(pad, 1)), FROM_BF16=from_bf16)
+            PAD_P=triton.next_power_of_2(max(pad, 1)), FROM_BF16=from_bf16, ROWS=rows)
     return out
 
 
@@ -295,9 +317,10 @@ def decode_main(b: torch.Tensor, head_dim: int, nope_dim: int) -> torch.Tensor:
     out = torch.empty(b.shape[0], head_dim, dtype=torch.float32, device=b.device)
     if b.shape[0]:
         rope = head_dim - nope_dim
-        _decode_main_kernel[(b.shape[0],)](
-            b, out, b.stride(0), out.stride(0), NOPE=nope_dim, ROPE=rope,
-            NB_P=triton.next_power_of_2(nope_dim // MAIN_BLOCK), ROPE_P=triton.next_power_of_2(rope))
+        rows = rows_per_program(b)
+        _decode_main_kernel[(triton.cdiv(b.shape[0], rows),)](
+            b, out, b.stride(0), out.stride(0), b.shape[0], NOPE=nope_dim, ROPE=rope,
+            NB_P=triton.next_power_of_2(nope_dim // MAIN_BLOCK), ROPE_P=triton.next_power_of_2(rope), ROWS=rows)
     return out
 
 
@@ -310,8 +333,10 @@ def encode_index(x: torch.Tensor) -> torch.Tensor:
     Di = x.shape[1]
     out = torch.empty(x.shape[0], index_row_bytes(Di), dtype=torch.uint8, device=x.device)
     if x.shape[0]:
-        _encode_index_kernel[(x.shape[0],)](x, out, x.stride(0), out.stride(0), DI=Di,
-                                            NB_P=triton.next_power_of_2(Di // INDEX_BLOCK), FROM_BF16=from_bf16)
+        rows = rows_per_program(x)
+        _encode_index_kernel[(triton.cdiv(x.shape[0], rows),)](
+            x, out, x.stride(0), out.stride(0), x.shape[0], DI=Di, NB_P=triton.next_power_of_2(Di // INDEX_BLOCK),
+            FROM_BF16=from_bf16, ROWS=rows)
     return out
 
 
@@ -324,6 +349,8 @@ def decode_index(b: torch.Tensor, index_dim: int) -> torch.Tensor:
         raise ValueError(f"decode_index: rows of {b.shape[1]} bytes, expected {index_row_bytes(index_dim)}")
     out = torch.empty(b.shape[0], index_dim, dtype=torch.float32, device=b.device)
     if b.shape[0]:
-        _decode_index_kernel[(b.shape[0],)](b, out, b.stride(0), out.stride(0), DI=index_dim,
-                                            NB_P=triton.next_power_of_2(index_dim // INDEX_BLOCK))
+        rows = rows_per_program(b)
+        _decode_index_kernel[(triton.cdiv(b.shape[0], rows),)](
+            b, out, b.stride(0), out.stride(0), b.shape[0], DI=index_dim,
+            NB_P=triton.next_power_of_2(index_dim // INDEX_BLOCK), ROWS=rows)
     return out

@@ -1,5 +1,6 @@
 """Compile one of our Gluon kernels for sm_90a with the installed Triton, no GPU needed, and write its
-PTX to stdout: `python tests/gluon_builds.py NAME [OPTION=VALUE ...]`, NAME one of BUILDS.
+PTX to stdout: `python tests/gluon_builds.py NAME [OPTION=VALUE ...]`, NAME one of BUILDS; with
+`all`, every build as JSON ({name: {"ptx": ...} or {"why": ...}}).
 
 Run in a child process by the tests (test_gluon_compile, test_grid_dependency): their session runs
 Triton's interpreter (conftest), under which nothing compiles. Exit status 3: this Triton has no
@@ -82,8 +83,12 @@ BUILDS = {
 }
 
 
+class Refused(Exception):
+    """This Triton cannot build the kernel: it has no Gluon, or refuses the kernel's source."""
+
+
 def build(name: str, opts: dict):
-    """The compiled kernel (triton.compile's), or SystemExit(3) where this Triton cannot build it."""
+    """The compiled kernel (triton.compile's); Refused where this Triton cannot build it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import mangle_type
@@ -93,15 +98,13 @@ def build(name: str, opts: dict):
 
         fn, args, consts, options = BUILDS[name](opts)
     except (ImportError, AttributeError) as e:  # no Gluon, or not these of its names
-        print("gluon_builds:", type(e).__name__, e, file=sys.stderr)
-        raise SystemExit(3)
+        raise Refused(f"{type(e).__name__} {e}") from e
     ints = {n: 7 for n in fn.arg_names if n not in args and n not in consts}  # strides, counts: i32
     sig = {n: "constexpr" if n in consts else mangle_type({**args, **ints}[n]) for n in fn.arg_names}
     try:
         return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget(*TARGET), options=options)
     except Exception as e:  # Triton's compile errors chain the cause (the source line it refused)
-        print("gluon_builds:", type(e).__name__, repr(e.__cause__ or e)[-1500:].replace("\\n", " "), file=sys.stderr)
-        raise SystemExit(3)
+        raise Refused(f"{type(e).__name__} {repr(e.__cause__ or e)[-1500:]}") from e
 
 
 def compile_in_child(*argv: str):
@@ -120,11 +123,42 @@ def build_ptx(name: str, *opts: str):
     return compile_in_child(__file__, name, *opts)
 
 
+def build_all_ptx() -> dict:
+    """Every build with its launch's options, in one child process (one import of torch and
+    Triton, not one each): {name: PTX, or None where this Triton refused it} and {name: why}."""
+    import json
+
+    run = compile_in_child(__file__, "all")
+    if run.returncode != 0:
+        raise RuntimeError(f"gluon_builds.py all failed: {run.stderr[-2000:]}")
+    out = json.loads(run.stdout)
+    return {n: r.get("ptx") for n, r in out.items()}, {n: r.get("why", "") for n, r in out.items()}
+
+
 def why_not(run) -> str:
     """The line this script wrote for a refused build (Triton's bindings may print more after it)."""
     return next((ln for ln in run.stderr.splitlines() if ln.startswith("gluon_builds:")), run.stderr[-300:])[-300:]
 
 
+def _main(argv: list[str]) -> int:
+    if argv[0] == "all":
+        import json
+
+        out = {}
+        for name in BUILDS:
+            try:
+                out[name] = {"ptx": build(name, {}).asm["ptx"]}
+            except Refused as e:
+                out[name] = {"why": str(e)}
+        sys.stdout.write(json.dumps(out))
+        return 0
+    try:
+        sys.stdout.write(build(argv[0], dict(a.split("=", 1) for a in argv[1:])).asm["ptx"])
+    except Refused as e:
+        print("gluon_builds:", str(e).replace("\\n", " "), file=sys.stderr)
+        return 3
+    return 0
+
+
 if __name__ == "__main__":
-    name, opts = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
-    sys.stdout.write(build(name, opts).asm["ptx"])
+    sys.exit(_main(sys.argv[1:]))

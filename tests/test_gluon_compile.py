@@ -8,7 +8,7 @@ refuses (its padded view of a ring slot) and which the scan then does not take.
 import pytest
 import torch
 
-from gluon_builds import BUILDS, build_ptx, why_not
+from gluon_builds import BUILDS, build_all_ptx
 from kernels import gluon_api
 from kernels import indexer_scan_hopper as H
 
@@ -18,16 +18,20 @@ def refused_here(name: str) -> bool:
     return gluon_api.gluon is None or (name == "scan_bulk_ws" and not gluon_api.PADDED_VIEWS)
 
 
+@pytest.fixture(scope="module")
+def builds():
+    return build_all_ptx()
+
+
 @pytest.mark.parametrize("name", sorted(BUILDS))
-def test_the_gluon_kernel_builds_with_this_triton_onto_the_tensor_cores(name):
+def test_the_gluon_kernel_builds_with_this_triton_onto_the_tensor_cores(builds, name):
     """Each kernel compiles for sm_90a with the launch's own options and keeps what it is built
     around: wgmma for the products, the copy engine for the bulk-copy scan, setmaxnreg where warps
     are specialised. A release whose Gluon API moved fails here first, not on a GPU."""
-    run = build_ptx(name)
-    if run.returncode == 3 and refused_here(name):
-        pytest.skip(f"this Triton does not build {name}: {why_not(run)}")
-    assert run.returncode == 0, run.stderr[-2000:]
-    ptx = run.stdout
+    ptx, why = builds[0][name], builds[1][name]
+    if ptx is None and refused_here(name):
+        pytest.skip(f"this Triton does not build {name}: {why[-300:]}")
+    assert ptx is not None, why
     assert ".target sm_90a" in ptx
     if name != "decode_rows":
         assert "wgmma.mma_async" in ptx

@@ -122,6 +122,39 @@ def test_decode_index_reads_back_the_reference_values(triton_mode, cfg):
     assert torch.equal(bits(Q.decode_index(b, Di)), bits(Q.reference_decode_index(b, Di)))
 
 
+@pytest.mark.parametrize("n", [1, 17, 37])
+def test_row_counts_that_leave_the_last_program_part_empty(triton_mode, n):
+    """The row kernels code rows_per_program rows a program (16 in the interpreter): a count that
+    is not a multiple leaves the last program's extra rows masked, neither read nor written."""
+    cfg = CFGS[0]
+    x = main_inputs(cfg, seed=8)[:n]
+    b = Q.encode_main(x, 448)
+    assert torch.equal(b, Q.reference_encode_main(x, 448))
+    assert torch.equal(bits(Q.decode_main(b, 512, 448)), bits(Q.reference_decode_main(b, 512, 448)))
+    xi = index_inputs(128, seed=9)[:n]
+    bi = Q.encode_index(xi)
+    assert torch.equal(bi, Q.reference_encode_index(xi))
+    assert torch.equal(bits(Q.decode_index(bi, 128)), bits(Q.reference_decode_index(bi, 128)))
+
+
+def test_the_row_kernels_write_only_the_rows_they_are_given(triton_mode):
+    """Launched over a buffer with more rows than the count, they leave the rows past it as they
+    were (the last program's spare rows are masked, not clipped by the buffer's end)."""
+    n, rows = 5, Q.rows_per_program(torch.zeros(1))
+    x = main_inputs(CFGS[0], seed=10)[:rows]
+    out = torch.full((rows, 584), 0xA5, dtype=torch.uint8)
+    Q._encode_main_kernel[(1,)](x, out, x.stride(0), out.stride(0), n, NOPE=448, ROPE=64, ROW_BYTES=584, NB_P=8,
+                                ROPE_P=64, PAD_P=1, FROM_BF16=False, ROWS=rows)
+    assert torch.equal(out[:n], Q.reference_encode_main(x[:n], 448))
+    assert bool((out[n:] == 0xA5).all())
+    xi = index_inputs(128, seed=11)[:rows]
+    outi = torch.full((rows, 68), 0xA5, dtype=torch.uint8)
+    Q._encode_index_kernel[(1,)](xi, outi, xi.stride(0), outi.stride(0), n, DI=128, NB_P=4, FROM_BF16=False,
+                                 ROWS=rows)
+    assert torch.equal(outi[:n], Q.reference_encode_index(xi[:n]))
+    assert bool((outi[n:] == 0xA5).all())
+
+
 def test_encoders_read_strided_rows(triton_mode):
     x = spread(8, 1024, 64, seed=7)[:, ::2]  # [8, 512] with a row stride of 1024 and a column stride of 2
     assert torch.equal(Q.encode_main(x, 448), Q.reference_encode_main(x, 448))
