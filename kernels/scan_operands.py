@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize import bf16_bits, e4m3_code, e4m3_value, pow2_from_byte, ue8m0_scale_byte
+from .quantize import bf16_bits, e4m3_code, e4m3_value, pow2_from_byte, rows_per_program, ue8m0_scale_byte
 
 E2M1_TO_E4M3_SCALE = 2.0**6  # an E2M1 code moved into E4M3 bits is its value times 2**-6
 # The move, 4 bytes (8 packed codes) in a 32-bit register at a time: $2 the packed bytes, $0 their
@@ -47,48 +47,55 @@ GENERAL_PARTS = tl.constexpr(3)  # BF16 parts of a query in the general scan: ex
 
 
 @triton.jit
-def _operands_kernel(q_ptr, w_ptr, q8_ptr, w8_ptr, parts_ptr, mode_ptr, w_pad_ptr, Hi, w_scale,
+def _operands_kernel(q_ptr, w_ptr, q8_ptr, w8_ptr, parts_ptr, mode_ptr, w_pad_ptr, Hi, w_scale, S,
                      q_stride_s, q_stride_h, w_stride_s,
-                     HP: tl.constexpr, DI: tl.constexpr, FP8: tl.constexpr, GENERAL: tl.constexpr):
-    s = tl.program_id(0).to(tl.int64)
+                     HP: tl.constexpr, DI: tl.constexpr, FP8: tl.constexpr, GENERAL: tl.constexpr,
+                     QS: tl.constexpr):
+    """QS queries a program (quantize.rows_per_program), each query's math on its own."""
+    s = tl.program_id(0).to(tl.int64) * QS + tl.arange(0, QS)
+    s_ok = s < S
     h = tl.arange(0, HP)
     d = tl.arange(0, DI)
-    head_ok = h < Hi
-    ok = head_ok[:, None] & (d >= 0)[None, :]
-    q = tl.load(q_ptr + s * q_stride_s + h[:, None] * q_stride_h + d[None, :], mask=ok, other=0.0)
-    w = tl.load(w_ptr + s * w_stride_s + h, mask=head_ok, other=0.0)
+    head_ok = s_ok[:, None] & (h < Hi)[None, :]  # [QS, HP]
+    ok = head_ok[:, :, None] & (d >= 0)[None, None, :]  # [QS, HP, DI]
+    q = tl.load(q_ptr + s[:, None, None] * q_stride_s + h[None, :, None] * q_stride_h + d[None, None, :], mask=ok,
+                other=0.0)
+    w = tl.load(w_ptr + s[:, None] * w_stride_s + h[None, :], mask=head_ok, other=0.0)
 
     # power-of-two scale per head, as block_quant.fp8_e4m3_block_quant with one block per head
-    byte = ue8m0_scale_byte(tl.max(tl.abs(q), axis=1), 8, 0x600000)  # qmax 448 = 1.75 * 2**8
+    byte = ue8m0_scale_byte(tl.max(tl.abs(q), axis=2), 8, 0x600000)  # qmax 448 = 1.75 * 2**8
     scale = pow2_from_byte(byte)
-    code = e4m3_code(q * pow2_from_byte(254 - byte)[:, None])  # exact: a power of two
+    code = e4m3_code(q * pow2_from_byte(254 - byte)[:, :, None])  # exact: a power of two
 
     # FP8 mode: every element exactly code * scale, every 32-block on the FP4 grid
     mag = code & 0x7F
     mant = mag & 7
     field = mag >> 3
-    top = tl.max(tl.reshape(field, (HP, DI // 32, 32)), axis=2)
-    top = tl.reshape(tl.broadcast_to(top[:, :, None], (HP, DI // 32, 32)), (HP, DI))
+    top = tl.max(tl.reshape(field, (QS, HP, DI // 32, 32)), axis=3)
+    top = tl.reshape(tl.broadcast_to(top[:, :, :, None], (QS, HP, DI // 32, 32)), (QS, HP, DI))
     below = top - field
     grid = ((mant & 3) == 0) & ((below < 3) | ((below == 3) & (mant == 0)))
-    exact = ((mag == 0) | grid) & (e4m3_value(code) * scale[:, None] == q)
-    misses = tl.sum(tl.sum((ok & ~exact).to(tl.int32), axis=1), axis=0)
-    tl.store(mode_ptr + s, tl.where(misses == 0, FP8, GENERAL))
+    exact = ((mag == 0) | grid) & (e4m3_value(code) * scale[:, :, None] == q)
+    misses = tl.sum(tl.sum((ok & ~exact).to(tl.int32), axis=2), axis=1)
+    tl.store(mode_ptr + s, tl.where(misses == 0, FP8, GENERAL), mask=s_ok)
 
     # codes in the scan's K order: element 8i + 2b + t of a 32-block goes to 8i + 4t + b
     r = d % 32
     r_scan = (r // 8) * 8 + (r % 2) * 4 + (r % 8) // 2
-    q8_off = s * (DI * HP) + (d // 32)[None, :] * (HP * 32) + h[:, None] * 32 + r_scan[None, :]
-    tl.store(q8_ptr + q8_off, code.to(tl.uint8))
-    tl.store(w8_ptr + s * HP + h, tl.where(head_ok, w * (scale * w_scale), 0.0))
-    tl.store(w_pad_ptr + s * HP + h, w)
+    q8_off = (s[:, None, None] * (DI * HP) + ((d // 32) * (HP * 32) + r_scan)[None, None, :]
+              + h[None, :, None] * 32)
+    s_all = s_ok[:, None, None] & (d >= 0)[None, None, :] & (h >= 0)[None, :, None]
+    tl.store(q8_ptr + q8_off, code.to(tl.uint8), mask=s_all)
+    row_ok = s_ok[:, None] & (h >= 0)[None, :]
+    tl.store(w8_ptr + s[:, None] * HP + h[None, :], tl.where(head_ok, w * (scale * w_scale), 0.0), mask=row_ok)
+    tl.store(w_pad_ptr + s[:, None] * HP + h[None, :], w, mask=row_ok)
 
     # BF16 parts: each the rounding of what the parts before it leave
     rest = q
-    off = s * (GENERAL_PARTS * HP * DI) + h[:, None] * DI + d[None, :]
+    off = s[:, None, None] * (GENERAL_PARTS * HP * DI) + h[None, :, None] * DI + d[None, None, :]
     for k in tl.static_range(GENERAL_PARTS):
         p = bf16_bits(rest)
-        tl.store(parts_ptr + off + k * (HP * DI), p.to(tl.int16))
+        tl.store(parts_ptr + off + k * (HP * DI), p.to(tl.int16), mask=s_all)
         rest = rest - (p << 16).to(tl.float32, bitcast=True)
 
 
@@ -108,9 +115,10 @@ def scan_operands(q: torch.Tensor, w: torch.Tensor, hp: int) -> tuple[torch.Tens
     mode = torch.empty(S, dtype=torch.int32, device=dev)
     w_pad = torch.empty(S, hp, dtype=torch.float32, device=dev)
     if S:
-        _operands_kernel[(S,)](
+        qs = rows_per_program(q)
+        _operands_kernel[(triton.cdiv(S, qs),)](
             q, w, q8.view(torch.uint8), w8, parts.view(torch.int16), mode, w_pad, Hi, E2M1_TO_E4M3_SCALE * Di**-0.5,
-            q.stride(0), q.stride(1), w.stride(0),
-            HP=hp, DI=Di, FP8=MODE_FP8, GENERAL=MODE_GENERAL,
+            S, q.stride(0), q.stride(1), w.stride(0),
+            HP=hp, DI=Di, FP8=MODE_FP8, GENERAL=MODE_GENERAL, QS=qs,
             num_warps=16)  # [64, 128] per program: 16 values a thread, no spills (4 warps spill)
     return q8, w8, parts, mode, w_pad

@@ -245,11 +245,13 @@ def test_model_queries_take_the_fp8_scan_and_others_the_general_one(triton_mode)
         assert torch.equal(batch[i], K.index_score_keys(q[i:i + 1], w[i:i + 1], rows, table[i:i + 1], pos[i:i + 1], 320)[0])
 
 
+@pytest.mark.parametrize("copies", [1, 8])
 @pytest.mark.parametrize("Hi,Di", [(16, 64), (64, 128), (12, 32)])
-def test_operands_kernel_gives_the_reference_bits(triton_mode, Hi, Di):
+def test_operands_kernel_gives_the_reference_bits(triton_mode, Hi, Di, copies):
     """scan_operands (one launch) against operands_reference (torch): every output bit for bit,
     for the mix of queries the test above uses (FP4-rounded, float, a too-wide head, a value off
-    the FP4 grid), with -0.0, a zero head, heads padded to a power of two and strided q rows."""
+    the FP4 grid), with -0.0, a zero head, heads padded to a power of two and strided q rows; 5
+    queries, or 40 (the interpreter's programs take 16 each: the last one part empty)."""
     from kernels.scan_operands import scan_operands
 
     fp4, _ = make_queries(3, Hi, Di, seed=40, kind="fp4")
@@ -259,8 +261,9 @@ def test_operands_kernel_gives_the_reference_bits(triton_mode, Hi, Di):
     q[1, 2, 3] = 1.25 * torch.exp2(q[1, 2].abs().max().log2().floor() - 1)
     q[2, 0] = 0.0
     q[2, 1, :4] = -0.0
+    q = q.repeat(copies, 1, 1)
     q = torch.cat([q, q], dim=2)[:, :, :Di]  # rows of stride 2 * Di: not contiguous
-    w = torch.randn(5, Hi, generator=torch.Generator().manual_seed(42))
+    w = torch.randn(5 * copies, Hi, generator=torch.Generator().manual_seed(42))
     hp = max(16, 1 << (Hi - 1).bit_length())
     got = scan_operands(q, w, hp)
     want = K.operands_reference(q, w, hp)
