@@ -58,7 +58,7 @@ def test_gluon_runs_by_default_only_on_a_tested_release(monkeypatch, caplog):
     assert len(caplog.records) == 1 and "V4SERVE_GLUON=on" in caplog.records[0].getMessage()
     monkeypatch.setenv("V4SERVE_GLUON", "on")
     assert gluon_api.enabled()
-    monkeypatch.setattr(gluon_api, "TESTED_TRITON", (gluon_api.release(),))
+    monkeypatch.setattr(gluon_api, "TESTED_TRITON", (gluon_api.INSTALLED,))
     monkeypatch.setenv("V4SERVE_GLUON", "off")
     assert not gluon_api.enabled()
     monkeypatch.setenv("V4SERVE_GLUON", "auto")
