@@ -11,7 +11,7 @@ they compile to the same PTX as the old spellings did (checked instruction for i
 3.9 also refuses to view shared memory through a padded layout unless it was allocated with one
 (PADDED_VIEWS), which the scan's bulk-copy loader needs: the copy engine writes a page as it lies
 and the scorer skips each row's scale word by a padded view. Where that is refused the scan takes
-its registers loader (indexer_scan_hopper.LOADER), which loads the same words from global memory.
+its registers loader (indexer_scan_hopper.loader_for), which loads the same words from global memory.
 
 Compiling is not running: a kernel only runs by default on a release whose GPU tests passed here
 (TESTED_TRITON). `V4SERVE_GLUON` chooses: `auto` (that default), `on` (any Triton that compiles
