@@ -125,14 +125,13 @@ def build_ptx(name: str, *opts: str):
 
 def build_all_ptx() -> dict:
     """Every build with its launch's options, in one child process (one import of torch and
-    Triton, not one each): {name: PTX, or None where this Triton refused it} and {name: why}."""
+    Triton, not one each): {name: {"ptx": PTX} or, where this Triton refused it, {"why": ...}}."""
     import json
 
     run = compile_in_child(__file__, "all")
     if run.returncode != 0:
         raise RuntimeError(f"gluon_builds.py all failed: {run.stderr[-2000:]}")
-    out = json.loads(run.stdout)
-    return {n: r.get("ptx") for n, r in out.items()}, {n: r.get("why", "") for n, r in out.items()}
+    return json.loads(run.stdout)
 
 
 def why_not(run) -> str:

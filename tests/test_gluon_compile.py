@@ -12,6 +12,7 @@ from gluon_builds import BUILDS, build_all_ptx
 from kernels import gluon_api
 from kernels import indexer_scan_hopper as H
 
+
 def refused_here(name: str) -> bool:
     """Whether this Triton may refuse the build: no Gluon at all, or the bulk-copy scan where padded
     views are refused (the scan then takes its registers loader: loader_for)."""
@@ -28,10 +29,10 @@ def test_the_gluon_kernel_builds_with_this_triton_onto_the_tensor_cores(builds, 
     """Each kernel compiles for sm_90a with the launch's own options and keeps what it is built
     around: wgmma for the products, the copy engine for the bulk-copy scan, setmaxnreg where warps
     are specialised. A release whose Gluon API moved fails here first, not on a GPU."""
-    ptx, why = builds[0][name], builds[1][name]
+    ptx = builds[name].get("ptx")
     if ptx is None and refused_here(name):
-        pytest.skip(f"this Triton does not build {name}: {why[-300:]}")
-    assert ptx is not None, why
+        pytest.skip(f"this Triton does not build {name}: {builds[name]['why'][-300:]}")
+    assert ptx is not None, builds[name]["why"]
     assert ".target sm_90a" in ptx
     if name != "decode_rows":
         assert "wgmma.mma_async" in ptx
