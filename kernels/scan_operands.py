@@ -84,18 +84,17 @@ def _operands_kernel(q_ptr, w_ptr, q8_ptr, w8_ptr, parts_ptr, mode_ptr, w_pad_pt
     r_scan = (r // 8) * 8 + (r % 2) * 4 + (r % 8) // 2
     q8_off = (s[:, None, None] * (DI * HP) + ((d // 32) * (HP * 32) + r_scan)[None, None, :]
               + h[None, :, None] * 32)
-    s_all = s_ok[:, None, None] & (d >= 0)[None, None, :] & (h >= 0)[None, :, None]
-    tl.store(q8_ptr + q8_off, code.to(tl.uint8), mask=s_all)
-    row_ok = s_ok[:, None] & (h >= 0)[None, :]
-    tl.store(w8_ptr + s[:, None] * HP + h[None, :], tl.where(head_ok, w * (scale * w_scale), 0.0), mask=row_ok)
-    tl.store(w_pad_ptr + s[:, None] * HP + h[None, :], w, mask=row_ok)
+    # a store broadcasts its mask to the pointers' shape: every head of a query that exists
+    tl.store(q8_ptr + q8_off, code.to(tl.uint8), mask=s_ok[:, None, None])
+    tl.store(w8_ptr + s[:, None] * HP + h[None, :], tl.where(head_ok, w * (scale * w_scale), 0.0), mask=s_ok[:, None])
+    tl.store(w_pad_ptr + s[:, None] * HP + h[None, :], w, mask=s_ok[:, None])
 
     # BF16 parts: each the rounding of what the parts before it leave
     rest = q
     off = s[:, None, None] * (GENERAL_PARTS * HP * DI) + h[None, :, None] * DI + d[None, None, :]
     for k in tl.static_range(GENERAL_PARTS):
         p = bf16_bits(rest)
-        tl.store(parts_ptr + off + k * (HP * DI), p.to(tl.int16), mask=s_all)
+        tl.store(parts_ptr + off + k * (HP * DI), p.to(tl.int16), mask=s_ok[:, None, None])
         rest = rest - (p << 16).to(tl.float32, bitcast=True)
 
 
