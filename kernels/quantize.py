@@ -257,6 +257,27 @@ def rows_per_program(t: torch.Tensor) -> int:
     return 1 if t.is_cuda else 16
 
 
+def _launch_rows(kernel, src: torch.Tensor, out: torch.Tensor, n_rows: int, **consts) -> None:
+    """One of the four row kernels over the first n_rows rows of src into out's, rows_per_program
+    rows a program."""
+    if n_rows:
+        rows = rows_per_program(src)
+        kernel[(triton.cdiv(n_rows, rows),)](src, out, src.stride(0), out.stride(0), n_rows, **consts, ROWS=rows)
+
+
+def encode_main_consts(D: int, nope_dim: int, from_bf16: bool) -> dict:
+    """_encode_main_kernel's constexprs for rows of D dims, nope_dim of them FP8."""
+    rope, rb = D - nope_dim, main_row_bytes(D, nope_dim)
+    pad = rb - (nope_dim + 2 * rope + nope_dim // MAIN_BLOCK)
+    return dict(NOPE=nope_dim, ROPE=rope, ROW_BYTES=rb, NB_P=triton.next_power_of_2(nope_dim // MAIN_BLOCK),
+                ROPE_P=triton.next_power_of_2(rope), PAD_P=triton.next_power_of_2(max(pad, 1)), FROM_BF16=from_bf16)
+
+
+def encode_index_consts(Di: int, from_bf16: bool) -> dict:
+    """_encode_index_kernel's constexprs for rows of Di dims."""
+    return dict(DI=Di, NB_P=triton.next_power_of_2(Di // INDEX_BLOCK), FROM_BF16=from_bf16)
+
+
 def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"{what}: expected [N, width], got shape {list(x.shape)}")
@@ -293,17 +314,8 @@ def encode_main(x: torch.Tensor, nope_dim: int) -> torch.Tensor:
     if not use_triton(x):
         return reference_encode_main(x, nope_dim)
     x, from_bf16 = _float_rows(x, "encode_main")
-    D = x.shape[1]
-    rb = main_row_bytes(D, nope_dim)
-    out = torch.empty(x.shape[0], rb, dtype=torch.uint8, device=x.device)
-    if x.shape[0]:
-        rope = D - nope_dim
-        pad = rb - (nope_dim + 2 * rope + nope_dim // MAIN_BLOCK)
-        rows = rows_per_program(x)
-        _encode_main_kernel[(triton.cdiv(x.shape[0], rows),)](
-            x, out, x.stride(0), out.stride(0), x.shape[0], NOPE=nope_dim, ROPE=rope, ROW_BYTES=rb,
-            NB_P=triton.next_power_of_2(nope_dim // MAIN_BLOCK), ROPE_P=triton.next_power_of_2(rope),
-            PAD_P=triton.next_power_of_2(max(pad, 1)), FROM_BF16=from_bf16, ROWS=rows)
+    out = torch.empty(x.shape[0], main_row_bytes(x.shape[1], nope_dim), dtype=torch.uint8, device=x.device)
+    _launch_rows(_encode_main_kernel, x, out, x.shape[0], **encode_main_consts(x.shape[1], nope_dim, from_bf16))
     return out
 
 
@@ -315,12 +327,9 @@ def decode_main(b: torch.Tensor, head_dim: int, nope_dim: int) -> torch.Tensor:
     if b.shape[1] != main_row_bytes(head_dim, nope_dim):
         raise ValueError(f"decode_main: rows of {b.shape[1]} bytes, expected {main_row_bytes(head_dim, nope_dim)}")
     out = torch.empty(b.shape[0], head_dim, dtype=torch.float32, device=b.device)
-    if b.shape[0]:
-        rope = head_dim - nope_dim
-        rows = rows_per_program(b)
-        _decode_main_kernel[(triton.cdiv(b.shape[0], rows),)](
-            b, out, b.stride(0), out.stride(0), b.shape[0], NOPE=nope_dim, ROPE=rope,
-            NB_P=triton.next_power_of_2(nope_dim // MAIN_BLOCK), ROPE_P=triton.next_power_of_2(rope), ROWS=rows)
+    rope = head_dim - nope_dim
+    _launch_rows(_decode_main_kernel, b, out, b.shape[0], NOPE=nope_dim, ROPE=rope,
+                 NB_P=triton.next_power_of_2(nope_dim // MAIN_BLOCK), ROPE_P=triton.next_power_of_2(rope))
     return out
 
 
@@ -332,11 +341,7 @@ def encode_index(x: torch.Tensor) -> torch.Tensor:
     x, from_bf16 = _float_rows(x, "encode_index")
     Di = x.shape[1]
     out = torch.empty(x.shape[0], index_row_bytes(Di), dtype=torch.uint8, device=x.device)
-    if x.shape[0]:
-        rows = rows_per_program(x)
-        _encode_index_kernel[(triton.cdiv(x.shape[0], rows),)](
-            x, out, x.stride(0), out.stride(0), x.shape[0], DI=Di, NB_P=triton.next_power_of_2(Di // INDEX_BLOCK),
-            FROM_BF16=from_bf16, ROWS=rows)
+    _launch_rows(_encode_index_kernel, x, out, x.shape[0], **encode_index_consts(Di, from_bf16))
     return out
 
 
@@ -348,9 +353,6 @@ def decode_index(b: torch.Tensor, index_dim: int) -> torch.Tensor:
     if b.shape[1] != index_row_bytes(index_dim):
         raise ValueError(f"decode_index: rows of {b.shape[1]} bytes, expected {index_row_bytes(index_dim)}")
     out = torch.empty(b.shape[0], index_dim, dtype=torch.float32, device=b.device)
-    if b.shape[0]:
-        rows = rows_per_program(b)
-        _decode_index_kernel[(triton.cdiv(b.shape[0], rows),)](
-            b, out, b.stride(0), out.stride(0), b.shape[0], DI=index_dim,
-            NB_P=triton.next_power_of_2(index_dim // INDEX_BLOCK), ROWS=rows)
+    _launch_rows(_decode_index_kernel, b, out, b.shape[0], DI=index_dim,
+                 NB_P=triton.next_power_of_2(index_dim // INDEX_BLOCK))
     return out

@@ -138,19 +138,18 @@ def test_row_counts_that_leave_the_last_program_part_empty(triton_mode, n):
 
 
 def test_the_row_kernels_write_only_the_rows_they_are_given(triton_mode):
-    """Launched over a buffer with more rows than the count, they leave the rows past it as they
-    were (the last program's spare rows are masked, not clipped by the buffer's end)."""
+    """Launched (as encode_main and encode_index launch them) over a buffer with more rows than the
+    count, they leave the rows past it as they were (the last program's spare rows are masked,
+    not clipped by the buffer's end)."""
     n, rows = 5, Q.rows_per_program(torch.zeros(1))
     x = main_inputs(CFGS[0], seed=10)[:rows]
     out = torch.full((rows, 584), 0xA5, dtype=torch.uint8)
-    Q._encode_main_kernel[(1,)](x, out, x.stride(0), out.stride(0), n, NOPE=448, ROPE=64, ROW_BYTES=584, NB_P=8,
-                                ROPE_P=64, PAD_P=1, FROM_BF16=False, ROWS=rows)
+    Q._launch_rows(Q._encode_main_kernel, x, out, n, **Q.encode_main_consts(512, 448, False))
     assert torch.equal(out[:n], Q.reference_encode_main(x[:n], 448))
     assert bool((out[n:] == 0xA5).all())
     xi = index_inputs(128, seed=11)[:rows]
     outi = torch.full((rows, 68), 0xA5, dtype=torch.uint8)
-    Q._encode_index_kernel[(1,)](xi, outi, xi.stride(0), outi.stride(0), n, DI=128, NB_P=4, FROM_BF16=False,
-                                 ROWS=rows)
+    Q._launch_rows(Q._encode_index_kernel, xi, outi, n, **Q.encode_index_consts(128, False))
     assert torch.equal(outi[:n], Q.reference_encode_index(xi[:n]))
     assert bool((outi[n:] == 0xA5).all())
 
