@@ -19,7 +19,7 @@ loop waited on right after issuing them. Here the layouts are stated:
 * the next step's words are loaded before this step's dots (carried in registers as 32-bit
   words: as bytes each would take a register and a repack).
 
-H100, 1M context x 32 queries: 0.28-0.29 ms (73-76% of the copy rate), the registers loader 0.36, the Triton
+H100, 1M context x 32 queries: 0.27-0.28 ms (78-79% of the copy rate), the registers loader 0.36, the Triton
 scan 0.52 (kernels/RESULTS.md).
 Hopper only (wgmma); indexer_topk uses it where `usable` says so and keeps the Triton scan
 elsewhere, which is also what the CPU tests run in the interpreter (Gluon has no interpreter).
@@ -39,6 +39,29 @@ meet) and a Triton that lets shared memory be viewed through a padded layout it 
 allocated with (gluon_api.PADDED_VIEWS: 3.6, not 3.9); elsewhere the registers loader runs
 (loader_for). Both give the same keys: the same sums in the same order (_block_scale, _keys_of,
 _head_partials), checked bit for bit on the GPU.
+
+The first block scale (FIRST_SCALE_OUT, bulk_ws only). The scorer is bound by its instructions,
+not by memory (kernels/RESULTS.md: an H200 takes an H100's time), and a quarter of them were the
+block scales: acc = d0 s0 + d1 s1 + d2 s2 + d3 s3, four FFMAs per row and head. The bulk_ws
+scorer sums acc' = d0 + d1 (s1/s0) + d2 (s2/s0) + d3 (s3/s0) instead and multiplies each lane's
+weighted head sum by s0 (the scales are powers of two, and relu(s0 x) = s0 relu(x)): a step is
+579 instructions (sm_90a, Triton 3.6) against 634, the guard below included. Scaling by a power
+of two commutes with float32 rounding wherever neither value leaves the normal range, so every
+partial value is then exactly the unfactored one over s0 and the keys are the same bits,
+provided no intermediate value is subnormal or overflows. A guard makes sure of that:
+* every visible row's four codes lie in [112, 143] (s in [2**-15, 2**16]; the quantizer's amax
+  floor keeps the model's codes >= 112, kernels/quantize.py). A block's dot d is a multiple of
+  2**-16 below 2**11 (E4M3 products of the query's 2**-9 grid and the codes' 2**-7), so every
+  partial sum of acc' is 0 or a multiple of 2**-47 below 2**44;
+* every nonzero head weight lies in [2**-40, 2**59): the weighted head sums are then 0 or
+  multiples of 2**-110, times s0 >= 2**-125, and below 2**127.
+Rows past the query's entries (any bytes) are left out of it: only a query's last step can hold
+them, so that step alone is masked (_score_step). A program whose rows or weights miss the guard
+scores all its pages again, after a barrier, page by page from global memory as the page-by-page
+scorer does (_page_words_global): the same keys, slower. The guard's end costs a program about
+0.3 us, so programs of fewer than FACTORED_STEPS steps score as before. GPU test: codes and
+weights at both ends of the guard and past them give the Triton scan's keys; with the guard made
+to pass everything, the rows past it give other keys (checked on an H100).
 """
 
 from __future__ import annotations
@@ -85,6 +108,13 @@ STAGES = 2
 # pages of a step whose words and sums the bulk_ws scorer holds at once: 2, or 1 (page by page: fewer
 # registers, for three programs an SM; slower at two and no faster at three, PROGRAMS_PER_SM above)
 SCORED_PAGES = 2
+# the bulk_ws scorer takes each row's first block scale out of its sum (module docstring: "The first
+# block scale"); False scores as the registers loader does. H100, the same keys: 128K x 32 0.0421 ->
+# 0.0402-0.0407 ms, 1M x 32 0.284-0.288 -> 0.270-0.277 (kernels/RESULTS.md, twentieth session)
+FIRST_SCALE_OUT = True
+# the fewest steps a program takes the factored sums for (_score_pages): the guard's end costs about
+# 0.3 us a program, a step saves about 0.05
+FACTORED_STEPS = 8
 # a float32 from the lane whose id is this one's xor 1 / xor 2 (_store_step_keys)
 _LANE_XOR1 = tl.constexpr("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;")
 _LANE_XOR2 = tl.constexpr("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;")
@@ -387,6 +417,19 @@ if gluon is not None:
         return scales, blocks
 
     @gluon.jit
+    def _page_words_global(rows_ptr, page_id, page_stride, HP: gl.constexpr):
+        """_page_words of a page read from global memory (the pool's page page_id) instead of a ring slot."""
+        base = (rows_ptr + page_id.to(gl.int64) * page_stride).to(gl.pointer_type(gl.int32))
+        r = gl.arange(0, 64, layout=gl.SliceLayout(1, _acc_layout(HP)))
+        scales = gl.load(base + r * (_PAGE_WORDS // 64) + 16)
+        rw = gl.arange(0, 64, layout=gl.SliceLayout(1, _PAGE_WORD_L))[:, None] * (_PAGE_WORDS // 64)
+        cw = gl.arange(0, 4, layout=gl.SliceLayout(0, _PAGE_WORD_L))[None, :]
+        blocks = ()
+        for b in gl.static_range(_DI // 32):
+            blocks = blocks + (gl.load(base + rw + 4 * b + cw),)
+        return scales, blocks
+
+    @gluon.jit
     def _issue_dot(words, q_smem, b: gl.constexpr, zero):
         """Start block b's dot of a page's rows (a fresh accumulator) on the tensor cores; the result
         is waited for with warpgroup_mma_wait."""
@@ -395,7 +438,30 @@ if gluon is not None:
         return warpgroup_mma(a, q_smem.index(b).permute((1, 0)), zero, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _store_slot_keys(pages, q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY: gl.constexpr):
+    def _scale_ratio(scales, b: gl.constexpr):
+        """Block b's scale over block 0's, 2**(e_b - e_0), as float32 (in range: the guard's rows)."""
+        return ((((scales >> (8 * b)) & 0xFF) - (scales & 0xFF) + 127) << 23).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _outside_guard(scales):
+        """Nonzero where a row's four block codes (its scale word) are not all in [112, 143]: a byte
+        below 112 borrows and sets its bit 7, one above 143 keeps a bit of 5-7 (the lowest byte out
+        of range is always caught, as no borrow reaches it)."""
+        return (scales - 0x70707070) & -522133280  # 0xE0E0E0E0
+
+    @gluon.jit
+    def _weights_outside_guard(w8):
+        """Per row [64] (the accumulator's row layout): 1 where a nonzero head weight of the thread's
+        exponent lies outside [-40, 58] (or is inf or NaN), else 0; reduced over the heads a quad of
+        lanes holds, so no value crosses warps."""
+        bits = w8.to(gl.int32, bitcast=True)
+        e = (bits >> 23) & 0xFF
+        out = (((bits & 0x7FFFFFFF) != 0) & ((e < 127 - 40) | (e > 127 + 58))).to(gl.int32)
+        return gl.max(out[None, :] + gl.zeros([64, w8.shape[0]], gl.int32, _acc_layout(w8.shape[0])), axis=1)
+
+    @gluon.jit
+    def _store_slot_keys(pages, q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY: gl.constexpr,
+                         FACTORED: gl.constexpr):
         """The keys of consecutive pages (their words: one or two pages of a step), stored at columns
         col0 + [0, 64 x pages). The same sums as _step_keys, page by page, with each dot started
         before the previous one's scale and add: the tensor cores work under the float32 math
@@ -414,17 +480,26 @@ if gluon is not None:
                 pending = started
             else:
                 d = warpgroup_mma_wait(0, deps=[pending])
-            if i % NB == 0:
-                acc = zero
-            acc = acc + d * _block_scale(pages[i // NB][0], i % NB)[:, None]
-            if i % NB == NB - 1:  # a page's sums are complete
-                if NP == 1:
-                    _store_page_keys(_head_partials(acc, w8), out_row, col0, n_vis, vis_hi, SENTINEL_KEY)
-                elif i // NB == 0:
-                    first_page = _head_partials(acc, w8)  # two registers a thread, until the second page's
+            if FACTORED:
+                if i % NB == 0:
+                    acc = d
                 else:
-                    _store_step_keys(first_page, _head_partials(acc, w8), out_row, col0, n_vis, vis_hi,
-                                     SENTINEL_KEY)
+                    acc = acc + d * _scale_ratio(pages[i // NB][0], i % NB)[:, None]
+            else:
+                if i % NB == 0:
+                    acc = zero
+                acc = acc + d * _block_scale(pages[i // NB][0], i % NB)[:, None]
+            if i % NB == NB - 1:  # a page's sums are complete
+                part = _head_partials(acc, w8)
+                if FACTORED:
+                    s0 = _block_scale(pages[i // NB][0], 0)
+                    part = part * gl.convert_layout(s0, gl.SliceLayout(1, part.type.layout))[:, None]
+                if NP == 1:
+                    _store_page_keys(part, out_row, col0, n_vis, vis_hi, SENTINEL_KEY)
+                elif i // NB == 0:
+                    first_page = part  # two registers a thread, until the second page's
+                else:
+                    _store_step_keys(first_page, part, out_row, col0, n_vis, vis_hi, SENTINEL_KEY)
 
     # The head sum of a page's rows, and who finishes it. In the accumulator a row's 64 heads lie with
     # the four lanes of a quad (lane q holds the columns 8j + 2q + e), and gl.sum over the heads ends
@@ -516,42 +591,86 @@ if gluon is not None:
             ids = next_ids
 
     @gluon.jit
+    def _score_step(ring, ready, empty, it, q_smem, w8, out_row, page_lo, n_vis, vis_hi, outside, seen,
+                    SENTINEL_KEY: gl.constexpr, STAGES: gl.constexpr, SCORED_PAGES: gl.constexpr,
+                    FACTORED: gl.constexpr, MASKED: gl.constexpr):
+        """Step `it` of the scoring warp group: a full slot's words into registers, the slot handed
+        back at once, and the step's keys; or (SCORED_PAGES 1) the first page's words and keys, then
+        the second page's words, the hand-back and its keys, so half the words and sums are live at
+        a time. FACTORED: the rows' guard misses into `outside`, those of rows from `seen` on left
+        out where MASKED (a query's last step)."""
+        HP: gl.constexpr = w8.shape[0]
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        buf = ring.index(slot)
+        col0 = (page_lo + 2 * it) * 64
+        first = _page_words(buf.slice(0, _PAGE_SLOT), HP)
+        if SCORED_PAGES == 1:
+            _store_slot_keys((first,), q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY, FACTORED)
+        last = _page_words(buf.slice(_PAGE_SLOT, _PAGE_SLOT), HP)
+        # handed back with no proxy fence: the arrive releases the warp group's reads of the slot
+        # (its threads meet at a barrier first), and the loader's copy into it waits on that
+        # phase; a fence here cost a MEMBAR.ALL.CTA a step, which waits on the step's key stores
+        mbarrier.arrive(empty.index(slot), count=1)
+        if FACTORED:
+            if MASKED:  # rows past the query's entries may hold any bytes
+                row = gl.arange(0, 64, layout=outside.type.layout)
+                outside = (outside | gl.where(row < seen - col0, _outside_guard(first[0]), 0)
+                           | gl.where(row + 64 < seen - col0, _outside_guard(last[0]), 0))
+            else:
+                outside = outside | _outside_guard(first[0]) | _outside_guard(last[0])
+        if SCORED_PAGES == 1:
+            _store_slot_keys((last,), q_smem, w8, out_row, col0 + 64, n_vis, vis_hi, SENTINEL_KEY, FACTORED)
+        else:
+            _store_slot_keys((first, last), q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY, FACTORED)
+        return outside
+
+    @gluon.jit
     def _score_pages(ring, ready, empty, q_smem, q8_ptr, q8_stride_s, w8_ptr, out_row, s, page_lo, n_steps, n_vis,
-                     vis_hi, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, STAGES: gl.constexpr,
-                     SCORED_PAGES: gl.constexpr):
+                     vis_hi, rows_ptr, table_row, page_stride, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr,
+                     STAGES: gl.constexpr, SCORED_PAGES: gl.constexpr, FACTORED: gl.constexpr):
         """The scoring warp group: the query into shared memory (while the loader warp's first copies
-        fly), then per step a full slot's words into registers, the slot handed back at once, and
-        the step's keys; or (SCORED_PAGES 1) the first page's words and keys, then the second
-        page's words, the hand-back and its keys, so half the words and sums are live at a time."""
+        fly), then the steps (_score_step). A program of FACTORED steps or more (0: none) takes the
+        factored sums: the guard's misses (module docstring) of the weights and of every visible row
+        are gathered, the last step's apart, and a program with any scores its pages again."""
         if n_steps > 0:
             _store_query(q_smem, q8_ptr, s, q8_stride_s)
             fence_async_shared()  # the stores, before the dots read them through the async proxy
             cta_barrier()  # every warp's part of the query, before any warp's dot
         w8 = _head_weights(w8_ptr, s, HP)
-        for it in range(n_steps):
-            slot = it % STAGES
-            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            buf = ring.index(slot)
-            col0 = (page_lo + 2 * it) * 64
-            first = _page_words(buf.slice(0, _PAGE_SLOT), HP)
-            if SCORED_PAGES == 1:
-                _store_slot_keys((first,), q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY)
-            last = _page_words(buf.slice(_PAGE_SLOT, _PAGE_SLOT), HP)
-            # handed back with no proxy fence: the arrive releases the warp group's reads of the slot
-            # (its threads meet at a barrier first), and the loader's copy into it waits on that
-            # phase; a fence here cost a MEMBAR.ALL.CTA a step, which waits on the step's key stores
-            mbarrier.arrive(empty.index(slot), count=1)
-            if SCORED_PAGES == 1:
-                _store_slot_keys((last,), q_smem, w8, out_row, col0 + 64, n_vis, vis_hi, SENTINEL_KEY)
-            else:
-                _store_slot_keys((first, last), q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY)
+        outside = gl.zeros([64], gl.int32, gl.SliceLayout(1, _acc_layout(HP)))
+        seen = gl.minimum(n_vis, vis_hi * 64)  # columns from here on are never stored
+        # the guard's end (the weights, a reduction across warps, a branch) costs a program about
+        # 0.3 us, so a program of fewer steps than FACTORED_STEPS scores them as before (H100: one
+        # step 5.6 -> 6.0 us a call at 128K x 1, kernels/RESULTS.md)
+        if FACTORED > 0 and n_steps >= FACTORED:
+            for it in range(n_steps - 1):
+                outside = _score_step(ring, ready, empty, it, q_smem, w8, out_row, page_lo, n_vis, vis_hi, outside,
+                                      seen, SENTINEL_KEY, STAGES, SCORED_PAGES, True, False)
+            outside = _score_step(ring, ready, empty, n_steps - 1, q_smem, w8, out_row, page_lo, n_vis, vis_hi,
+                                  outside, seen, SENTINEL_KEY, STAGES, SCORED_PAGES, True, True)
+            # the weights' misses last: checked first, they made the first step wait for w8's load
+            # (0.5 us a call on an H100 at 128K x 1 and 8K x 32, kernels/RESULTS.md)
+            outside = outside | _weights_outside_guard(w8)
+            if gl.max((outside != 0).to(gl.int32), axis=0) > 0:
+                # a row or weight the guard does not cover: every page of the program scored again,
+                # as the page-by-page scorer scores, from global memory. The barrier orders the first
+                # pass's key stores before the second's to the same columns
+                cta_barrier()
+                for page in range(page_lo, vis_hi):
+                    words = _page_words_global(rows_ptr, gl.load(table_row + page), page_stride, HP)
+                    _store_slot_keys((words,), q_smem, w8, out_row, page * 64, n_vis, vis_hi, SENTINEL_KEY, False)
+        else:
+            for it in range(n_steps):
+                outside = _score_step(ring, ready, empty, it, q_smem, w8, out_row, page_lo, n_vis, vis_hi, outside,
+                                      seen, SENTINEL_KEY, STAGES, SCORED_PAGES, False, False)
 
     @gluon.jit
-    def _scan_kernel_ws(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, table_ptr, out_ptr,
-                        q8_stride_s, table_stride_s, out_stride_s, n_blk, n_cols, pages_per_prog, S, len_ptr,
-                        HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr, STAGES: gl.constexpr,
-                        SCORED_PAGES: gl.constexpr, DEPENDENT: gl.constexpr, BLOCK_S: gl.constexpr,
-                        SENTINELS: gl.constexpr):
+    def _scan_kernel_ws(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, rows_ptr, table_ptr, out_ptr,
+                        q8_stride_s, table_stride_s, page_stride, out_stride_s, n_blk, n_cols, pages_per_prog, S,
+                        len_ptr, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr,
+                        STAGES: gl.constexpr, SCORED_PAGES: gl.constexpr, DEPENDENT: gl.constexpr,
+                        BLOCK_S: gl.constexpr, SENTINELS: gl.constexpr, FACTORED: gl.constexpr):
         """The "bulk_ws" loader: one loader warp beside the scoring warp group."""
         q_smem = _query_smem(HP)  # filled by the scorer, while the loader warp starts the first copies
         ring, ready = _ring(STAGES)
@@ -569,7 +688,8 @@ if gluon is not None:
         table_row = table_ptr + s.to(gl.int64) * table_stride_s
         gl.warp_specialize([
             (_score_pages, (ring, ready, empty, q_smem, q8_ptr, q8_stride_s, w8_ptr, out_row, s, page_lo, n_steps,
-                            n_vis, vis_hi, HP, SENTINEL_KEY, STAGES, SCORED_PAGES)),
+                            n_vis, vis_hi, rows_ptr, table_row, page_stride, HP, SENTINEL_KEY, STAGES, SCORED_PAGES,
+                            FACTORED)),
             (_load_pages, (head_desc, tail_desc, ring, ready, empty, table_row, page_lo, n_steps, vis_hi, n_blk,
                            STAGES)),
         ], [1], [LOADER_REGS])
@@ -648,11 +768,12 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         # launched as a dependent of whatever kernel comes before it: its programs set up their shared
         # memory while that kernel ends, and wait for it before their first global read (grid_dependency)
         dependent = grid_dependency.enabled(q8)
-        _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), table, out, q8.stride(0),
-                              table_stride, out.stride(0), table.shape[1], n_cols, ppp, S, len_arg, HP=w8.shape[1],
-                              SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, SCORED_PAGES=SCORED_PAGES,
-                              DEPENDENT=dependent, BLOCK_S=block_s, SENTINELS=sentinels,
-                              **bulk_launch_options(), **grid_dependency.launch_kwargs(dependent))
+        _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), index_rows, table, out,
+                              q8.stride(0), table_stride, index_rows.stride(0), out.stride(0), table.shape[1], n_cols,
+                              ppp, S, len_arg, HP=w8.shape[1], SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES,
+                              SCORED_PAGES=SCORED_PAGES, DEPENDENT=dependent, BLOCK_S=block_s, SENTINELS=sentinels,
+                              FACTORED=FACTORED_STEPS if FIRST_SCALE_OUT else 0, **bulk_launch_options(),
+                              **grid_dependency.launch_kwargs(dependent))
         return
     _scan_kernel[grid](
         q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table_stride,

@@ -7,8 +7,9 @@ kernels/indexer_scan_hopper.py, whose launch is fixed there): pages per step x w
 SM x pipeline stages; for the Gluon scan (Hopper only) how its pages reach a program (the
 LOADER of kernels/indexer_scan_hopper.py: each thread's own loads, or bulk copies into a ring of
 STAGES slots by a loader warp of their own) x programs per SM x the pages of a step its scorer
-holds at once (SCORED_PAGES), and the shipped setting with and without dependent launches (the
-Gluon scan after the kernel before it, the general scan after the Gluon scan: kernels/grid_dependency.py);
+holds at once (SCORED_PAGES), and the shipped setting with every block scale multiplied
+(FIRST_SCALE_OUT off) without and with dependent launches (the Gluon scan after the kernel before
+it, the general scan after the Gluon scan: kernels/grid_dependency.py), then as it ships;
 for HCA decode:
 heads per program x keys per tile x warps x pipeline stages x keys per split; for CSA decode the
 same; for HCA decode's Gluon kernel (kernels/split_attention_hopper.py, Hopper only) its SCHEDULE (who
@@ -75,7 +76,7 @@ def main() -> None:
           f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     rows = bk.encoded_rows(cfg)
     scan_gluon_default = (scan_hopper.LOADER, scan_hopper.STAGES, scan_hopper.PROGRAMS_PER_SM,
-                          scan_hopper.SCORED_PAGES, grid_dependency.DEPENDENT_LAUNCHES)
+                          scan_hopper.SCORED_PAGES, scan_hopper.FIRST_SCALE_OUT, grid_dependency.DEPENDENT_LAUNCHES)
     scan_default = (idx.FP8_PAGES, idx.SCAN_WARPS, idx.FP8_PROGRAMS_PER_SM, idx.SCAN_STAGES)
     hca_default = (dict(sp._GPU_LAUNCH[False]), hca.HCA_KEYS_PER_SPLIT)
     csa_default = (dict(sp._GPU_LAUNCH[True]), sp.SPARSE_KEYS_PER_SPLIT)
@@ -99,18 +100,21 @@ def main() -> None:
                       idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim), ceil, scores_from_keys)
         set_scan(*scan_default)
 
-        def set_scan_gluon(loader, stages, pps, scored, dependent):
+        def set_scan_gluon(loader, stages, pps, scored, first_scale_out, dependent):
             scan_hopper.LOADER, scan_hopper.STAGES, scan_hopper.PROGRAMS_PER_SM = loader, stages, pps
-            scan_hopper.SCORED_PAGES, grid_dependency.DEPENDENT_LAUNCHES = scored, dependent
+            scan_hopper.SCORED_PAGES, scan_hopper.FIRST_SCALE_OUT = scored, first_scale_out
+            grid_dependency.DEPENDENT_LAUNCHES = dependent
 
         if only in (None, "scan-gluon") and idx.HOPPER_SCAN and scan_hopper.usable(ops[0], x["csa_index"]):
             shapes = (("registers", 2, 2, 2), ("bulk_ws", 4, 2, 2), ("bulk_ws", 2, 1, 2), ("bulk_ws", 2, 2, 1),
                       ("bulk_ws", 4, 3, 2), ("bulk_ws", 4, 3, 1), ("bulk_ws", 3, 3, 1))
+            shipped = scan_gluon_default
             sweep(f"fp8 scan gluon T={T} B={B} (loader, bulk-copy stages, programs/SM, pages scored at once, "
-                  f"dependent launches)",
-                  tuple(shape + (True,) for shape in shapes)
-                  # the shipped setting without, then with, dependent launches (the last row ships)
-                  + (scan_gluon_default[:-1] + (False,), scan_gluon_default),
+                  f"first block scale out, dependent launches)",
+                  tuple(shape + (True, True) for shape in shapes)
+                  # the shipped setting with each block scale multiplied, without and with dependent
+                  # launches, then as it ships (the last row)
+                  + (shipped[:-2] + (False, False), shipped[:-2] + (False, True), shipped),
                   set_scan_gluon,
                   lambda: idx.index_score_keys(x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"],
                                                x["block_table"].shape[1] * idx.PAGE_ENTRIES, ops),

@@ -428,15 +428,21 @@ def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("loader,scored_pages,per_sm,planned", [("registers", 2, 2, True), ("bulk_ws", 2, 2, True),
-                                                                 ("bulk_ws", 1, 3, True), ("bulk_ws", 2, 2, False)])
-def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, loader, scored_pages, per_sm, planned):
+# factored: the fewest steps a bulk_ws program takes the factored sums for; 1 makes every program
+# here take them (these queries give a program a step or two), 8 (shipped) none
+@pytest.mark.parametrize("loader,scored_pages,per_sm,planned,factored", [
+    ("registers", 2, 2, True, 1), ("bulk_ws", 2, 2, True, 1), ("bulk_ws", 1, 3, True, 1),
+    ("bulk_ws", 2, 2, False, 8)])
+def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, loader, scored_pages, per_sm, planned,
+                                                     factored):
     """On Hopper the FP8 scan runs in Gluon (indexer_scan_hopper.py): with each way of loading its
     pages and of scoring them (two pages at once, or page by page at three programs an SM), and of
     splitting them over programs (the plan, or equal shares per query), its keys must be the
     Triton kernel's bit for bit, for decode rows of their own requests (a partial page, a query
     seeing nothing, a table wider than the context, queries of both modes in one launch), for 40
-    such rows of very different lengths and for a prefill chunk sharing one table row."""
+    such rows of very different lengths and for a prefill chunk sharing one table row; for key
+    scale codes and head weights at and past the ends of the range the bulk_ws scorer's factored
+    sums cover."""
     from kernels import indexer_scan_hopper as H
 
     if not H.usable(torch.zeros(1, 4, 64, 32, device="cuda"), torch.zeros(1, 64, 68, dtype=torch.uint8, device="cuda")):
@@ -445,6 +451,7 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     monkeypatch.setattr(H, "LOADER", loader)
     monkeypatch.setattr(H, "SCORED_PAGES", scored_pages)
     monkeypatch.setattr(H, "PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(H, "FACTORED_STEPS", factored)
     monkeypatch.setattr(scan_plan, "PLANNED", planned)
     Hi, Di, n_blk = 64, 128, 96
     rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")
@@ -460,9 +467,20 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     small[first, :16, 64:] = 0
     small[first, 16:32, 64:] = 1
     small[first, 32:40, 64:66] = 0
+    # a copy whose first pages hold the widest codes the bulk_ws scorer's guard takes ([112, 143]: that
+    # scorer takes each row's first block scale out of its sum, exact only inside the guard) and one
+    # with a code past each end of it in a few rows, which sends their programs to the second pass
+    edge, past = rows.clone(), rows.clone()
+    for i, codes in enumerate(([112, 143, 112, 143], [143, 112, 143, 112], [143] * 4, [112] * 4)):
+        edge[first, 16 * i : 16 * i + 16, 64:] = torch.tensor(codes, dtype=torch.uint8, device="cuda")
+    past[first, 3, 64:] = torch.tensor([127, 127, 144, 127], dtype=torch.uint8, device="cuda")
+    past[first, 9, 64:] = torch.tensor([111, 127, 127, 127], dtype=torch.uint8, device="cuda")
     pos = torch.tensor([n_blk * 256 - 1, 50 * 256 + 77, 2, 3 * 256 + 5, 40 * 256], device="cuda")
     q, w = make_queries(5, Hi, Di, seed=30, kind="fp4", device="cuda")
     q[3] = make_queries(1, Hi, Di, seed=31, kind="float", device="cuda")[0][0]  # the general scan's
+    # head weights at the ends of the guard's [2**-40, 2**59) and a zero (query 0), past them (query 1)
+    w[0, :4] = torch.tensor([2.0**-40, -(2.0**-40), 2.0**58 * 1.9, 0.0])
+    w[1, 5] = 2.0**-41
     chunk_q, chunk_w = make_queries(200, Hi, Di, seed=32, kind="fp4", device="cuda")
     chunk_pos = torch.arange(20000, 20200, device="cuda")
     # 40 rows: every length from nothing to the whole table (odd and even page counts, partial pages),
@@ -473,7 +491,7 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     many_table = table[torch.arange(40) % 5]
     cases = [(q, w, table, pos, n_blk * 64 + 128), (chunk_q, chunk_w, table[:1], chunk_pos, n_blk * 64),
              (many_q, many_w, many_table, many_pos, n_blk * 64 + 64 * 40)]
-    for (qq, ww, tt, pp, n_cols), cache in itertools.product(cases, (rows, small)):
+    for (qq, ww, tt, pp, n_cols), cache in itertools.product(cases, (rows, small, edge, past)):
         ops = K.query_operands(qq, ww)
         gluon_keys = K.index_score_keys(qq, ww, cache, tt, pp, n_cols, ops)
         short_keys, lengths = K.index_score_keys_and_lengths(qq, ww, cache, tt, pp, n_cols, ops)
