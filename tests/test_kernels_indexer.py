@@ -478,9 +478,15 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     pos = torch.tensor([n_blk * 256 - 1, 50 * 256 + 77, 2, 3 * 256 + 5, 40 * 256], device="cuda")
     q, w = make_queries(5, Hi, Di, seed=30, kind="fp4", device="cuda")
     q[3] = make_queries(1, Hi, Di, seed=31, kind="float", device="cuda")[0][0]  # the general scan's
-    # head weights at the ends of the guard's [2**-40, 2**59) and a zero (query 0), past them (query 1)
-    w[0, :4] = torch.tensor([2.0**-40, -(2.0**-40), 2.0**58 * 1.9, 0.0])
-    w[1, 5] = 2.0**-41
+    # head weights whose scan weights w8 (the weight times its head's scales: query_operands) lie just
+    # inside both ends of the guard's [2**-40, 2**59), with a zero (query 0), and just under it (query 1)
+    per_unit = K.operands_reference(q, w, Hi)[1] / w
+    ends = {(0, 0): 2.0**-40 * (1 + 2**-20), (0, 1): -(2.0**-40) * (1 + 2**-20), (0, 2): 2.0**59 * (1 - 2**-20),
+            (0, 3): 0.0, (1, 5): 2.0**-40 * (1 - 2**-20)}
+    for (s, h), v in ends.items():
+        w[s, h] = v / per_unit[s, h]
+    w8 = K.operands_reference(q, w, Hi)[1].abs()
+    assert w8[0, :2].min() >= 2**-40 and w8[0, 2] < 2**59 and w8[0, 3] == 0 and w8[1, 5] < 2**-40
     chunk_q, chunk_w = make_queries(200, Hi, Di, seed=32, kind="fp4", device="cuda")
     chunk_pos = torch.arange(20000, 20200, device="cuda")
     # 40 rows: every length from nothing to the whole table (odd and even page counts, partial pages),
