@@ -41,8 +41,8 @@ allocated with (gluon_api.PADDED_VIEWS: 3.6, not 3.9); elsewhere the registers l
 _head_partials), checked bit for bit on the GPU.
 
 The first block scale (FIRST_SCALE_OUT, bulk_ws only). The scorer is bound by its instructions,
-not by memory (kernels/RESULTS.md: an H200 takes an H100's time), and a quarter of them were the
-block scales: acc = d0 s0 + d1 s1 + d2 s2 + d3 s3, four FFMAs per row and head. The bulk_ws
+not by memory (kernels/RESULTS.md: an H200 takes an H100's time), and 256 of the 634 a step were
+the block scales' FFMAs: acc = d0 s0 + d1 s1 + d2 s2 + d3 s3, four per row and head. The bulk_ws
 scorer sums acc' = d0 + d1 (s1/s0) + d2 (s2/s0) + d3 (s3/s0) instead and multiplies each lane's
 weighted head sum by s0 (the scales are powers of two, and relu(s0 x) = s0 relu(x)): a step is
 579 instructions (sm_90a, Triton 3.6) against 634, the guard below included. Scaling by a power
@@ -451,9 +451,9 @@ if gluon is not None:
 
     @gluon.jit
     def _weights_outside_guard(w8):
-        """Per row [64] (the accumulator's row layout): 1 where a nonzero head weight of the thread's
-        exponent lies outside [-40, 58] (or is inf or NaN), else 0; reduced over the heads a quad of
-        lanes holds, so no value crosses warps."""
+        """Per row [64] (the accumulator's row layout): 1 where a nonzero head weight held by the
+        row's quad of lanes has its exponent outside [-40, 58] (a subnormal, inf or NaN too), else 0.
+        Every row's quad holds all the heads, so each row sees them all, and no value crosses warps."""
         bits = w8.to(gl.int32, bitcast=True)
         e = (bits >> 23) & 0xFF
         out = (((bits & 0x7FFFFFFF) != 0) & ((e < 127 - 40) | (e > 127 + 58))).to(gl.int32)
@@ -758,6 +758,9 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
     if SCORED_PAGES not in (1, 2):
         raise ValueError(f"SCORED_PAGES must be 1 or 2 (pages of a step), got {SCORED_PAGES!r}")
+    if not (isinstance(FACTORED_STEPS, int) and FACTORED_STEPS >= 1):
+        raise ValueError(f"FACTORED_STEPS must be an int >= 1 (FIRST_SCALE_OUT turns the factored sums off), "
+                         f"got {FACTORED_STEPS!r}")
     S = q8.shape[0]
     sentinels = lengths is None
     grid, ppp, block_s = scan_plan.launch_split(S, n_cols, table.shape[1], 2, sentinels, q8.device, PROGRAMS_PER_SM,

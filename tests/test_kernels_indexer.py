@@ -384,7 +384,7 @@ def test_bulk_copies_read_only_pages_of_back_to_back_rows_on_16_byte_boundaries(
     assert not bulk_copy_usable(odd_pages)  # pages 4 bytes apart from 16-byte alignment
 
 
-@pytest.mark.parametrize("setting,value", [("LOADER", "bulkws"), ("SCORED_PAGES", 4)])
+@pytest.mark.parametrize("setting,value", [("LOADER", "bulkws"), ("SCORED_PAGES", 4), ("FACTORED_STEPS", 0)])
 def test_an_unknown_gluon_scan_setting_is_an_error_not_a_silent_choice(monkeypatch, setting, value):
     from kernels import indexer_scan_hopper as H
 
