@@ -615,8 +615,9 @@ if gluon is not None:
         if FACTORED:
             if MASKED:  # rows past the query's entries may hold any bytes
                 row = gl.arange(0, 64, layout=outside.type.layout)
-                outside = (outside | gl.where(row < seen - col0, _outside_guard(first[0]), 0)
-                           | gl.where(row + 64 < seen - col0, _outside_guard(last[0]), 0))
+                unseen = seen - col0  # the step's first row not to check
+                outside = (outside | gl.where(row < unseen, _outside_guard(first[0]), 0)
+                           | gl.where(row + 64 < unseen, _outside_guard(last[0]), 0))
             else:
                 outside = outside | _outside_guard(first[0]) | _outside_guard(last[0])
         if SCORED_PAGES == 1:
@@ -638,6 +639,8 @@ if gluon is not None:
             fence_async_shared()  # the stores, before the dots read them through the async proxy
             cta_barrier()  # every warp's part of the query, before any warp's dot
         w8 = _head_weights(w8_ptr, s, HP)
+        # the factored path's guard misses and its rows to check; set before the branch, which gives the
+        # PTX the GPU runs measured (inside it, the compiler reorders the program's setup)
         outside = gl.zeros([64], gl.int32, gl.SliceLayout(1, _acc_layout(HP)))
         seen = gl.minimum(n_vis, vis_hi * 64)  # columns from here on are never stored
         # the guard's end (the weights, a reduction across warps, a branch) costs a program about
@@ -661,9 +664,9 @@ if gluon is not None:
                     words = _page_words_global(rows_ptr, gl.load(table_row + page), page_stride, HP)
                     _store_slot_keys((words,), q_smem, w8, out_row, page * 64, n_vis, vis_hi, SENTINEL_KEY, False)
         else:
-            for it in range(n_steps):
-                outside = _score_step(ring, ready, empty, it, q_smem, w8, out_row, page_lo, n_vis, vis_hi, outside,
-                                      seen, SENTINEL_KEY, STAGES, SCORED_PAGES, False, False)
+            for it in range(n_steps):  # no guard: its `outside` and `seen` are not used
+                _score_step(ring, ready, empty, it, q_smem, w8, out_row, page_lo, n_vis, vis_hi, 0, 0, SENTINEL_KEY,
+                            STAGES, SCORED_PAGES, False, False)
 
     @gluon.jit
     def _scan_kernel_ws(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, rows_ptr, table_ptr, out_ptr,
@@ -737,6 +740,15 @@ def bulk_launch_options() -> dict:
     return dict(num_warps=WARPS, maxnreg=65536 // (PROGRAMS_PER_SM * 2 * WARPS * 32) // 8 * 8)
 
 
+def factored_from() -> int:
+    """The bulk_ws kernel's FACTORED: the fewest steps a program takes the factored sums for
+    (FACTORED_STEPS), or 0 where FIRST_SCALE_OUT is off."""
+    if not (isinstance(FACTORED_STEPS, int) and FACTORED_STEPS >= 1):
+        raise ValueError(f"FACTORED_STEPS must be an int >= 1 (FIRST_SCALE_OUT turns the factored sums off), "
+                         f"got {FACTORED_STEPS!r}")
+    return FACTORED_STEPS if FIRST_SCALE_OUT else 0
+
+
 def _page_descriptors(index_rows: torch.Tensor):
     """Bulk-copy descriptors of the pages as [P, 17, 64] 32-bit words: words 0-1023 of a page (16
     x 64) and its last 64 (a box side is at most 256 elements)."""
@@ -758,9 +770,7 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
     if SCORED_PAGES not in (1, 2):
         raise ValueError(f"SCORED_PAGES must be 1 or 2 (pages of a step), got {SCORED_PAGES!r}")
-    if not (isinstance(FACTORED_STEPS, int) and FACTORED_STEPS >= 1):
-        raise ValueError(f"FACTORED_STEPS must be an int >= 1 (FIRST_SCALE_OUT turns the factored sums off), "
-                         f"got {FACTORED_STEPS!r}")
+    factored = factored_from()
     S = q8.shape[0]
     sentinels = lengths is None
     grid, ppp, block_s = scan_plan.launch_split(S, n_cols, table.shape[1], 2, sentinels, q8.device, PROGRAMS_PER_SM,
@@ -775,7 +785,7 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
                               q8.stride(0), table_stride, index_rows.stride(0), out.stride(0), table.shape[1], n_cols,
                               ppp, S, len_arg, HP=w8.shape[1], SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES,
                               SCORED_PAGES=SCORED_PAGES, DEPENDENT=dependent, BLOCK_S=block_s, SENTINELS=sentinels,
-                              FACTORED=FACTORED_STEPS if FIRST_SCALE_OUT else 0, **bulk_launch_options(),
+                              FACTORED=factored, **bulk_launch_options(),
                               **grid_dependency.launch_kwargs(dependent))
         return
     _scan_kernel[grid](

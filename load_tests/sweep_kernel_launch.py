@@ -108,7 +108,7 @@ def main() -> None:
         if only in (None, "scan-gluon") and idx.HOPPER_SCAN and scan_hopper.usable(ops[0], x["csa_index"]):
             shapes = (("registers", 2, 2, 2), ("bulk_ws", 4, 2, 2), ("bulk_ws", 2, 1, 2), ("bulk_ws", 2, 2, 1),
                       ("bulk_ws", 4, 3, 2), ("bulk_ws", 4, 3, 1), ("bulk_ws", 3, 3, 1))
-            shipped = scan_gluon_default
+            shipped = scan_gluon_default  # its last two: FIRST_SCALE_OUT, DEPENDENT_LAUNCHES
             sweep(f"fp8 scan gluon T={T} B={B} (loader, bulk-copy stages, programs/SM, pages scored at once, "
                   f"first block scale out, dependent launches)",
                   tuple(shape + (True, True) for shape in shapes)

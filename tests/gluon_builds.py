@@ -40,7 +40,7 @@ def _scan(loader: str, opts: dict):
         head, tail = H._page_descriptors(torch.zeros(8, 64, 68, dtype=torch.uint8))
         args.update(head_desc=head, tail_desc=tail, rows_ptr=_t(torch.uint8))
         consts.update(STAGES=H.STAGES, SCORED_PAGES=H.SCORED_PAGES, DEPENDENT=opts.get("DEPENDENT", "1") == "1",
-                      FACTORED=int(opts.get("FACTORED", H.FACTORED_STEPS if H.FIRST_SCALE_OUT else 0)))
+                      FACTORED=int(opts.get("FACTORED", H.factored_from())))
         return H._scan_kernel_ws, args, consts, H.bulk_launch_options()
     args.update(rows_ptr=_t(torch.uint8))
     consts.update(row_stride=68)
