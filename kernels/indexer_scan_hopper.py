@@ -62,6 +62,18 @@ scorer does (_page_words_global): the same keys, slower. The guard's end costs a
 0.3 us, so programs of fewer than FACTORED_STEPS steps score as before. GPU test: codes and
 weights at both ends of the guard and past them give the Triton scan's keys; with the guard made
 to pass everything, the rows past it give other keys (checked on an H100).
+
+The general scan's queries (GENERAL_HERE, bulk_ws only). A query off the FP4 grid is scored by
+indexer_topk's general scan: three BF16 parts of the query against the keys through tl.dot_scaled.
+For the model's queries that launch had nothing to do, yet its programs still had to be scheduled
+after this kernel's and end before the top-k could start: about 1.9 us of a 128K x 32 call's 40
+(kernels/RESULTS.md, twentieth session). Here the plan counts those queries' steps too, and their
+programs score them after the warp groups meet (_score_general), page by page from global memory,
+with the general scan's arithmetic: the keys decoded as its tl.dot_scaled decodes them on Hopper
+(E2M1 value times the block scale taken as a BF16 exponent field, 0 for code 0, NaN for 255), the
+same 24 wgmma m64n64k16 on one accumulator (the first without one), and the ReLU'd heads times
+Di**-0.5, weighted and summed in the accumulator's layout, as its reduction runs. So their keys are
+that scan's bits, and the general scan is not launched.
 """
 
 from __future__ import annotations
@@ -98,6 +110,7 @@ DI = 128  # the layouts below hold a row's 4 block scales in one word
 # the same values as the kernels see them (a Gluon kernel reads only constexpr globals)
 _ROWS, _WARPS, _DI = tl.constexpr(ROWS_PER_STEP), tl.constexpr(WARPS), tl.constexpr(DI)
 ROW_WORDS = index_row_bytes(DI) // 4  # an indexer row as 32-bit words: 16 of codes, 1 of scales
+_ROW_BYTES = tl.constexpr(4 * ROW_WORDS)
 PAGE_WORDS = 64 * ROW_WORDS  # a page of 64 rows, as 32-bit words
 _PAGE_WORDS = tl.constexpr(PAGE_WORDS)
 PAGE_SLOT = 2048  # words from one page of a ring slot to the next (bulk copies land on 128-byte boundaries)
@@ -115,6 +128,11 @@ FIRST_SCALE_OUT = True
 # the fewest steps a program takes the factored sums for (_score_pages): the guard's end costs about
 # 0.3 us a program, a step saves about 0.05
 FACTORED_STEPS = 8
+# the bulk_ws kernel scores the general scan's queries too (_score_general), and the general scan's
+# launch, whose programs found nothing to do for the model's queries, is not made: about 1.9 us of a
+# 128K x 32 call's 40 on an H100 (kernels/RESULTS.md, twentieth session). Off: that launch scores them
+# (off until a GPU has run it: built and compiled for sm_90a, not yet run)
+GENERAL_HERE = False
 # a float32 from the lane whose id is this one's xor 1 / xor 2 (_store_step_keys)
 _LANE_XOR1 = tl.constexpr("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;")
 _LANE_XOR2 = tl.constexpr("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;")
@@ -199,8 +217,9 @@ if gluon is not None:
 
     @gluon.jit
     def _planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE: gl.constexpr, BLOCK_S: gl.constexpr,
-                      SENTINELS: gl.constexpr):
-        """scan_plan.planned_span (its arithmetic, for STEP 2) in Gluon's layouts."""
+                      SENTINELS: gl.constexpr, BOTH_MODES: gl.constexpr):
+        """scan_plan.planned_span (its arithmetic, for STEP 2) in Gluon's layouts; BOTH_MODES: the
+        queries of the general scan are this launch's too (GENERAL), and weigh as the others."""
         # every warp holds all queries (a lane one or two), so no sum crosses warps
         q_l: gl.constexpr = gl.BlockedLayout([(BLOCK_S + 31) // 32], [32], [_WARPS], [0])
         n_pages = gl.cdiv(n_cols, 64)
@@ -208,8 +227,12 @@ if gluon is not None:
         ok = i < S
         n_vis = (gl.load(pos_ptr + i, mask=ok, other=-1).to(gl.int32) + 1) // 4
         vis = gl.minimum(gl.minimum(gl.cdiv(n_vis, 64), n_blk), n_pages)
-        # a query of the other mode scores nothing here (the general scan does), but its sentinels are ours
-        steps = gl.where(gl.load(mode_ptr + i, mask=ok, other=MODE + 1) == MODE, gl.cdiv(vis, 2), 0)
+        # a query of the other mode scores nothing here (the general scan does) unless BOTH_MODES, but its
+        # sentinels are ours
+        if BOTH_MODES:
+            steps = gl.cdiv(vis, 2)
+        else:
+            steps = gl.where(gl.load(mode_ptr + i, mask=ok, other=MODE + 1) == MODE, gl.cdiv(vis, 2), 0)
         if SENTINELS:
             spare = n_pages - vis
         else:
@@ -244,12 +267,12 @@ if gluon is not None:
 
     @gluon.jit
     def _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE: gl.constexpr, BLOCK_S: gl.constexpr,
-              SENTINELS: gl.constexpr):
+              SENTINELS: gl.constexpr, BOTH_MODES: gl.constexpr):
         """(s, page_lo, page_hi, n_vis, vis_hi, first) of this program: the plan's (BLOCK_S > 0) or
         the grid's (s, j) split; `first`: the first program of query s."""
         if BLOCK_S > 0:
             s, page_lo, page_hi, n_vis, vis_hi, first = _planned_span(pos_ptr, mode_ptr, S, n_cols, n_blk, MODE,
-                                                                      BLOCK_S, SENTINELS)
+                                                                      BLOCK_S, SENTINELS, BOTH_MODES)
         else:
             s, page_lo, page_hi, n_vis, vis_hi, first = _program_span(pos_ptr, n_cols, n_blk, pages_per_prog)
         return s, page_lo, page_hi, n_vis, vis_hi, first
@@ -346,7 +369,7 @@ if gluon is not None:
         row_l: gl.constexpr = gl.SliceLayout(1, _acc_layout(HP))
         let_next_grid_start()  # the general scan may be scheduled from here on (grid_dependency)
         s, page_lo, page_hi, n_vis, vis_hi, first = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE,
-                                                          BLOCK_S, SENTINELS)
+                                                          BLOCK_S, SENTINELS, False)
         out_row = out_ptr + s.to(gl.int64) * out_stride_s
         if gl.load(mode_ptr + s) == MODE:  # else the general scan scores this query
             q_smem = _query_smem(HP)
@@ -668,13 +691,83 @@ if gluon is not None:
                 _score_step(ring, ready, empty, it, q_smem, w8, out_row, page_lo, n_vis, vis_hi, 0, 0, SENTINEL_KEY,
                             STAGES, SCORED_PAGES, False, False)
 
+    # -- the general scan's queries (GENERAL): indexer_topk._scan_kernel's sums, bit for bit ----------
+
+    @gluon.constexpr_function
+    def _bf16_acc_layout(HP):
+        """wgmma's accumulator of a page's BF16 dots [64 keys, HP heads], one warp group: the layout
+        indexer_topk._scan_kernel's tl.dot_scaled takes on Hopper (m64nHPk16)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, HP, 16])
+
+    @gluon.jit
+    def _e2m1_value(code):
+        """E2M1 codes (int32, 0-15) -> their float32 values, exactly (code 8 is -0.0)."""
+        mag = code & 7
+        bits = gl.where(mag >= 2, (((mag >> 1) + 126) << 23) | ((mag & 1) << 22), gl.where(mag == 1, 126 << 23, 0))
+        return (bits | ((code & 8) << 28)).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _general_operand(rows_ptr, page_id, page_stride, a_l: gl.constexpr):
+        """A page's keys as tl.dot_scaled's decomposition on Hopper makes them, [64, Di] BF16 in a_l:
+        each E2M1 value times its block's UE8M0 scale taken as the BF16 with that exponent field
+        (code 0 gives 0, not 2**-127 as kv_layout decodes it), NaN where the code is 255 (sm_90a PTX
+        of the general scan, Triton 3.6: a table per nibble, then mul.bf16 and a select). Here the
+        product is taken in float32 and rounded once to BF16: both are correctly rounded, so equal."""
+        c_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [_WARPS, 1], [1, 0])
+        r = gl.arange(0, 64, layout=gl.SliceLayout(1, c_l))[:, None]
+        j = gl.arange(0, _DI // 2, layout=gl.SliceLayout(0, c_l))[None, :]
+        row = rows_ptr + page_id.to(gl.int64) * page_stride + r * _ROW_BYTES
+        codes = gl.load(row + j).to(gl.int32)
+        e = gl.load(row + _DI // 2 + j // 16).to(gl.int32)  # the byte's block (16 bytes a block)
+        scale = (e << 23).to(gl.float32, bitcast=True)  # 2**(e - 127); 0 for code 0
+        lo = gl.where(e == 255, float("nan"), _e2m1_value(codes & 15) * scale)
+        hi = gl.where(e == 255, float("nan"), _e2m1_value(codes >> 4) * scale)
+        # element 2j is byte j's low nibble, 2j + 1 its high one
+        a = gl.join(lo, hi).reshape(64, _DI).to(gl.bfloat16)
+        return gl.convert_layout(a, a_l)
+
+    @gluon.jit
+    def _score_general(parts_ptr, w_ptr, parts_stride_s, inv_sqrt_di, rows_ptr, table_row, page_stride, out_row, s,
+                       page_lo, vis_hi, n_vis, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr):
+        """Query s's keys of pages [page_lo, vis_hi), page by page from global memory, as the general
+        scan makes them (indexer_topk._scan_kernel, _page_keys and _keys_of): the three BF16 parts'
+        dots chained on one accumulator, the first with none (the same 24 wgmma m64nHPk16 in the same
+        order), then the ReLU'd heads times Di**-0.5, weighted and summed in the accumulator's layout.
+        Slower than that scan (one program's pages in turn, and the keys' conversion through shared
+        memory); its queries are none of the model's, and this saves the launch that scored them."""
+        acc_l: gl.constexpr = _bf16_acc_layout(HP)
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+        parts = gl.allocate_shared_memory(gl.bfloat16, [3, HP, _DI],
+                                          gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+        p_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [_WARPS, 1], [1, 0])
+        h = gl.arange(0, HP, layout=gl.SliceLayout(1, p_l))[:, None]
+        d = gl.arange(0, _DI, layout=gl.SliceLayout(0, p_l))[None, :]
+        src = parts_ptr + s.to(gl.int64) * parts_stride_s + h * _DI + d
+        for p in gl.static_range(3):
+            parts.index(p).store(gl.load(src + p * HP * _DI))
+        fence_async_shared()  # the stores, before the dots read them through the async proxy
+        cta_barrier()
+        w = gl.load(w_ptr + s * HP + gl.arange(0, HP, layout=gl.SliceLayout(0, acc_l)))
+        zero = gl.zeros([64, HP], gl.float32, acc_l)
+        rows = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
+        for page in range(page_lo, vis_hi):
+            a = _general_operand(rows_ptr, gl.load(table_row + page), page_stride, a_l)
+            acc = warpgroup_mma(a, parts.index(0).permute((1, 0)), zero, use_acc=False)
+            acc = warpgroup_mma(a, parts.index(1).permute((1, 0)), acc)
+            acc = warpgroup_mma(a, parts.index(2).permute((1, 0)), acc)
+            col = page * 64 + rows
+            score = gl.sum(w[None, :] * (gl.maximum(acc, 0.0) * inv_sqrt_di), axis=1)
+            gl.store(out_row + col, _key_bits(score, col, n_vis, SENTINEL_KEY))
+
     @gluon.jit
     def _scan_kernel_ws(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, rows_ptr, table_ptr, out_ptr,
                         q8_stride_s, table_stride_s, page_stride, out_stride_s, n_blk, n_cols, pages_per_prog, S,
-                        len_ptr, HP: gl.constexpr, SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr,
-                        STAGES: gl.constexpr, SCORED_PAGES: gl.constexpr, DEPENDENT: gl.constexpr,
-                        BLOCK_S: gl.constexpr, SENTINELS: gl.constexpr, FACTORED: gl.constexpr):
-        """The "bulk_ws" loader: one loader warp beside the scoring warp group."""
+                        len_ptr, parts_ptr, w_pad_ptr, parts_stride_s, inv_sqrt_di, HP: gl.constexpr,
+                        SENTINEL_KEY: gl.constexpr, MODE: gl.constexpr, STAGES: gl.constexpr,
+                        SCORED_PAGES: gl.constexpr, DEPENDENT: gl.constexpr, BLOCK_S: gl.constexpr,
+                        SENTINELS: gl.constexpr, FACTORED: gl.constexpr, GENERAL: gl.constexpr):
+        """The "bulk_ws" loader: one loader warp beside the scoring warp group. GENERAL: the queries
+        of the general scan are scored here too, after the warp groups meet (_score_general)."""
         q_smem = _query_smem(HP)  # filled by the scorer, while the loader warp starts the first copies
         ring, ready = _ring(STAGES)
         empty = _barriers(STAGES)  # the scorer's hand-backs
@@ -684,10 +777,11 @@ if gluon is not None:
         # one (grid_dependency)
         let_next_grid_start()
         s, page_lo, page_hi, n_vis, vis_hi, first = _span(pos_ptr, mode_ptr, S, n_cols, n_blk, pages_per_prog, MODE,
-                                                          BLOCK_S, SENTINELS)
+                                                          BLOCK_S, SENTINELS, GENERAL)
         out_row = out_ptr + s.to(gl.int64) * out_stride_s
-        # queries of the general scan score no step here
-        n_steps = gl.where(gl.load(mode_ptr + s) == MODE, gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2), 0)
+        # queries of the general scan score no step of the ring (GENERAL: they are scored below)
+        ours = gl.load(mode_ptr + s) == MODE
+        n_steps = gl.where(ours, gl.cdiv(gl.maximum(vis_hi - page_lo, 0), 2), 0)
         table_row = table_ptr + s.to(gl.int64) * table_stride_s
         gl.warp_specialize([
             (_score_pages, (ring, ready, empty, q_smem, q8_ptr, q8_stride_s, w8_ptr, out_row, s, page_lo, n_steps,
@@ -696,6 +790,10 @@ if gluon is not None:
             (_load_pages, (head_desc, tail_desc, ring, ready, empty, table_row, page_lo, n_steps, vis_hi, n_blk,
                            STAGES)),
         ], [1], [LOADER_REGS])
+        if GENERAL:
+            if not ours:
+                _score_general(parts_ptr, w_pad_ptr, parts_stride_s, inv_sqrt_di, rows_ptr, table_row, page_stride,
+                               out_row, s, page_lo, vis_hi, n_vis, HP, SENTINEL_KEY)
         _finish(out_row, len_ptr, s, first, page_lo, vis_hi, page_hi, n_vis, n_blk, n_cols, SENTINEL_KEY, SENTINELS)
 
 
@@ -761,11 +859,14 @@ def _page_descriptors(index_rows: torch.Tensor):
 
 
 def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages_per_prog: int, sentinel: int,
-             fp8_mode: int, lengths: torch.Tensor | None = None) -> None:
+             fp8_mode: int, lengths: torch.Tensor | None = None, general: tuple | None = None) -> bool:
     """Write the FP8 scan's keys into out [S, n_cols] for the queries whose mode is fp8_mode, and the
     sentinel of every invisible page, or (`lengths` [S] int32 given) each row's count of the
     columns the scans write instead (indexer_topk.index_score_keys checks the operands; the pages
-    are split over programs by the plan, or pages_per_prog a program: scan_plan.launch_split)."""
+    are split over programs by the plan, or pages_per_prog a program: scan_plan.launch_split).
+    `general` (BF16 parts [S, 3, hp, Di], padded head weights [S, hp], Di**-0.5): the other
+    queries' operands, which the bulk_ws kernel scores too where GENERAL_HERE is on, with the
+    general scan's keys. Returns whether it did (else the general scan must run)."""
     if LOADER not in LOADERS:
         raise ValueError(f"LOADER must be one of {LOADERS}, got {LOADER!r}")
     if SCORED_PAGES not in (1, 2):
@@ -781,14 +882,21 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         # launched as a dependent of whatever kernel comes before it: its programs set up their shared
         # memory while that kernel ends, and wait for it before their first global read (grid_dependency)
         dependent = grid_dependency.enabled(q8)
+        here = GENERAL_HERE and general is not None
+        parts, w_pad, inv_sqrt_di = general if here else (q8, w8, 1.0)  # not read unless GENERAL
+        if here and (parts.shape[1:] != (3, w8.shape[1], DI) or parts.stride(1) != w8.shape[1] * DI
+                     or parts.stride(2) != DI or parts.stride(3) != 1 or w_pad.shape != w8.shape or not w_pad.is_contiguous()):
+            raise ValueError(f"the general operands must be contiguous BF16 parts [S, 3, {w8.shape[1]}, {DI}] and "
+                             f"head weights [S, {w8.shape[1]}], got {list(parts.shape)} and {list(w_pad.shape)}")
         _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), index_rows, table, out,
                               q8.stride(0), table_stride, index_rows.stride(0), out.stride(0), table.shape[1], n_cols,
-                              ppp, S, len_arg, HP=w8.shape[1], SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES,
-                              SCORED_PAGES=SCORED_PAGES, DEPENDENT=dependent, BLOCK_S=block_s, SENTINELS=sentinels,
-                              FACTORED=factored, **bulk_launch_options(),
-                              **grid_dependency.launch_kwargs(dependent))
-        return
+                              ppp, S, len_arg, parts, w_pad, parts.stride(0), inv_sqrt_di, HP=w8.shape[1],
+                              SENTINEL_KEY=sentinel, MODE=fp8_mode, STAGES=STAGES, SCORED_PAGES=SCORED_PAGES,
+                              DEPENDENT=dependent, BLOCK_S=block_s, SENTINELS=sentinels, FACTORED=factored,
+                              GENERAL=here, **bulk_launch_options(), **grid_dependency.launch_kwargs(dependent))
+        return here
     _scan_kernel[grid](
         q8, w8, mode, positions, index_rows, table, out, q8.stride(0), table_stride,
         index_rows.stride(0), out.stride(0), table.shape[1], n_cols, ppp, S, len_arg, row_stride=index_rows.stride(1),
         HP=w8.shape[1], SENTINEL_KEY=sentinel, MODE=fp8_mode, BLOCK_S=block_s, SENTINELS=sentinels, num_warps=WARPS)
+    return False

@@ -30,6 +30,8 @@ order.
 
 On Hopper GPUs the FP8 scan runs as a Gluon kernel (indexer_scan_hopper.py): the same sums in the
 same order, so the same keys, with the operand layouts stated instead of left to the compiler.
+Where its pages suit the bulk copies, that launch also scores the general queries, with the same
+BF16 dots as the general scan's (its bits), and the general scan is not launched at all.
 
 Each score is stored as an int64 key (order-preserving bits of the float score, then
 INT32_MAX - e), so one torch.topk over the keys gives the reference's order including ties, and
@@ -260,14 +262,17 @@ def _scan_fp8_kernel(q8_ptr, w8_ptr, mode_ptr, pos_ptr, rows_ptr, table_ptr, out
         tl.store(len_ptr + s, tl.minimum(n_vis, tl.minimum(n_blk, tl.cdiv(n_cols, 64)) * 64))
 
 
-def _hopper_scan(q8, w8, mode, positions, index_rows, table, out, n_cols: int, lengths) -> bool:
-    """Run the Gluon FP8 scan; False, and the Triton scan from then on, where this Triton cannot
-    compile or launch it (Gluon is experimental: its API moves between Triton releases)."""
+def _hopper_scan(q8, w8, mode, positions, index_rows, table, out, n_cols: int, lengths, general) -> tuple[bool, bool]:
+    """Run the Gluon FP8 scan: (whether it ran, whether it scored the general scan's queries too).
+    It did not run, and the Triton scan runs from then on, where this Triton cannot compile or
+    launch it (Gluon is experimental: its API moves between Triton releases)."""
     global HOPPER_SCAN
     ppp = _pages_per_program(q8.shape[0], -(-n_cols // PAGE_ENTRIES), q8.device, hopper_scan.PROGRAMS_PER_SM)
-    HOPPER_SCAN = gluon_ran(lambda: hopper_scan.scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols,
-                                                         ppp, SENTINEL, MODE_FP8, lengths), "FP8 scan", "scan", log)
-    return HOPPER_SCAN
+    both = []
+    HOPPER_SCAN = gluon_ran(lambda: both.append(hopper_scan.scan_fp8(
+        q8, w8, mode, positions, index_rows, table, out, n_cols, ppp, SENTINEL, MODE_FP8, lengths, general)),
+        "FP8 scan", "scan", log)
+    return HOPPER_SCAN, HOPPER_SCAN and both == [True]
 
 
 def _query_parts(q: torch.Tensor, hp: int) -> torch.Tensor:
@@ -412,8 +417,12 @@ def _score_keys(q, w, index_rows, block_table, positions, n_cols, operands, leng
         consts = dict(row_stride=index_rows.stride(1), HP=hp, DI=Di, SENTINEL_KEY=SENTINEL, num_warps=SCAN_WARPS)
         # each query is scored by the launch of its mode; the FP8 one also writes the sentinels (or the
         # lengths). On Hopper the FP8 launch is the Gluon kernel (indexer_scan_hopper.py: the same keys)
-        gluon_ran = HOPPER_SCAN and hopper_scan.usable(q8, index_rows) and _hopper_scan(
-            q8, w8, mode, positions, index_rows, table, out, n_cols, lengths)
+        gluon_ran, general_scored = False, False
+        if HOPPER_SCAN and hopper_scan.usable(q8, index_rows):
+            gluon_ran, general_scored = _hopper_scan(q8, w8, mode, positions, index_rows, table, out, n_cols,
+                                                     lengths, (parts, w_pad, Di**-0.5))
+        if general_scored:  # the Gluon launch scored every query (indexer_scan_hopper.GENERAL_HERE)
+            return out
         if not gluon_ran:
             sentinels = lengths is None
             ppp = _pages_per_program(S, -(-n_cols // PAGE_ENTRIES), q.device, FP8_PROGRAMS_PER_SM)
@@ -424,7 +433,8 @@ def _score_keys(q, w, index_rows, block_table, positions, n_cols, operands, leng
                 out if sentinels else lengths, **consts, PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8,
                 num_stages=SCAN_STAGES, WORD_SCALES=index_scales_as_words(index_rows, Di), BLOCK_S=block_s,
                 SENTINELS=sentinels)
-        # most queries take the FP8 scan, and then this launch's programs only end: as a dependent
+        # (where the Gluon launch did not score them) most queries take the FP8 scan, and then this
+        # launch's programs only end: as a dependent
         # launch they do so in the FP8 scan's tail instead of after it (grid_dependency). It keeps
         # the per-query split: its queries, off the FP4 grid, are none of the model's, and under the
         # plan each of its programs would first compute it (on an H100 0.5 us more of a 32-query

@@ -38,9 +38,11 @@ def _scan(loader: str, opts: dict):
                 pos_ptr=_t(torch.int32), table_ptr=_t(torch.int32), out_ptr=_t(torch.int64), len_ptr=_t(torch.int32))
     if loader == "bulk_ws":
         head, tail = H._page_descriptors(torch.zeros(8, 64, 68, dtype=torch.uint8))
-        args.update(head_desc=head, tail_desc=tail, rows_ptr=_t(torch.uint8))
+        args.update(head_desc=head, tail_desc=tail, rows_ptr=_t(torch.uint8), parts_ptr=_t(torch.bfloat16),
+                    w_pad_ptr=_t(torch.float32), inv_sqrt_di=0.5)
         consts.update(STAGES=H.STAGES, SCORED_PAGES=H.SCORED_PAGES, DEPENDENT=opts.get("DEPENDENT", "1") == "1",
-                      FACTORED=int(opts.get("FACTORED", H.factored_from())))
+                      FACTORED=int(opts.get("FACTORED", H.factored_from())),
+                      GENERAL=opts.get("GENERAL", "1" if H.GENERAL_HERE else "0") == "1")
         return H._scan_kernel_ws, args, consts, H.bulk_launch_options()
     args.update(rows_ptr=_t(torch.uint8))
     consts.update(row_stride=68)
@@ -75,6 +77,8 @@ def _rows(_opts):
 
 BUILDS = {
     "scan_bulk_ws": lambda o: _scan("bulk_ws", o),
+    # with the general scan's queries scored in the launch, whatever GENERAL_HERE ships
+    "scan_bulk_ws_general": lambda o: _scan("bulk_ws", {**o, "GENERAL": "1"}),
     "scan_registers": lambda o: _scan("registers", o),
     "hca_lockstep": lambda o: _split("lockstep", False),
     "hca_warp_specialized": lambda o: _split("warp_specialized", False),

@@ -1,7 +1,7 @@
 """Our Gluon kernels build with the installed Triton (kernels/gluon_api.py), and which of them runs.
 
 Compiled for sm_90a in a child process (tests/gluon_builds.py), no GPU needed: CI's Triton (3.9)
-and the GPU machines' (3.6) both build every kernel but the scan's bulk-copy loader, which 3.9
+and the GPU machines' (3.6) both build every kernel but the scan's bulk-copy loaders, which 3.9
 refuses (its padded view of a ring slot) and which the scan then does not take.
 """
 
@@ -16,7 +16,7 @@ from kernels import indexer_scan_hopper as H
 def refused_here(name: str) -> bool:
     """Whether this Triton may refuse the build: no Gluon at all, or the bulk-copy scan where padded
     views are refused (the scan then takes its registers loader: loader_for)."""
-    return gluon_api.gluon is None or (name == "scan_bulk_ws" and not gluon_api.PADDED_VIEWS)
+    return gluon_api.gluon is None or (name.startswith("scan_bulk_ws") and not gluon_api.PADDED_VIEWS)
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,15 @@ def test_the_gluon_kernel_builds_with_this_triton_onto_the_tensor_cores(builds, 
     assert ".target sm_90a" in ptx
     if name != "decode_rows":
         assert "wgmma.mma_async" in ptx
-    if name == "scan_bulk_ws":
+    if name.startswith("scan_bulk_ws"):
         assert "cp.async.bulk.tensor" in ptx
-    if name.endswith("warp_specialized") or name == "scan_bulk_ws":
         assert "setmaxnreg" in ptx
+    if name.endswith("warp_specialized"):
+        assert "setmaxnreg" in ptx
+    # the general scan's queries: its 24 BF16 dots a page (three parts of K 128), as tl.dot_scaled
+    # issues them on Hopper (kernels/indexer_scan_hopper.py, _score_general)
+    if name == "scan_bulk_ws_general":
+        assert ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == 24
 
 
 def test_the_release_is_major_dot_minor():

@@ -429,12 +429,13 @@ def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
 
 @pytest.mark.gpu
 # factored: the fewest steps a bulk_ws program takes the factored sums for; 1 makes every program
-# here take them (these queries give a program a step or two), 8 (shipped) none
-@pytest.mark.parametrize("loader,scored_pages,per_sm,planned,factored", [
-    ("registers", 2, 2, True, 1), ("bulk_ws", 2, 2, True, 1), ("bulk_ws", 1, 3, True, 1),
-    ("bulk_ws", 2, 2, False, 8)])
+# here take them (these queries give a program a step or two), 8 (shipped) none. general_here: the
+# bulk_ws launch scores the general scan's queries too (the registers loader never does)
+@pytest.mark.parametrize("loader,scored_pages,per_sm,planned,factored,general_here", [
+    ("registers", 2, 2, True, 1, True), ("bulk_ws", 2, 2, True, 1, True), ("bulk_ws", 1, 3, True, 1, False),
+    ("bulk_ws", 2, 2, False, 8, True)])
 def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, loader, scored_pages, per_sm, planned,
-                                                     factored):
+                                                     factored, general_here):
     """On Hopper the FP8 scan runs in Gluon (indexer_scan_hopper.py): with each way of loading its
     pages and of scoring them (two pages at once, or page by page at three programs an SM), and of
     splitting them over programs (the plan, or equal shares per query), its keys must be the
@@ -442,7 +443,9 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     seeing nothing, a table wider than the context, queries of both modes in one launch), for 40
     such rows of very different lengths and for a prefill chunk sharing one table row; for key
     scale codes and head weights at and past the ends of the range the bulk_ws scorer's factored
-    sums cover."""
+    sums cover. Where the bulk_ws launch scores the general scan's queries itself (GENERAL_HERE),
+    their keys must be the Triton general scan's too, the smallest scale codes (0: a zero scale
+    there, and 1) included."""
     from kernels import indexer_scan_hopper as H
 
     if not H.usable(torch.zeros(1, 4, 64, 32, device="cuda"), torch.zeros(1, 64, 68, dtype=torch.uint8, device="cuda")):
@@ -452,6 +455,7 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     monkeypatch.setattr(H, "SCORED_PAGES", scored_pages)
     monkeypatch.setattr(H, "PROGRAMS_PER_SM", per_sm)
     monkeypatch.setattr(H, "FACTORED_STEPS", factored)
+    monkeypatch.setattr(H, "GENERAL_HERE", general_here)
     monkeypatch.setattr(scan_plan, "PLANNED", planned)
     Hi, Di, n_blk = 64, 128, 96
     rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")

@@ -1,0 +1,128 @@
+"""A module-level switch of the kernels, A/B on one indexer kernel call, in one process (GPU;
+flash-attn preset, bench_kernels' inputs).
+
+    python -m load_tests.bench_kernel_ab --set kernels.indexer_scan_hopper.GENERAL_HERE=False,True
+        [--kernel scan|scan_lengths|topk] [--cases 131072x32,1048576x32] [--general 0] [--rounds 3]
+
+The call is replayed from a CUDA graph (bench_kernels.graph_time), recaptured for each value, and
+the values alternate --rounds times. --kernel: the scan with its sentinels (index_score_keys, what
+bench_kernels' scan rows time), the scan with each row's length (what the decode top-k runs), or
+the scan and the selection (indexer_topk). --general N: every Nth query is sent to the general
+scan (its mode flipped: the general scan scores any query exactly, the model's included); 1 sends
+all, 0 none. Before timing, each value's output must be the first value's bits: a switch of
+launch or schedule must not move a key. Prints a line per case and value (each round's ms, the
+median's ratio to the first value's and its share of the copy rate measured first), then one JSON
+line. Machines differ, so only ratios within one run mean anything (kernels/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from load_tests import bench_kernels as bk
+from load_tests.bench_step_ab import parse_switch
+
+
+def kernel_call(kind: str, x: dict, ops: tuple):
+    """The call timed: a function of no arguments returning what is compared between values."""
+    from kernels import indexer_topk as idx
+
+    args = (x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"])
+    n_cols = x["block_table"].shape[1] * idx.PAGE_ENTRIES
+    if kind == "scan":
+        return lambda: idx.index_score_keys(*args, n_cols, ops)
+    if kind == "scan_lengths":
+        def keys_to_lengths():
+            keys, lengths = idx.index_score_keys_and_lengths(*args, n_cols, ops)
+            # only each row's keys up to its length are written
+            cols = torch.arange(n_cols, device=keys.device)
+            return torch.where(cols[None, :] < lengths[:, None].long(), keys, 0), lengths
+        return keys_to_lengths
+    if kind == "topk":
+        return lambda: idx.indexer_topk(*args, bk.INDEX_TOPK, ops)
+    raise SystemExit(f"--kernel {kind!r}: expected scan, scan_lengths or topk")
+
+
+def with_general(ops: tuple, every: int) -> tuple:
+    """The operands with every `every`-th query's mode set to the general scan's (0: unchanged)."""
+    from kernels import indexer_topk as idx
+
+    if every <= 0:
+        return ops
+    mode = ops[3].clone()
+    mode[::every] = idx.MODE_GENERAL
+    return (*ops[:3], mode, ops[4])
+
+
+def same(a, b) -> bool:
+    if isinstance(a, tuple):
+        return all(same(u, v) for u, v in zip(a, b))
+    return torch.equal(a, b)
+
+
+def time_case(cfg, rows, ceil, T: int, B: int, kind: str, every: int, module, attr: str, values: list,
+              rounds: int) -> dict:
+    from kernels import indexer_topk as idx
+
+    x = bk.kernel_inputs(cfg, T, B, rows)
+    ops = with_general(idx.query_operands(x["iq"], x["iw"]), every)
+    fn = kernel_call(kind, x, ops)
+    saved = getattr(module, attr)
+    named = {repr(v): v for v in values}
+    try:
+        first = None
+        for v in values:
+            setattr(module, attr, v)
+            out = fn()
+            first = out if first is None else first
+            if not same(out, first):
+                raise SystemExit(f"{T}x{B}: {attr}={v!r} gives other results than {values[0]!r}")
+        ms = {name: [] for name in named}
+        for _ in range(rounds):
+            for name, v in named.items():
+                setattr(module, attr, v)
+                ms[name].append(bk.graph_time(fn) * 1e3)
+    finally:
+        setattr(module, attr, saved)
+    nbytes, _ = idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)
+    base = statistics.median(next(iter(ms.values())))
+    for name, times in ms.items():
+        med = statistics.median(times)
+        print(f"{T}x{B} {kind} general every {every} {attr}={name:>6}: ms {' '.join(f'{t:.4f}' for t in times)} "
+              f"(median / first's {med / base:.3f}; {nbytes / (med / 1e3) / ceil['copy_bytes_per_s']:.1%} of the "
+              f"copy rate)", flush=True)
+    return dict(context=T, batch=B, kernel=kind, general_every=every, ms=ms)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", required=True, help="package.module.NAME=value,value (Python literals)")
+    ap.add_argument("--kernel", default="scan", choices=("scan", "scan_lengths", "topk"))
+    ap.add_argument("--cases", default="131072x32,1048576x32,131072x1,8192x32")
+    ap.add_argument("--general", type=int, default=0, help="every Nth query to the general scan (0: none)")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    module, attr, values = parse_switch(args.set)
+    from workers.config import preset
+
+    cfg = preset("flash-attn")
+    ceil = bk.ceilings()
+    print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    rows = bk.encoded_rows(cfg)
+    res = []
+    for case in args.cases.split(","):
+        T, _, B = case.partition("x")
+        res.append(time_case(cfg, rows, ceil, int(T), int(B), args.kernel, args.general, module, attr, values,
+                             args.rounds))
+        bk.empty_cache()
+    out = dict(switch=args.set, ceilings=ceil, cases=res)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
