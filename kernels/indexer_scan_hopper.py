@@ -707,18 +707,27 @@ if gluon is not None:
         return (bits | ((code & 8) << 28)).to(gl.float32, bitcast=True)
 
     @gluon.jit
-    def _general_operand(rows_ptr, page_id, page_stride, a_l: gl.constexpr):
+    def _general_bytes(rows_ptr, table_row, page, vis_hi, page_stride):
+        """A page's code bytes [64, Di/2] and each byte's block scale code [64, Di/2] (int32), not
+        read past vis_hi (_general_operand's input; loaded a page ahead)."""
+        c_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [_WARPS, 1], [1, 0])
+        r = gl.arange(0, 64, layout=gl.SliceLayout(1, c_l))[:, None]
+        j = gl.arange(0, _DI // 2, layout=gl.SliceLayout(0, c_l))[None, :]
+        valid = page < vis_hi
+        page_id = gl.load(table_row + page, mask=valid, other=0)
+        row = rows_ptr + page_id.to(gl.int64) * page_stride + r * _ROW_BYTES
+        ok = (r < 64 * valid.to(gl.int32)) & (j >= 0)
+        codes = gl.load(row + j, mask=ok, other=0).to(gl.int32)
+        e = gl.load(row + _DI // 2 + j // 16, mask=ok, other=127).to(gl.int32)  # the byte's block (16 bytes a block)
+        return codes, e
+
+    @gluon.jit
+    def _general_operand(codes, e, a_l: gl.constexpr):
         """A page's keys as tl.dot_scaled's decomposition on Hopper makes them, [64, Di] BF16 in a_l:
         each E2M1 value times its block's UE8M0 scale taken as the BF16 with that exponent field
         (code 0 gives 0, not 2**-127 as kv_layout decodes it), NaN where the code is 255 (sm_90a PTX
         of the general scan, Triton 3.6: a table per nibble, then mul.bf16 and a select). Here the
         product is taken in float32 and rounded once to BF16: both are correctly rounded, so equal."""
-        c_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [_WARPS, 1], [1, 0])
-        r = gl.arange(0, 64, layout=gl.SliceLayout(1, c_l))[:, None]
-        j = gl.arange(0, _DI // 2, layout=gl.SliceLayout(0, c_l))[None, :]
-        row = rows_ptr + page_id.to(gl.int64) * page_stride + r * _ROW_BYTES
-        codes = gl.load(row + j).to(gl.int32)
-        e = gl.load(row + _DI // 2 + j // 16).to(gl.int32)  # the byte's block (16 bytes a block)
         scale = (e << 23).to(gl.float32, bitcast=True)  # 2**(e - 127); 0 for code 0
         lo = gl.where(e == 255, float("nan"), _e2m1_value(codes & 15) * scale)
         hi = gl.where(e == 255, float("nan"), _e2m1_value(codes >> 4) * scale)
@@ -750,14 +759,18 @@ if gluon is not None:
         w = gl.load(w_ptr + s * HP + gl.arange(0, HP, layout=gl.SliceLayout(0, acc_l)))
         zero = gl.zeros([64, HP], gl.float32, acc_l)
         rows = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
+        codes, e = _general_bytes(rows_ptr, table_row, page_lo, vis_hi, page_stride)
         for page in range(page_lo, vis_hi):
-            a = _general_operand(rows_ptr, gl.load(table_row + page), page_stride, a_l)
+            # the next page's bytes are requested before this page is scored, as the general scan does
+            next_codes, next_e = _general_bytes(rows_ptr, table_row, page + 1, vis_hi, page_stride)
+            a = _general_operand(codes, e, a_l)
             acc = warpgroup_mma(a, parts.index(0).permute((1, 0)), zero, use_acc=False)
             acc = warpgroup_mma(a, parts.index(1).permute((1, 0)), acc)
             acc = warpgroup_mma(a, parts.index(2).permute((1, 0)), acc)
             col = page * 64 + rows
             score = gl.sum(w[None, :] * (gl.maximum(acc, 0.0) * inv_sqrt_di), axis=1)
             gl.store(out_row + col, _key_bits(score, col, n_vis, SENTINEL_KEY))
+            codes, e = next_codes, next_e
 
     @gluon.jit
     def _scan_kernel_ws(q8_ptr, w8_ptr, mode_ptr, pos_ptr, head_desc, tail_desc, rows_ptr, table_ptr, out_ptr,
