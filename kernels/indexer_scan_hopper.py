@@ -871,6 +871,18 @@ def _page_descriptors(index_rows: torch.Tensor):
             TensorDescriptor(words, shape, strides, [1, 1, 64], layout))
 
 
+def _check_general(parts: torch.Tensor, w_pad: torch.Tensor, w8: torch.Tensor) -> None:
+    """The general operands as _score_general reads them: BF16 parts [S, 3, hp, Di] whose parts and
+    heads lie back to back (a query's own stride is free), float32 head weights [S, hp] contiguous."""
+    S, hp = w8.shape
+    back_to_back = parts.dim() == 4 and parts.stride()[1:] == (hp * DI, DI, 1)
+    if (parts.dtype != torch.bfloat16 or tuple(parts.shape) != (S, 3, hp, DI) or not back_to_back
+            or w_pad.dtype != torch.float32 or w_pad.shape != w8.shape or not w_pad.is_contiguous()):
+        raise ValueError(f"the general operands must be BF16 parts [{S}, 3, {hp}, {DI}] (parts and heads back to "
+                         f"back) and float32 head weights [{S}, {hp}] (contiguous), got {parts.dtype} "
+                         f"{list(parts.shape)} and {w_pad.dtype} {list(w_pad.shape)}")
+
+
 def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages_per_prog: int, sentinel: int,
              fp8_mode: int, lengths: torch.Tensor | None = None, general: tuple | None = None) -> bool:
     """Write the FP8 scan's keys into out [S, n_cols] for the queries whose mode is fp8_mode, and the
@@ -897,10 +909,8 @@ def scan_fp8(q8, w8, mode, positions, index_rows, table, out, n_cols: int, pages
         dependent = grid_dependency.enabled(q8)
         here = GENERAL_HERE and general is not None
         parts, w_pad, inv_sqrt_di = general if here else (q8, w8, 1.0)  # not read unless GENERAL
-        if here and (parts.shape[1:] != (3, w8.shape[1], DI) or parts.stride(1) != w8.shape[1] * DI
-                     or parts.stride(2) != DI or parts.stride(3) != 1 or w_pad.shape != w8.shape or not w_pad.is_contiguous()):
-            raise ValueError(f"the general operands must be contiguous BF16 parts [S, 3, {w8.shape[1]}, {DI}] and "
-                             f"head weights [S, {w8.shape[1]}], got {list(parts.shape)} and {list(w_pad.shape)}")
+        if here:
+            _check_general(parts, w_pad, w8)
         _scan_kernel_ws[grid](q8, w8, mode, positions, *_page_descriptors(index_rows), index_rows, table, out,
                               q8.stride(0), table_stride, index_rows.stride(0), out.stride(0), table.shape[1], n_cols,
                               ppp, S, len_arg, parts, w_pad, parts.stride(0), inv_sqrt_di, HP=w8.shape[1],

@@ -396,6 +396,23 @@ def test_an_unknown_gluon_scan_setting_is_an_error_not_a_silent_choice(monkeypat
                    torch.zeros(1, 128, dtype=torch.int64), 128, 2, -1, 0)
 
 
+def test_the_gluon_scans_general_operands_are_taken_only_as_its_scorer_reads_them():
+    """The bulk_ws kernel reads a general query's three BF16 parts as [3, hp, Di] back to back from
+    the query's base, and its head weights contiguous: operands laid out otherwise must be refused
+    before a launch, not read wrong (a query's own stride is free: a prefill block's slice)."""
+    from kernels import indexer_scan_hopper as H
+
+    q, w = make_queries(4, 64, 128, seed=38, kind="float")
+    q8, w8, parts, _, w_pad = K.operands_reference(q, w, 64)
+    H._check_general(parts, w_pad, w8)
+    H._check_general(parts[::2], w_pad[::2].contiguous(), w8[::2])
+    bad = [(parts.float(), w_pad), (parts.transpose(2, 3).contiguous().transpose(2, 3), w_pad),
+           (parts[:, :2], w_pad), (parts, w_pad.double()), (parts, w_pad.t().contiguous().t()), (parts[:3], w_pad)]
+    for p, wp in bad:
+        with pytest.raises(ValueError, match="general operands"):
+            H._check_general(p, wp, w8)
+
+
 def test_scan_traffic_counts_key_rows_and_dot_flops():
     nbytes, flops = K.scan_traffic(2, 1 << 20, 64, 128)
     n = (1 << 20) // 4
