@@ -433,9 +433,9 @@ def _score_keys(q, w, index_rows, block_table, positions, n_cols, operands, leng
                 out if sentinels else lengths, **consts, PAGES=FP8_PAGES, INTERPRET=not q.is_cuda, MODE=MODE_FP8,
                 num_stages=SCAN_STAGES, WORD_SCALES=index_scales_as_words(index_rows, Di), BLOCK_S=block_s,
                 SENTINELS=sentinels)
-        # (where the Gluon launch did not score them) most queries take the FP8 scan, and then this
-        # launch's programs only end: as a dependent
-        # launch they do so in the FP8 scan's tail instead of after it (grid_dependency). It keeps
+        # the general scan, where the Gluon launch did not score its queries: most queries take the FP8
+        # scan, and then this launch's programs only end; as a dependent launch they do so in the FP8
+        # scan's tail instead of after it (grid_dependency). It keeps
         # the per-query split: its queries, off the FP4 grid, are none of the model's, and under the
         # plan each of its programs would first compute it (on an H100 0.5 us more of a 32-query
         # call's 7 us at 8K, kernels/RESULTS.md, sixteenth session)

@@ -75,16 +75,18 @@ def test_the_dependent_general_scan_reads_nothing_before_its_wait():
     assert ops[0] == "griddepcontrol.wait", ops[:4]
 
 
-@pytest.mark.parametrize("block_s,sentinels", [(0, True), (4, False)])
-def test_the_dependent_gluon_scan_reads_nothing_before_its_wait_nor_lets_the_next_start(block_s, sentinels):
+@pytest.mark.parametrize("block_s,sentinels,general", [(0, True, 0), (4, False, 0), (4, True, 1)])
+def test_the_dependent_gluon_scan_reads_nothing_before_its_wait_nor_lets_the_next_start(block_s, sentinels, general):
     """The Gluon scan, a dependent of the kernel writing its operands, must read nothing (loads,
     bulk copies) nor write before its griddepcontrol.wait, and let its own dependent (the general
     scan) be scheduled only after it (grid_dependency), per query and planned, with sentinels or
-    lengths. Compiled for sm_90a, no GPU needed, but only by a Triton that allows the bulk loader's
+    lengths, and where it scores the general queries too (their parts and weights are written by
+    the same kernel before it). Compiled for sm_90a, no GPU needed, but only by a Triton that allows the bulk loader's
     padded views (gluon_api.PADDED_VIEWS: the GPU machines' 3.6, not CI's 3.9): skipped elsewhere,
     except beside a Hopper GPU with such a Triton, where the scan must run (its GPU tests fail if
     it falls back) and so must compile."""
-    run = build_ptx("scan_bulk_ws", "DEPENDENT=1", f"BLOCK_S={block_s}", f"SENTINELS={int(sentinels)}")
+    run = build_ptx("scan_bulk_ws", "DEPENDENT=1", f"BLOCK_S={block_s}", f"SENTINELS={int(sentinels)}",
+                    f"GENERAL={general}")
     if run.returncode == 3:
         hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
         (pytest.fail if hopper and gluon_api.PADDED_VIEWS else pytest.skip)(
