@@ -12,6 +12,10 @@ they compile to the same PTX as the old spellings did (checked instruction for i
 (PADDED_VIEWS), which the scan's bulk-copy loader needs: the copy engine writes a page as it lies
 and the scorer skips each row's scale word by a padded view. Where that is refused the scan takes
 its registers loader (indexer_scan_hopper.loader_for), which loads the same words from global memory.
+Allocating the ring padded does not help: 3.9 refuses the reinterpret either way ("cannot
+reinterpret between padded and non-padded layouts", so the copy engine's unpadded view of a padded
+slot is refused too), and a copy that drops the scale words itself would need the rows' 68-byte
+stride to be a multiple of 16 bytes, as the copy engine's global strides must be.
 
 Compiling is not running: a kernel only runs by default on a release whose GPU tests passed here
 (TESTED_TRITON). `V4SERVE_GLUON` chooses: `auto` (that default), `on` (any Triton that compiles
