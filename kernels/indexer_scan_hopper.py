@@ -182,9 +182,11 @@ if gluon is not None:
 
 
     @gluon.constexpr_function
-    def _acc_layout(HP):
-        """wgmma's accumulator of a step: [ROWS keys, HP heads] over one warp group."""
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, HP, 32])
+    def _acc_layout(HP, K=32):
+        """wgmma's accumulator of a step: [ROWS keys, HP heads] over one warp group; K: the
+        instruction's (32 for the FP8 dots, 16 for the general queries' BF16 ones, as
+        indexer_topk._scan_kernel's tl.dot_scaled takes them on Hopper: m64nHPk16)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, HP, K])
 
     @gluon.constexpr_function
     def _operand_layout(HP):
@@ -693,12 +695,6 @@ if gluon is not None:
 
     # -- the general scan's queries (GENERAL): indexer_topk._scan_kernel's sums, bit for bit ----------
 
-    @gluon.constexpr_function
-    def _bf16_acc_layout(HP):
-        """wgmma's accumulator of a page's BF16 dots [64 keys, HP heads], one warp group: the layout
-        indexer_topk._scan_kernel's tl.dot_scaled takes on Hopper (m64nHPk16)."""
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, HP, 16])
-
     @gluon.jit
     def _e2m1_value(code):
         """E2M1 codes (int32, 0-15) -> their float32 values, exactly (code 8 is -0.0)."""
@@ -744,7 +740,7 @@ if gluon is not None:
         order), then the ReLU'd heads times Di**-0.5, weighted and summed in the accumulator's layout.
         Slower than that scan (one program's pages in turn, and the keys' conversion through shared
         memory); its queries are none of the model's, and this saves the launch that scored them."""
-        acc_l: gl.constexpr = _bf16_acc_layout(HP)
+        acc_l: gl.constexpr = _acc_layout(HP, 16)
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
         parts = gl.allocate_shared_memory(gl.bfloat16, [3, HP, _DI],
                                           gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))

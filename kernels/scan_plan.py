@@ -25,9 +25,9 @@ The grid is fixed when the launch is recorded (a CUDA graph) while the positions
 each program computes the plan from the positions and modes on the device: a query a lane, every
 sum in registers. G covers the GPU (programs_per_sm x SMs), with at least one program a query.
 The Triton FP8 scan takes planned_span; the Gluon one (indexer_scan_hopper._planned_span) the
-same arithmetic in Gluon's layouts, where its bulk-copy kernel scores the general queries too (GENERAL_HERE)
-(queries off the FP4 grid, none of the model's) with their steps weighed as the others'. The
-general scan's own launch keeps the per-query split, so its programs, which find no query of
+same arithmetic in Gluon's layouts, counting the general queries' steps as the others' where its
+bulk-copy kernel scores those too (GENERAL_HERE; queries off the FP4 grid, none of the model's).
+The general scan's own launch keeps the per-query split, so its programs, which find no query of
 theirs, end at once; so do prefill chunks of more than PLAN_QUERIES queries (a program or more a
 query); a shorter chunk is planned as a decode batch is.
 """
