@@ -24,7 +24,7 @@ import statistics
 import torch
 
 from load_tests import bench_kernels as bk
-from load_tests.bench_step_ab import parse_switch
+from load_tests import bench_step_ab as AB
 
 
 def kernel_call(kind: str, x: dict, ops: tuple):
@@ -42,9 +42,8 @@ def kernel_call(kind: str, x: dict, ops: tuple):
             cols = torch.arange(n_cols, device=keys.device)
             return torch.where(cols[None, :] < lengths[:, None].long(), keys, 0), lengths
         return keys_to_lengths
-    if kind == "topk":
-        return lambda: idx.indexer_topk(*args, bk.INDEX_TOPK, ops)
-    raise SystemExit(f"--kernel {kind!r}: expected scan, scan_lengths or topk")
+    assert kind == "topk", kind  # main's choices
+    return lambda: idx.indexer_topk(*args, bk.INDEX_TOPK, ops)
 
 
 def with_general(ops: tuple, every: int) -> tuple:
@@ -89,12 +88,9 @@ def time_case(cfg, rows, ceil, T: int, B: int, kind: str, every: int, module, at
     finally:
         setattr(module, attr, saved)
     nbytes, _ = idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)
-    base = statistics.median(next(iter(ms.values())))
-    for name, times in ms.items():
-        med = statistics.median(times)
-        print(f"{T}x{B} {kind} general every {every} {attr}={name:>6}: ms {' '.join(f'{t:.4f}' for t in times)} "
-              f"(median / first's {med / base:.3f}; {nbytes / (med / 1e3) / ceil['copy_bytes_per_s']:.1%} of the "
-              f"copy rate)", flush=True)
+    share = {name: f"; {nbytes / (statistics.median(t) / 1e3) / ceil['copy_bytes_per_s']:.1%} of the copy rate"
+             for name, t in ms.items()}
+    AB.report(f"{T}x{B} {kind} general every {every} {attr}=", ms, share, what="ms", digits=4)
     return dict(context=T, batch=B, kernel=kind, general_every=every, ms=ms)
 
 
@@ -106,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--general", type=int, default=0, help="every Nth query to the general scan (0: none)")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
-    module, attr, values = parse_switch(args.set)
+    module, attr, values = AB.parse_switch(args.set)
     from workers.config import preset
 
     cfg = preset("flash-attn")

@@ -114,12 +114,12 @@ def time_steps(model, states, module, attr: str, values: dict, rounds: int, step
     return ms
 
 
-def report(label: str, ms: dict, extra: dict | None = None) -> None:
-    """A line per value: each round's ms and the median's ratio to the first value's."""
+def report(label: str, ms: dict, extra: dict | None = None, what: str = "step ms", digits: int = 3) -> None:
+    """A line per value: each round's ms (`what`) and the median's ratio to the first value's."""
     first = next(iter(ms))
     base = statistics.median(ms[first])
     for name, times in ms.items():
-        print(f"{label} {name:>12}: step ms {' '.join(f'{t:.3f}' for t in times)} (median / {first}'s "
+        print(f"{label} {name:>12}: {what} {' '.join(f'{t:.{digits}f}' for t in times)} (median / {first}'s "
               f"{statistics.median(times) / base:.3f}){(extra or {}).get(name, '')}", flush=True)
 
 

@@ -1,0 +1,49 @@
+"""load_tests/bench_kernel_ab.py's parts that need no GPU: the values alternate, a value that moves
+a result stops the run before any timing, the switch is put back, and --general flips the modes
+it says."""
+
+import types
+
+import pytest
+import torch
+
+from kernels import indexer_topk as idx
+from load_tests import bench_kernel_ab as KAB
+
+
+@pytest.fixture
+def fake_call(monkeypatch):
+    """time_case around a stand-in call whose output is switch.OUT and a timer that records the value."""
+    switch = types.SimpleNamespace(OUT=0, FAST=True)
+    timed = []
+    monkeypatch.setattr(KAB.bk, "kernel_inputs", lambda cfg, T, B, rows: {"iq": None, "iw": None})
+    monkeypatch.setattr(idx, "query_operands", lambda q, w: ("q8", "w8", "parts", torch.zeros(4), "w_pad"))
+    monkeypatch.setattr(KAB, "kernel_call", lambda kind, x, ops: lambda: torch.tensor([switch.OUT]))
+    monkeypatch.setattr(KAB.bk, "graph_time", lambda fn: timed.append(switch.FAST) or (1e-5 if switch.FAST else 2e-5))
+    cfg = types.SimpleNamespace(index_n_heads=64, index_head_dim=128)
+    return switch, timed, cfg
+
+
+def test_values_alternate_and_the_switch_is_put_back(fake_call):
+    switch, timed, cfg = fake_call
+    res = KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 131072, 32, "scan", 0, switch, "FAST",
+                        [False, True], 2)
+    assert timed == [False, True, False, True]
+    assert res["ms"] == {"False": [0.02, 0.02], "True": [0.01, 0.01]}
+    assert switch.FAST is True  # as it was
+
+
+def test_a_value_that_moves_a_result_stops_the_run_before_timing(fake_call):
+    switch, timed, cfg = fake_call
+    with pytest.raises(SystemExit, match="gives other results"):
+        KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 8192, 1, "scan", 0, switch, "OUT", [0, 1], 2)
+    assert timed == [] and switch.OUT == 0
+
+
+def test_general_sends_every_nth_query_to_the_general_scan():
+    ops = ("q8", "w8", "parts", torch.full((7,), idx.MODE_FP8, dtype=torch.int32), "w_pad")
+    assert KAB.with_general(ops, 0) is ops
+    flipped = KAB.with_general(ops, 3)
+    assert flipped[3].tolist() == [idx.MODE_GENERAL if i % 3 == 0 else idx.MODE_FP8 for i in range(7)]
+    assert ops[3].eq(idx.MODE_FP8).all()  # the caller's modes are left as they were
+    assert KAB.with_general(ops, 1)[3].eq(idx.MODE_GENERAL).all()
