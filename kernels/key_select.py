@@ -24,7 +24,9 @@ sums, used to cost eight more). A row longer than a chunk goes in levels: every 
 top k (the row's top k are among them), a quarter of its keys at k = 512, so 32K keys take three
 launches and 256K five. The last level's one program per row sorts its k keys (tl.sort) and
 writes their entries (-1 for a sentinel or a non-finite score), what indexer_topk returns, so no
-further kernel runs.
+further kernel runs. From FLOOR_FROM keys a call, one program a row first takes a floor from a
+sample of the row, below which no key can be a pick, and the first level counts those keys as
+sentinels: most chunks then need no rounds (row_floors; 1M x 32 on an H100 0.220 -> 0.160 ms).
 
 On an H100, at 128K and batch 1, a CSA layer's selection takes 35 us on a decode step's keys
 (60 us with the entry-half rounds; torch.topk 150 us); on random keys without ties the kernel is
@@ -59,6 +61,24 @@ INTERPRET_CHUNK = 1024  # the interpreter: small chunks, so the CPU tests take s
 # gain shrinks with the rows); a prefill chunk's thousands of rows stay with torch.topk.
 SELECT_MAX_ROWS = 128
 INTERPRET_MAX_ROWS = 8  # the interpreter's cost is per program: a prefill chunk's rows take minutes
+# A row floor before the first level (row_floors), from FLOOR_FROM keys in a call (S x n; 0: never).
+# A level's time is its programs' rounds, and the first level's programs are most of them (4,096 at
+# 1M x 32, each holding 2,048 keys and running up to 8 rounds). One program a row first finds the
+# k-th largest score half among FLOOR_SAMPLE of the row's keys spread over it: at least k keys of
+# the row are at or above it, so no key below it is a pick, and the first level counts those keys
+# as sentinels. On random scores about k x n / FLOOR_SAMPLE keys of a row stay (16K of 1M's 256K),
+# so most first-level chunks hold fewer than k live keys and take them with no rounds, and so do
+# the next level's. The same picks (the keys above the floor and their order are unchanged).
+# H100, the selection alone on the scan's keys, ms without / with (`python -m
+# load_tests.bench_kernel_ab --kernel select --set kernels.key_select.FLOOR_FROM=0,1`,
+# kernels/RESULTS.md): 1M x 32 0.220 / 0.160, 128K x 32 0.049 / 0.053, 1M x 1 0.053 / 0.070,
+# 128K x 1 0.033 / 0.032. Fitted to the first two, the floor costs about 14 us and saves about
+# 0.018 us a first-level program, so it would break even at some 770 programs (1.6M keys); until
+# that is measured it is taken where it was measured faster: from 1M x 32's 8M keys (4,096 programs).
+FLOOR_FROM = 1 << 23
+FLOOR_SAMPLE = 8192  # keys of a row the floor is taken from
+FLOOR_WARPS = 16  # 16 score halves a thread (8 warps: 127 registers a thread, 16: 58; sm_90a)
+INTERPRET_FLOOR_SAMPLE = 1024
 
 
 @triton.jit
@@ -83,15 +103,62 @@ def _radix_round(v, match, prefix, need, SHIFT: tl.constexpr, BITS: tl.constexpr
 
 
 @triton.jit
-def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_stride, len_ptr,
+def _kth_score_half(hi, everyone, K: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """The K-th largest of N score halves hi (uint32; a sentinel's is 0), or less, and how many of
+    the keys equal to it are still needed. The rounds stop once the digits found so far hold
+    exactly the keys still needed: T's lower digits stay 0, the least the digits found allow, so
+    the keys above or equal to it are those found and all of them are taken. They never start when
+    the K-th key is a sentinel (score half 0, the least): the chunks of a padded decode row or a
+    short row are all sentinels, which the rounds would not split. Either way at least K of the
+    keys are at or above T. `everyone` is all true (a tensor: see _radix_round)."""
+    ROUNDS: tl.constexpr = 32 // BITS
+    hi_t = tl.full([], 0, tl.uint32)
+    live = tl.sum((hi > 0).to(tl.int32), 0)
+    done = (live < K).to(tl.int32)
+    need = tl.where(live < K, K - live, K)
+    tied = tl.where(live < K, N - live, 0)
+    for rnd in tl.static_range(ROUNDS):
+        if done == 0:
+            hi_t, need, tied = _radix_round(hi, everyone, hi_t, need, 32 - BITS * (rnd + 1), BITS)
+            done = (need == tied).to(tl.int32)
+    return hi_t, need
+
+
+@triton.jit
+def _floor_kernel(src32_ptr, n, src_stride, len_ptr, floor_ptr, K: tl.constexpr, SAMPLE: tl.constexpr,
+                  BITS: tl.constexpr, LENGTHS: tl.constexpr):
+    """Row r's floor: the K-th largest score half (or less: _kth_score_half) among SAMPLE of its
+    keys, spread evenly over its length (every key where it has fewer), 0 where fewer than K of
+    them are live. At least K of the row's keys are at or above it, so no key below it is among
+    the row's top K. src32_ptr: the keys as int32 pairs (the score half is the high word)."""
+    r = tl.program_id(0).to(tl.int64)
+    n_row = n
+    if LENGTHS:
+        n_row = tl.minimum(tl.load(len_ptr + r), n)
+    # one key from each of SAMPLE equal strata of the row, at an offset hashed from the stratum's
+    # number (Fibonacci hashing) rather than its start: a row whose scores repeat with some period
+    # (every 7th a ReLU'd 0, say) would otherwise be sampled in one phase of it
+    j = tl.arange(0, SAMPLE)
+    step = tl.maximum(n_row // SAMPLE, 1)
+    col = j * step + ((j.to(tl.uint32) * 2654435761) % step.to(tl.uint32)).to(tl.int32)
+    top = tl.load(src32_ptr + (r * src_stride + col) * 2 + 1, mask=col < n_row, other=-2147483648)
+    hi = (top ^ -2147483648).to(tl.uint32, bitcast=True)
+    hi_t, _ = _kth_score_half(hi, j >= 0, K, SAMPLE, BITS)
+    tl.store(floor_ptr + r, hi_t.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_stride, len_ptr, floor_ptr,
                    K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr,
                    FINAL: tl.constexpr, LENGTHS: tl.constexpr, LEVEL: tl.constexpr,
-                   LEVEL_CHUNK: tl.constexpr):
+                   LEVEL_CHUNK: tl.constexpr, FLOOR: tl.constexpr):
     """Top K of chunk g of row r. Not FINAL: its K keys, in the chunk's order (the next level's
     tie-break needs it), to dst[r, g K : (g + 1) K]. FINAL (one chunk per row): the K keys in
     descending order through dst[r, :K_PAD] (scratch), then their entries to out[r, :K].
     LENGTHS: row r's keys end at len[r] (select_entries), LEVEL levels of LEVEL_CHUNK-key chunks
-    before this one: a chunk past them reads and writes nothing."""
+    before this one: a chunk past them reads and writes nothing. FLOOR (the first level only):
+    row r's keys below floor[r] (_floor_kernel) count as sentinels, so a chunk holding fewer
+    than K others takes them without rounds, and so do the levels after it."""
     g, r = tl.program_id(0), tl.program_id(1).to(tl.int64)
     n_row = n
     if LENGTHS:
@@ -106,24 +173,13 @@ def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_str
     key = tl.load(src_ptr + r * src_stride + i, mask=i < n_row, other=SENTINEL)  # padding ranks last
     # the score half as a uint32 in unsigned order (its sign bit flipped): the rounds shift and
     # compare 32-bit words, half the registers and instructions of an int64 half
+    if FLOOR:  # the first level under a row floor: the keys below it are not among the row's top K
+        # (the least key of the floor's score half: the half back in signed order, its low half 0)
+        least = (tl.load(floor_ptr + r) ^ -2147483648).to(tl.int64) << 32
+        key = tl.where(key < least, SENTINEL, key)
     hi = ((key >> 32).to(tl.int32) ^ -2147483648).to(tl.uint32, bitcast=True)
     everyone = i >= 0
-    ROUNDS: tl.constexpr = 32 // BITS
-    # the K-th largest score half, and how many of the keys holding it are still needed. The
-    # rounds stop once the digits found so far hold exactly the keys still needed: T's lower
-    # digits stay 0, the least the digits found allow, so the keys above or equal to it below
-    # are those found and all of them are taken. They never start when the K-th key is a
-    # sentinel (score half 0, the least): the chunks of a padded decode row or a short row are
-    # all sentinels, which the rounds would not split.
-    hi_t = tl.full([], 0, tl.uint32)
-    live = tl.sum((hi > 0).to(tl.int32), 0)
-    done = (live < K).to(tl.int32)
-    need = tl.where(live < K, K - live, K)
-    tied = tl.where(live < K, CHUNK - live, 0)
-    for rnd in tl.static_range(ROUNDS):
-        if done == 0:
-            hi_t, need, tied = _radix_round(hi, everyone, hi_t, need, 32 - BITS * (rnd + 1), BITS)
-            done = (need == tied).to(tl.int32)
+    hi_t, need = _kth_score_half(hi, everyone, K, CHUNK, BITS)
     # The keys above hi_t are all taken, then the first `need` of those equal to it in the chunk's
     # order: a row's keys lie in column order (the scan's entry half is INT32_MAX - column) and
     # every level keeps its picks in that order, so those are the keys with the largest entry
@@ -190,15 +246,42 @@ def select_entries(keys: torch.Tensor, k: int, lengths: torch.Tensor | None = No
     len_arg = lengths if lengths is not None else out  # not read without LENGTHS
     # (a last level over two chunks at twice the warps, saving a launch for rows that would end in a
     # level of two, moved an H100's decode step by no more than 1.4% either way: sixteenth session)
+    floored = takes_floor(S, n, k, keys.device)
+    floor = row_floors(keys, k, lengths) if floored else out  # not read without FLOOR
     src, level = keys, 0
     while src.shape[1] > chunk:  # each level keeps the top k of every chunk: the row's top k survive
         n_chunks = triton.cdiv(src.shape[1], chunk)
         dst = torch.empty(S, n_chunks * k, dtype=torch.int64, device=keys.device)
         _select_kernel[(n_chunks, S)](src, src.shape[1], src.stride(0), dst, dst.stride(0), out, out.stride(0),
-                                      len_arg, CHUNK=chunk, FINAL=False, LEVEL=level, num_warps=SELECT_WARPS,
-                                      **consts)
+                                      len_arg, floor, CHUNK=chunk, FINAL=False, LEVEL=level,
+                                      FLOOR=floored and level == 0, num_warps=SELECT_WARPS, **consts)
         src, level = dst, level + 1
     scratch = torch.empty(S, k_pad, dtype=torch.int64, device=keys.device)
     _select_kernel[(1, S)](src, src.shape[1], src.stride(0), scratch, scratch.stride(0), out, out.stride(0),
-                           len_arg, CHUNK=chunk, FINAL=True, LEVEL=level, num_warps=SELECT_WARPS, **consts)
+                           len_arg, out, CHUNK=chunk, FINAL=True, LEVEL=level, FLOOR=False, num_warps=SELECT_WARPS,
+                           **consts)
     return out
+
+
+def _floor_sample(device: torch.device) -> int:
+    return FLOOR_SAMPLE if device.type == "cuda" else INTERPRET_FLOOR_SAMPLE
+
+
+def takes_floor(rows: int, n: int, k: int, device: torch.device) -> bool:
+    """Whether select_entries first finds each row's floor (row_floors): FLOOR_FROM keys in all
+    and more, rows longer than a chunk (levels to spare work in), and a sample with room above k."""
+    return 0 < FLOOR_FROM <= rows * n and n > _chunk(device) and _floor_sample(device) >= 2 * k
+
+
+def row_floors(keys: torch.Tensor, k: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """[S] int32: each row's floor, a uint32 score half (bits) at or below its k-th largest key's,
+    from a sample of its keys (_floor_kernel; 0 where the sample holds fewer than k live keys).
+    select_entries' first level takes every key below it for a sentinel. The arguments are
+    select_entries' (it checks them: keys int64 with contiguous rows, lengths int32 [S])."""
+    S, n = keys.shape
+    floor = torch.empty(S, dtype=torch.int32, device=keys.device)
+    if S:
+        _floor_kernel[(S,)](keys.view(torch.int32), n, keys.stride(0), lengths if lengths is not None else floor,
+                            floor, K=k, SAMPLE=_floor_sample(keys.device), BITS=RADIX_BITS,
+                            LENGTHS=lengths is not None, num_warps=FLOOR_WARPS)
+    return floor

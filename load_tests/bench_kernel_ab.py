@@ -2,12 +2,13 @@
 flash-attn preset, bench_kernels' inputs).
 
     python -m load_tests.bench_kernel_ab --set kernels.indexer_scan_hopper.GENERAL_HERE=False,True
-        [--kernel scan|scan_lengths|topk] [--cases 131072x32,1048576x32] [--general 0] [--rounds 3]
+        [--kernel scan|scan_lengths|topk|select] [--cases 131072x32,1048576x32] [--general 0] [--rounds 3]
 
 The call is replayed from a CUDA graph (bench_kernels.graph_time), recaptured for each value, and
 the values alternate --rounds times. --kernel: the scan with its sentinels (index_score_keys, what
-bench_kernels' scan rows time), the scan with each row's length (what the decode top-k runs), or
-the scan and the selection (indexer_topk). --general N: every Nth query is sent to the general
+bench_kernels' scan rows time), the scan with each row's length (what the decode top-k runs),
+the scan and the selection (indexer_topk), or the selection alone on the scan's keys and lengths
+(key_select.select_entries). --general N: every Nth query is sent to the general
 scan (its mode flipped: the general scan scores any query exactly, the model's included); 1 sends
 all, 0 none. Before timing, each value's output must be the first value's bits: a switch of
 launch or schedule must not move a key. Prints a line per case and value (each round's ms, the
@@ -30,6 +31,7 @@ from load_tests import bench_step_ab as AB
 def kernel_call(kind: str, x: dict, ops: tuple):
     """The call timed: a function of no arguments returning what is compared between values."""
     from kernels import indexer_topk as idx
+    from kernels import key_select
 
     args = (x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"])
     n_cols = x["block_table"].shape[1] * idx.PAGE_ENTRIES
@@ -42,8 +44,21 @@ def kernel_call(kind: str, x: dict, ops: tuple):
             cols = torch.arange(n_cols, device=keys.device)
             return torch.where(cols[None, :] < lengths[:, None].long(), keys, 0), lengths
         return keys_to_lengths
+    if kind == "select":  # the selection alone, on the scan's keys and row lengths (found once)
+        keys, lengths = idx.index_score_keys_and_lengths(*args, n_cols, ops)
+        return lambda: key_select.select_entries(keys, bk.INDEX_TOPK, lengths)
     assert kind == "topk", kind  # main's choices
     return lambda: idx.indexer_topk(*args, bk.INDEX_TOPK, ops)
+
+
+def bytes_moved(kind: str, B: int, T: int, cfg) -> tuple[int, str]:
+    """The bytes a call must move at the least, and what they are: the scan's (indexer_topk.scan_traffic)
+    for the scans and the top-k, each visible key read once for the selection alone."""
+    from kernels import indexer_topk as idx
+
+    if kind == "select":
+        return B * ((T + 1) // 4) * 8, "the keys read once"
+    return idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)[0], "the scan's bytes"
 
 
 def with_general(ops: tuple, every: int) -> tuple:
@@ -87,9 +102,9 @@ def time_case(cfg, rows, ceil, T: int, B: int, kind: str, every: int, module, at
                 ms[name].append(bk.graph_time(fn) * 1e3)
     finally:
         setattr(module, attr, saved)
-    nbytes, _ = idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)
-    share = {name: f"; {nbytes / (statistics.median(t) / 1e3) / ceil['copy_bytes_per_s']:.1%} of the copy rate"
-             for name, t in ms.items()}
+    nbytes, what = bytes_moved(kind, B, T, cfg)
+    share = {name: f"; {nbytes / (statistics.median(t) / 1e3) / ceil['copy_bytes_per_s']:.1%} of the copy rate "
+                   f"({what})" for name, t in ms.items()}
     AB.report(f"{T}x{B} {kind} general every {every} {attr}=", ms, share, what="ms", digits=4)
     return dict(context=T, batch=B, kernel=kind, general_every=every, ms=ms)
 
@@ -97,7 +112,7 @@ def time_case(cfg, rows, ceil, T: int, B: int, kind: str, every: int, module, at
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", required=True, help="package.module.NAME=value,value (Python literals)")
-    ap.add_argument("--kernel", default="scan", choices=("scan", "scan_lengths", "topk"))
+    ap.add_argument("--kernel", default="scan", choices=("scan", "scan_lengths", "topk", "select"))
     ap.add_argument("--cases", default="131072x32,1048576x32,131072x1,8192x32")
     ap.add_argument("--general", type=int, default=0, help="every Nth query to the general scan (0: none)")
     ap.add_argument("--rounds", type=int, default=3)

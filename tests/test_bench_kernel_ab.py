@@ -47,3 +47,30 @@ def test_general_sends_every_nth_query_to_the_general_scan():
     assert flipped[3].tolist() == [idx.MODE_GENERAL if i % 3 == 0 else idx.MODE_FP8 for i in range(7)]
     assert ops[3].eq(idx.MODE_FP8).all()  # the caller's modes are left as they were
     assert KAB.with_general(ops, 1)[3].eq(idx.MODE_GENERAL).all()
+
+
+def test_select_times_the_selection_alone_on_the_scans_keys_and_lengths(monkeypatch):
+    """--kernel select: the scan runs once, outside the timed call, which selects its keys at its lengths."""
+    from kernels import key_select_ref as R
+
+    scans = []
+    scores = torch.randn(2, 2048, generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([2048, 700], dtype=torch.int32)
+    want = R.select_entries(R.keys_of_scores(scores, lengths), KAB.bk.INDEX_TOPK)
+    keys = R.keys_of_scores(scores, torch.tensor([2048, 2048]))  # past a length the scan writes nothing
+    keys[1, 700:] = torch.iinfo(torch.int64).max  # (whatever is there would be picked if read)
+    monkeypatch.setattr(idx, "index_score_keys_and_lengths", lambda *a: scans.append(a) or (keys, lengths))
+    x = dict(iq=None, iw=None, csa_index=None, block_table=torch.zeros(2, 32, dtype=torch.int32), positions=None)
+    call = KAB.kernel_call("select", x, "ops")
+    assert len(scans) == 1 and scans[0][-2:] == (32 * idx.PAGE_ENTRIES, "ops")
+    got = call()
+    assert len(scans) == 1  # not scanned again
+    assert torch.equal(got, want)
+
+
+def test_the_selection_is_measured_against_reading_its_keys_once():
+    import types
+
+    cfg = types.SimpleNamespace(index_n_heads=64, index_head_dim=128)
+    assert KAB.bytes_moved("select", 32, 131071, cfg) == (32 * 32768 * 8, "the keys read once")
+    assert KAB.bytes_moved("topk", 32, 131071, cfg)[0] == idx.scan_traffic(32, 131071, 64, 128)[0]

@@ -40,9 +40,11 @@ def tied_scores(S: int, n: int, seed: int) -> torch.Tensor:
     (2, 5000, 512, [5000, 2100]),      # four levels (the interpreter's chunks are 1,024 keys)
 ])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_picks_equal_torch_topk_with_ties_sentinels_and_odd_sizes(triton_mode, monkeypatch, bits, S, n,
-                                                                   k, visible):
+@pytest.mark.parametrize("floor_from", [0, 1])  # row floors off, and on for every call with levels
+def test_picks_equal_torch_topk_with_ties_sentinels_and_odd_sizes(triton_mode, monkeypatch, bits, floor_from, S,
+                                                                   n, k, visible):
     monkeypatch.setattr(KS, "RADIX_BITS", bits)
+    monkeypatch.setattr(KS, "FLOOR_FROM", floor_from)
     keys = keys_of(tied_scores(S, n, seed=S * n + k), visible)
     got = KS.select_entries(keys, k)
     want = R.select_entries(keys, k)
@@ -62,12 +64,14 @@ def test_scores_tied_in_every_bit_of_the_score_half_go_to_the_lower_entry(triton
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_scores_tied_across_chunks_and_levels_go_to_the_lowest_columns(triton_mode, monkeypatch, bits):
+@pytest.mark.parametrize("floor_from", [0, 1])
+def test_scores_tied_across_chunks_and_levels_go_to_the_lowest_columns(triton_mode, monkeypatch, bits, floor_from):
     """Eight distinct scores over rows of several chunks (the interpreter's are 1,024 keys), as
     repeated index keys give: the k-th score is tied in every chunk and at every level, and the
     picks among the tied keys must be the lowest columns. Each level keeps its picks in column
     order for this; a level that stored the keys above T before the tied ones would not."""
     monkeypatch.setattr(KS, "RADIX_BITS", bits)
+    monkeypatch.setattr(KS, "FLOOR_FROM", floor_from)
     g = torch.Generator().manual_seed(11)
     s = torch.randint(0, 8, (3, 5000), generator=g).float() * 0.5 - 1.0
     keys = keys_of(s, [5000, 4321, 3000])
@@ -77,11 +81,13 @@ def test_scores_tied_across_chunks_and_levels_go_to_the_lowest_columns(triton_mo
     assert torch.equal(got[0], torch.nonzero(s[0] == top).flatten()[:512].int())
 
 
-def test_keys_past_a_rows_length_are_never_read(triton_mode):
+@pytest.mark.parametrize("floor_from", [0, 1])
+def test_keys_past_a_rows_length_are_never_read(triton_mode, monkeypatch, floor_from):
     """With lengths, a row's keys from lengths[r] on count as sentinels whatever they hold: rows of
     several levels (the interpreter's chunks are 1,024 keys), a length inside a chunk, one at a
     chunk's end, one shorter than k, zero, and the whole row. Past each length the keys are the
-    largest possible, so reading any of them would pick it."""
+    largest possible, so reading any of them would pick it (by the row floors' sample too)."""
+    monkeypatch.setattr(KS, "FLOOR_FROM", floor_from)
     lengths = [5000, 2049, 2048, 300, 0, 4000]
     keys = keys_of(tied_scores(6, 5000, seed=5), [5000] * 6)
     garbage = keys.clone()
@@ -90,6 +96,40 @@ def test_keys_past_a_rows_length_are_never_read(triton_mode):
     got = KS.select_entries(garbage, 512, torch.tensor(lengths, dtype=torch.int32))
     assert torch.equal(got, R.select_entries(keys_of(tied_scores(6, 5000, seed=5), lengths), 512))
     assert [int((row >= 0).sum()) for row in got] == [min(512, n) for n in lengths]
+
+
+def score_halves(keys: torch.Tensor) -> torch.Tensor:
+    """The keys' score halves as the kernels compare them (uint32 order), in int64."""
+    return ((keys >> 32) + 2**31)
+
+
+@pytest.mark.parametrize("case", ["random", "tied", "lengths", "short"])
+def test_row_floors_are_at_most_the_kth_score_and_leave_few_keys(triton_mode, case):
+    """A floor above a row's k-th score half would drop picks; one far below it would spare no
+    rounds. Every floor must be at most the k-th largest score half, and on rows of continuous
+    scores leave about k x n / sample keys (the bound here is 4x that); a row whose sample holds
+    fewer than k live keys gets 0 (nothing dropped: every key is at or above it)."""
+    S, n, k = 3, 8192, 64
+    g = torch.Generator().manual_seed(7)
+    scores = tied_scores(S, n, seed=7) if case == "tied" else torch.randn(S, n, generator=g)
+    visible = {"short": [n, 2 * k, k // 2]}.get(case, [n] * S)
+    keys = keys_of(scores, visible)
+    lengths = torch.tensor([n, 5000, 1500], dtype=torch.int32) if case == "lengths" else None
+    if lengths is not None:
+        keys = keys.clone()
+        for r, m in enumerate(lengths.tolist()):
+            keys[r, m:] = torch.iinfo(torch.int64).max  # past a length: never read
+    floors = KS.row_floors(keys, k, lengths).long() & 0xFFFFFFFF
+    for r in range(S):
+        m = n if lengths is None else int(lengths[r])
+        row = score_halves(keys[r, :m])
+        kth = int(row.topk(k).values[-1])
+        assert int(floors[r]) <= kth
+        if case == "short" and r:  # 2k and k/2 live keys: about k/4 and none in the sample
+            assert floors[r] == 0
+        elif case != "tied":  # continuous scores: the floor sits near the (k n / sample)-th key
+            kept = int((row >= floors[r]).sum())
+            assert k <= kept <= 4 * k * m // KS.INTERPRET_FLOOR_SAMPLE + k, (r, kept)
 
 
 def test_lengths_of_the_wrong_shape_or_type_are_refused(triton_mode):
@@ -122,8 +162,10 @@ def test_bad_arguments_are_refused(triton_mode):
 @pytest.mark.gpu
 @pytest.mark.parametrize("S,n", [(1, 32768), (1, 49152), (2, 262144), (32, 32768), (32, 262144)])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_gpu_flash_attn_sizes(triton_mode, monkeypatch, bits, S, n):
+@pytest.mark.parametrize("floor_from", [0, 1])
+def test_gpu_flash_attn_sizes(triton_mode, monkeypatch, bits, floor_from, S, n):
     monkeypatch.setattr(KS, "RADIX_BITS", bits)
+    monkeypatch.setattr(KS, "FLOOR_FROM", floor_from)
     scores = tied_scores(S, n, seed=n + S).cuda()
     keys = keys_of(scores, [n - 3 * r for r in range(S)])
     assert torch.equal(KS.select_entries(keys, 512), R.select_entries(keys, 512))
@@ -138,3 +180,16 @@ def test_select_env_keeps_torch_topk_and_refuses_unknown_values(monkeypatch):
     monkeypatch.setenv("V4SERVE_SELECT", "radix")
     with pytest.raises(ValueError, match="V4SERVE_SELECT"):
         KS.kernel_wins(4, 512, torch.device("cpu"))
+
+
+def test_row_floors_are_taken_only_where_there_are_levels_and_keys_enough(monkeypatch):
+    """FLOOR_FROM keys a call (0: never), a row longer than a chunk (else no level to spare work
+    in) and a sample with room above k."""
+    cpu = torch.device("cpu")
+    n = 2 * KS.INTERPRET_CHUNK
+    monkeypatch.setattr(KS, "FLOOR_FROM", 4 * n)
+    assert KS.takes_floor(4, n, 64, cpu) and not KS.takes_floor(3, n, 64, cpu)
+    assert not KS.takes_floor(8, KS.INTERPRET_CHUNK, 64, cpu)  # one chunk a row: no levels
+    assert not KS.takes_floor(4, n, KS.INTERPRET_FLOOR_SAMPLE // 2 + 1, cpu)
+    monkeypatch.setattr(KS, "FLOOR_FROM", 0)
+    assert not KS.takes_floor(128, 1 << 20, 64, cpu)
