@@ -447,10 +447,12 @@ def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
 @pytest.mark.gpu
 # factored: the fewest steps a bulk_ws program takes the factored sums for; 1 makes every program
 # here take them (these queries give a program a step or two), 8 (shipped) none. general_here: the
-# bulk_ws launch scores the general scan's queries too (the registers loader never does)
+# bulk_ws launch scores the general scan's queries too (the registers loader never does); under the
+# per-query split with it on, the keys with row lengths differed on an H100 (twenty-second session,
+# not yet explained: kernels/RESULTS.md), so that split is run with it off too
 @pytest.mark.parametrize("loader,scored_pages,per_sm,planned,factored,general_here", [
     ("registers", 2, 2, True, 1, True), ("bulk_ws", 2, 2, True, 1, True), ("bulk_ws", 1, 3, True, 1, False),
-    ("bulk_ws", 2, 2, False, 8, True)])
+    ("bulk_ws", 2, 2, False, 8, True), ("bulk_ws", 2, 2, False, 8, False)])
 def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, loader, scored_pages, per_sm, planned,
                                                      factored, general_here):
     """On Hopper the FP8 scan runs in Gluon (indexer_scan_hopper.py): with each way of loading its
@@ -516,9 +518,11 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     many_q, many_w = make_queries(40, Hi, Di, seed=36, kind="fp4", device="cuda")
     many_q[::5] = make_queries(8, Hi, Di, seed=37, kind="float", device="cuda")[0]
     many_table = table[torch.arange(40) % 5]
-    cases = [(q, w, table, pos, n_blk * 64 + 128), (chunk_q, chunk_w, table[:1], chunk_pos, n_blk * 64),
-             (many_q, many_w, many_table, many_pos, n_blk * 64 + 64 * 40)]
-    for (qq, ww, tt, pp, n_cols), cache in itertools.product(cases, (rows, small, edge, past)):
+    cases = {"five decode rows": (q, w, table, pos, n_blk * 64 + 128),
+             "a prefill chunk": (chunk_q, chunk_w, table[:1], chunk_pos, n_blk * 64),
+             "40 decode rows": (many_q, many_w, many_table, many_pos, n_blk * 64 + 64 * 40)}
+    caches = {"random": rows, "smallest scales": small, "guard's ends": edge, "past the guard": past}
+    for (case, (qq, ww, tt, pp, n_cols)), (kind, cache) in itertools.product(cases.items(), caches.items()):
         ops = K.query_operands(qq, ww)
         gluon_keys = K.index_score_keys(qq, ww, cache, tt, pp, n_cols, ops)
         short_keys, lengths = K.index_score_keys_and_lengths(qq, ww, cache, tt, pp, n_cols, ops)
@@ -526,12 +530,29 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
         monkeypatch.setattr(K, "HOPPER_SCAN", False)
         triton_keys = K.index_score_keys(qq, ww, cache, tt, pp, n_cols, ops)
         monkeypatch.setattr(K, "HOPPER_SCAN", True)
-        assert torch.equal(gluon_keys, triton_keys)
+        general = (ops[3] == K.MODE_GENERAL).nonzero().flatten().tolist()
+        where = f"{case}, {kind} cache (rows of the general scan: {general}); (row, first column, count)"
+        assert not wrong_rows(gluon_keys, triton_keys), f"{where}: {wrong_rows(gluon_keys, triton_keys)}"
         # without the sentinels: each row's length, and its keys up to there
         assert lengths.tolist() == [min((p + 1) // 4, tt.shape[1] * 64, n_cols) for p in pp.tolist()]
-        for r, n in enumerate(lengths.tolist()):
-            assert torch.equal(short_keys[r, :n], triton_keys[r, :n])
+        wrong = wrong_rows(short_keys, triton_keys, lengths)
+        if wrong:  # the same call again says whether the wrong keys come back (a race would move them)
+            again = wrong_rows(K.index_score_keys_and_lengths(qq, ww, cache, tt, pp, n_cols, ops)[0], triton_keys,
+                               lengths)
+            pytest.fail(f"with row lengths, {where}: {wrong}; the same call again: {again}")
     assert_scores_close(q, w, rows, table, pos)
+
+
+def wrong_rows(got: torch.Tensor, want: torch.Tensor, lengths: torch.Tensor | None = None) -> list:
+    """(row, first wrong column, wrong columns) of each row of keys that differs from want's (up to
+    its length where lengths are given): what a failing scan test reports."""
+    out = []
+    for r in range(got.shape[0]):
+        n = got.shape[1] if lengths is None else int(lengths[r])
+        bad = (got[r, :n] != want[r, :n]).nonzero().flatten()
+        if len(bad):
+            out.append((r, int(bad[0]), len(bad)))
+    return out
 
 
 
