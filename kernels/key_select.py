@@ -77,7 +77,7 @@ INTERPRET_MAX_ROWS = 8  # the interpreter's cost is per program: a prefill chunk
 # that is measured it is taken where it was measured faster: from 1M x 32's 8M keys (4,096 programs).
 FLOOR_FROM = 1 << 23
 FLOOR_SAMPLE = 8192  # keys of a row the floor is taken from
-FLOOR_WARPS = 16  # 16 score halves a thread (8 warps: 127 registers a thread, 16: 58; sm_90a)
+FLOOR_WARPS = 16  # 16 score halves a thread (sm_90a: 101 registers a thread; at 8 warps 127)
 INTERPRET_FLOOR_SAMPLE = 1024
 
 
@@ -125,15 +125,24 @@ def _kth_score_half(hi, everyone, K: tl.constexpr, N: tl.constexpr, BITS: tl.con
 
 
 @triton.jit
-def _floor_kernel(src32_ptr, n, src_stride, len_ptr, floor_ptr, K: tl.constexpr, SAMPLE: tl.constexpr,
-                  BITS: tl.constexpr, LENGTHS: tl.constexpr):
+def _floor_kernel(src32_ptr, n, src_stride, len_ptr, floor_ptr, S, from_keys, K: tl.constexpr,
+                  SAMPLE: tl.constexpr, BITS: tl.constexpr, LENGTHS: tl.constexpr, ROWS: tl.constexpr):
     """Row r's floor: the K-th largest score half (or less: _kth_score_half) among SAMPLE of its
-    keys, spread evenly over its length (every key where it has fewer), 0 where fewer than K of
-    them are live. At least K of the row's keys are at or above it, so no key below it is among
-    the row's top K. src32_ptr: the keys as int32 pairs (the score half is the high word)."""
+    keys, spread over its length (every key where it has fewer), 0 where fewer than K of them are
+    live. At least K of the row's keys are at or above it, so no key below it is among the row's
+    top K. src32_ptr: the keys as int32 pairs (the score half is the high word). LENGTHS: 0 for
+    every row where the S rows' lengths (ROWS >= S) hold fewer than from_keys keys in all."""
     r = tl.program_id(0).to(tl.int64)
     n_row = n
     if LENGTHS:
+        # the width S x n let the host launch this, but the rows' lengths may hold far fewer keys
+        # (one long request among short ones): then the first level has few programs to spare
+        # rounds in and the floor would only cost its own (a fixed graph cannot ask the host)
+        rows = tl.arange(0, ROWS)
+        total = tl.sum(tl.minimum(tl.load(len_ptr + rows, mask=rows < S, other=0), n).to(tl.int64), 0)
+        if total < from_keys:
+            tl.store(floor_ptr + r, 0)
+            return
         n_row = tl.minimum(tl.load(len_ptr + r), n)
     # one key from each of SAMPLE equal strata of the row, at an offset hashed from the stratum's
     # number (Fibonacci hashing) rather than its start: a row whose scores repeat with some period
@@ -171,12 +180,12 @@ def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_str
                 return
     i = g * CHUNK + tl.arange(0, CHUNK)
     key = tl.load(src_ptr + r * src_stride + i, mask=i < n_row, other=SENTINEL)  # padding ranks last
-    # the score half as a uint32 in unsigned order (its sign bit flipped): the rounds shift and
-    # compare 32-bit words, half the registers and instructions of an int64 half
     if FLOOR:  # the first level under a row floor: the keys below it are not among the row's top K
         # (the least key of the floor's score half: the half back in signed order, its low half 0)
         least = (tl.load(floor_ptr + r) ^ -2147483648).to(tl.int64) << 32
         key = tl.where(key < least, SENTINEL, key)
+    # the score half as a uint32 in unsigned order (its sign bit flipped): the rounds shift and
+    # compare 32-bit words, half the registers and instructions of an int64 half
     hi = ((key >> 32).to(tl.int32) ^ -2147483648).to(tl.uint32, bitcast=True)
     everyone = i >= 0
     hi_t, need = _kth_score_half(hi, everyone, K, CHUNK, BITS)
@@ -269,19 +278,21 @@ def _floor_sample(device: torch.device) -> int:
 
 def takes_floor(rows: int, n: int, k: int, device: torch.device) -> bool:
     """Whether select_entries first finds each row's floor (row_floors): FLOOR_FROM keys in all
-    and more, rows longer than a chunk (levels to spare work in), and a sample with room above k."""
+    and more, rows longer than a chunk (levels to spare work in), and a sample with room above k.
+    With row lengths the floor kernel checks their sum too, which the host cannot see."""
     return 0 < FLOOR_FROM <= rows * n and n > _chunk(device) and _floor_sample(device) >= 2 * k
 
 
 def row_floors(keys: torch.Tensor, k: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """[S] int32: each row's floor, a uint32 score half (bits) at or below its k-th largest key's,
-    from a sample of its keys (_floor_kernel; 0 where the sample holds fewer than k live keys).
+    from a sample of its keys (_floor_kernel; 0 where the sample holds fewer than k live keys, and
+    for every row where the lengths hold fewer than FLOOR_FROM keys in all).
     select_entries' first level takes every key below it for a sentinel. The arguments are
     select_entries' (it checks them: keys int64 with contiguous rows, lengths int32 [S])."""
     S, n = keys.shape
     floor = torch.empty(S, dtype=torch.int32, device=keys.device)
     if S:
         _floor_kernel[(S,)](keys.view(torch.int32), n, keys.stride(0), lengths if lengths is not None else floor,
-                            floor, K=k, SAMPLE=_floor_sample(keys.device), BITS=RADIX_BITS,
-                            LENGTHS=lengths is not None, num_warps=FLOOR_WARPS)
+                            floor, S, FLOOR_FROM, K=k, SAMPLE=_floor_sample(keys.device), BITS=RADIX_BITS,
+                            LENGTHS=lengths is not None, ROWS=triton.next_power_of_2(S), num_warps=FLOOR_WARPS)
     return floor

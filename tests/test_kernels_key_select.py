@@ -104,11 +104,12 @@ def score_halves(keys: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", ["random", "tied", "lengths", "short"])
-def test_row_floors_are_at_most_the_kth_score_and_leave_few_keys(triton_mode, case):
+def test_row_floors_are_at_most_the_kth_score_and_leave_few_keys(triton_mode, monkeypatch, case):
     """A floor above a row's k-th score half would drop picks; one far below it would spare no
     rounds. Every floor must be at most the k-th largest score half, and on rows of continuous
     scores leave about k x n / sample keys (the bound here is 4x that); a row whose sample holds
     fewer than k live keys gets 0 (nothing dropped: every key is at or above it)."""
+    monkeypatch.setattr(KS, "FLOOR_FROM", 1)
     S, n, k = 3, 8192, 64
     g = torch.Generator().manual_seed(7)
     scores = tied_scores(S, n, seed=7) if case == "tied" else torch.randn(S, n, generator=g)
@@ -193,3 +194,19 @@ def test_row_floors_are_taken_only_where_there_are_levels_and_keys_enough(monkey
     assert not KS.takes_floor(4, n, KS.INTERPRET_FLOOR_SAMPLE // 2 + 1, cpu)
     monkeypatch.setattr(KS, "FLOOR_FROM", 0)
     assert not KS.takes_floor(128, 1 << 20, 64, cpu)
+
+
+def test_rows_whose_lengths_hold_few_keys_in_all_get_no_floor(triton_mode, monkeypatch):
+    """One long row among short ones: the width (S x n) reaches FLOOR_FROM but the lengths do not,
+    so the floor kernel gives every row 0 (its rounds would cost more than the first level saves);
+    the same rows at their full width get floors."""
+    S, n, k = 4, 8192, 64
+    keys = keys_of(torch.randn(S, n, generator=torch.Generator().manual_seed(9)), [n] * S)
+    monkeypatch.setattr(KS, "FLOOR_FROM", 3 * n)
+    short = torch.tensor([n, 900, 900, 900], dtype=torch.int32)  # 10,892 keys < 24,576
+    assert KS.takes_floor(S, n, k, torch.device("cpu"))  # what the host sees: 32,768 keys
+    assert KS.row_floors(keys, k, short).tolist() == [0] * S
+    assert (KS.row_floors(keys, k, torch.full((S,), n, dtype=torch.int32)) != 0).all()
+    assert (KS.row_floors(keys, k) != 0).all()
+    want = R.select_entries(keys_of(R.scores_from_keys(keys), short.tolist()), k)
+    assert torch.equal(KS.select_entries(keys, k, short), want)
