@@ -103,6 +103,14 @@ def _radix_round(v, match, prefix, need, SHIFT: tl.constexpr, BITS: tl.constexpr
 
 
 @triton.jit
+def _unsigned_half(top):
+    """A key's score half (its high int32 word) as a uint32 in unsigned order (its sign bit
+    flipped): the rounds shift and compare 32-bit words, half the registers and instructions of
+    an int64 half. A sentinel's is 0, the least."""
+    return (top ^ -2147483648).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _kth_score_half(hi, everyone, K: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
     """The K-th largest of N score halves hi (uint32; a sentinel's is 0), or less, and how many of
     the keys equal to it are still needed. The rounds stop once the digits found so far hold
@@ -151,7 +159,7 @@ def _floor_kernel(src32_ptr, n, src_stride, len_ptr, floor_ptr, S, from_keys, K:
     step = tl.maximum(n_row // SAMPLE, 1)
     col = j * step + ((j.to(tl.uint32) * 2654435761) % step.to(tl.uint32)).to(tl.int32)
     top = tl.load(src32_ptr + (r * src_stride + col) * 2 + 1, mask=col < n_row, other=-2147483648)
-    hi = (top ^ -2147483648).to(tl.uint32, bitcast=True)
+    hi = _unsigned_half(top)
     hi_t, _ = _kth_score_half(hi, j >= 0, K, SAMPLE, BITS)
     tl.store(floor_ptr + r, hi_t.to(tl.int32, bitcast=True))
 
@@ -184,9 +192,7 @@ def _select_kernel(src_ptr, n, src_stride, dst_ptr, dst_stride, out_ptr, out_str
         # (the least key of the floor's score half: the half back in signed order, its low half 0)
         least = (tl.load(floor_ptr + r) ^ -2147483648).to(tl.int64) << 32
         key = tl.where(key < least, SENTINEL, key)
-    # the score half as a uint32 in unsigned order (its sign bit flipped): the rounds shift and
-    # compare 32-bit words, half the registers and instructions of an int64 half
-    hi = ((key >> 32).to(tl.int32) ^ -2147483648).to(tl.uint32, bitcast=True)
+    hi = _unsigned_half((key >> 32).to(tl.int32))
     everyone = i >= 0
     hi_t, need = _kth_score_half(hi, everyone, K, CHUNK, BITS)
     # The keys above hi_t are all taken, then the first `need` of those equal to it in the chunk's
