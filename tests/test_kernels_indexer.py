@@ -546,14 +546,10 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
 def wrong_rows(got: torch.Tensor, want: torch.Tensor, lengths: torch.Tensor | None = None) -> list:
     """(row, first wrong column, wrong columns) of each row of keys that differs from want's (up to
     its length where lengths are given): what a failing scan test reports."""
-    out = []
-    for r in range(got.shape[0]):
-        n = got.shape[1] if lengths is None else int(lengths[r])
-        bad = (got[r, :n] != want[r, :n]).nonzero().flatten()
-        if len(bad):
-            out.append((r, int(bad[0]), len(bad)))
-    return out
-
+    bad = got != want
+    if lengths is not None:
+        bad &= torch.arange(got.shape[1], device=got.device)[None, :] < lengths.to(got.device)[:, None]
+    return [(r, int(bad[r].nonzero()[0]), int(bad[r].sum())) for r in bad.any(1).nonzero().flatten().tolist()]
 
 
 @pytest.mark.gpu
