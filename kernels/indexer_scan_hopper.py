@@ -30,7 +30,8 @@ loop (kernels/RESULTS.md): a warp's 4-byte loads touch 16 bytes in each of 8 row
 "bulk_ws" loader (`_scan_kernel_ws`) moves whole pages instead: one loader warp has the copy
 engine (TMA) write each page's 4,352 bytes as they lie (17 words a row) into a ring of STAGES
 shared-memory slots, two pages a slot; the scoring warp group waits for a full slot, reads its
-words through a padded layout that skips each row's 17th word, hands the slot back, and scores
+words through a padded layout that skips each row's 17th word, fences those reads (the copy
+engine writes through another proxy than the loads read) and hands the slot back, and scores
 the two pages with each block's dot started before the previous one's float32 scale and add
 (`_store_slot_keys`), so the tensor cores work under the warps' math (warp specialization: the
 loader runs ahead on its own with 24 registers, the scorer takes the rest). It needs pages
@@ -638,9 +639,12 @@ if gluon is not None:
         if SCORED_PAGES == 1:
             _store_slot_keys((first,), q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY, FACTORED)
         last = _page_words(buf.slice(_PAGE_SLOT, _PAGE_SLOT), HP)
-        # handed back with no proxy fence: the arrive releases the warp group's reads of the slot
-        # (its threads meet at a barrier first), and the loader's copy into it waits on that
-        # phase; a fence here cost a MEMBAR.ALL.CTA a step, which waits on the step's key stores
+        # the slot's reads (generic proxy) must be done before the loader's next copy (async proxy)
+        # writes it: a barrier and the arrive order them for threads, not for the copy engine, so
+        # each thread fences its reads first. Without it an H100 scored a few rows of a page from
+        # the next copy's words, where other programs on the SM loaded shared memory heavily
+        # (kernels/RESULTS.md, twenty-third session)
+        fence_async_shared()
         mbarrier.arrive(empty.index(slot), count=1)
         if FACTORED:
             if MASKED:  # rows past the query's entries may hold any bytes
