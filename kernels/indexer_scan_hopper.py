@@ -131,14 +131,13 @@ FIRST_SCALE_OUT = True
 FACTORED_STEPS = 8
 # the bulk_ws kernel scores the general scan's queries too (_score_general), and the general scan's
 # launch, whose programs found nothing to do for the model's queries, is not made. H100, the scan
-# call, ms (`python -m load_tests.bench_kernel_ab --set kernels.indexer_scan_hopper.GENERAL_HERE=False,True`,
-# the same keys): 128K x 32 0.0404 -> 0.0381 (66.2% -> 70.3% of the copy rate), 1M x 32 0.2771 ->
-# 0.2700, 128K x 1 0.0057 -> 0.0044, 8K x 32 0.0075 -> 0.0059; the decode graphs and the engine's
-# greedy tokens pass with it on. Off: that launch scores them. Off because its GPU test failed in
-# one of its four cases: under the per-query split (scan_plan.PLANNED off, or more than 256
-# queries), the keys written with row lengths differed from the Triton scan's, while the same
-# launch with sentinels gave them (kernels/RESULTS.md, twenty-second session; not yet explained)
-GENERAL_HERE = False
+# call with the hand-back's fence, ms (`python -m load_tests.bench_kernel_ab --set
+# kernels.indexer_scan_hopper.GENERAL_HERE=False,True`, the same keys): 128K x 32 0.0413 -> 0.0397
+# (64.5% -> 67.1% of the copy rate), 128K x 64 0.0754 -> 0.0733, 1M x 32 the same, 128K x 1 0.0058 ->
+# 0.0047, 1M x 1 0.0140 -> 0.0125, 8K x 32 0.0076 -> 0.0060 (kernels/RESULTS.md, twenty-third
+# session; its GPU test's failure of the twenty-second was the missing fence). Off: that launch
+# scores them
+GENERAL_HERE = True
 # a float32 from the lane whose id is this one's xor 1 / xor 2 (_store_step_keys)
 _LANE_XOR1 = tl.constexpr("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;")
 _LANE_XOR2 = tl.constexpr("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;")
