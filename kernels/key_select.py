@@ -72,10 +72,12 @@ INTERPRET_MAX_ROWS = 8  # the interpreter's cost is per program: a prefill chunk
 # H100, the selection alone on the scan's keys, ms without / with (`python -m
 # load_tests.bench_kernel_ab --kernel select --set kernels.key_select.FLOOR_FROM=0,1`,
 # kernels/RESULTS.md): 1M x 32 0.220 / 0.160, 128K x 32 0.049 / 0.053, 1M x 1 0.053 / 0.070,
-# 128K x 1 0.033 / 0.032. Fitted to the first two, the floor costs about 14 us and saves about
-# 0.018 us a first-level program, so it would break even at some 770 programs (1.6M keys); until
-# that is measured it is taken where it was measured faster: from 1M x 32's 8M keys (4,096 programs).
-FLOOR_FROM = 1 << 23
+# 128K x 1 0.033 / 0.032; and (twenty-third session) 512K x 32 0.121 / 0.103, 1M x 16 0.133 /
+# 0.112, 256K x 32 0.078 / 0.074, 1M x 8 0.088 / 0.087: it pays from about 2M keys a call (1,024
+# first-level programs). The decode step (`python -m load_tests.bench_step_ab --set
+# kernels.key_select.FLOOR_FROM=0,2097152`): 256K x 32 and 1M x 32 2-3% shorter, within the
+# step's spread between rounds.
+FLOOR_FROM = 1 << 21
 FLOOR_SAMPLE = 8192  # keys of a row the floor is taken from
 FLOOR_WARPS = 16  # 16 score halves a thread (sm_90a: 101 registers a thread; at 8 warps 127)
 INTERPRET_FLOOR_SAMPLE = 1024
