@@ -587,6 +587,43 @@ def test_gpu_scans_launched_right_after_their_operands_give_the_keys_of_plain_la
         assert torch.equal(keys[True], keys[False]), (S, planned, rep)
 
 
+@pytest.mark.gpu
+def test_gpu_hopper_scan_keys_hold_while_its_general_programs_load_shared_memory(triton_mode, monkeypatch):
+    """Forty rows of every length, every fifth off the FP4 grid, scored in one bulk-copy launch
+    (GENERAL_HERE): the general rows' programs convert their keys through shared memory while the
+    FP8 rows' programs on the same SMs read ring slots the copy engine refills. Without a proxy
+    fence before each hand-back, an H100 scored a few rows of a page from the next copy's words in
+    about one call of three (kernels/RESULTS.md, twenty-third session); each of these calls must
+    give the Triton scan's keys, planned or split per query, with sentinels or row lengths."""
+    from kernels import indexer_scan_hopper as H
+
+    if not H.usable(torch.zeros(1, 4, 64, 32, device="cuda"), torch.zeros(1, 64, 68, dtype=torch.uint8, device="cuda")):
+        pytest.skip("needs a Hopper GPU with Gluon")
+    monkeypatch.setattr(H, "LOADER", "bulk_ws")
+    monkeypatch.setattr(H, "GENERAL_HERE", True)
+    Hi, Di, n_blk = 64, 128, 96
+    rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")
+    g = torch.Generator().manual_seed(29)
+    table = torch.stack([torch.randperm(5 * n_blk, generator=g)[:n_blk] for _ in range(5)]).int().cuda()[
+        torch.arange(40) % 5]
+    pos = torch.tensor([(i * 2459) % (n_blk * 256) for i in range(40)], device="cuda")
+    q, w = make_queries(40, Hi, Di, seed=36, kind="fp4", device="cuda")
+    q[::5] = make_queries(8, Hi, Di, seed=37, kind="float", device="cuda")[0]
+    n_cols = n_blk * 64 + 64 * 40
+    ops = K.query_operands(q, w)
+    monkeypatch.setattr(K, "HOPPER_SCAN", False)
+    want = K.index_score_keys(q, w, rows, table, pos, n_cols, ops)
+    monkeypatch.setattr(K, "HOPPER_SCAN", True)
+    for planned, rep in itertools.product((False, True), range(8)):
+        monkeypatch.setattr(scan_plan, "PLANNED", planned)
+        keys = K.index_score_keys(q, w, rows, table, pos, n_cols, ops)
+        short, lengths = K.index_score_keys_and_lengths(q, w, rows, table, pos, n_cols, ops)
+        assert K.HOPPER_SCAN, "the Gluon scan fell back to the Triton one (see the log): nothing was compared"
+        where = f"planned {planned}, call {rep}; (row, first column, count)"
+        assert not wrong_rows(keys, want), f"{where}: {wrong_rows(keys, want)}"
+        assert not wrong_rows(short, want, lengths), f"with row lengths, {where}: {wrong_rows(short, want, lengths)}"
+
+
 @pytest.mark.parametrize("S,n", [(1, 32768), (1, 262144), (2, 65536), (3, 24576), (1, 20480)])
 def test_topk_of_keys_in_two_rounds_equals_one_topk(S, n, monkeypatch):
     """Where torch.topk would take its multi-block select, topk_of_keys splits the rows into pieces:
