@@ -42,7 +42,7 @@ def _scan(loader: str, opts: dict):
                     w_pad_ptr=_t(torch.float32), inv_sqrt_di=0.5)
         consts.update(STAGES=H.STAGES, SCORED_PAGES=H.SCORED_PAGES, DEPENDENT=opts.get("DEPENDENT", "1") == "1",
                       FACTORED=int(opts.get("FACTORED", H.factored_from())),
-                      GENERAL=opts.get("GENERAL", "1" if H.GENERAL_HERE else "0") == "1")
+                      GENERAL=opts.get("GENERAL", "0") == "1")
         return H._scan_kernel_ws, args, consts, H.bulk_launch_options()
     args.update(rows_ptr=_t(torch.uint8))
     consts.update(row_stride=68)
@@ -77,7 +77,7 @@ def _rows(_opts):
 
 BUILDS = {
     "scan_bulk_ws": lambda o: _scan("bulk_ws", o),
-    # with the general scan's queries scored in the launch, whatever GENERAL_HERE ships
+    # the bulk_ws launch without the general scan's queries (GENERAL_HERE off) and with them (on)
     "scan_bulk_ws_general": lambda o: _scan("bulk_ws", {**o, "GENERAL": "1"}),
     "scan_registers": lambda o: _scan("registers", o),
     "hca_lockstep": lambda o: _split("lockstep", False),
