@@ -444,12 +444,33 @@ def test_gpu_prefill_chunk_at_flash_attn_shapes(triton_mode):
     assert_same_selection(got, q, w, rows, table, pos, topk)
 
 
+N_BLK = 96  # the GPU scan tests' table width in pages
+
+
+def scan_pool(device="cuda"):
+    """The GPU scan tests' pool of 5 x N_BLK pages of model-like keys (Di = 128), and five tables
+    of N_BLK of its pages each."""
+    rows = make_cache(5 * N_BLK, 128, seed=28, device=device)
+    g = torch.Generator().manual_seed(29)
+    tables = torch.stack([torch.randperm(5 * N_BLK, generator=g)[:N_BLK] for _ in range(5)]).int().to(device)
+    return rows, tables
+
+
+def forty_decode_rows(tables, device="cuda"):
+    """40 decode rows of scan_pool's tables: every length from nothing to a whole table (odd and
+    even page counts, partial pages), every fifth one off the FP4 grid (the general scan's), as
+    (q, w, table, positions, n_cols)."""
+    pos = torch.tensor([(i * 2459) % (N_BLK * 256) for i in range(40)], device=device)
+    q, w = make_queries(40, 64, 128, seed=36, kind="fp4", device=device)
+    q[::5] = make_queries(8, 64, 128, seed=37, kind="float", device=device)[0]
+    return q, w, tables[torch.arange(40) % 5], pos, N_BLK * 64 + 64 * 40
+
+
 @pytest.mark.gpu
 # factored: the fewest steps a bulk_ws program takes the factored sums for; 1 makes every program
 # here take them (these queries give a program a step or two), 8 (shipped) none. general_here: the
-# bulk_ws launch scores the general scan's queries too (the registers loader never does); under the
-# per-query split with it on, the keys with row lengths differed on an H100 (twenty-second session,
-# not yet explained: kernels/RESULTS.md), so that split is run with it off too
+# bulk_ws launch scores the general scan's queries too (the registers loader never does): the
+# per-query split runs with it on and off
 @pytest.mark.parametrize("loader,scored_pages,per_sm,planned,factored,general_here", [
     ("registers", 2, 2, True, 1, True), ("bulk_ws", 2, 2, True, 1, True), ("bulk_ws", 1, 3, True, 1, False),
     ("bulk_ws", 2, 2, False, 8, True), ("bulk_ws", 2, 2, False, 8, False)])
@@ -476,11 +497,9 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     monkeypatch.setattr(H, "FACTORED_STEPS", factored)
     monkeypatch.setattr(H, "GENERAL_HERE", general_here)
     monkeypatch.setattr(scan_plan, "PLANNED", planned)
-    Hi, Di, n_blk = 64, 128, 96
-    rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")
+    Hi, Di, n_blk = 64, 128, N_BLK
+    rows, table = scan_pool()
     assert H.bulk_copy_usable(rows)  # so the bulk loader is the one compared
-    g = torch.Generator().manual_seed(29)
-    table = torch.stack([torch.randperm(5 * n_blk, generator=g)[:n_blk] for _ in range(5)]).int().cuda()
     # a copy with the smallest scale codes in every query's first page: byte 0 is 2**-127, a
     # subnormal (kv_layout), byte 1 the smallest normal; rows whose blocks all have them score tiny
     # but not 0. Compared bit for bit only: the reference's tolerance scales with magnitudes that
@@ -512,15 +531,9 @@ def test_gpu_hopper_scan_gives_the_triton_scans_keys(triton_mode, monkeypatch, l
     assert w8[0, :2].min() >= 2**-40 and w8[0, 2] < 2**59 and w8[0, 3] == 0 and w8[1, 5] < 2**-40
     chunk_q, chunk_w = make_queries(200, Hi, Di, seed=32, kind="fp4", device="cuda")
     chunk_pos = torch.arange(20000, 20200, device="cuda")
-    # 40 rows: every length from nothing to the whole table (odd and even page counts, partial pages),
-    # every fifth one of the general scan's
-    many_pos = torch.tensor([(i * 2459) % (n_blk * 256) for i in range(40)], device="cuda")
-    many_q, many_w = make_queries(40, Hi, Di, seed=36, kind="fp4", device="cuda")
-    many_q[::5] = make_queries(8, Hi, Di, seed=37, kind="float", device="cuda")[0]
-    many_table = table[torch.arange(40) % 5]
     cases = {"five decode rows": (q, w, table, pos, n_blk * 64 + 128),
              "a prefill chunk": (chunk_q, chunk_w, table[:1], chunk_pos, n_blk * 64),
-             "40 decode rows": (many_q, many_w, many_table, many_pos, n_blk * 64 + 64 * 40)}
+             "40 decode rows": forty_decode_rows(table)}
     caches = {"random": rows, "smallest scales": small, "guard's ends": edge, "past the guard": past}
     for (case, (qq, ww, tt, pp, n_cols)), (kind, cache) in itertools.product(cases.items(), caches.items()):
         ops = K.query_operands(qq, ww)
@@ -568,10 +581,8 @@ def test_gpu_scans_launched_right_after_their_operands_give_the_keys_of_plain_la
             and grid_dependency._supported(torch.device("cuda"))):
         pytest.skip("needs a Hopper GPU with Gluon and dependent launches")
     monkeypatch.setattr(scan_plan, "PLAN_QUERIES", 256)
-    Hi, Di, n_blk = 64, 128, 96
-    rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")
-    g = torch.Generator().manual_seed(29)
-    tables = torch.stack([torch.randperm(5 * n_blk, generator=g)[:n_blk] for _ in range(5)]).int().cuda()
+    Hi, Di, n_blk = 64, 128, N_BLK
+    rows, tables = scan_pool()
     n_cols = n_blk * 64 + 192
     for S, planned, rep in itertools.product((64, 129, 160, 192, 256), (False, True), range(2)):
         pos = torch.tensor([(i * 2459 + 13 * S + rep) % (n_blk * 256) for i in range(S)], device="cuda")
@@ -601,15 +612,8 @@ def test_gpu_hopper_scan_keys_hold_while_its_general_programs_load_shared_memory
         pytest.skip("needs a Hopper GPU with Gluon")
     monkeypatch.setattr(H, "LOADER", "bulk_ws")
     monkeypatch.setattr(H, "GENERAL_HERE", True)
-    Hi, Di, n_blk = 64, 128, 96
-    rows = make_cache(5 * n_blk, Di, seed=28, device="cuda")
-    g = torch.Generator().manual_seed(29)
-    table = torch.stack([torch.randperm(5 * n_blk, generator=g)[:n_blk] for _ in range(5)]).int().cuda()[
-        torch.arange(40) % 5]
-    pos = torch.tensor([(i * 2459) % (n_blk * 256) for i in range(40)], device="cuda")
-    q, w = make_queries(40, Hi, Di, seed=36, kind="fp4", device="cuda")
-    q[::5] = make_queries(8, Hi, Di, seed=37, kind="float", device="cuda")[0]
-    n_cols = n_blk * 64 + 64 * 40
+    rows, tables = scan_pool()
+    q, w, table, pos, n_cols = forty_decode_rows(tables)
     ops = K.query_operands(q, w)
     monkeypatch.setattr(K, "HOPPER_SCAN", False)
     want = K.index_score_keys(q, w, rows, table, pos, n_cols, ops)
