@@ -69,14 +69,12 @@ INTERPRET_MAX_ROWS = 8  # the interpreter's cost is per program: a prefill chunk
 # as sentinels. On random scores about k x n / FLOOR_SAMPLE keys of a row stay (16K of 1M's 256K),
 # so most first-level chunks hold fewer than k live keys and take them with no rounds, and so do
 # the next level's. The same picks (the keys above the floor and their order are unchanged).
-# H100, the selection alone on the scan's keys, ms without / with (`python -m
-# load_tests.bench_kernel_ab --kernel select --set kernels.key_select.FLOOR_FROM=0,1`,
-# kernels/RESULTS.md): 1M x 32 0.220 / 0.160, 128K x 32 0.049 / 0.053, 1M x 1 0.053 / 0.070,
-# 128K x 1 0.033 / 0.032; and (twenty-third session) 512K x 32 0.121 / 0.103, 1M x 16 0.133 /
-# 0.112, 256K x 32 0.078 / 0.074, 1M x 8 0.088 / 0.087: it pays from about 2M keys a call (1,024
-# first-level programs). The decode step (`python -m load_tests.bench_step_ab --set
-# kernels.key_select.FLOOR_FROM=0,2097152`): 256K x 32 and 1M x 32 2-3% shorter, within the
-# step's spread between rounds.
+# H100, the selection alone on the scan's keys (`python -m load_tests.bench_kernel_ab --kernel select
+# --set kernels.key_select.FLOOR_FROM=0,1`), floor / none: 1M x 32 (8M keys) 0.73, 512K x 32 and
+# 1M x 16 (4M) 0.84, 256K x 32 and 1M x 8 (2M) 0.96-0.98, 128K x 32 (1M) 1.10, at batch 1 1.0-1.3:
+# it pays from about 2M keys a call (1,024 first-level programs). In the decode step 256K x 32 and
+# 1M x 32 were 2-3% shorter, within the spread between rounds (kernels/RESULTS.md, twenty-second
+# and twenty-third sessions).
 FLOOR_FROM = 1 << 21
 FLOOR_SAMPLE = 8192  # keys of a row the floor is taken from
 FLOOR_WARPS = 16  # 16 score halves a thread (sm_90a: 101 registers a thread; at 8 warps 127)

@@ -69,8 +69,6 @@ def test_select_times_the_selection_alone_on_the_scans_keys_and_lengths(monkeypa
 
 
 def test_the_selection_is_measured_against_reading_its_keys_once():
-    import types
-
     cfg = types.SimpleNamespace(index_n_heads=64, index_head_dim=128)
     assert KAB.bytes_moved("select", 32, 131071, cfg) == (32 * 32768 * 8, "the keys read once")
     assert KAB.bytes_moved("topk", 32, 131071, cfg)[0] == idx.scan_traffic(32, 131071, 64, 128)[0]
