@@ -30,8 +30,9 @@ loop (kernels/RESULTS.md): a warp's 4-byte loads touch 16 bytes in each of 8 row
 "bulk_ws" loader (`_scan_kernel_ws`) moves whole pages instead: one loader warp has the copy
 engine (TMA) write each page's 4,352 bytes as they lie (17 words a row) into a ring of STAGES
 shared-memory slots, two pages a slot; the scoring warp group waits for a full slot, reads its
-words through a padded layout that skips each row's 17th word, fences those reads (the copy
-engine writes through another proxy than the loads read) and hands the slot back, and scores
+words through a padded layout that skips each row's 17th word and hands the slot back (the
+loader fences before refilling it: the copy engine writes through another proxy than the loads
+read), and scores
 the two pages with each block's dot started before the previous one's float32 scale and add
 (`_store_slot_keys`), so the tensor cores work under the warps' math (warp specialization: the
 loader runs ahead on its own with 24 registers, the scorer takes the rest). It needs pages
@@ -131,7 +132,8 @@ FIRST_SCALE_OUT = True
 FACTORED_STEPS = 8
 # the bulk_ws kernel scores the general scan's queries too (_score_general), and the general scan's
 # launch, whose programs found nothing to do for the model's queries, is not made. H100, the scan
-# call with the hand-back's fence, ms (`python -m load_tests.bench_kernel_ab --set
+# call with the proxy fence where the twenty-third session put it (before the scorer's hand-back;
+# the loader's since: 128K x 32 0.0378), ms (`python -m load_tests.bench_kernel_ab --set
 # kernels.indexer_scan_hopper.GENERAL_HERE=False,True`, the same keys): 128K x 32 0.0413 -> 0.0397
 # (64.5% -> 67.1% of the copy rate), 128K x 64 0.0754 -> 0.0733, 1M x 32 the same, 128K x 1 0.0058 ->
 # 0.0047, 1M x 1 0.0140 -> 0.0125, 8K x 32 0.0076 -> 0.0060 (kernels/RESULTS.md, twenty-third
@@ -617,6 +619,16 @@ if gluon is not None:
             # the next step's page ids are read a step ahead, so no copy waits for a table read
             next_ids = _page_ids(table_row, it + 1, page_lo, vis_hi, n_blk)
             mbarrier.wait(empty.index(it % STAGES), ((it // STAGES) & 1) ^ 1)
+            # the scorer's reads of the slot (generic proxy) must be done before this copy (async
+            # proxy) writes it: the arrive and this wait order them for threads, not for the copy
+            # engine, so a proxy fence sits on the path between them. Here (as deepseek-ai/DeepEP
+            # #642 places it) it is one warp's, once a step; before the scorer's hand-back (where
+            # CUTLASS kernels put it) it was four warps' and also waited for their key stores:
+            # 128K x 32 0.0400 -> 0.0378 ms on an H100. With no fence an H100 scored a few rows of
+            # a page from the next copy's words where other programs on the SM loaded shared
+            # memory heavily; with either placement, none in 600 calls (kernels/RESULTS.md,
+            # twenty-third and twenty-fourth sessions)
+            fence_async_shared()
             _issue_step(head_desc, tail_desc, ring, ready, it, ids, STAGES)
             ids = next_ids
 
@@ -638,13 +650,7 @@ if gluon is not None:
         if SCORED_PAGES == 1:
             _store_slot_keys((first,), q_smem, w8, out_row, col0, n_vis, vis_hi, SENTINEL_KEY, FACTORED)
         last = _page_words(buf.slice(_PAGE_SLOT, _PAGE_SLOT), HP)
-        # the slot's reads (generic proxy) must be done before the loader's next copy (async proxy)
-        # writes it: a barrier and the arrive order them for threads, not for the copy engine, so
-        # each thread fences its reads first. Without it an H100 scored a few rows of a page from
-        # the next copy's words, where other programs on the SM loaded shared memory heavily
-        # (kernels/RESULTS.md, twenty-third session). It compiles to MEMBAR.ALL.CTA, which waits
-        # for the last step's key stores too: 2.5% of a 128K x 32 call, none at 1M x 32
-        fence_async_shared()
+        # handed back with no fence here: the loader fences before its next copy (_load_pages)
         mbarrier.arrive(empty.index(slot), count=1)
         if FACTORED:
             if MASKED:  # rows past the query's entries may hold any bytes

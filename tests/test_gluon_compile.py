@@ -47,39 +47,39 @@ def test_the_gluon_kernel_builds_with_this_triton_onto_the_tensor_cores(builds, 
         assert ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == 24
 
 
-def slot_reads_fenced_before_hand_back(ptx: str) -> list[bool]:
-    """For each plain arrive (a ring slot handed back) of the PTX, in text order: whether a
-    fence.proxy.async comes after the last shared-memory load before it."""
+def ring_copies_fenced_after_their_wait(ptx: str) -> list[bool]:
+    """For each bulk copy into shared memory of the PTX, in text order: whether a fence.proxy.async
+    comes after the last barrier wait before it (the loader's wait for the slot's hand-back)."""
     fenced, out = True, []
     for line in ptx.splitlines():
-        if "ld.shared" in line or "ldmatrix" in line:
+        if "mbarrier.try_wait" in line:
             fenced = False
         elif "fence.proxy.async" in line:
             fenced = True
-        elif "mbarrier.arrive.shared::cta" in line:
+        elif "cp.async.bulk.tensor" in line and "shared::cluster.global" in line:
             out.append(fenced)
     return out
 
 
 @pytest.mark.parametrize("name", ["scan_bulk_ws", "scan_bulk_ws_general"])
-def test_the_scan_fences_a_slots_reads_before_handing_it_back(builds, name):
+def test_the_loader_fences_between_a_slots_hand_back_and_its_next_copy(builds, name):
     """The scorer reads a ring slot with plain shared loads (the generic proxy) and the loader's
-    next bulk copy (the async proxy) overwrites it once the slot is handed back. Barriers and the
-    arrive order the reads for threads only, so a proxy fence must come between the reads and every
-    hand-back: without it an H100 scored a few rows of a page from the next copy's words
+    next bulk copy (the async proxy) overwrites it once the slot is handed back. The arrive and
+    the wait order the reads for threads only, so a proxy fence must come between the wait and
+    every copy: without one an H100 scored a few rows of a page from the next copy's words
     (kernels/RESULTS.md, twenty-third session)."""
     ptx = builds[name].get("ptx")
     if ptx is None and refused_here(name):
         pytest.skip(f"this Triton does not build {name}: {builds[name]['why'][-300:]}")
-    hand_backs = slot_reads_fenced_before_hand_back(ptx)
-    assert hand_backs and all(hand_backs), hand_backs
+    copies = ring_copies_fenced_after_their_wait(ptx)
+    assert copies and all(copies), copies
 
 
 def test_the_fence_check_sees_a_missing_fence():
-    ptx = "ld.shared.b32 %r1, [%r2];\nfence.proxy.async.shared::cta;\nbar.sync 0, 128;\n" \
-          "@%p1 mbarrier.arrive.shared::cta.b64 _, [%r3];\nld.shared.b32 %r4, [%r2];\nbar.sync 0, 128;\n" \
-          "@%p1 mbarrier.arrive.shared::cta.b64 _, [%r3];\n"
-    assert slot_reads_fenced_before_hand_back(ptx) == [True, False]
+    copy = "@%p9 cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd2];\n"
+    ptx = ("mbarrier.try_wait.parity.shared.b64 complete, [%r3], %r4;\nfence.proxy.async.shared::cta;\n" + copy
+           + copy + "mbarrier.try_wait.parity.shared.b64 complete, [%r3], %r4;\n" + copy)
+    assert ring_copies_fenced_after_their_wait(ptx) == [True, True, False]
 
 
 def test_the_release_is_major_dot_minor():

@@ -603,9 +603,10 @@ def test_gpu_hopper_scan_keys_hold_while_its_general_programs_load_shared_memory
     """Forty rows of every length, every fifth off the FP4 grid, scored in one bulk-copy launch
     (GENERAL_HERE): the general rows' programs convert their keys through shared memory while the
     FP8 rows' programs on the same SMs read ring slots the copy engine refills. Without a proxy
-    fence before each hand-back, an H100 scored a few rows of a page from the next copy's words in
-    about one call of three (kernels/RESULTS.md, twenty-third session); each of these calls must
-    give the Triton scan's keys, planned or split per query, with sentinels or row lengths."""
+    fence between a slot's hand-back and its next copy, this test failed on an H100 (a few rows of
+    a page scored from the next copy's words: kernels/RESULTS.md, twenty-third and twenty-fourth
+    sessions); each of these calls must give the Triton scan's keys, planned or split per query,
+    with sentinels or row lengths."""
     from kernels import indexer_scan_hopper as H
 
     if not H.usable(torch.zeros(1, 4, 64, 32, device="cuda"), torch.zeros(1, 64, 68, dtype=torch.uint8, device="cuda")):
