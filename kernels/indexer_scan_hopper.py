@@ -32,14 +32,13 @@ engine (TMA) write each page's 4,352 bytes as they lie (17 words a row) into a r
 shared-memory slots, two pages a slot; the scoring warp group waits for a full slot, reads its
 words through a padded layout that skips each row's 17th word and hands the slot back (the
 loader fences before refilling it: the copy engine writes through another proxy than the loads
-read), and scores
-the two pages with each block's dot started before the previous one's float32 scale and add
-(`_store_slot_keys`), so the tensor cores work under the warps' math (warp specialization: the
-loader runs ahead on its own with 24 registers, the scorer takes the rest). It needs pages
-whose rows lie back to back on 16-byte boundaries (`bulk_copy_usable`, which the engine's pools
-meet) and a Triton that lets shared memory be viewed through a padded layout it was not
-allocated with (gluon_api.PADDED_VIEWS: 3.6, not 3.9); elsewhere the registers loader runs
-(loader_for). Both give the same keys: the same sums in the same order (_block_scale, _keys_of,
+read), and scores the two pages with each block's dot started before the previous one's float32
+scale and add (`_store_slot_keys`), so the tensor cores work under the warps' math (warp
+specialization: the loader runs ahead on its own with 24 registers, the scorer takes the rest).
+It needs pages whose rows lie back to back on 16-byte boundaries (`bulk_copy_usable`, which the
+engine's pools meet) and a Triton that lets shared memory be viewed through a padded layout it
+was not allocated with (gluon_api.PADDED_VIEWS: 3.6, not 3.9); elsewhere the registers loader
+runs (loader_for). Both give the same keys: the same sums in the same order (_block_scale, _keys_of,
 _head_partials), checked bit for bit on the GPU.
 
 The first block scale (FIRST_SCALE_OUT, bulk_ws only). The scorer is bound by its instructions,
