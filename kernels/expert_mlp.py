@@ -35,15 +35,23 @@ from .quantize import as_operand, load_f32, round_f32, store_f32
 # 0.33 ms with 64 x 64 up and 32 x 128 x 64 down tiles (32 x 128: 0.86 + 0.40). Float32 (tests and
 # debugging) keeps one shape. (The down timings are from when it looped over the experts in one
 # program per tile and added the picks; picked_experts.py does that now.) The interpreter takes
-# whole-width tiles: its cost is per program and per loop step; it sums each tile's reduction in
-# numpy's order, so its tiles stay fixed (picked_experts.py takes the same).
+# wide tiles, its cost being per program and per loop step, as large as _mma's [rows, columns,
+# reduction] product may be (2**20 elements, Triton's largest tensor); its sums' order follows
+# the reduction tile, so its tiles stay fixed (picked_experts.py takes the same).
 FEW_ROWS = 32
 GPU_TILES_FEW = ((16, 256, 32), (16, 128, 32))
 GPU_TILES_MANY = ((64, 64, 32), (32, 128, 64))
 GPU_TILES_F32 = ((32, 128, 16), (32, 128, 32))
 # Row and expert counts are not specialised on (Triton would compile a variant for counts of 1
 # and multiples of 16): a prefill's per-expert row counts vary from call to call.
-INTERPRETER_TILES = ((64, 256, 64), (64, 256, 128))
+INTERPRETER_TILES = ((64, 256, 64), (32, 256, 128))
+# Whether these kernels run in Triton's interpreter (TRITON_INTERPRET, which Triton reads as it
+# decorates them, at import). Its tl.dot is numpy's matmul, and a BLAS may sum a row of it in an
+# order that depends on the row's place in the tile: OpenBLAS's Haswell kernel (AVX2 machines) gives
+# rows that sit other than 16 apart different last bits, so an expert's rows would not keep their
+# bits alone and among others. There _mma sums the products with tl.sum instead, one order for
+# every row (the GPU's dot keeps one order already)
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 
 def tiles(t: torch.Tensor, rows: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -61,7 +69,9 @@ def _mma(acc, a, b, MMA_BF16: tl.constexpr):
     of K or of the other dims, while the instruction stays the same)."""
     if MMA_BF16:
         return tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)), acc)
-    else:  # float32, or BF16 in the interpreter (whose BF16 dot is not usable): exact products
+    elif _INTERPRETED:  # float32 products (BF16 operands widened exactly), each row summed alike
+        return acc + tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    else:  # float32 on the GPU: exact products
         return tl.dot(a, tl.trans(b), acc, input_precision="ieee")
 
 
