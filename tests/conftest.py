@@ -11,6 +11,11 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (hf_oracle, model_configs)
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_patching
+
+    _NOT_INSTALLED = interpreter_patching.install()  # None, or why (test_interpreter_patching says it)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
