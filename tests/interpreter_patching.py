@@ -37,7 +37,8 @@ def install() -> str | None:
         return f"no Triton interpreter: {e}"
     missing = [n for n in ("GridExecutor", "InterpretedFunction", "InterpreterError", "_patch_lang", "tl")
                if not hasattr(interp, n)]
-    missing += [] if hasattr(getattr(interp, "InterpretedFunction", None), "rewrite") else ["InterpretedFunction.rewrite"]
+    if not hasattr(getattr(interp, "InterpretedFunction", None), "rewrite"):
+        missing.append("InterpretedFunction.rewrite")
     if missing:
         return f"this Triton's interpreter has no {', '.join(missing)}"
     launch, helper = interp.GridExecutor.__call__, interp.InterpretedFunction.__call__
