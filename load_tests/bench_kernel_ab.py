@@ -2,16 +2,19 @@
 flash-attn preset, bench_kernels' inputs).
 
     python -m load_tests.bench_kernel_ab --set kernels.indexer_scan_hopper.GENERAL_HERE=False,True
-        [--kernel scan|scan_lengths|topk|select] [--cases 131072x32,1048576x32] [--general 0] [--rounds 3]
+        [--kernel scan|scan_lengths|topk|select|hca] [--cases 131072x32,1048576x32] [--general 0] [--rounds 3]
 
 The call is replayed from a CUDA graph (bench_kernels.graph_time), recaptured for each value, and
 the values alternate --rounds times. --kernel: the scan with its sentinels (index_score_keys, what
 bench_kernels' scan rows time), the scan with each row's length (what the decode top-k runs),
-the scan and the selection (indexer_topk), or the selection alone on the scan's keys and lengths
-(key_select.select_entries). --general N: every Nth query is sent to the general
+the scan and the selection (indexer_topk), the selection alone on the scan's keys and lengths
+(key_select.select_entries), or HCA decode attention (hca_decode, its split programs and their
+merge: what bench_kernels' HCA rows time). --general N: every Nth query is sent to the general
 scan (its mode flipped: the general scan scores any query exactly, the model's included); 1 sends
 all, 0 none. Before timing, each value's output must be the first value's bits: a switch of
-launch or schedule must not move a key. Prints a line per case and value (each round's ms, the
+launch or schedule must not move a key. HCA's output is held to the bf16 tolerance of the
+kernels' tests instead (tests/test_kernels_decode.py), since a split size moves the float sums.
+Prints a line per case and value (each round's ms, the
 median's ratio to the first value's and its share of the copy rate measured first), then one JSON
 line. Machines differ, so only ratios within one run mean anything (kernels/RESULTS.md).
 """
@@ -28,10 +31,15 @@ from load_tests import bench_kernels as bk
 from load_tests import bench_step_ab as AB
 
 
-def kernel_call(kind: str, x: dict, ops: tuple):
+def kernel_call(kind: str, x: dict, ops: tuple, cfg):
     """The call timed: a function of no arguments returning what is compared between values."""
+    from kernels import hca_decode as hca
     from kernels import indexer_topk as idx
     from kernels import key_select
+
+    if kind == "hca":
+        return lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"], x["hca_main"],
+                                      x["block_table"], bk.WINDOW, cfg.nope_head_dim)
 
     args = (x["iq"], x["iw"], x["csa_index"], x["block_table"], x["positions"])
     n_cols = x["block_table"].shape[1] * idx.PAGE_ENTRIES
@@ -53,9 +61,13 @@ def kernel_call(kind: str, x: dict, ops: tuple):
 
 def bytes_moved(kind: str, B: int, T: int, cfg) -> tuple[int, str]:
     """The bytes a call must move at the least, and what they are: the scan's (indexer_topk.scan_traffic)
-    for the scans and the top-k, each visible key read once for the selection alone."""
+    for the scans and the top-k, each visible key read once for the selection alone, HCA's
+    (hca_decode.decode_traffic)."""
+    from kernels import hca_decode as hca
     from kernels import indexer_topk as idx
 
+    if kind == "hca":
+        return hca.decode_traffic(B, T)[0], "HCA's bytes"
     if kind == "select":
         return B * ((T + 1) // 4) * 8, "the keys read once"
     return idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)[0], "the scan's bytes"
@@ -78,13 +90,24 @@ def same(a, b) -> bool:
     return torch.equal(a, b)
 
 
+# HCA's outputs under two values: within the bf16 tolerance of tests/test_kernels_decode.py
+HCA_TOL = dict(atol=2e-2, rtol=2e-2)
+
+
+def agree(kind: str, a, b) -> bool:
+    """Whether two values' outputs agree: the same bits, or for HCA within HCA_TOL."""
+    if kind == "hca":
+        return torch.allclose(a.float(), b.float(), **HCA_TOL)
+    return same(a, b)
+
+
 def time_case(cfg, rows, ceil, T: int, B: int, kind: str, every: int, module, attr: str, values: list,
               rounds: int) -> dict:
     from kernels import indexer_topk as idx
 
     x = bk.kernel_inputs(cfg, T, B, rows)
     ops = with_general(idx.query_operands(x["iq"], x["iw"]), every)
-    fn = kernel_call(kind, x, ops)
+    fn = kernel_call(kind, x, ops, cfg)
     saved = getattr(module, attr)
     named = {repr(v): v for v in values}
     try:
@@ -93,7 +116,7 @@ def time_case(cfg, rows, ceil, T: int, B: int, kind: str, every: int, module, at
             setattr(module, attr, v)
             out = fn()
             first = out if first is None else first
-            if not same(out, first):
+            if not agree(kind, out, first):
                 raise SystemExit(f"{T}x{B}: {attr}={v!r} gives other results than {values[0]!r}")
         ms = {name: [] for name in named}
         for _ in range(rounds):
@@ -112,7 +135,7 @@ def time_case(cfg, rows, ceil, T: int, B: int, kind: str, every: int, module, at
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", required=True, help="package.module.NAME=value,value (Python literals)")
-    ap.add_argument("--kernel", default="scan", choices=("scan", "scan_lengths", "topk", "select"))
+    ap.add_argument("--kernel", default="scan", choices=("scan", "scan_lengths", "topk", "select", "hca"))
     ap.add_argument("--cases", default="131072x32,1048576x32,131072x1,8192x32")
     ap.add_argument("--general", type=int, default=0, help="every Nth query to the general scan (0: none)")
     ap.add_argument("--rounds", type=int, default=3)

@@ -18,7 +18,7 @@ def fake_call(monkeypatch):
     timed = []
     monkeypatch.setattr(KAB.bk, "kernel_inputs", lambda cfg, T, B, rows: {"iq": None, "iw": None})
     monkeypatch.setattr(idx, "query_operands", lambda q, w: ("q8", "w8", "parts", torch.zeros(4), "w_pad"))
-    monkeypatch.setattr(KAB, "kernel_call", lambda kind, x, ops: lambda: torch.tensor([switch.OUT]))
+    monkeypatch.setattr(KAB, "kernel_call", lambda kind, x, ops, cfg: lambda: torch.tensor([switch.OUT]))
     monkeypatch.setattr(KAB.bk, "graph_time", lambda fn: timed.append(switch.FAST) or (1e-5 if switch.FAST else 2e-5))
     cfg = types.SimpleNamespace(index_n_heads=64, index_head_dim=128)
     return switch, timed, cfg
@@ -38,6 +38,18 @@ def test_a_value_that_moves_a_result_stops_the_run_before_timing(fake_call):
     with pytest.raises(SystemExit, match="gives other results"):
         KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 8192, 1, "scan", 0, switch, "OUT", [0, 1], 2)
     assert timed == [] and switch.OUT == 0
+
+
+def test_hca_values_need_only_agree_within_the_bf16_tolerance(fake_call):
+    """A split size moves HCA's float sums, so --kernel hca holds each value to the kernels' bf16
+    tolerance of the first one's output, and still stops on a value past it."""
+    switch, timed, cfg = fake_call
+    res = KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 8192, 1, "hca", 0, switch, "OUT", [1.0, 1.01], 1)
+    assert list(res["ms"]) == ["1.0", "1.01"] and len(timed) == 2
+    with pytest.raises(SystemExit, match="gives other results"):
+        KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 8192, 1, "hca", 0, switch, "OUT", [1.0, 1.1], 1)
+    with pytest.raises(SystemExit, match="gives other results"):  # the scan's keys: bits, no tolerance
+        KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 8192, 1, "scan", 0, switch, "OUT", [1.0, 1.01], 1)
 
 
 def test_general_sends_every_nth_query_to_the_general_scan():
@@ -61,7 +73,7 @@ def test_select_times_the_selection_alone_on_the_scans_keys_and_lengths(monkeypa
     keys[1, 700:] = torch.iinfo(torch.int64).max  # (whatever is there would be picked if read)
     monkeypatch.setattr(idx, "index_score_keys_and_lengths", lambda *a: scans.append(a) or (keys, lengths))
     x = dict(iq=None, iw=None, csa_index=None, block_table=torch.zeros(2, 32, dtype=torch.int32), positions=None)
-    call = KAB.kernel_call("select", x, "ops")
+    call = KAB.kernel_call("select", x, "ops", None)
     assert len(scans) == 1 and scans[0][-2:] == (32 * idx.PAGE_ENTRIES, "ops")
     got = call()
     assert len(scans) == 1  # not scanned again
@@ -72,3 +84,6 @@ def test_the_selection_is_measured_against_reading_its_keys_once():
     cfg = types.SimpleNamespace(index_n_heads=64, index_head_dim=128)
     assert KAB.bytes_moved("select", 32, 131071, cfg) == (32 * 32768 * 8, "the keys read once")
     assert KAB.bytes_moved("topk", 32, 131071, cfg)[0] == idx.scan_traffic(32, 131071, 64, 128)[0]
+    from kernels import hca_decode as hca
+
+    assert KAB.bytes_moved("hca", 32, 131072, cfg)[0] == hca.decode_traffic(32, 131072)[0]
