@@ -2,18 +2,18 @@
 flash-attn preset, bench_kernels' inputs).
 
     python -m load_tests.bench_kernel_ab --set kernels.indexer_scan_hopper.GENERAL_HERE=False,True
-        [--kernel scan|scan_lengths|topk|select|hca] [--cases 131072x32,1048576x32] [--general 0] [--rounds 3]
+        [--kernel scan|scan_lengths|topk|select|hca|csa] [--cases 131072x32,1048576x32] [--general 0] [--rounds 3]
 
 The call is replayed from a CUDA graph (bench_kernels.graph_time), recaptured for each value, and
 the values alternate --rounds times. --kernel: the scan with its sentinels (index_score_keys, what
 bench_kernels' scan rows time), the scan with each row's length (what the decode top-k runs),
 the scan and the selection (indexer_topk), the selection alone on the scan's keys and lengths
-(key_select.select_entries), or HCA decode attention (hca_decode, its split programs and their
-merge: what bench_kernels' HCA rows time). --general N: every Nth query is sent to the general
+(key_select.select_entries), HCA or CSA decode attention (hca_decode, sparse_mqa_decode: their
+split programs and merge, what bench_kernels' HCA and CSA rows time). --general N: every Nth query is sent to the general
 scan (its mode flipped: the general scan scores any query exactly, the model's included); 1 sends
 all, 0 none. Before timing, each value's output must be the first value's bits: a switch of
-launch or schedule must not move a key. HCA's output is held to the bf16 tolerance of the
-kernels' tests instead (tests/test_kernels_decode.py), since a split size moves the float sums.
+launch or schedule must not move a key. The attention outputs are held to the bf16 tolerance
+of the kernels' tests instead (tests/test_kernels_decode.py), since a split size moves the float sums.
 Prints a line per case and value (each round's ms, the
 median's ratio to the first value's and its share of the copy rate measured first), then one JSON
 line. Machines differ, so only ratios within one run mean anything (kernels/RESULTS.md).
@@ -37,6 +37,12 @@ def kernel_call(kind: str, x: dict, ops: tuple, cfg):
     from kernels import indexer_topk as idx
     from kernels import key_select
 
+    if kind == "csa":
+        from kernels import sparse_decode as sparse
+
+        topk = bk.csa_picks(int(x["positions"][0]) + 1, x["q"].shape[0])
+        return lambda: sparse.sparse_mqa_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
+                                                x["csa_main"], x["block_table"], topk, bk.WINDOW, cfg.nope_head_dim)
     if kind == "hca":
         return lambda: hca.hca_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"], x["hca_main"],
                                       x["block_table"], bk.WINDOW, cfg.nope_head_dim)
@@ -62,12 +68,16 @@ def kernel_call(kind: str, x: dict, ops: tuple, cfg):
 def bytes_moved(kind: str, B: int, T: int, cfg) -> tuple[int, str]:
     """The bytes a call must move at the least, and what they are: the scan's (indexer_topk.scan_traffic)
     for the scans and the top-k, each visible key read once for the selection alone, HCA's
-    (hca_decode.decode_traffic)."""
+    (hca_decode.decode_traffic), CSA's (sparse_decode.decode_traffic)."""
     from kernels import hca_decode as hca
     from kernels import indexer_topk as idx
 
     if kind == "hca":
         return hca.decode_traffic(B, T)[0], "HCA's bytes"
+    if kind == "csa":
+        from kernels import sparse_decode as sparse
+
+        return sparse.decode_traffic(B, T)[0], "CSA's bytes"
     if kind == "select":
         return B * ((T + 1) // 4) * 8, "the keys read once"
     return idx.scan_traffic(B, T, cfg.index_n_heads, cfg.index_head_dim)[0], "the scan's bytes"
@@ -90,14 +100,14 @@ def same(a, b) -> bool:
     return torch.equal(a, b)
 
 
-# HCA's outputs under two values: within the bf16 tolerance of tests/test_kernels_decode.py
-HCA_TOL = dict(atol=2e-2, rtol=2e-2)
+# the attention outputs under two values: within the bf16 tolerance of tests/test_kernels_decode.py
+ATTENTION_TOL = dict(atol=2e-2, rtol=2e-2)
 
 
 def agree(kind: str, a, b) -> bool:
-    """Whether two values' outputs agree: the same bits, or for HCA within HCA_TOL."""
-    if kind == "hca":
-        return torch.allclose(a.float(), b.float(), **HCA_TOL)
+    """Whether two values' outputs agree: the same bits, or for attention within ATTENTION_TOL."""
+    if kind in ("hca", "csa"):
+        return torch.allclose(a.float(), b.float(), **ATTENTION_TOL)
     return same(a, b)
 
 
@@ -135,7 +145,7 @@ def time_case(cfg, rows, ceil, T: int, B: int, kind: str, every: int, module, at
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", required=True, help="package.module.NAME=value,value (Python literals)")
-    ap.add_argument("--kernel", default="scan", choices=("scan", "scan_lengths", "topk", "select", "hca"))
+    ap.add_argument("--kernel", default="scan", choices=("scan", "scan_lengths", "topk", "select", "hca", "csa"))
     ap.add_argument("--cases", default="131072x32,1048576x32,131072x1,8192x32")
     ap.add_argument("--general", type=int, default=0, help="every Nth query to the general scan (0: none)")
     ap.add_argument("--rounds", type=int, default=3)

@@ -244,6 +244,16 @@ def kernel_inputs(cfg, context: int, B: int, rows: tuple[torch.Tensor, torch.Ten
     )
 
 
+def csa_picks(context: int, B: int) -> torch.Tensor:
+    """B queries' CSA top-k picks [B, INDEX_TOPK] at position context-1: random visible entries,
+    or every visible one and -1 after them where fewer than INDEX_TOPK are."""
+    n_vis = context // 4
+    if n_vis >= INDEX_TOPK:
+        return torch.randint(0, n_vis, (B, INDEX_TOPK), device=DEVICE, dtype=torch.int32)
+    return torch.where(torch.arange(INDEX_TOPK, device=DEVICE) < n_vis,
+                       torch.arange(INDEX_TOPK, device=DEVICE), -1).to(torch.int32).expand(B, -1)
+
+
 def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> list[dict]:
     from kernels import hca_decode as hca
     from kernels import indexer_topk as idx
@@ -258,10 +268,7 @@ def kernel_section(cfg, ceil: dict, contexts: list[int], batches: list[int]) -> 
             except torch.OutOfMemoryError as e:
                 out.append({"kernel": "all", "context": T, "batch": B, "error": f"out of memory: {e}"})
                 continue
-            n_vis = T // 4
-            topk = (torch.randint(0, n_vis, (B, INDEX_TOPK), device=DEVICE, dtype=torch.int32) if n_vis >= INDEX_TOPK
-                    else torch.where(torch.arange(INDEX_TOPK, device=DEVICE) < n_vis,
-                                     torch.arange(INDEX_TOPK, device=DEVICE), -1).to(torch.int32).expand(B, -1))
+            topk = csa_picks(T, B)
             # the scan's query operands, computed once as a decode step does inside its graph
             ops = idx.query_operands(x["iq"], x["iw"])
             ops_general = (*ops[:3], torch.full_like(ops[3], idx.MODE_GENERAL), ops[4])

@@ -40,14 +40,15 @@ def test_a_value_that_moves_a_result_stops_the_run_before_timing(fake_call):
     assert timed == [] and switch.OUT == 0
 
 
-def test_hca_values_need_only_agree_within_the_bf16_tolerance(fake_call):
-    """A split size moves HCA's float sums, so --kernel hca holds each value to the kernels' bf16
-    tolerance of the first one's output, and still stops on a value past it."""
+@pytest.mark.parametrize("kind", ["hca", "csa"])
+def test_attention_values_need_only_agree_within_the_bf16_tolerance(fake_call, kind):
+    """A split size moves HCA's and CSA's float sums, so --kernel hca|csa holds each value to the
+    kernels' bf16 tolerance of the first one's output, and still stops on a value past it."""
     switch, timed, cfg = fake_call
-    res = KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 8192, 1, "hca", 0, switch, "OUT", [1.0, 1.01], 1)
+    res = KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 8192, 1, kind, 0, switch, "OUT", [1.0, 1.01], 1)
     assert list(res["ms"]) == ["1.0", "1.01"] and len(timed) == 2
     with pytest.raises(SystemExit, match="gives other results"):
-        KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 8192, 1, "hca", 0, switch, "OUT", [1.0, 1.1], 1)
+        KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 8192, 1, kind, 0, switch, "OUT", [1.0, 1.1], 1)
     with pytest.raises(SystemExit, match="gives other results"):  # the scan's keys: bits, no tolerance
         KAB.time_case(cfg, None, {"copy_bytes_per_s": 3e12}, 8192, 1, "scan", 0, switch, "OUT", [1.0, 1.01], 1)
 
@@ -85,5 +86,7 @@ def test_the_selection_is_measured_against_reading_its_keys_once():
     assert KAB.bytes_moved("select", 32, 131071, cfg) == (32 * 32768 * 8, "the keys read once")
     assert KAB.bytes_moved("topk", 32, 131071, cfg)[0] == idx.scan_traffic(32, 131071, 64, 128)[0]
     from kernels import hca_decode as hca
+    from kernels import sparse_decode as sparse
 
     assert KAB.bytes_moved("hca", 32, 131072, cfg)[0] == hca.decode_traffic(32, 131072)[0]
+    assert KAB.bytes_moved("csa", 32, 131072, cfg)[0] == sparse.decode_traffic(32, 131072)[0]
