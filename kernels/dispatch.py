@@ -46,6 +46,20 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and triton_available()
 
 
+# Rows a program of a row-wise kernel takes in Triton's interpreter. The interpreter runs a launch's
+# programs one after another in Python, each operation a numpy call over the program's block, so
+# its cost is per program: wider programs, fewer of them (each row's result is its own whatever
+# shares its program, so only the launch changes). Rope at the tiny model's shapes: 16 rows a
+# program 759 ms, 64 210 ms, 256 79 ms (kernels/RESULTS.md).
+INTERPRETER_ROWS = 64
+
+
+def rows_per_program(t: torch.Tensor, gpu: int = 1, interpreter: int = INTERPRETER_ROWS) -> int:
+    """Rows a program of a row-wise kernel takes for tensors like t: `gpu` on a GPU, as tuned
+    there, `interpreter` in Triton's interpreter."""
+    return gpu if t.is_cuda else interpreter
+
+
 def _compile_failed(e: Exception) -> bool:
     """A Gluon kernel this Triton cannot build: Triton's own errors, and the RuntimeError its MLIR
     backend raises when a lowering pass fails (Triton 3.6 on a shape it cannot lower)."""

@@ -3,7 +3,7 @@
 Every sub-layer collapses the hc residual streams before it and expands them after: in torch
 six and eight small operations (upcast, products, three sums, cast; casts, products, sums), 28
 kernels per layer of a decode step. Here a program takes BLOCK columns of one token's streams (of
-16 tokens in the interpreter, whose cost is per program).
+more in the interpreter, whose cost is per program: dispatch.rows_per_program).
 
 Bit-exact with the reference: the same products and left-to-right sums, each rounded where the
 reference rounds (float32 for the collapse, the streams' dtype for the expand; BF16 on the bits,
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import hc_streams_ref as ref
-from .dispatch import use_triton
+from .dispatch import rows_per_program, use_triton
 from .quantize import as_operand, load_f32, round_f32, store_f32
 
 BLOCK = 512  # columns per program
@@ -59,11 +59,6 @@ def _expand_kernel(x_ptr, o_ptr, post_ptr, comb_ptr, out_ptr, N, d, HC: tl.const
         store_f32(out_ptr + ((n * HC + k) * d)[:, None] + c[None, :], round_f32(p * o, BF16) + mixed, ok, BF16)
 
 
-def _rows(t: torch.Tensor) -> int:
-    """Token rows per program: one on a GPU, 16 in the interpreter (whose cost is per program)."""
-    return 1 if t.is_cuda else 16
-
-
 def _runs(streams: torch.Tensor) -> bool:
     return use_triton(streams) and streams.dtype in (torch.float32, torch.bfloat16) and streams.numel() > 0
 
@@ -77,7 +72,7 @@ def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         return ref.collapse(streams, pre)
     out = torch.empty(N, d, dtype=streams.dtype, device=streams.device)
     bf16 = streams.dtype == torch.bfloat16
-    rows = _rows(streams)
+    rows = rows_per_program(streams)
     _collapse_kernel[(triton.cdiv(N, rows), triton.cdiv(d, BLOCK))](
         as_operand(streams), pre.float().contiguous(), as_operand(out), N, d,
         HC=hc, ROWS=rows, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False)
@@ -94,7 +89,7 @@ def expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: t
         return ref.expand(streams, out, post, comb)
     new = torch.empty_like(streams, memory_format=torch.contiguous_format)
     bf16 = streams.dtype == torch.bfloat16
-    rows = _rows(streams)
+    rows = rows_per_program(streams)
     _expand_kernel[(triton.cdiv(N, rows), triton.cdiv(d, BLOCK))](
         as_operand(streams), as_operand(out), post.float().contiguous(), comb.float().contiguous(), as_operand(new), N, d,
         HC=hc, ROWS=rows, BLOCK=BLOCK, BF16=bf16, enable_fp_fusion=False)

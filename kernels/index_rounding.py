@@ -20,10 +20,11 @@ import triton
 import triton.language as tl
 
 from .block_quant import fp4_e2m1_block_qdq, hadamard
-from .dispatch import use_triton
+from .dispatch import rows_per_program, use_triton
 from .quantize import e2m1_code, e2m1_value, pow2_from_byte, ue8m0_scale_byte
 
-BLOCK = 16  # rows per program
+BLOCK = 16  # rows per program on a GPU
+INTERPRETER_BLOCK = 256  # in the interpreter (dispatch.rows_per_program): 113 ms a tiny-model call, 1,124 at 16
 FP4_BLOCK = 32  # elements per scale
 
 
@@ -73,7 +74,8 @@ def round_index(x: torch.Tensor) -> torch.Tensor:
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        _round_index_kernel[(triton.cdiv(rows.shape[0], BLOCK),)](
+        block = rows_per_program(x, BLOCK, INTERPRETER_BLOCK)
+        _round_index_kernel[(triton.cdiv(rows.shape[0], block),)](
             rows, out, rows.shape[0], rows.stride(0), out.stride(0), n**-0.5,
-            N=n, LOG2_N=n.bit_length() - 1, BLOCK=BLOCK, enable_fp_fusion=False)
+            N=n, LOG2_N=n.bit_length() - 1, BLOCK=block, enable_fp_fusion=False)
     return out.view(x.shape)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import kv_layout
-from .dispatch import use_triton
+from .dispatch import rows_per_program, use_triton
 from .kv_layout import INDEX_BLOCK, MAIN_BLOCK, index_row_bytes, main_row_bytes
 
 
@@ -249,17 +249,9 @@ def as_operand(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
-def rows_per_program(t: torch.Tensor) -> int:
-    """Rows a program of the four row kernels codes. One on a GPU, as they always ran there. The
-    interpreter (CPU) runs programs one after another in Python, each of its operations a numpy
-    call, so 16 rows a program make each call 16 times wider instead of 16 times more frequent
-    (the engine tests in the interpreter spent a quarter of their time in these kernels)."""
-    return 1 if t.is_cuda else 16
-
-
 def _launch_rows(kernel, src: torch.Tensor, out: torch.Tensor, n_rows: int, **consts) -> None:
-    """One of the four row kernels over the first n_rows rows of src into out's, rows_per_program
-    rows a program."""
+    """One of the four row kernels over the first n_rows rows of src into out's, a row a program
+    on a GPU, as they always ran there (dispatch.rows_per_program: more in the interpreter)."""
     if n_rows:
         rows = rows_per_program(src)
         kernel[(triton.cdiv(n_rows, rows),)](src, out, src.stride(0), out.stride(0), n_rows, **consts, ROWS=rows)

@@ -4,7 +4,7 @@ The reference is seven or eight torch operations per call (upcast, square, mean,
 products, cast), and the model normalises 30 times per decode step of the flash-attn preset (two
 sub-layer norms, the query's low-rank and per-head norms, the key norm and two mHC norms per
 layer, the compressors' entries, the head): about 220 kernels of a batch-1 step. Here a program
-takes one row (16 in the interpreter), sums its squares in float32 over BLOCK-wide pieces and
+takes one row (more in the interpreter: dispatch.rows_per_program), sums its squares in float32 over BLOCK-wide pieces and
 writes the normalised row.
 
 Row-invariant like the reference: a row's sum runs in an order fixed by its width alone, whatever
@@ -18,14 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from .dispatch import rows_per_program, use_triton
 from .numerics import rms_norm as reference
 from .quantize import load_f32, store_f32
 
 MAX_BLOCK = 4096  # elements of a row held at once; wider rows (mHC: 4 x 4096) loop
-# Rows per program: one on a GPU; in the interpreter, whose cost is per program, 16 (a row's sum
-# is its own whatever the count, so only the launch changes)
-GPU_ROWS, INTERPRETER_ROWS = 1, 16
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -73,7 +70,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
         xs = rows.view(torch.int16) if bf16 else rows
         outs = out.view(torch.int16) if out_bf16 else out
         w = weight.float().contiguous() if weight is not None else rows  # unread without HAS_W
-        per = GPU_ROWS if x.is_cuda else INTERPRETER_ROWS
+        per = rows_per_program(x)
         _rms_norm_kernel[(triton.cdiv(rows.shape[0], per),)](
             xs, w, outs, rows.shape[0], d, rows.stride(0), out.stride(0), eps,
             ROWS=per, BLOCK=min(triton.next_power_of_2(d), MAX_BLOCK), HAS_W=weight is not None, BF16=bf16,

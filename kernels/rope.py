@@ -18,11 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from .dispatch import rows_per_program, use_triton
 from .quantize import load_f32, store_f32
 from .rope_ref import rotate as reference
 
-BLOCK = 16  # rows of x per program
+BLOCK = 16  # rows of x per program on a GPU
+INTERPRETER_BLOCK = 256  # in the interpreter (dispatch.rows_per_program): 79 ms a tiny-model call, 759 at 16
 
 
 @triton.jit
@@ -65,8 +66,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     if n_rows:
         bf16 = x.dtype == torch.bfloat16  # handed over as int16 bits (see load_f32)
         xs, outs = (x.view(torch.int16), out.view(torch.int16)) if bf16 else (x, out)
-        _rotate_kernel[(triton.cdiv(n_rows, BLOCK),)](
+        block = rows_per_program(x, BLOCK, INTERPRETER_BLOCK)
+        _rotate_kernel[(triton.cdiv(n_rows, block),)](
             xs, cos, sin, outs, n_rows, n_rows // x.shape[0], D, cos.stride(0), -1.0 if inverse else 1.0,
-            HALF=half, NOPE_P=triton.next_power_of_2(max(1, D - 2 * half)), BLOCK=BLOCK, BF16=bf16,
+            HALF=half, NOPE_P=triton.next_power_of_2(max(1, D - 2 * half)), BLOCK=block, BF16=bf16,
             enable_fp_fusion=False)
     return out

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize import bf16_bits, e4m3_code, e4m3_value, pow2_from_byte, rows_per_program, ue8m0_scale_byte
+from .dispatch import rows_per_program
+from .quantize import bf16_bits, e4m3_code, e4m3_value, pow2_from_byte, ue8m0_scale_byte
 
 E2M1_TO_E4M3_SCALE = 2.0**6  # an E2M1 code moved into E4M3 bits is its value times 2**-6
 # The move, 4 bytes (8 packed codes) in a 32-bit register at a time: $2 the packed bytes, $0 their

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kernels import compressor_pool as P
+from kernels import dispatch
 from kernels import page_pack as PP
 from kernels import quantize as Q
 from kernels.compressor_pool_ref import softmax_pool
@@ -122,16 +123,18 @@ def test_decode_index_reads_back_the_reference_values(triton_mode, cfg):
     assert torch.equal(bits(Q.decode_index(b, Di)), bits(Q.reference_decode_index(b, Di)))
 
 
-@pytest.mark.parametrize("n", [1, 17, 37])
+@pytest.mark.parametrize("n", [1, 17, 37, 70])
 def test_row_counts_that_leave_the_last_program_part_empty(triton_mode, n):
-    """The row kernels code rows_per_program rows a program (16 in the interpreter): a count that
-    is not a multiple leaves the last program's extra rows masked, neither read nor written."""
+    """The row kernels code rows_per_program rows a program (dispatch.INTERPRETER_ROWS in the
+    interpreter): a count that is not a multiple leaves the last program's extra rows masked,
+    neither read nor written, in the only program or after a full one (70)."""
+    assert dispatch.rows_per_program(torch.zeros(1)) < 70
     cfg = CFGS[0]
-    x = main_inputs(cfg, seed=8)[:n]
+    x = torch.cat([main_inputs(cfg, seed=8), main_inputs(cfg, seed=18)])[:n]
     b = Q.encode_main(x, 448)
     assert torch.equal(b, Q.reference_encode_main(x, 448))
     assert torch.equal(bits(Q.decode_main(b, 512, 448)), bits(Q.reference_decode_main(b, 512, 448)))
-    xi = index_inputs(128, seed=9)[:n]
+    xi = torch.cat([index_inputs(128, seed=9), index_inputs(128, seed=19)])[:n]
     bi = Q.encode_index(xi)
     assert torch.equal(bi, Q.reference_encode_index(xi))
     assert torch.equal(bits(Q.decode_index(bi, 128)), bits(Q.reference_decode_index(bi, 128)))
@@ -141,7 +144,7 @@ def test_the_row_kernels_write_only_the_rows_they_are_given(triton_mode):
     """Launched (as encode_main and encode_index launch them) over a buffer with more rows than the
     count, they leave the rows past it as they were (the last program's spare rows are masked,
     not clipped by the buffer's end)."""
-    n, rows = 5, Q.rows_per_program(torch.zeros(1))
+    n, rows = 5, dispatch.rows_per_program(torch.zeros(1))
     x = main_inputs(CFGS[0], seed=10)[:rows]
     out = torch.full((rows, 584), 0xA5, dtype=torch.uint8)
     Q._launch_rows(Q._encode_main_kernel, x, out, n, **Q.encode_main_consts(512, 448, False))
