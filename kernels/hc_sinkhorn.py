@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from .dispatch import rows_per_program, use_triton
 from .hc_sinkhorn_ref import hc_mix as reference
 
-BLOCK_R = 16  # token rows per program
+BLOCK_R = 16  # token rows per program on a GPU (more in the interpreter: dispatch.rows_per_program)
 
 
 @triton.jit
@@ -76,7 +76,8 @@ def hc_mix(mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int, 
     post = torch.empty_like(pre)
     comb = torch.empty(N, hc, hc, dtype=torch.float32, device=mix.device)
     if N:
-        _hc_mix_kernel[(triton.cdiv(N, BLOCK_R),)](
+        rows = rows_per_program(mix, BLOCK_R)
+        _hc_mix_kernel[(triton.cdiv(N, rows),)](
             mix, base.float().contiguous(), scale.float().contiguous(), pre, post, comb, N, mix.stride(0),
-            float(hc_eps), HC=hc, ITERS=iters, BLOCK_R=BLOCK_R)
+            float(hc_eps), HC=hc, ITERS=iters, BLOCK_R=rows)
     return pre, post, comb
