@@ -4,8 +4,8 @@ The reference is seven or eight torch operations per call (upcast, square, mean,
 products, cast), and the model normalises 30 times per decode step of the flash-attn preset (two
 sub-layer norms, the query's low-rank and per-head norms, the key norm and two mHC norms per
 layer, the compressors' entries, the head): about 220 kernels of a batch-1 step. Here a program
-takes one row (more in the interpreter: dispatch.rows_per_program), sums its squares in float32 over BLOCK-wide pieces and
-writes the normalised row.
+takes one row (more in the interpreter: dispatch.rows_per_program), sums its squares in float32
+over BLOCK-wide pieces and writes the normalised row.
 
 Row-invariant like the reference: a row's sum runs in an order fixed by its width alone, whatever
 else shares the call. Not bit-exact with the reference (the sum is ordered differently, and

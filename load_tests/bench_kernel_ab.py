@@ -8,15 +8,14 @@ The call is replayed from a CUDA graph (bench_kernels.graph_time), recaptured fo
 the values alternate --rounds times. --kernel: the scan with its sentinels (index_score_keys, what
 bench_kernels' scan rows time), the scan with each row's length (what the decode top-k runs),
 the scan and the selection (indexer_topk), the selection alone on the scan's keys and lengths
-(key_select.select_entries), HCA or CSA decode attention (hca_decode, sparse_mqa_decode: their
-split programs and merge, what bench_kernels' HCA and CSA rows time). --general N: every Nth query is sent to the general
-scan (its mode flipped: the general scan scores any query exactly, the model's included); 1 sends
-all, 0 none. Before timing, each value's output must be the first value's bits: a switch of
-launch or schedule must not move a key. The attention outputs are held to the bf16 tolerance
-of the kernels' tests instead (tests/test_kernels_decode.py), since a split size moves the float sums.
-Prints a line per case and value (each round's ms, the
-median's ratio to the first value's and its share of the copy rate measured first), then one JSON
-line. Machines differ, so only ratios within one run mean anything (kernels/RESULTS.md).
+(key_select.select_entries), or HCA or CSA decode attention (hca_decode, sparse_mqa_decode: their
+split programs and merge, what bench_kernels' HCA and CSA rows time). --general N: every Nth
+query is sent to the general scan (its mode flipped: the general scan scores any query exactly,
+the model's included); 1 sends all, 0 none. Before timing, each value's output must be the first
+value's bits: a switch of launch or schedule must not move a key. The attention outputs are held
+to the bf16 tolerance of the kernels' tests instead (tests/test_kernels_decode.py), since a split
+size moves the float sums. Prints a line per case and value (each round's ms, the median's ratio
+to the first value's and its share of the copy rate measured first), then one JSON line. Machines differ, so only ratios within one run mean anything (kernels/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -36,10 +35,9 @@ def kernel_call(kind: str, x: dict, ops: tuple, cfg):
     from kernels import hca_decode as hca
     from kernels import indexer_topk as idx
     from kernels import key_select
+    from kernels import sparse_decode as sparse
 
     if kind == "csa":
-        from kernels import sparse_decode as sparse
-
         topk = bk.csa_picks(int(x["positions"][0]) + 1, x["q"].shape[0])
         return lambda: sparse.sparse_mqa_decode(x["q"], x["sink"], x["swa"], x["swa_table"], x["positions"],
                                                 x["csa_main"], x["block_table"], topk, bk.WINDOW, cfg.nope_head_dim)
@@ -71,12 +69,11 @@ def bytes_moved(kind: str, B: int, T: int, cfg) -> tuple[int, str]:
     (hca_decode.decode_traffic), CSA's (sparse_decode.decode_traffic)."""
     from kernels import hca_decode as hca
     from kernels import indexer_topk as idx
+    from kernels import sparse_decode as sparse
 
     if kind == "hca":
         return hca.decode_traffic(B, T)[0], "HCA's bytes"
     if kind == "csa":
-        from kernels import sparse_decode as sparse
-
         return sparse.decode_traffic(B, T)[0], "CSA's bytes"
     if kind == "select":
         return B * ((T + 1) // 4) * 8, "the keys read once"

@@ -7,7 +7,9 @@ import types
 import pytest
 import torch
 
+from kernels import hca_decode as hca
 from kernels import indexer_topk as idx
+from kernels import sparse_decode as sparse
 from load_tests import bench_kernel_ab as KAB
 
 
@@ -85,8 +87,5 @@ def test_the_selection_is_measured_against_reading_its_keys_once():
     cfg = types.SimpleNamespace(index_n_heads=64, index_head_dim=128)
     assert KAB.bytes_moved("select", 32, 131071, cfg) == (32 * 32768 * 8, "the keys read once")
     assert KAB.bytes_moved("topk", 32, 131071, cfg)[0] == idx.scan_traffic(32, 131071, 64, 128)[0]
-    from kernels import hca_decode as hca
-    from kernels import sparse_decode as sparse
-
     assert KAB.bytes_moved("hca", 32, 131072, cfg)[0] == hca.decode_traffic(32, 131072)[0]
     assert KAB.bytes_moved("csa", 32, 131072, cfg)[0] == sparse.decode_traffic(32, 131072)[0]
