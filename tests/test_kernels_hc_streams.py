@@ -23,7 +23,8 @@ def operands(N, hc, d, dtype, seed, device="cpu"):
     return [t.to(device) for t in (streams, out, pre, post, comb)]
 
 
-@pytest.mark.parametrize("N,hc,d", [(3, 4, 64), (5, 4, 1000), (2, 2, 48), (1, 3, 520)])
+# N 70: more tokens than one interpreter program (dispatch.rows_per_program)
+@pytest.mark.parametrize("N,hc,d", [(3, 4, 64), (5, 4, 1000), (2, 2, 48), (1, 3, 520), (70, 4, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_collapse_and_expand_kernels_give_the_reference_bits(triton_mode, N, hc, d, dtype):
     streams, out, pre, post, comb = operands(N, hc, d, dtype, seed=N * d + hc)

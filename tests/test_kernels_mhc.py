@@ -27,7 +27,7 @@ def assert_matches(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("N", [1, 7, 16, 37])
+@pytest.mark.parametrize("N", [1, 7, 16, 37, 70])  # 70: past one interpreter program (dispatch.rows_per_program)
 @pytest.mark.parametrize("hc,iters", [(4, 20), (4, 1), (2, 3), (8, 5)])
 def test_hc_mix_kernel_equals_the_reference(triton_mode, N, hc, iters):
     mix, base, scale = inputs(N, hc, seed=N * 10 + hc)

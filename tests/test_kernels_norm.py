@@ -27,7 +27,8 @@ def check_close(got, want):
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-30)
 
 
-@pytest.mark.parametrize("shape", [(7, 64), (3, 2, 1000), (2, 5000)])  # 5000: wider than one block
+# 5000: wider than one block; (70, 64): more rows than one interpreter program (dispatch.rows_per_program)
+@pytest.mark.parametrize("shape", [(7, 64), (3, 2, 1000), (2, 5000), (70, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weighted", [True, False])
 def test_rms_norm_kernel_matches_the_reference(triton_mode, shape, dtype, weighted):
