@@ -9,6 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist the workers share the machine's cores: one torch thread each, not one per core
+# each, which would oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (hf_oracle, model_configs)
 
 if os.environ.get("TRITON_INTERPRET") == "1":
